@@ -1,0 +1,1 @@
+//! Shared helpers for rstscope's integration tests, capture generators and benchmarks.
