@@ -1,9 +1,14 @@
 //! The rstscope agent: packets in, connection state and RST evidence out.
 //!
 //! Data flow: a [`capture::PacketSource`] yields raw frames; [`wire::parse`] turns each into a
-//! small owned [`wire::Segment`]; the flow tracker keeps per-connection state and, for every RST,
-//! builds an event with its local evidence; flow summaries come out when connections end.
-//! Everything after `capture` is pure: no I/O and no clock, time is the packet's timestamp.
+//! small owned [`wire::Segment`]; the [`flow::Tracker`] keeps per-connection state and, for every
+//! RST, builds an [`event::RstEvent`] with its local evidence; [`event::FlowSummary`] records come
+//! out when connections end. Everything after `capture` is pure: no I/O and no clock, time is
+//! the packet's timestamp. [`pipeline`] and [`output`] are the I/O shell.
 
 pub mod capture;
+pub mod event;
+pub mod flow;
+pub mod output;
+pub mod pipeline;
 pub mod wire;

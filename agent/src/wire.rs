@@ -109,6 +109,8 @@ impl TcpFlags {
     pub const CWR: u16 = 0x80;
     /// ECN nonce (RFC 3540, historic).
     pub const NS: u16 = 0x100;
+    /// The three reserved bits; no stack sets them.
+    pub const RESERVED: u16 = 0xe00;
 
     /// True if every bit of `mask` is set.
     pub fn has(self, mask: u16) -> bool {
@@ -240,9 +242,7 @@ pub struct Segment {
 impl Segment {
     /// Sequence space this segment occupies: payload plus one for SYN and one for FIN.
     pub fn seq_len(&self) -> u32 {
-        self.payload_len
-            .wrapping_add(u32::from(self.flags.syn()))
-            .wrapping_add(u32::from(self.flags.fin()))
+        self.payload_len.wrapping_add(u32::from(self.flags.syn())).wrapping_add(u32::from(self.flags.fin()))
     }
 }
 
@@ -313,15 +313,9 @@ fn strip_link(link_type: LinkType, frame: &[u8]) -> Result<LinkPayload<'_>, Skip
             let ethertype = be16(frame, 12).ok_or(Skip::Truncated)?;
             by_ethertype(ethertype, &frame[14..], None)
         }
-        LinkType::RAW | LinkType::RAW_12 | LinkType::RAW_14 | LinkType::IPV4 | LinkType::IPV6 => {
-            plain(frame)
-        }
+        LinkType::RAW | LinkType::RAW_12 | LinkType::RAW_14 | LinkType::IPV4 | LinkType::IPV6 => plain(frame),
         LinkType::NULL | LinkType::LOOP => {
-            let family: [u8; 4] = frame
-                .get(..4)
-                .ok_or(Skip::Truncated)?
-                .try_into()
-                .unwrap_or_default();
+            let family: [u8; 4] = frame.get(..4).ok_or(Skip::Truncated)?.try_into().unwrap_or_default();
             // The family is in the capturing host's byte order (NULL) or network order (LOOP);
             // reading it both ways is unambiguous because the valid values are small.
             let fam = if link_type == LinkType::LOOP {
@@ -352,11 +346,7 @@ fn strip_link(link_type: LinkType, frame: &[u8]) -> Result<LinkPayload<'_>, Skip
             by_ethertype(proto, &frame[20..], None)
         }
         LinkType::PPP | LinkType::PPP_HDLC => {
-            let rest = if frame.starts_with(&[0xff, 0x03]) {
-                &frame[2..]
-            } else {
-                frame
-            };
+            let rest = if frame.starts_with(&[0xff, 0x03]) { &frame[2..] } else { frame };
             by_ppp_protocol(rest)
         }
         LinkType::C_HDLC => {
@@ -377,11 +367,7 @@ fn strip_link(link_type: LinkType, frame: &[u8]) -> Result<LinkPayload<'_>, Skip
 }
 
 /// Follows ethertypes through VLAN tags, MPLS labels, PPPoE and PBB to the IP header.
-fn by_ethertype<'a>(
-    mut ethertype: u16,
-    mut rest: &'a [u8],
-    mut vlan: Option<u16>,
-) -> Result<LinkPayload<'a>, Skip> {
+fn by_ethertype<'a>(mut ethertype: u16, mut rest: &'a [u8], mut vlan: Option<u16>) -> Result<LinkPayload<'a>, Skip> {
     for _ in 0..MAX_LAYERS {
         match ethertype {
             ETHERTYPE_IPV4 | ETHERTYPE_IPV6 => return Ok(LinkPayload { ip: rest, vlan }),
@@ -439,10 +425,7 @@ fn by_ppp_protocol(frame: &[u8]) -> Result<LinkPayload<'_>, Skip> {
         (be16(frame, 0).ok_or(Skip::Truncated)?, &frame[2..])
     };
     match proto {
-        0x0021 | 0x0057 => Ok(LinkPayload {
-            ip: rest,
-            vlan: None,
-        }),
+        0x0021 | 0x0057 => Ok(LinkPayload { ip: rest, vlan: None }),
         _ => Err(Skip::NotIp),
     }
 }
@@ -462,10 +445,7 @@ fn nflog_payload(frame: &[u8]) -> Result<LinkPayload<'_>, Skip> {
         }
         let value = rest.get(4..len).ok_or(Skip::Truncated)?;
         if kind == 9 {
-            return Ok(LinkPayload {
-                ip: value,
-                vlan: None,
-            });
+            return Ok(LinkPayload { ip: value, vlan: None });
         }
         let padded = (len + 3) & !3;
         rest = rest.get(padded..).ok_or(Skip::Truncated)?;
@@ -492,8 +472,7 @@ fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip>
     let (src_ip, dst_ip, ttl, ip_id, ip_payload_len) = match &ip {
         LaxIpSlice::Ipv4(v4) => {
             let h = v4.header();
-            let header_total =
-                usize::from(h.ihl()) * 4 + v4.extensions().auth.map_or(0, |a| a.slice().len());
+            let header_total = usize::from(h.ihl()) * 4 + v4.extensions().auth.map_or(0, |a| a.slice().len());
             let len = usize::from(h.total_len()).checked_sub(header_total);
             (
                 IpAddr::V4(Ipv4Addr::from(h.source())),
@@ -546,13 +525,10 @@ fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip>
         Checksum::Unverified
     };
 
-    let flags =
-        TcpFlags(u16::from(tcp.header_slice()[13]) | if tcp.ns() { TcpFlags::NS } else { 0 });
-    let options = if header_len > 20 {
-        parse_options(&tcp)
-    } else {
-        TcpOptions::default()
-    };
+    let header = tcp.header_slice();
+    // Bits 8..11 of the flags word: NS and the three reserved bits (forgers sometimes set them).
+    let flags = TcpFlags((u16::from(header[12] & 0x0f) << 8) | u16::from(header[13]));
+    let options = if header_len > 20 { parse_options(&tcp) } else { TcpOptions::default() };
 
     Ok(Segment {
         ts_ns,
@@ -617,10 +593,7 @@ mod tests {
         assert_eq!(seg.src.to_string(), "198.51.100.1:40000");
         assert_eq!(seg.dst.to_string(), "203.0.113.9:443");
         assert_eq!(seg.flags.to_string(), "RA");
-        assert_eq!(
-            (seg.seq, seg.ack, seg.ttl, seg.window),
-            (1000, 7, 61, 64240)
-        );
+        assert_eq!((seg.seq, seg.ack, seg.ttl, seg.window), (1000, 7, 61, 64240));
         assert_eq!(seg.checksum, Checksum::Good);
         assert_eq!(seg.payload_len, 0);
     }
@@ -630,10 +603,7 @@ mod tests {
         let mut frame = tcp_v4_frame("PA", b"hello");
         let last = frame.len() - 1;
         frame[last] ^= 0xff;
-        assert_eq!(
-            parse(LinkType::ETHERNET, 0, &frame).unwrap().checksum,
-            Checksum::Bad
-        );
+        assert_eq!(parse(LinkType::ETHERNET, 0, &frame).unwrap().checksum, Checksum::Bad);
     }
 
     #[test]
@@ -687,10 +657,7 @@ mod tests {
 
     #[test]
     fn skips_are_named() {
-        assert_eq!(
-            parse(LinkType(147), 0, &[1, 2, 3]),
-            Err(Skip::UnsupportedLinkType(LinkType(147)))
-        );
+        assert_eq!(parse(LinkType(147), 0, &[1, 2, 3]), Err(Skip::UnsupportedLinkType(LinkType(147))));
         assert_eq!(parse(LinkType::ETHERNET, 0, &[0; 10]), Err(Skip::Truncated));
         let mut arp = vec![0u8; 12];
         arp.extend_from_slice(&[0x08, 0x06, 0, 0]);

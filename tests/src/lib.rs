@@ -1,1 +1,5 @@
 //! Shared helpers for rstscope's integration tests, capture generators and benchmarks.
+
+pub mod gen;
+
+pub mod corpus;

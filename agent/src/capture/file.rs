@@ -34,14 +34,7 @@ struct ByteWindow {
 
 impl ByteWindow {
     fn new(reader: Box<dyn Read + Send>) -> Self {
-        ByteWindow {
-            reader,
-            buf: vec![0; READ_CHUNK],
-            pos: 0,
-            end: 0,
-            base: 0,
-            eof: false,
-        }
+        ByteWindow { reader, buf: vec![0; READ_CHUNK], pos: 0, end: 0, base: 0, eof: false }
     }
 
     fn offset(&self) -> u64 {
@@ -58,9 +51,7 @@ impl ByteWindow {
             if self.eof {
                 return Ok(false);
             }
-            if self.pos > 0
-                && (self.buf.len() - self.end < READ_CHUNK / 4 || self.pos + n > self.buf.len())
-            {
+            if self.pos > 0 && (self.buf.len() - self.end < READ_CHUNK / 4 || self.pos + n > self.buf.len()) {
                 self.buf.copy_within(self.pos..self.end, 0);
                 self.base += self.pos as u64;
                 self.end -= self.pos;
@@ -179,20 +170,14 @@ pub struct FileSource {
 impl FileSource {
     /// Opens `path` (`-` for standard input) and reads the file header.
     pub fn open(path: &str) -> Result<FileSource, CaptureError> {
-        let io_err = |error| CaptureError::Io {
-            source_name: path.to_string(),
-            error,
-        };
+        let io_err = |error| CaptureError::Io { source_name: path.to_string(), error };
         let (reader, total_len): (Box<dyn Read + Send>, Option<u64>) = if path == "-" {
             (Box::new(io::stdin()), None)
         } else {
             let file = File::open(path).map_err(io_err)?;
             let meta = file.metadata().map_err(io_err)?;
             if meta.is_dir() {
-                return Err(io_err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "is a directory",
-                )));
+                return Err(io_err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory")));
             }
             (Box::new(file), Some(meta.len()))
         };
@@ -206,10 +191,7 @@ impl FileSource {
         total_len: Option<u64>,
     ) -> Result<FileSource, CaptureError> {
         let mut window = ByteWindow::new(reader);
-        let io_err = |error| CaptureError::Io {
-            source_name: name.to_string(),
-            error,
-        };
+        let io_err = |error| CaptureError::Io { source_name: name.to_string(), error };
         let have = window.ensure(24).map_err(io_err)?;
         let head = window.peek(window.available().min(24)).to_vec();
         let not_capture = || CaptureError::NotACapture {
@@ -218,11 +200,7 @@ impl FileSource {
         };
         if head.len() < 4 {
             return Err(if head.is_empty() {
-                CaptureError::Truncated {
-                    source_name: name.to_string(),
-                    offset: 0,
-                    what: "empty file".into(),
-                }
+                CaptureError::Truncated { source_name: name.to_string(), offset: 0, what: "empty file".into() }
             } else {
                 not_capture()
             });
@@ -240,25 +218,14 @@ impl FileSource {
             Self::pcap_header(name, &head, have, Endian::Big, nanos, extra)?
         } else if magic_le == 0x0a0d_0d0a {
             // The section header is parsed as the first block by `next_pcapng`.
-            Format::PcapNg {
-                endian: Endian::Little,
-                interfaces: Vec::new(),
-                last_ts_ns: 0,
-            }
+            Format::PcapNg { endian: Endian::Little, interfaces: Vec::new(), last_ts_ns: 0 }
         } else {
             return Err(not_capture());
         };
         if let Format::Pcap { .. } = format {
             window.consume(24);
         }
-        Ok(FileSource {
-            name: name.to_string(),
-            window,
-            format,
-            total_len,
-            done: false,
-            record: (0, 0),
-        })
+        Ok(FileSource { name: name.to_string(), window, format, total_len, done: false, record: (0, 0) })
     }
 
     fn pcap_header(
@@ -279,42 +246,20 @@ impl FileSource {
         let snaplen = endian.u32(&head[16..20]);
         // The upper bits of the link type field carry FCS information.
         let link_type = LinkType(endian.u32(&head[20..24]) & 0x03ff_ffff & 0xffff);
-        Ok(Format::Pcap {
-            endian,
-            link_type,
-            nanos,
-            snaplen,
-            extra_header,
-            last_ts_sec: None,
-        })
+        Ok(Format::Pcap { endian, link_type, nanos, snaplen, extra_header, last_ts_sec: None })
     }
 
     fn io_error(&self, error: io::Error) -> CaptureError {
-        CaptureError::Io {
-            source_name: self.name.clone(),
-            error,
-        }
+        CaptureError::Io { source_name: self.name.clone(), error }
     }
 
     fn truncated(&mut self, what: &str) -> CaptureError {
         self.done = true;
-        CaptureError::Truncated {
-            source_name: self.name.clone(),
-            offset: self.window.offset(),
-            what: what.into(),
-        }
+        CaptureError::Truncated { source_name: self.name.clone(), offset: self.window.offset(), what: what.into() }
     }
 
     fn next_pcap(&mut self) -> Result<Option<(i64, LinkType, u32)>, CaptureError> {
-        let Format::Pcap {
-            endian,
-            link_type,
-            nanos,
-            snaplen,
-            extra_header,
-            last_ts_sec,
-        } = &mut self.format
-        else {
+        let Format::Pcap { endian, link_type, nanos, snaplen, extra_header, last_ts_sec } = &mut self.format else {
             unreachable!()
         };
         let (endian, link_type, nanos, extra_header) = (*endian, *link_type, *nanos, *extra_header);
@@ -344,24 +289,17 @@ impl FileSource {
                     format!("{what}; no plausible record follows, stopped reading")
                 }
             };
-            return Err(CaptureError::Corrupt {
-                source_name: self.name.clone(),
-                offset,
-                what,
-            });
+            return Err(CaptureError::Corrupt { source_name: self.name.clone(), offset, what });
         }
         match self.window.ensure(hdr_len + caplen) {
             Ok(true) => {}
-            Ok(false) => {
-                return Err(self.truncated(&format!("packet data ({caplen} bytes announced)")))
-            }
+            Ok(false) => return Err(self.truncated(&format!("packet data ({caplen} bytes announced)"))),
             Err(e) => return Err(self.io_error(e)),
         }
         if let Format::Pcap { last_ts_sec, .. } = &mut self.format {
             *last_ts_sec = Some(ts_sec);
         }
-        let ts_ns =
-            i64::from(ts_sec) * 1_000_000_000 + i64::from(ts_frac) * if nanos { 1 } else { 1000 };
+        let ts_ns = i64::from(ts_sec) * 1_000_000_000 + i64::from(ts_frac) * if nanos { 1 } else { 1000 };
         self.window.consume(hdr_len);
         self.record = (self.window.pos, caplen);
         self.window.consume(caplen);
@@ -432,22 +370,19 @@ impl FileSource {
                     other => {
                         let offset = self.window.offset();
                         self.done = true;
-                        return Err(CaptureError::Corrupt { source_name: self.name.clone(), offset, what: format!("section header with byte-order magic {other:02x?}; stopped reading") });
+                        return Err(CaptureError::Corrupt {
+                            source_name: self.name.clone(),
+                            offset,
+                            what: format!("section header with byte-order magic {other:02x?}; stopped reading"),
+                        });
                     }
                 };
-                if let Format::PcapNg {
-                    endian: e,
-                    interfaces,
-                    ..
-                } = &mut self.format
-                {
+                if let Format::PcapNg { endian: e, interfaces, .. } = &mut self.format {
                     *e = endian;
                     interfaces.clear();
                 }
             }
-            let Format::PcapNg { endian, .. } = &self.format else {
-                unreachable!()
-            };
+            let Format::PcapNg { endian, .. } = &self.format else { unreachable!() };
             let endian = *endian;
             let head = self.window.peek(12);
             let block_type = endian.u32(&head[0..4]);
@@ -462,18 +397,12 @@ impl FileSource {
                         format!("{what}; no valid block follows, stopped reading")
                     }
                 };
-                return Err(CaptureError::Corrupt {
-                    source_name: self.name.clone(),
-                    offset,
-                    what,
-                });
+                return Err(CaptureError::Corrupt { source_name: self.name.clone(), offset, what });
             }
             match self.window.ensure(block_len) {
                 Ok(true) => {}
                 Ok(false) => {
-                    return Err(self.truncated(&format!(
-                        "block type {block_type:#x} ({block_len} bytes announced)"
-                    )))
+                    return Err(self.truncated(&format!("block type {block_type:#x} ({block_len} bytes announced)")))
                 }
                 Err(e) => return Err(self.io_error(e)),
             }
@@ -481,9 +410,7 @@ impl FileSource {
             let trailer = endian.u32(&self.window.peek(block_len)[block_len - 4..]) as usize;
             if trailer != block_len {
                 let offset = self.window.offset();
-                let what = format!(
-                    "block type {block_type:#x}: length {block_len} at start but {trailer} at end"
-                );
+                let what = format!("block type {block_type:#x}: length {block_len} at start but {trailer} at end");
                 let what = match self.resync_pcapng(endian) {
                     Some(n) => format!("{what}; skipped {n} bytes to the next block"),
                     None => {
@@ -491,32 +418,17 @@ impl FileSource {
                         format!("{what}; no valid block follows, stopped reading")
                     }
                 };
-                return Err(CaptureError::Corrupt {
-                    source_name: self.name.clone(),
-                    offset,
-                    what,
-                });
+                return Err(CaptureError::Corrupt { source_name: self.name.clone(), offset, what });
             }
             let body = &self.window.buf[block_start + 8..block_start + block_len - 4];
-            let parsed = pcapng_block(
-                &mut self.format,
-                &mut self.record,
-                endian,
-                block_type,
-                body,
-                block_start + 8,
-            );
+            let parsed = pcapng_block(&mut self.format, &mut self.record, endian, block_type, body, block_start + 8);
             self.window.consume(block_len);
             match parsed {
                 Ok(Some(packet)) => return Ok(Some(packet)),
                 Ok(None) => continue,
                 Err(what) => {
                     let offset = self.window.offset() - block_len as u64;
-                    return Err(CaptureError::Corrupt {
-                        source_name: self.name.clone(),
-                        offset,
-                        what,
-                    });
+                    return Err(CaptureError::Corrupt { source_name: self.name.clone(), offset, what });
                 }
             }
         }
@@ -533,14 +445,7 @@ fn pcapng_block(
     body_start: usize,
 ) -> Result<Option<(i64, LinkType, u32)>, String> {
     {
-        let Format::PcapNg {
-            interfaces,
-            last_ts_ns,
-            ..
-        } = format
-        else {
-            unreachable!()
-        };
+        let Format::PcapNg { interfaces, last_ts_ns, .. } = format else { unreachable!() };
         match block_type {
             // Interface description.
             0x0000_0001 => {
@@ -557,16 +462,10 @@ fn pcapng_block(
                     match (code, value.len()) {
                         (9, 1..) => {
                             let v = value[0];
-                            iface.resolution = if v & 0x80 == 0 {
-                                Resolution::Decimal(v)
-                            } else {
-                                Resolution::Binary(v & 0x7f)
-                            };
+                            iface.resolution =
+                                if v & 0x80 == 0 { Resolution::Decimal(v) } else { Resolution::Binary(v & 0x7f) };
                         }
-                        (14, 8..) => {
-                            iface.offset_ns =
-                                (endian.u64(value) as i64).saturating_mul(1_000_000_000)
-                        }
+                        (14, 8..) => iface.offset_ns = (endian.u64(value) as i64).saturating_mul(1_000_000_000),
                         _ => {}
                     }
                 }
@@ -578,19 +477,13 @@ fn pcapng_block(
                 if body.len() < 20 {
                     return Err("packet block too short; skipped".into());
                 }
-                let iface_id = if block_type == 6 {
-                    endian.u32(&body[0..4])
-                } else {
-                    u32::from(endian.u16(&body[0..2]))
-                } as usize;
-                let units = (u64::from(endian.u32(&body[4..8])) << 32)
-                    | u64::from(endian.u32(&body[8..12]));
+                let iface_id =
+                    if block_type == 6 { endian.u32(&body[0..4]) } else { u32::from(endian.u16(&body[0..2])) } as usize;
+                let units = (u64::from(endian.u32(&body[4..8])) << 32) | u64::from(endian.u32(&body[8..12]));
                 let caplen = endian.u32(&body[12..16]) as usize;
                 let orig_len = endian.u32(&body[16..20]);
                 let Some(iface) = interfaces.get(iface_id).copied() else {
-                    return Err(format!(
-                        "packet for undeclared interface {iface_id}; skipped"
-                    ));
+                    return Err(format!("packet for undeclared interface {iface_id}; skipped"));
                 };
                 if caplen > body.len() - 20 {
                     return Err(format!(
@@ -598,10 +491,7 @@ fn pcapng_block(
                         body.len() - 20
                     ));
                 }
-                let ts_ns = iface
-                    .resolution
-                    .to_ns(units)
-                    .saturating_add(iface.offset_ns);
+                let ts_ns = iface.resolution.to_ns(units).saturating_add(iface.offset_ns);
                 *last_ts_ns = ts_ns;
                 *record = (body_start + 20, caplen);
                 Ok(Some((ts_ns, iface.link_type, orig_len)))
@@ -639,11 +529,7 @@ impl FileSource {
             let h = &self.window.peek(skip + 12)[skip..];
             let block_type = endian.u32(&h[0..4]);
             let len = endian.u32(&h[4..8]) as usize;
-            if !matches!(block_type, 1..=6 | 0x0a0d_0d0a)
-                || len < 12
-                || len % 4 != 0
-                || len > MAX_BLOCK
-            {
+            if !matches!(block_type, 1..=6 | 0x0a0d_0d0a) || len < 12 || len % 4 != 0 || len > MAX_BLOCK {
                 continue;
             }
             if let Ok(true) = self.window.ensure(skip + len) {
@@ -691,12 +577,7 @@ impl PacketSource for FileSource {
             }
             Some((ts_ns, link_type, orig_len)) => {
                 let (start, len) = self.record;
-                Ok(Poll::Packet(RawPacket {
-                    ts_ns,
-                    link_type,
-                    data: &self.window.buf[start..start + len],
-                    orig_len,
-                }))
+                Ok(Poll::Packet(RawPacket { ts_ns, link_type, data: &self.window.buf[start..start + len], orig_len }))
             }
         }
     }
@@ -750,13 +631,7 @@ mod tests {
     fn reads_classic_pcap() {
         let (packets, errors) = read_all(pcap_le(&[(10, 5, b"abc"), (11, 0, b"defg")]));
         assert!(errors.is_empty());
-        assert_eq!(
-            packets,
-            vec![
-                (10_000_005_000, b"abc".to_vec()),
-                (11_000_000_000, b"defg".to_vec())
-            ]
-        );
+        assert_eq!(packets, vec![(10_000_005_000, b"abc".to_vec()), (11_000_000_000, b"defg".to_vec())]);
     }
 
     #[test]
@@ -778,28 +653,18 @@ mod tests {
         bytes[second + 8..second + 12].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
         let (packets, errors) = read_all(bytes);
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(
-            errors[0].contains("corrupt record at byte 80"),
-            "{errors:?}"
-        );
+        assert!(errors[0].contains("corrupt record at byte 80"), "{errors:?}");
         let times: Vec<i64> = packets.iter().map(|p| p.0).collect();
         assert_eq!(times, vec![10_000_001_000, 10_000_003_000, 10_000_004_000]);
     }
 
     #[test]
     fn not_a_capture_is_named() {
-        let err = FileSource::from_reader(
-            "x.txt",
-            Box::new(io::Cursor::new(b"hello world, this is text".to_vec())),
-            None,
-        )
-        .err()
-        .unwrap();
-        assert!(
-            err.to_string()
-                .starts_with("x.txt: not a pcap or pcapng file"),
-            "{err}"
-        );
+        let err =
+            FileSource::from_reader("x.txt", Box::new(io::Cursor::new(b"hello world, this is text".to_vec())), None)
+                .err()
+                .unwrap();
+        assert!(err.to_string().starts_with("x.txt: not a pcap or pcapng file"), "{err}");
     }
 
     fn pcapng_be_two_interfaces() -> Vec<u8> {
@@ -824,10 +689,7 @@ mod tests {
         idb1.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff]);
         idb1.extend_from_slice(&[0, 9, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0]);
         out.extend(block(1, &idb1));
-        for (iface, units, data) in [
-            (0u32, 1_000_000u64, b"eth".as_slice()),
-            (1, 2_000_000_007, b"ip4!".as_slice()),
-        ] {
+        for (iface, units, data) in [(0u32, 1_000_000u64, b"eth".as_slice()), (1, 2_000_000_007, b"ip4!".as_slice())] {
             let mut epb = iface.to_be_bytes().to_vec();
             epb.extend_from_slice(&((units >> 32) as u32).to_be_bytes());
             epb.extend_from_slice(&(units as u32).to_be_bytes());
@@ -841,12 +703,8 @@ mod tests {
 
     #[test]
     fn pcapng_big_endian_with_mixed_link_types_and_resolutions() {
-        let mut src = FileSource::from_reader(
-            "t",
-            Box::new(io::Cursor::new(pcapng_be_two_interfaces())),
-            None,
-        )
-        .unwrap();
+        let mut src =
+            FileSource::from_reader("t", Box::new(io::Cursor::new(pcapng_be_two_interfaces())), None).unwrap();
         let mut seen = Vec::new();
         while let Ok(Poll::Packet(p)) = src.next_packet() {
             seen.push((p.ts_ns, p.link_type, p.data.to_vec()));

@@ -43,10 +43,7 @@ pub struct LiveSource {
 impl LiveSource {
     /// Opens the interface and installs the filter.
     pub fn open(config: &LiveConfig) -> Result<LiveSource, CaptureError> {
-        let err = |e: pcap::Error| CaptureError::Live {
-            source_name: config.interface.clone(),
-            message: e.to_string(),
-        };
+        let err = |e: pcap::Error| CaptureError::Live { source_name: config.interface.clone(), message: e.to_string() };
         let inactive = pcap::Capture::from_device(config.interface.as_str()).map_err(err)?;
         let mut capture = inactive
             .snaplen(config.snaplen)
@@ -59,11 +56,7 @@ impl LiveSource {
             .map_err(err)?;
         capture.filter(&config.filter, true).map_err(err)?;
         let link_type = LinkType(capture.get_datalink().0 as u32);
-        Ok(LiveSource {
-            name: config.interface.clone(),
-            capture,
-            link_type,
-        })
+        Ok(LiveSource { name: config.interface.clone(), capture, link_type })
     }
 
     /// The interface's link type.
@@ -80,19 +73,11 @@ impl PacketSource for LiveSource {
                 // With nanosecond precision libpcap puts nanoseconds in `tv_usec`.
                 let ts = packet.header.ts;
                 let ts_ns = i64::from(ts.tv_sec) * 1_000_000_000 + i64::from(ts.tv_usec);
-                Ok(Poll::Packet(RawPacket {
-                    ts_ns,
-                    link_type,
-                    data: packet.data,
-                    orig_len: packet.header.len,
-                }))
+                Ok(Poll::Packet(RawPacket { ts_ns, link_type, data: packet.data, orig_len: packet.header.len }))
             }
             Err(pcap::Error::TimeoutExpired) => Ok(Poll::Idle),
             Err(pcap::Error::NoMorePackets) => Ok(Poll::End),
-            Err(e) => Err(CaptureError::Live {
-                source_name: self.name.clone(),
-                message: e.to_string(),
-            }),
+            Err(e) => Err(CaptureError::Live { source_name: self.name.clone(), message: e.to_string() }),
         }
     }
 

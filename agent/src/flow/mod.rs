@@ -1,0 +1,437 @@
+//! Connection tracking: segments in, RST events and flow summaries out.
+//!
+//! The [`Tracker`] is pure: it never reads a clock or does I/O. Time is the timestamp of the
+//! packet being processed, so replaying a capture gives exactly what live capture gave.
+//!
+//! Memory is the constraint that shapes this module. A busy link carries millions of
+//! connections, so a record is a fixed-size struct in a slab (`Vec<Option<Conn>>`), the hash
+//! table holds only 4-byte slab indices, and expiry uses two intrusive doubly linked lists
+//! ordered by last activity (open connections, and finished ones waiting out their linger
+//! time). Every list has one timeout, so expiring is a walk from the head that stops at the first
+//! live record: O(1) amortised per packet. When the table is full the oldest idle record is
+//! summarised and evicted, and counted.
+
+pub mod classify;
+pub mod conn;
+pub mod zeek;
+
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use rstscope_proto::{Endpoint, FlowKey};
+
+use crate::event::{ConnId, Event, FlowEnd, FlowSummary, RstEvent};
+use crate::wire::{Checksum, Segment};
+use conn::{seen, Conn};
+use zeek::{ZeekConn, ZeekSegment};
+
+/// Tracker settings. Defaults follow Zeek's (`tcp_inactivity_timeout`, `tcp_close_delay`,
+/// `tcp_reset_delay`) so flow records split where Zeek's do.
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    /// A connection with no packets for this long is summarised (ns).
+    pub inactivity_timeout_ns: i64,
+    /// A closed or reset connection is kept this long for late packets (ns).
+    pub linger_ns: i64,
+    /// RST events wait this long for later packets that add evidence (ns); never more than the linger time.
+    pub settle_ns: i64,
+    /// Most connections tracked at once; beyond it the oldest idle one is evicted.
+    pub max_flows: usize,
+    /// Count bad-checksum packets in conn_state/history, like Zeek's `-C`.
+    pub ignore_checksums: bool,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            inactivity_timeout_ns: 300_000_000_000,
+            linger_ns: 5_000_000_000,
+            settle_ns: 2_000_000_000,
+            max_flows: 1_000_000,
+            ignore_checksums: false,
+        }
+    }
+}
+
+/// Counters about the table itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrackerStats {
+    /// Connection records created.
+    pub flows: u64,
+    /// Records currently tracked.
+    pub active: u64,
+    /// Most records tracked at once.
+    pub peak_active: u64,
+    /// Records evicted because the table was full.
+    pub evicted: u64,
+    /// Records started by a SYN reusing a finished tuple.
+    pub port_reuse: u64,
+    /// RST events emitted.
+    pub resets: u64,
+    /// TCP segments processed.
+    pub segments: u64,
+}
+
+const NIL: u32 = u32::MAX;
+const OPEN: usize = 0;
+const DONE: usize = 1;
+
+#[derive(Clone, Copy)]
+struct List {
+    head: u32,
+    tail: u32,
+}
+
+/// Bound on the side tables used for cause evidence (SYN races, listener activity).
+const SIDE_TABLE_MAX: usize = 1 << 16;
+
+#[derive(Clone, Copy, Default)]
+struct RecentSyns {
+    last: (i64, u16),
+    prev: (i64, u16),
+}
+
+/// Tracks every TCP connection of one vantage point.
+pub struct Tracker {
+    config: TrackerConfig,
+    slab: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    table: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    lists: [List; 2],
+    now_ns: i64,
+    stats: TrackerStats,
+    /// Last SYNs per (client address, server address), for duplicate-SYN races.
+    recent_syns: HashMap<(Endpoint, Endpoint), RecentSyns>,
+    /// Last SYN-ACK time per server endpoint, for "listener overloaded".
+    listener_accepts: HashMap<Endpoint, i64>,
+}
+
+impl Tracker {
+    /// An empty tracker.
+    pub fn new(config: TrackerConfig) -> Self {
+        Tracker {
+            config,
+            slab: Vec::new(),
+            free: Vec::new(),
+            table: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            lists: [List { head: NIL, tail: NIL }; 2],
+            now_ns: i64::MIN,
+            stats: TrackerStats::default(),
+            recent_syns: HashMap::new(),
+            listener_accepts: HashMap::new(),
+        }
+    }
+
+    /// Table counters.
+    pub fn stats(&self) -> TrackerStats {
+        self.stats
+    }
+
+    /// Processes one segment; events that became final are passed to `out`.
+    pub fn on_segment(&mut self, seg: &Segment, out: &mut impl FnMut(Event)) {
+        self.stats.segments += 1;
+        self.advance(seg.ts_ns, out);
+        let key = FlowKey::new(seg.src, seg.dst);
+        let hash = self.hasher.hash_one(key);
+        let found = {
+            let slab = &self.slab;
+            self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == key)).copied()
+        };
+        let idx = match found {
+            Some(idx) if self.is_reuse(idx, seg) => {
+                self.finish(idx, FlowEnd::Reused, out);
+                self.stats.port_reuse += 1;
+                let idx = self.create(key, hash, seg, out);
+                self.conn_mut(idx).port_reuse = true;
+                idx
+            }
+            Some(idx) => idx,
+            None => self.create(key, hash, seg, out),
+        };
+        self.apply(idx, seg, out);
+    }
+
+    /// Moves time forward to `now_ns` (a packet timestamp) and expires what timed out. Live
+    /// capture calls this when idle, with the last packet time plus the idle time.
+    pub fn advance(&mut self, now_ns: i64, out: &mut impl FnMut(Event)) {
+        if now_ns <= self.now_ns {
+            return;
+        }
+        self.now_ns = now_ns;
+        for (list, timeout, end) in [
+            (OPEN, self.config.inactivity_timeout_ns, FlowEnd::Inactive),
+            (DONE, self.config.linger_ns, FlowEnd::Closed),
+        ] {
+            loop {
+                let head = self.lists[list].head;
+                if head == NIL || self.conn(head).last_ns.saturating_add(timeout) > now_ns {
+                    break;
+                }
+                self.finish(head, end, out);
+            }
+        }
+    }
+
+    /// End of input: summarises every tracked connection, oldest activity first.
+    pub fn finish_all(&mut self, out: &mut impl FnMut(Event)) {
+        for list in [DONE, OPEN] {
+            while self.lists[list].head != NIL {
+                let head = self.lists[list].head;
+                self.finish(head, FlowEnd::EndOfInput, out);
+            }
+        }
+    }
+
+    fn conn(&self, idx: u32) -> &Conn {
+        self.slab[idx as usize].as_ref().expect("listed index refers to a live record")
+    }
+
+    fn conn_mut(&mut self, idx: u32) -> &mut Conn {
+        self.slab[idx as usize].as_mut().expect("listed index refers to a live record")
+    }
+
+    /// A SYN (without ACK) on a finished record, with a new ISN, starts a new connection.
+    fn is_reuse(&self, idx: u32, seg: &Segment) -> bool {
+        if !seg.flags.syn() || seg.flags.ack() || seg.flags.rst() {
+            return false;
+        }
+        let conn = self.conn(idx);
+        let dir = conn.dir_of(seg);
+        let half = &conn.halves[dir];
+        let closed = conn.halves.iter().any(|h| h.has(seen::FIN) || h.has(seen::RST));
+        closed && !(half.has(seen::SYN) && half.isn == seg.seq)
+    }
+
+    fn create(&mut self, key: FlowKey, hash: u64, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
+        if self.stats.active as usize >= self.config.max_flows.max(1) {
+            let victim = if self.lists[DONE].head != NIL { self.lists[DONE].head } else { self.lists[OPEN].head };
+            self.stats.evicted += 1;
+            self.finish(victim, FlowEnd::Evicted, out);
+        }
+        let (zeek, sender_is_orig) = ZeekConn::start(seg.flags.byte(), seg.src.port(), seg.dst.port());
+        let sender_is_lo = key.is_lo_to_hi(&seg.src);
+        let conn = Conn::new(key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(conn);
+                i
+            }
+            None => {
+                self.slab.push(Some(conn));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let slab = &self.slab;
+        let hasher = &self.hasher;
+        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(slab[i as usize].as_ref().map(|c| c.key)));
+        self.push_tail(OPEN, idx);
+        self.stats.flows += 1;
+        self.stats.active += 1;
+        self.stats.peak_active = self.stats.peak_active.max(self.stats.active);
+        idx
+    }
+
+    fn apply(&mut self, idx: u32, seg: &Segment, out: &mut impl FnMut(Event)) {
+        let settle = self.config.settle_ns.min(self.config.linger_ns);
+        let ignore_checksums = self.config.ignore_checksums;
+        let ctx = if seg.flags.rst() { self.context(idx, seg) } else { classify::Context::default() };
+        if seg.flags.syn() {
+            self.note_syn(idx, seg);
+        }
+        let conn = self.slab[idx as usize].as_mut().expect("live record");
+        let dir = conn.dir_of(seg);
+
+        // Later packets add evidence to RSTs still settling; settled ones are emitted.
+        if let Some(mut pending) = conn.pending.take() {
+            classify::observe_after(&mut pending, conn, dir, seg);
+            let mut n_out = 0;
+            for mut ev in pending.extract_if(.., |ev| seg.ts_ns - ev.ts_ns > settle) {
+                classify::finalize(&mut ev, conn);
+                out(Event::Reset(Box::new(ev)));
+                n_out += 1;
+            }
+            self.stats.resets += n_out;
+            if !pending.is_empty() {
+                conn.pending = Some(pending);
+            }
+        }
+        let event = seg.flags.rst().then(|| classify::build(conn, dir, seg, &ctx));
+
+        let is_orig = conn.role_of(dir) == crate::event::Role::Originator;
+        let rexmit = conn.halves[dir].on_send(seg);
+        let _ = rexmit;
+        if seg.flags.ack() {
+            conn.halves[1 - dir].on_peer_ack(seg.ack);
+        }
+        conn.zeek.on_segment(
+            &ZeekSegment {
+                is_orig,
+                flags: seg.flags.byte(),
+                seq: seg.seq,
+                ack: seg.ack,
+                payload_len: seg.payload_len,
+                window: seg.window,
+                checksum_bad: seg.checksum == Checksum::Bad,
+            },
+            ignore_checksums,
+        );
+        if conn.zeek.take_flip() {
+            conn.orig_is_lo = !conn.orig_is_lo;
+        }
+        conn.last_ns = conn.last_ns.max(seg.ts_ns);
+        if let Some(ev) = event {
+            conn.pending.get_or_insert_with(Default::default).push(ev);
+        }
+        let list = if conn.is_finished() { DONE } else { OPEN };
+        self.unlink(idx);
+        self.push_tail(list, idx);
+    }
+
+    fn context(&self, idx: u32, seg: &Segment) -> classify::Context {
+        let conn = self.conn(idx);
+        let orig_dir = conn.orig_dir();
+        let (client, server) =
+            if orig_dir == 0 { (conn.key.lo(), conn.key.hi()) } else { (conn.key.hi(), conn.key.lo()) };
+        let racing_syn_gap_ns = self.recent_syns.get(&(host(client), host(server))).and_then(|r| {
+            [r.last, r.prev]
+                .into_iter()
+                .filter(|&(ts, port)| port != server.port() && ts != 0)
+                .map(|(ts, _)| (ts - conn.start_ns).abs())
+                .filter(|gap| *gap <= classify::SYN_RACE_NS)
+                .min()
+        });
+        let listener_last_accept_ago_ns =
+            self.listener_accepts.get(&server).map(|t| seg.ts_ns - t).filter(|ago| *ago >= 0);
+        classify::Context { racing_syn_gap_ns, listener_last_accept_ago_ns }
+    }
+
+    fn note_syn(&mut self, idx: u32, seg: &Segment) {
+        if seg.flags.rst() {
+            return;
+        }
+        if self.recent_syns.len() >= SIDE_TABLE_MAX {
+            self.recent_syns.clear();
+        }
+        if self.listener_accepts.len() >= SIDE_TABLE_MAX {
+            self.listener_accepts.clear();
+        }
+        let _ = idx;
+        if seg.flags.ack() {
+            self.listener_accepts.insert(seg.src, seg.ts_ns);
+        } else {
+            let entry = self.recent_syns.entry((host(seg.src), host(seg.dst))).or_default();
+            if entry.last.1 != seg.dst.port() || entry.last.0 == 0 {
+                entry.prev = entry.last;
+            }
+            entry.last = (seg.ts_ns, seg.dst.port());
+        }
+    }
+
+    /// Emits what a record still holds (settling RSTs, then its summary) and frees it.
+    fn finish(&mut self, idx: u32, end: FlowEnd, out: &mut impl FnMut(Event)) {
+        self.unlink(idx);
+        let mut conn = self.slab[idx as usize].take().expect("live record");
+        let hash = self.hasher.hash_one(conn.key);
+        if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
+            entry.remove();
+        }
+        self.free.push(idx);
+        self.stats.active -= 1;
+        if let Some(pending) = conn.pending.take() {
+            for mut ev in pending.into_iter() {
+                classify::finalize(&mut ev, &conn);
+                self.stats.resets += 1;
+                out(Event::Reset(Box::new(ev)));
+            }
+        }
+        out(Event::Flow(Box::new(summarise(&conn, end))));
+    }
+
+    fn unlink(&mut self, idx: u32) {
+        let (prev, next, list) = {
+            let c = self.conn(idx);
+            (c.prev, c.next, usize::from(c.list))
+        };
+        if prev == NIL && next == NIL && self.lists[list].head != idx {
+            return;
+        }
+        if prev == NIL {
+            self.lists[list].head = next;
+        } else {
+            self.conn_mut(prev).next = next;
+        }
+        if next == NIL {
+            self.lists[list].tail = prev;
+        } else {
+            self.conn_mut(next).prev = prev;
+        }
+        let c = self.conn_mut(idx);
+        c.prev = NIL;
+        c.next = NIL;
+    }
+
+    fn push_tail(&mut self, list: usize, idx: u32) {
+        let tail = self.lists[list].tail;
+        {
+            let c = self.conn_mut(idx);
+            c.prev = tail;
+            c.next = NIL;
+            c.list = list as u8;
+        }
+        if tail == NIL {
+            self.lists[list].head = idx;
+        } else {
+            self.conn_mut(tail).next = idx;
+        }
+        self.lists[list].tail = idx;
+    }
+}
+
+/// The address part of an endpoint (port 0), for per-host side tables.
+fn host(ep: Endpoint) -> Endpoint {
+    Endpoint::new(ep.ip(), 0)
+}
+
+fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
+    let o = conn.orig_dir();
+    let (orig, resp) = if o == 0 { (conn.key.lo(), conn.key.hi()) } else { (conn.key.hi(), conn.key.lo()) };
+    FlowSummary {
+        conn_id: ConnId::new(&conn.key, conn.start_ns),
+        key: conn.key,
+        orig,
+        resp,
+        start_ns: conn.start_ns,
+        end_ns: conn.last_ns,
+        conn_state: conn.zeek.conn_state().as_str(),
+        history: conn.zeek.history().to_string(),
+        orig_dir: conn.halves[o].summary(conn.zeek.orig_bytes()),
+        resp_dir: conn.halves[1 - o].summary(conn.zeek.resp_bytes()),
+        port_reuse: conn.port_reuse,
+        end,
+    }
+}
+
+/// Convenience for tests and offline tools: runs `segments` through a fresh tracker and returns
+/// every event, the table flushed at the end.
+pub fn track_all(config: TrackerConfig, segments: &[Segment]) -> Vec<Event> {
+    let mut tracker = Tracker::new(config);
+    let mut events = Vec::new();
+    for seg in segments {
+        tracker.on_segment(seg, &mut |e| events.push(e));
+    }
+    tracker.finish_all(&mut |e| events.push(e));
+    events
+}
+
+/// Reset events of `events`, in order.
+pub fn resets(events: &[Event]) -> Vec<&RstEvent> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reset(r) => Some(r.as_ref()),
+            Event::Flow(_) => None,
+        })
+        .collect()
+}
