@@ -11,4 +11,5 @@ pub mod event;
 pub mod flow;
 pub mod output;
 pub mod pipeline;
+pub mod trace;
 pub mod wire;

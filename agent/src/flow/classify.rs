@@ -29,6 +29,22 @@ const LISTENER_RECENT_NS: i64 = 60_000_000_000;
 /// A sender silent this long may have lost its state (NAT or firewall timeouts start here).
 const SILENT_NS: i64 = 30_000_000_000;
 
+/// Evidence names that support a cause (as opposed to injection signs).
+const CAUSE_EVIDENCE: &[&str] = &[
+    "no-other-packet",
+    "answers-syn",
+    "listener-overloaded",
+    "stale-ack",
+    "tuple-reused",
+    "racing-syn",
+    "cancelled-after-syn-ack",
+    "fin-both-directions",
+    "retransmissions-before",
+    "answers-segment",
+    "in-sequence",
+    "after-peer-data",
+];
+
 /// What the tracker knows beyond this one connection.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Context {
@@ -305,27 +321,34 @@ fn add_once(event: &mut RstEvent, name: &'static str, detail: String) {
 }
 
 /// Adds the evidence that packets after a RST reveal to the RSTs still waiting in `pending`.
-/// `seg` was sent in direction `dir`; `sender` is that direction's half before `seg` is applied.
-pub fn observe_after(pending: &mut [RstEvent], conn: &Conn, dir: usize, seg: &Segment) {
+/// `seg` was sent in direction `dir` (`conn` is the state before `seg` is applied); when `seg` is
+/// itself a RST, `new` is its freshly built event, which joins burst and both-directions findings.
+pub fn observe_after(pending: &mut [RstEvent], new: Option<&mut RstEvent>, conn: &Conn, dir: usize, seg: &Segment) {
     let role = conn.role_of(dir);
     let sender = &conn.halves[dir];
-    if seg.flags.rst() {
+    if let Some(new) = new {
         let same: Vec<usize> = (0..pending.len())
             .filter(|&i| pending[i].sender == role && seg.ts_ns - pending[i].ts_ns <= BURST_WINDOW_NS)
             .collect();
-        if !same.is_empty() {
-            let identical = same
-                .iter()
-                .filter(|&&i| pending[i].seq == seg.seq && pending[i].ack == seg.ack && pending[i].flags == seg.flags)
-                .count();
-            let first_seq = SeqNumber(pending[same[0]].seq);
+        if let Some(&first) = same.first() {
+            let is_copy = |e: &RstEvent| e.seq == seg.seq && e.ack == seg.ack && e.flags == seg.flags;
+            if let Some(original) = same.iter().map(|&i| &pending[i]).find(|e| is_copy(e)) {
+                // The same RST again: it has the same reason as the first one.
+                new.cause = original.cause;
+                new.evidence.retain(|e| !CAUSE_EVIDENCE.contains(&e.name));
+                new.evidence.extend(original.evidence.iter().filter(|e| CAUSE_EVIDENCE.contains(&e.name)).cloned());
+                new.evidence
+                    .push(Evidence::new("repeated-rst", "same seq, ack and flags as an earlier RST from this sender"));
+            }
+            let identical = same.iter().filter(|&&i| is_copy(&pending[i])).count();
+            let first_seq = SeqNumber(pending[first].seq);
             let step = SeqNumber(seg.seq).delta(first_seq);
             let window_steps = same.iter().all(|&i| {
                 let d = SeqNumber(pending[i].seq).delta(first_seq);
                 d >= 0 && d % 1460 == 0
             }) && step > 0
                 && step % 1460 == 0;
-            let last = &pending[*same.last().unwrap_or(&0)];
+            let last = &pending[*same.last().unwrap_or(&first)];
             let window_plus_one = seg.window == last.window.wrapping_add(1) && seg.flags.ack();
             let pattern = if identical >= 2 {
                 Some(format!("{} identical RSTs within {}", identical + 1, fmt_ns(BURST_WINDOW_NS)))
@@ -340,24 +363,24 @@ pub fn observe_after(pending: &mut [RstEvent], conn: &Conn, dir: usize, seg: &Se
                 for &i in &same {
                     add_once(&mut pending[i], "rst-burst", detail.clone());
                 }
+                add_once(new, "rst-burst", detail);
             }
             if sender.has(seen::ANY) && SeqNumber(seg.seq).delta(sender.next_seq) > 1 {
                 let detail = format!(
-                    "a later RST within {} jumps to seq {} beyond anything the sender sent",
+                    "RSTs within {} jump to seq {} beyond anything the sender sent",
                     fmt_ns(BURST_WINDOW_NS),
                     seg.seq
                 );
                 for &i in &same {
                     add_once(&mut pending[i], "seq-jump", detail.clone());
                 }
+                add_once(new, "seq-jump", detail);
             }
         }
         for ev in pending.iter_mut().filter(|e| e.sender != role && (seg.ts_ns - e.ts_ns).abs() <= BOTH_DIRECTIONS_NS) {
-            add_once(
-                ev,
-                "both-directions",
-                format!("the other endpoint also sent a RST {} later", fmt_ns(seg.ts_ns - ev.ts_ns)),
-            );
+            let gap = fmt_ns(seg.ts_ns - ev.ts_ns);
+            add_once(ev, "both-directions", format!("the other endpoint also sent a RST {gap} later"));
+            add_once(new, "both-directions", format!("the other endpoint sent a RST {gap} earlier"));
         }
         return;
     }

@@ -294,7 +294,8 @@ impl Conn {
             return Phase::Midstream;
         }
         if orig_syn && !resp_syn {
-            return if r.has(seen::ANY) { Phase::Midstream } else { Phase::SynSent };
+            // The responder may have answered with something other than a SYN-ACK (a stale ACK).
+            return Phase::SynSent;
         }
         // The responder answered with SYN-ACK; established once the originator acknowledged it.
         let handshake_acked =

@@ -243,9 +243,10 @@ impl Tracker {
         let conn = self.slab[idx as usize].as_mut().expect("live record");
         let dir = conn.dir_of(seg);
 
+        let mut event = seg.flags.rst().then(|| classify::build(conn, dir, seg, &ctx));
         // Later packets add evidence to RSTs still settling; settled ones are emitted.
         if let Some(mut pending) = conn.pending.take() {
-            classify::observe_after(&mut pending, conn, dir, seg);
+            classify::observe_after(&mut pending, event.as_mut(), conn, dir, seg);
             let mut n_out = 0;
             for mut ev in pending.extract_if(.., |ev| seg.ts_ns - ev.ts_ns > settle) {
                 classify::finalize(&mut ev, conn);
@@ -257,7 +258,6 @@ impl Tracker {
                 conn.pending = Some(pending);
             }
         }
-        let event = seg.flags.rst().then(|| classify::build(conn, dir, seg, &ctx));
 
         let is_orig = conn.role_of(dir) == crate::event::Role::Originator;
         let rexmit = conn.halves[dir].on_send(seg);

@@ -1,0 +1,330 @@
+//! Every cause and injection sign of `shared/docs/reset-causes.md`, as small hand-written traces.
+//!
+//! Each test is a ladder diagram (see `rstscope_agent::trace`) and the expected RST events, one
+//! line each: time, sender role, flags, cause, phase, sequence relation and evidence names, then
+//! the connection summaries (conn_state and history). Update with `UPDATE_EXPECT=1 cargo test`
+//! and review the diff like any other code change.
+
+use expect_test::{expect, Expect};
+use rstscope_agent::event::Event;
+use rstscope_agent::flow::{track_all, TrackerConfig};
+use rstscope_agent::trace::{self, T0_NS};
+
+fn render(events: &[Event]) -> String {
+    let mut out = String::new();
+    for event in events {
+        match event {
+            Event::Reset(r) => {
+                let evidence: Vec<&str> = r.evidence.iter().map(|e| e.name).collect();
+                out += &format!(
+                    "RST  {:>8.3}ms {} {:<3} cause={} phase={} rel={} [{}]\n",
+                    (r.ts_ns - T0_NS) as f64 / 1e6,
+                    r.sender.as_str(),
+                    r.flags.to_string(),
+                    r.cause.as_str(),
+                    r.phase.as_str(),
+                    r.seq_relation.as_str(),
+                    evidence.join(" ")
+                );
+            }
+            Event::Flow(f) => {
+                out += &format!(
+                    "FLOW {} > {} {} {}{}\n",
+                    f.orig,
+                    f.resp,
+                    f.conn_state,
+                    f.history,
+                    if f.port_reuse { " port-reuse" } else { "" }
+                );
+            }
+        }
+    }
+    out
+}
+
+fn check(trace: &str, expect: Expect) {
+    let segments = trace::parse(trace).expect("valid trace");
+    let events = track_all(TrackerConfig::default(), &segments);
+    expect.assert_eq(&render(&events));
+}
+
+#[test]
+fn refused() {
+    check(
+        "
+        0ms   > S
+        0.2ms < RA
+        ",
+        expect![[r#"
+            RST     0.200ms resp RA  cause=refused phase=syn-sent rel=exact [answers-syn]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn refused_by_a_listener_that_just_accepted_is_overloaded() {
+    check(
+        "
+        0ms   > S   cport=40001
+        1ms   < SA
+        2ms   > A
+        3ms   > S   cport=40002
+        3.2ms < RA
+        ",
+        expect![[r#"
+            RST     3.200ms resp RA  cause=refused phase=syn-sent rel=exact [answers-syn listener-overloaded]
+            FLOW 198.51.100.7:40002 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40001 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn duplicate_syn_cancel() {
+    check(
+        "
+        0ms   > S   sport=445
+        1ms   > S   sport=139
+        5ms   < SA  sport=445
+        5.5ms < SA  sport=139
+        6ms   > A   sport=445
+        6.2ms > R   sport=139
+        ",
+        expect![[r#"
+            RST     6.200ms orig R   cause=duplicate-syn-cancel phase=syn-received rel=exact [racing-syn cancelled-after-syn-ack]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:139 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:445 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn retransmission_timeout() {
+    check(
+        "
+        0ms    > S
+        1ms    < SA
+        2ms    > A
+        3ms    > PA  len=100
+        203ms  > PA  len=100 seq=1001
+        603ms  > PA  len=100 seq=1001
+        1403ms > PA  len=100 seq=1001
+        3003ms > RA  seq=1101
+        ",
+        expect![[r#"
+            RST  3003.000ms orig RA  cause=retransmission-timeout phase=established rel=exact [retransmissions-before]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn app_abort_after_request() {
+    check(
+        "
+        0ms   > S
+        1ms   < SA
+        2ms   > A
+        3ms   > PA  len=100
+        4ms   < A
+        5ms   < RA
+        ",
+        expect![[r#"
+            RST     5.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data stage-after-first-data]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn no_connection_midstream() {
+    check(
+        "
+        0ms   > PA  len=100 seq=777 ack=999
+        1ms   < R   seq=999
+        ",
+        expect![[r#"
+            RST     1.000ms resp R   cause=no-connection phase=midstream rel=exact [answers-segment]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn no_connection_after_long_silence() {
+    check(
+        "
+        0ms     > S
+        1ms     < SA
+        2ms     > A
+        120s    > PA len=10
+        120.001s < R
+        ",
+        expect![[r#"
+            RST  120001.000ms resp R   cause=no-connection phase=established rel=exact [answers-segment stage-after-first-data]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn port_reuse_stale_ack() {
+    check(
+        "
+        0ms      > S
+        1ms      < SA
+        2ms      > A
+        3ms      > FA
+        4ms      < FA
+        5ms      > A
+        1s       > S   seq=500
+        1.001s   < A   seq=5002 ack=1003
+        1.002s   > R   seq=1003
+        ",
+        expect![[r#"
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            RST  1002.000ms orig R   cause=port-reuse phase=syn-sent rel=exact [stale-ack tuple-reused]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH  port-reuse
+        "#]],
+    );
+}
+
+#[test]
+fn after_close() {
+    check(
+        "
+        0ms   > S
+        1ms   < SA
+        2ms   > A
+        3ms   > FA
+        4ms   < FA
+        5ms   > R
+        ",
+        expect![[r#"
+            RST     5.000ms orig R   cause=after-close phase=closing rel=exact [fin-both-directions]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn lone() {
+    check(
+        "
+        0ms   > R   seq=12345
+        ",
+        expect![[r#"
+            RST     0.000ms orig R   cause=lone phase=none rel=unknown [no-other-packet]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_when_nothing_fits() {
+    check(
+        "
+        0ms   > S
+        1ms   < SA
+        2ms   < R   seq=5001
+        ",
+        expect![[r#"
+            RST     2.000ms resp R   cause=unknown phase=syn-received rel=exact []
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn injected_after_first_data_shows_ttl_ip_id_and_race() {
+    check(
+        "
+        0ms   > S
+        10ms  < SA  ttl=50
+        11ms  > A
+        12ms  > PA  len=200
+        13ms  < RA  ttl=61 id=0
+        20ms  < A   ttl=50
+        21ms  < PA  len=1000 ttl=50
+        ",
+        expect![[r#"
+            RST    13.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data ttl-mismatch ip-id-zero stage-after-first-data race-after-rst]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn burst_of_identical_resets() {
+    check(
+        "
+        0ms   > S
+        1ms   < SA
+        2ms   > A
+        3ms   > PA  len=50
+        4ms   < RA
+        4.1ms < RA  seq=5001
+        4.2ms < RA  seq=5001
+        ",
+        expect![[r#"
+            RST     4.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data stage-after-first-data rst-burst]
+            RST     4.100ms resp RA  cause=app-abort phase=reset rel=exact [in-sequence after-peer-data repeated-rst rst-burst]
+            RST     4.200ms resp RA  cause=app-abort phase=reset rel=exact [in-sequence after-peer-data repeated-rst rst-burst]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn in_window_reset_draws_a_challenge_ack() {
+    check(
+        "
+        0ms   > S
+        1ms   < SA
+        2ms   > A
+        3ms   < R   seq=5500
+        4ms   > A
+        5ms   > PA  len=10
+        ",
+        expect![[r#"
+            RST     3.000ms resp R   cause=unknown phase=established rel=in-window [stage-after-handshake ineffective challenge-ack]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn resets_in_both_directions() {
+    check(
+        "
+        0ms   > S
+        1ms   < SA
+        2ms   > A
+        3ms   > PA  len=80
+        4ms   < RA
+        4.1ms > RA
+        ",
+        expect![[r#"
+            RST     4.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data stage-after-first-data both-directions]
+            RST     4.100ms orig RA  cause=no-connection phase=reset rel=exact [answers-segment both-directions]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
+
+#[test]
+fn bad_checksum_is_reported() {
+    check(
+        "
+        0ms   > S
+        1ms   < SA
+        2ms   > A
+        3ms   < RA  bad
+        ",
+        expect![[r#"
+            RST     3.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence stage-after-handshake bad-checksum]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+        "#]],
+    );
+}
