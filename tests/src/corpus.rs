@@ -611,6 +611,11 @@ impl AgentRun {
         if !self.bad_lines.is_empty() {
             p.push(format!("{} unparsable lines, first: {}", self.bad_lines.len(), self.bad_lines[0]));
         }
+        let skipped = self.skipped();
+        if !skipped.is_empty() {
+            let list: Vec<String> = skipped.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            p.push(format!("agent skipped {}", list.join(" ")));
+        }
         if let Some(first) = self.stderr.lines().next() {
             p.push(format!("stderr: {first}"));
         }

@@ -192,7 +192,7 @@ pub struct GenStats {
     pub packets: u64,
     /// Bytes of the capture file (headers included), when written through a [`PcapWriter`].
     pub file_bytes: u64,
-    /// Connections that sent a SYN.
+    /// Connections that sent their SYN (the capture holds at least one packet of each).
     pub connections: u64,
     /// Connections over IPv6.
     pub ipv6_connections: u64,
@@ -419,7 +419,7 @@ impl Generator {
         let rounds = rng.range(self.cfg.rounds.0.max(1), self.cfg.rounds.1.max(1));
         let c_isn = rng.next_u64() as u32;
         let s_isn = rng.next_u64() as u32;
-        let conn = Conn {
+        Conn {
             id,
             v6,
             vlan,
@@ -442,11 +442,7 @@ impl Generator {
             unacked: 0,
             client_closes: rng.chance(0.6),
             retx: None,
-        };
-        self.stats.connections += 1;
-        self.stats.ipv6_connections += u64::from(v6);
-        self.stats.vlan_connections += u64::from(vlan != 0);
-        conn
+        }
     }
 
     /// The next frame, or `None` when the packet budget is spent (or, for open flows, every
@@ -455,7 +451,9 @@ impl Generator {
         if self.finished || self.stats.packets >= self.cfg.packets || self.pool.is_empty() {
             if !self.finished {
                 self.finished = true;
-                self.stats.unfinished = self.pool.len() as u64;
+                // Connections that sent at least their SYN and did not end.
+                let started = self.pool.iter().filter(|c| c.phase != Phase::Syn);
+                self.stats.unfinished = started.count() as u64;
             }
             return None;
         }
@@ -473,7 +471,11 @@ impl Generator {
                 Ending::Refused => self.stats.refused += 1,
                 Ending::Open => self.stats.left_open += 1,
             }
-            if self.max_connections.map_or(true, |m| self.next_id < m) {
+            let replace = match self.max_connections {
+                Some(m) => self.next_id < m,
+                None => true,
+            };
+            if replace {
                 self.pool[slot] = self.new_conn();
             } else {
                 self.pool.swap_remove(slot);
@@ -511,6 +513,9 @@ impl Generator {
         let server = |flags, c: &Conn, len| Pkt { from_client: false, flags, seq: c.s_seq, ack: c.c_seq, len };
         match conn.phase {
             Phase::Syn => {
+                self.stats.connections += 1;
+                self.stats.ipv6_connections += u64::from(conn.v6);
+                self.stats.vlan_connections += u64::from(conn.vlan != 0);
                 let p = Pkt { ack: 0, ..client(SYN, conn, 0) };
                 conn.c_seq = conn.c_seq.wrapping_add(1);
                 conn.phase = if conn.ending == Ending::Refused { Phase::RefuseRst } else { Phase::SynAck };
@@ -996,6 +1001,8 @@ mod tests {
         assert!(stats.server_reset > 0 && stats.refused > 0);
         assert!(stats.retransmissions > 0 && stats.ipv6_connections > 0);
         assert!(stats.vlan_connections > 0);
+        let ended = stats.fin_closed + stats.client_reset + stats.server_reset + stats.refused;
+        assert_eq!(ended + stats.unfinished, stats.connections);
 
         let mut rst = 0;
         let mut v6 = 0;

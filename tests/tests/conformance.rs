@@ -195,14 +195,19 @@ fn compare_zeek(capture: &Capture, log: &ZeekLog, run: &AgentRun) -> ZeekFileRes
             }
         }
     }
-    for prefer_same_history in [true, false] {
+    // Pass 1 wants the same history; pass 2 takes the first fitting flow, except for keyless rows
+    // that may not be TCP at all (no proto column, UDP-like history); pass 3 gives those the
+    // flows nothing else took.
+    for pass in 1..=3 {
+        let prefer_same_history = pass == 1;
         for (i, r) in rows.iter().enumerate() {
             let key = r.key();
             if matched[i].is_some() || key.is_complete() {
                 continue;
             }
-            if !prefer_same_history && key.is_empty() && !has_proto && history_could_be_udp(&zeek_hist(r)) {
-                continue; // maybe not TCP at all: do not steal a flow for it
+            let maybe_not_tcp = key.is_empty() && !has_proto && history_could_be_udp(&zeek_hist(r));
+            if (pass == 2 && maybe_not_tcp) || (pass == 3 && !maybe_not_tcp) {
+                continue;
             }
             for flipped in [false, true] {
                 if flipped && key.is_empty() {

@@ -225,7 +225,9 @@ impl Tracker {
         };
         let slab = &self.slab;
         let hasher = &self.hasher;
-        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(slab[i as usize].as_ref().map(|c| c.key)));
+        // Rehashing must hash exactly what lookups hash: the bare key.
+        self.table
+            .insert_unique(hash, idx, |&i| hasher.hash_one(slab[i as usize].as_ref().expect("indexed record").key));
         self.push_tail(OPEN, idx);
         self.stats.flows += 1;
         self.stats.active += 1;
@@ -434,4 +436,71 @@ pub fn resets(events: &[Event]) -> Vec<&RstEvent> {
             Event::Flow(_) => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace;
+
+    /// Regression: the table once rehashed with a different hash than lookups used, so records
+    /// were duplicated after the table grew.
+    #[test]
+    fn many_concurrent_connections_keep_one_record_each() {
+        let mut text = String::new();
+        for port in 1..=5000u32 {
+            text += &format!("{}us > S cport={port}\n", port);
+        }
+        for port in 1..=5000u32 {
+            text += &format!("{}us < SA cport={port}\n", 10_000 + port);
+        }
+        let segs = trace::parse(&text).unwrap();
+        let events = track_all(TrackerConfig::default(), &segs);
+        assert_eq!(events.len(), 5000);
+        assert!(events.iter().all(|e| matches!(e, Event::Flow(f) if f.orig_dir.pkts == 1 && f.resp_dir.pkts == 1)));
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_idle_connection() {
+        let segs = trace::parse("0ms > S cport=1\n1ms > S cport=2\n2ms > S cport=3\n3ms > A cport=2").unwrap();
+        let config = TrackerConfig { max_flows: 2, ..TrackerConfig::default() };
+        let mut tracker = Tracker::new(config);
+        let mut ends = Vec::new();
+        for seg in &segs {
+            tracker.on_segment(seg, &mut |e| {
+                if let Event::Flow(f) = e {
+                    ends.push((f.orig.port(), f.end));
+                }
+            });
+        }
+        assert_eq!(ends, vec![(1, FlowEnd::Evicted)]);
+        assert_eq!(tracker.stats().evicted, 1);
+        assert_eq!(tracker.stats().active, 2);
+    }
+
+    #[test]
+    fn inactivity_and_linger_expire_by_packet_time() {
+        let segs =
+            trace::parse("0s > S cport=1\n0s > R cport=2 seq=5\n4s > S cport=3\n6s > S cport=4\n400s > S cport=5")
+                .unwrap();
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut ends = Vec::new();
+        for seg in &segs {
+            tracker.on_segment(seg, &mut |e| {
+                if let Event::Flow(f) = e {
+                    ends.push((f.orig.port(), f.end, (seg.ts_ns - trace::T0_NS) / 1_000_000_000));
+                }
+            });
+        }
+        // The reset record lingers 5 s; the open ones last 300 s without packets.
+        assert_eq!(
+            ends,
+            vec![
+                (2, FlowEnd::Closed, 6),
+                (1, FlowEnd::Inactive, 400),
+                (3, FlowEnd::Inactive, 400),
+                (4, FlowEnd::Inactive, 400)
+            ]
+        );
+    }
 }

@@ -155,6 +155,7 @@ struct Counts {
     errors: u64,
     resets: u64,
     flows: u64,
+    records: u64,
 }
 
 /// (b) and (c): the agent's reader and parser, and the tracker when `track` is set.
@@ -192,6 +193,7 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
     }
     if let Some(t) = tracker.as_mut() {
         t.finish_all(&mut sink);
+        c.records = t.stats().flows;
     }
     black_box(acc);
     drop(tracker);
@@ -493,10 +495,11 @@ fn main() -> Result<()> {
         "c. full tracking (b + `flow::Tracker`)",
         m_track,
         format!(
-            "{} RST events{}, {} flow summaries",
+            "{} RST events{}, {} flow summaries, {} records created",
             track_counts.resets,
             gen_stats.as_ref().map_or(String::new(), |s| format!(" (capture has {} RST packets)", s.rst_packets)),
-            track_counts.flows
+            track_counts.flows,
+            track_counts.records
         ),
     );
     row("d. `argus -r FILE -w /dev/null`", m_argus, argus_note.clone().unwrap_or_default());
@@ -552,8 +555,10 @@ fn main() -> Result<()> {
     }
     if args.keep {
         eprintln!("kept captures in {}", dir.display());
-    } else if args.capture.is_none() {
-        let _ = std::fs::remove_file(&capture);
+    } else {
+        if args.capture.is_none() {
+            let _ = std::fs::remove_file(&capture);
+        }
         if args.dir.is_none() {
             let _ = std::fs::remove_dir(&dir);
         }
