@@ -286,6 +286,8 @@ pub enum FlowEnd {
     Closed,
     /// No packets for the inactivity timeout.
     Inactive,
+    /// The SYN stayed unanswered for the attempt timeout (Zeek's `connection_attempt`).
+    Unanswered,
     /// Pushed out of a full table (oldest idle first).
     Evicted,
     /// A new connection reused the tuple.
@@ -300,6 +302,7 @@ impl FlowEnd {
         match self {
             FlowEnd::Closed => "closed",
             FlowEnd::Inactive => "inactive",
+            FlowEnd::Unanswered => "unanswered",
             FlowEnd::Evicted => "evicted",
             FlowEnd::Reused => "reused",
             FlowEnd::EndOfInput => "end-of-input",

@@ -57,7 +57,7 @@ fn refused() {
         ",
         expect![[r#"
             RST     0.200ms resp RA  cause=refused phase=syn-sent rel=exact [answers-syn]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 REJ Sr
         "#]],
     );
 }
@@ -73,9 +73,9 @@ fn refused_by_a_listener_that_just_accepted_is_overloaded() {
         3.2ms < RA
         ",
         expect![[r#"
+            FLOW 198.51.100.7:40001 > 203.0.113.9:80 S1 ShA
             RST     3.200ms resp RA  cause=refused phase=syn-sent rel=exact [answers-syn listener-overloaded]
-            FLOW 198.51.100.7:40002 > 203.0.113.9:80 OTH 
-            FLOW 198.51.100.7:40001 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40002 > 203.0.113.9:80 REJ Sr
         "#]],
     );
 }
@@ -92,9 +92,9 @@ fn duplicate_syn_cancel() {
         6.2ms > R   sport=139
         ",
         expect![[r#"
+            FLOW 198.51.100.7:40000 > 203.0.113.9:445 S1 ShA
             RST     6.200ms orig R   cause=duplicate-syn-cancel phase=syn-received rel=exact [racing-syn cancelled-after-syn-ack]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:139 OTH 
-            FLOW 198.51.100.7:40000 > 203.0.113.9:445 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:139 RSTO ShR
         "#]],
     );
 }
@@ -114,7 +114,7 @@ fn retransmission_timeout() {
         ",
         expect![[r#"
             RST  3003.000ms orig RA  cause=retransmission-timeout phase=established rel=exact [retransmissions-before]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTO ShADTR
         "#]],
     );
 }
@@ -132,7 +132,7 @@ fn app_abort_after_request() {
         ",
         expect![[r#"
             RST     5.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data stage-after-first-data]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADar
         "#]],
     );
 }
@@ -146,7 +146,7 @@ fn no_connection_midstream() {
         ",
         expect![[r#"
             RST     1.000ms resp R   cause=no-connection phase=midstream rel=exact [answers-segment]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTRH Dr
         "#]],
     );
 }
@@ -163,7 +163,7 @@ fn no_connection_after_long_silence() {
         ",
         expect![[r#"
             RST  120001.000ms resp R   cause=no-connection phase=established rel=exact [answers-segment stage-after-first-data]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADr
         "#]],
     );
 }
@@ -183,9 +183,9 @@ fn port_reuse_stale_ack() {
         1.002s   > R   seq=1003
         ",
         expect![[r#"
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 SF ShAFf
             RST  1002.000ms orig R   cause=port-reuse phase=syn-sent rel=exact [stale-ack tuple-reused]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH  port-reuse
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTOS0 SaR port-reuse
         "#]],
     );
 }
@@ -203,7 +203,7 @@ fn after_close() {
         ",
         expect![[r#"
             RST     5.000ms orig R   cause=after-close phase=closing rel=exact [fin-both-directions]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 SF ShAFfR
         "#]],
     );
 }
@@ -216,7 +216,7 @@ fn lone() {
         ",
         expect![[r#"
             RST     0.000ms orig R   cause=lone phase=none rel=unknown [no-other-packet]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH R
         "#]],
     );
 }
@@ -231,7 +231,7 @@ fn unknown_when_nothing_fits() {
         ",
         expect![[r#"
             RST     2.000ms resp R   cause=unknown phase=syn-received rel=exact []
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR Shr
         "#]],
     );
 }
@@ -250,7 +250,7 @@ fn injected_after_first_data_shows_ttl_ip_id_and_race() {
         ",
         expect![[r#"
             RST    13.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data ttl-mismatch ip-id-zero stage-after-first-data race-after-rst]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADrad
         "#]],
     );
 }
@@ -271,7 +271,7 @@ fn burst_of_identical_resets() {
             RST     4.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data stage-after-first-data rst-burst]
             RST     4.100ms resp RA  cause=app-abort phase=reset rel=exact [in-sequence after-peer-data repeated-rst rst-burst]
             RST     4.200ms resp RA  cause=app-abort phase=reset rel=exact [in-sequence after-peer-data repeated-rst rst-burst]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADr
         "#]],
     );
 }
@@ -289,7 +289,7 @@ fn in_window_reset_draws_a_challenge_ack() {
         ",
         expect![[r#"
             RST     3.000ms resp R   cause=unknown phase=established rel=in-window [stage-after-handshake ineffective challenge-ack]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShArD
         "#]],
     );
 }
@@ -308,7 +308,7 @@ fn resets_in_both_directions() {
         expect![[r#"
             RST     4.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence after-peer-data stage-after-first-data both-directions]
             RST     4.100ms orig RA  cause=no-connection phase=reset rel=exact [answers-segment both-directions]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADrR
         "#]],
     );
 }
@@ -324,7 +324,7 @@ fn bad_checksum_is_reported() {
         ",
         expect![[r#"
             RST     3.000ms resp RA  cause=app-abort phase=established rel=exact [in-sequence stage-after-handshake bad-checksum]
-            FLOW 198.51.100.7:40000 > 203.0.113.9:80 OTH 
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 S1 ShAc
         "#]],
     );
 }

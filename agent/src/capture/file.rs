@@ -387,7 +387,7 @@ impl FileSource {
             let head = self.window.peek(12);
             let block_type = endian.u32(&head[0..4]);
             let block_len = endian.u32(&head[4..8]) as usize;
-            if block_len < 12 || block_len % 4 != 0 || block_len > MAX_BLOCK {
+            if block_len < 12 || !block_len.is_multiple_of(4) || block_len > MAX_BLOCK {
                 let offset = self.window.offset();
                 let what = format!("block type {block_type:#x} with length {block_len}");
                 let what = match self.resync_pcapng(endian) {
@@ -529,7 +529,7 @@ impl FileSource {
             let h = &self.window.peek(skip + 12)[skip..];
             let block_type = endian.u32(&h[0..4]);
             let len = endian.u32(&h[4..8]) as usize;
-            if !matches!(block_type, 1..=6 | 0x0a0d_0d0a) || len < 12 || len % 4 != 0 || len > MAX_BLOCK {
+            if !matches!(block_type, 1..=6 | 0x0a0d_0d0a) || len < 12 || !len.is_multiple_of(4) || len > MAX_BLOCK {
                 continue;
             }
             if let Ok(true) = self.window.ensure(skip + len) {

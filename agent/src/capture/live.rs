@@ -72,6 +72,8 @@ impl PacketSource for LiveSource {
             Ok(packet) => {
                 // With nanosecond precision libpcap puts nanoseconds in `tv_usec`.
                 let ts = packet.header.ts;
+                // time_t and suseconds_t are not i64 on every platform.
+                #[allow(clippy::useless_conversion)]
                 let ts_ns = i64::from(ts.tv_sec) * 1_000_000_000 + i64::from(ts.tv_usec);
                 Ok(Poll::Packet(RawPacket { ts_ns, link_type, data: packet.data, orig_len: packet.header.len }))
             }

@@ -23,7 +23,7 @@ impl SeqNumber {
         self.delta(other) > 0
     }
     /// `self + n`.
-    pub fn add(self, n: u32) -> SeqNumber {
+    pub fn plus(self, n: u32) -> SeqNumber {
         SeqNumber(self.0.wrapping_add(n))
     }
 }
@@ -95,7 +95,7 @@ impl Half {
     pub(crate) fn on_send(&mut self, seg: &Segment) -> bool {
         let first = !self.has(seen::ANY);
         let seq = SeqNumber(seg.seq);
-        let end = seq.add(seg.seq_len());
+        let end = seq.plus(seg.seq_len());
         let mut rexmit = false;
         if seg.flags.syn() {
             if !self.has(seen::SYN) || seg.seq != self.isn {
@@ -220,11 +220,10 @@ pub struct Conn {
     pub port_reuse: bool,
     /// RST events waiting for the settle window (evidence that only later packets show).
     pub pending: Option<Box<Vec<RstEvent>>>,
-    /// Intrusive expiry list links (slab indices; `NIL` at the ends).
-    pub(crate) prev: u32,
-    pub(crate) next: u32,
-    /// Which expiry list this record is on.
-    pub(crate) list: u8,
+    /// Creation serial, so stale expiry-queue entries can be told from a reused slab slot.
+    pub(crate) serial: u32,
+    /// Bit per expiry queue this record currently has an entry in.
+    pub(crate) queued: u8,
 }
 
 impl Conn {
@@ -238,9 +237,8 @@ impl Conn {
             orig_is_lo,
             port_reuse: false,
             pending: None,
-            prev: u32::MAX,
-            next: u32::MAX,
-            list: 0,
+            serial: 0,
+            queued: 0,
         }
     }
 

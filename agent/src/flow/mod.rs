@@ -3,13 +3,17 @@
 //! The [`Tracker`] is pure: it never reads a clock or does I/O. Time is the timestamp of the
 //! packet being processed, so replaying a capture gives exactly what live capture gave.
 //!
-//! Memory is the constraint that shapes this module. A busy link carries millions of
-//! connections, so a record is a fixed-size struct in a slab (`Vec<Option<Conn>>`), the hash
-//! table holds only 4-byte slab indices, and expiry uses two intrusive doubly linked lists
-//! ordered by last activity (open connections, and finished ones waiting out their linger
-//! time). Every list has one timeout, so expiring is a walk from the head that stops at the first
-//! live record: O(1) amortised per packet. When the table is full the oldest idle record is
-//! summarised and evicted, and counted.
+//! Memory and cache misses shape this module. A busy link carries millions of connections, so a
+//! record is a fixed-size struct in a slab (`Vec<Option<Conn>>`) and the hash table holds only
+//! 4-byte slab indices. Expiry must not touch other records on every packet (an intrusive LRU
+//! list costs three random cache misses per packet once the table outgrows the cache), so it
+//! is lazy: each record has at most one entry in a FIFO queue per timeout class (open, and
+//! finished-and-lingering), holding the deadline computed when it was queued. When an entry
+//! comes due, the record's real deadline (last packet + timeout) is checked: expired records
+//! are summarised, active ones re-queued. A packet therefore only updates its own record. An
+//! expiry can be late by at most one timeout when re-queued entries interleave; entries of
+//! records that ended otherwise are skipped by a serial number. When the table is full the
+//! oldest idle record found at the queue front is summarised, evicted and counted.
 
 pub mod classify;
 pub mod conn;
@@ -33,6 +37,9 @@ pub struct TrackerConfig {
     pub inactivity_timeout_ns: i64,
     /// A closed or reset connection is kept this long for late packets (ns).
     pub linger_ns: i64,
+    /// A SYN still unanswered this long after the connection started ends its record (ns), like
+    /// Zeek's `tcp_attempt_delay`.
+    pub attempt_timeout_ns: i64,
     /// RST events wait this long for later packets that add evidence (ns); never more than the linger time.
     pub settle_ns: i64,
     /// Most connections tracked at once; beyond it the oldest idle one is evicted.
@@ -46,6 +53,7 @@ impl Default for TrackerConfig {
         TrackerConfig {
             inactivity_timeout_ns: 300_000_000_000,
             linger_ns: 5_000_000_000,
+            attempt_timeout_ns: 5_000_000_000,
             settle_ns: 2_000_000_000,
             max_flows: 1_000_000,
             ignore_checksums: false,
@@ -72,14 +80,18 @@ pub struct TrackerStats {
     pub segments: u64,
 }
 
-const NIL: u32 = u32::MAX;
 const OPEN: usize = 0;
 const DONE: usize = 1;
+/// Connections opened by a SYN are checked once, `attempt_timeout_ns` after it.
+const ATTEMPT: usize = 2;
 
-#[derive(Clone, Copy)]
-struct List {
-    head: u32,
-    tail: u32,
+/// A queued expiry check: when `deadline_ns` passes, look at record `idx` if it is still the
+/// record with `serial`.
+#[derive(Clone, Copy, Debug)]
+struct Due {
+    deadline_ns: i64,
+    idx: u32,
+    serial: u32,
 }
 
 /// Bound on the side tables used for cause evidence (SYN races, listener activity).
@@ -98,7 +110,8 @@ pub struct Tracker {
     free: Vec<u32>,
     table: HashTable<u32>,
     hasher: DefaultHashBuilder,
-    lists: [List; 2],
+    queues: [std::collections::VecDeque<Due>; 3],
+    next_serial: u32,
     now_ns: i64,
     stats: TrackerStats,
     /// Last SYNs per (client address, server address), for duplicate-SYN races.
@@ -116,7 +129,8 @@ impl Tracker {
             free: Vec::new(),
             table: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
-            lists: [List { head: NIL, tail: NIL }; 2],
+            queues: Default::default(),
+            next_serial: 0,
             now_ns: i64::MIN,
             stats: TrackerStats::default(),
             recent_syns: HashMap::new(),
@@ -140,11 +154,14 @@ impl Tracker {
             self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == key)).copied()
         };
         let idx = match found {
-            Some(idx) if self.is_reuse(idx, seg) => {
+            Some(idx) if self.splits(idx, seg) => {
+                let port_reuse = self.is_port_reuse(idx, seg);
                 self.finish(idx, FlowEnd::Reused, out);
-                self.stats.port_reuse += 1;
                 let idx = self.create(key, hash, seg, out);
-                self.conn_mut(idx).port_reuse = true;
+                if port_reuse {
+                    self.stats.port_reuse += 1;
+                    self.conn_mut(idx).port_reuse = true;
+                }
                 idx
             }
             Some(idx) => idx,
@@ -160,28 +177,88 @@ impl Tracker {
             return;
         }
         self.now_ns = now_ns;
-        for (list, timeout, end) in [
-            (OPEN, self.config.inactivity_timeout_ns, FlowEnd::Inactive),
-            (DONE, self.config.linger_ns, FlowEnd::Closed),
-        ] {
-            loop {
-                let head = self.lists[list].head;
-                if head == NIL || self.conn(head).last_ns.saturating_add(timeout) > now_ns {
-                    break;
+        for queue in [ATTEMPT, DONE, OPEN] {
+            while self.queues[queue].front().is_some_and(|d| d.deadline_ns <= now_ns) {
+                let due = self.queues[queue].pop_front().expect("front exists");
+                let Some(conn) = self.live(due) else { continue };
+                conn.queued &= !(1 << queue);
+                if queue == ATTEMPT {
+                    // Zeek's AttemptTimer: a SYN still unanswered is logged and forgotten, so later
+                    // packets of the tuple start a new record.
+                    if conn.zeek.is_unanswered_attempt() {
+                        self.finish(due.idx, FlowEnd::Unanswered, out);
+                    }
+                    continue;
                 }
-                self.finish(head, end, out);
+                if queue == DONE && !conn.is_finished() {
+                    // Packets after the RST/FINs revived it; the open queue still holds it.
+                    continue;
+                }
+                let deadline = conn.last_ns.saturating_add(self.timeout(queue));
+                if deadline <= now_ns {
+                    let end = if queue == DONE { FlowEnd::Closed } else { FlowEnd::Inactive };
+                    self.finish(due.idx, end, out);
+                } else {
+                    self.schedule(queue, due.idx, deadline);
+                }
             }
         }
     }
 
     /// End of input: summarises every tracked connection, oldest activity first.
     pub fn finish_all(&mut self, out: &mut impl FnMut(Event)) {
-        for list in [DONE, OPEN] {
-            while self.lists[list].head != NIL {
-                let head = self.lists[list].head;
-                self.finish(head, FlowEnd::EndOfInput, out);
+        let mut live: Vec<(i64, u32)> =
+            self.slab.iter().enumerate().filter_map(|(i, c)| c.as_ref().map(|c| (c.last_ns, i as u32))).collect();
+        live.sort_unstable();
+        for (_, idx) in live {
+            self.finish(idx, FlowEnd::EndOfInput, out);
+        }
+        self.queues.iter_mut().for_each(|q| q.clear());
+    }
+
+    fn timeout(&self, queue: usize) -> i64 {
+        match queue {
+            DONE => self.config.linger_ns,
+            ATTEMPT => self.config.attempt_timeout_ns,
+            _ => self.config.inactivity_timeout_ns,
+        }
+    }
+
+    /// The record a queue entry refers to, if it still exists.
+    fn live(&mut self, due: Due) -> Option<&mut Conn> {
+        self.slab.get_mut(due.idx as usize)?.as_mut().filter(|c| c.serial == due.serial)
+    }
+
+    fn schedule(&mut self, queue: usize, idx: u32, deadline_ns: i64) {
+        let conn = self.conn_mut(idx);
+        conn.queued |= 1 << queue;
+        let serial = conn.serial;
+        self.queues[queue].push_back(Due { deadline_ns, idx, serial });
+    }
+
+    /// Picks the record to evict from a full table: a finished one if any, else the oldest idle
+    /// one at the front of the open queue (active ones met on the way are re-queued).
+    fn eviction_victim(&mut self) -> Option<u32> {
+        for queue in [DONE, OPEN] {
+            for _ in 0..1024 {
+                let Some(due) = self.queues[queue].pop_front() else { break };
+                let timeout = self.timeout(queue);
+                let Some(conn) = self.live(due) else { continue };
+                conn.queued &= !(1 << queue);
+                if queue == DONE && !conn.is_finished() {
+                    continue;
+                }
+                let queued_at = due.deadline_ns.saturating_sub(timeout);
+                if conn.last_ns > queued_at && queue == OPEN {
+                    let deadline = conn.last_ns.saturating_add(timeout);
+                    self.schedule(queue, due.idx, deadline);
+                    continue;
+                }
+                return Some(due.idx);
             }
         }
+        // Every candidate was active: take any live record.
+        self.slab.iter().position(|c| c.is_some()).map(|i| i as u32)
     }
 
     fn conn(&self, idx: u32) -> &Conn {
@@ -193,26 +270,36 @@ impl Tracker {
     }
 
     /// A SYN (without ACK) on a finished record, with a new ISN, starts a new connection.
-    fn is_reuse(&self, idx: u32, seg: &Segment) -> bool {
+    /// Zeek's rule for splitting a 4-tuple into a new connection record (any SYN once a side
+    /// closed, or a SYN with a new ISN), so records line up with conn.log.
+    fn splits(&self, idx: u32, seg: &Segment) -> bool {
+        self.conn(idx).zeek.is_reuse(seg.flags.byte(), seg.seq)
+    }
+
+    /// A split that is port reuse in the vocabulary's sense: a new SYN (new ISN) on a tuple whose
+    /// previous connection had closed or been reset, rather than a retry of the same attempt.
+    fn is_port_reuse(&self, idx: u32, seg: &Segment) -> bool {
         if !seg.flags.syn() || seg.flags.ack() || seg.flags.rst() {
             return false;
         }
         let conn = self.conn(idx);
-        let dir = conn.dir_of(seg);
-        let half = &conn.halves[dir];
-        let closed = conn.halves.iter().any(|h| h.has(seen::FIN) || h.has(seen::RST));
+        let half = &conn.halves[conn.dir_of(seg)];
+        let closed = conn.halves.iter().any(|h| h.rsts > 0 || h.has(seen::FIN));
         closed && !(half.has(seen::SYN) && half.isn == seg.seq)
     }
 
     fn create(&mut self, key: FlowKey, hash: u64, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
         if self.stats.active as usize >= self.config.max_flows.max(1) {
-            let victim = if self.lists[DONE].head != NIL { self.lists[DONE].head } else { self.lists[OPEN].head };
-            self.stats.evicted += 1;
-            self.finish(victim, FlowEnd::Evicted, out);
+            if let Some(victim) = self.eviction_victim() {
+                self.stats.evicted += 1;
+                self.finish(victim, FlowEnd::Evicted, out);
+            }
         }
         let (zeek, sender_is_orig) = ZeekConn::start(seg.flags.byte(), seg.src.port(), seg.dst.port());
         let sender_is_lo = key.is_lo_to_hi(&seg.src);
-        let conn = Conn::new(key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
+        let mut conn = Conn::new(key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
+        conn.serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1);
         let idx = match self.free.pop() {
             Some(i) => {
                 self.slab[i as usize] = Some(conn);
@@ -228,7 +315,11 @@ impl Tracker {
         // Rehashing must hash exactly what lookups hash: the bare key.
         self.table
             .insert_unique(hash, idx, |&i| hasher.hash_one(slab[i as usize].as_ref().expect("indexed record").key));
-        self.push_tail(OPEN, idx);
+        let deadline = seg.ts_ns.saturating_add(self.config.inactivity_timeout_ns);
+        self.schedule(OPEN, idx, deadline);
+        if seg.flags.syn() && !seg.flags.ack() {
+            self.schedule(ATTEMPT, idx, seg.ts_ns.saturating_add(self.config.attempt_timeout_ns));
+        }
         self.stats.flows += 1;
         self.stats.active += 1;
         self.stats.peak_active = self.stats.peak_active.max(self.stats.active);
@@ -267,7 +358,7 @@ impl Tracker {
         if seg.flags.ack() {
             conn.halves[1 - dir].on_peer_ack(seg.ack);
         }
-        conn.zeek.on_segment(
+        conn.zeek.on_segment_captured(
             &ZeekSegment {
                 is_orig,
                 flags: seg.flags.byte(),
@@ -278,6 +369,7 @@ impl Tracker {
                 checksum_bad: seg.checksum == Checksum::Bad,
             },
             ignore_checksums,
+            seg.checksum != Checksum::Unverified,
         );
         if conn.zeek.take_flip() {
             conn.orig_is_lo = !conn.orig_is_lo;
@@ -286,9 +378,10 @@ impl Tracker {
         if let Some(ev) = event {
             conn.pending.get_or_insert_with(Default::default).push(ev);
         }
-        let list = if conn.is_finished() { DONE } else { OPEN };
-        self.unlink(idx);
-        self.push_tail(list, idx);
+        if conn.is_finished() && conn.queued & (1 << DONE) == 0 {
+            let deadline = conn.last_ns.saturating_add(self.config.linger_ns);
+            self.schedule(DONE, idx, deadline);
+        }
     }
 
     fn context(&self, idx: u32, seg: &Segment) -> classify::Context {
@@ -333,7 +426,6 @@ impl Tracker {
 
     /// Emits what a record still holds (settling RSTs, then its summary) and frees it.
     fn finish(&mut self, idx: u32, end: FlowEnd, out: &mut impl FnMut(Event)) {
-        self.unlink(idx);
         let mut conn = self.slab[idx as usize].take().expect("live record");
         let hash = self.hasher.hash_one(conn.key);
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
@@ -349,45 +441,6 @@ impl Tracker {
             }
         }
         out(Event::Flow(Box::new(summarise(&conn, end))));
-    }
-
-    fn unlink(&mut self, idx: u32) {
-        let (prev, next, list) = {
-            let c = self.conn(idx);
-            (c.prev, c.next, usize::from(c.list))
-        };
-        if prev == NIL && next == NIL && self.lists[list].head != idx {
-            return;
-        }
-        if prev == NIL {
-            self.lists[list].head = next;
-        } else {
-            self.conn_mut(prev).next = next;
-        }
-        if next == NIL {
-            self.lists[list].tail = prev;
-        } else {
-            self.conn_mut(next).prev = prev;
-        }
-        let c = self.conn_mut(idx);
-        c.prev = NIL;
-        c.next = NIL;
-    }
-
-    fn push_tail(&mut self, list: usize, idx: u32) {
-        let tail = self.lists[list].tail;
-        {
-            let c = self.conn_mut(idx);
-            c.prev = tail;
-            c.next = NIL;
-            c.list = list as u8;
-        }
-        if tail == NIL {
-            self.lists[list].head = idx;
-        } else {
-            self.conn_mut(tail).next = idx;
-        }
-        self.lists[list].tail = idx;
     }
 }
 
@@ -479,23 +532,31 @@ mod tests {
     }
 
     #[test]
-    fn inactivity_and_linger_expire_by_packet_time() {
-        let segs =
-            trace::parse("0s > S cport=1\n0s > R cport=2 seq=5\n4s > S cport=3\n6s > S cport=4\n400s > S cport=5")
-                .unwrap();
+    fn inactivity_linger_and_attempt_expire_by_packet_time() {
+        let trace = "
+            0s   > A  cport=1
+            0s   > R  cport=2 seq=5
+            1s   > S  cport=6
+            4s   > A  cport=3
+            6s   > A  cport=4
+            400s > A  cport=5
+        ";
+        let segs = trace::parse(trace).unwrap();
         let mut tracker = Tracker::new(TrackerConfig::default());
         let mut ends = Vec::new();
         for seg in &segs {
             tracker.on_segment(seg, &mut |e| {
                 if let Event::Flow(f) = e {
-                    ends.push((f.orig.port(), f.end, (seg.ts_ns - trace::T0_NS) / 1_000_000_000));
+                    ends.push((f.orig.port().min(f.resp.port()), f.end, (seg.ts_ns - trace::T0_NS) / 1_000_000_000));
                 }
             });
         }
-        // The reset record lingers 5 s; the open ones last 300 s without packets.
+        // The unanswered SYN is dropped 5 s after it (Zeek's attempt timer), the reset record
+        // lingers 5 s, the others last 300 s without packets.
         assert_eq!(
             ends,
             vec![
+                (6, FlowEnd::Unanswered, 6),
                 (2, FlowEnd::Closed, 6),
                 (1, FlowEnd::Inactive, 400),
                 (3, FlowEnd::Inactive, 400),
