@@ -149,6 +149,8 @@ pub struct RunStats {
     pub resets: u64,
     /// Records evicted from a full table.
     pub evicted: u64,
+    /// TCP segments with a wrong IPv4 header checksum (tracked, but not in conn_state/history).
+    pub bad_ip_checksum: u64,
     /// Records started by port reuse.
     pub port_reuse: u64,
     /// Problems with the inputs, one line each.

@@ -34,6 +34,7 @@ impl Counters {
             packets: self.packets,
             tcp_packets: self.tcp_packets,
             skipped: self.skipped.iter().map(|(k, v)| (k.reason(), *v)).collect(),
+            bad_ip_checksum: t.bad_ip_checksum,
             flows: t.flows,
             resets: t.resets,
             evicted: t.evicted,

@@ -144,6 +144,7 @@ pub fn parse(text: &str) -> Result<Vec<Segment>, TraceError> {
             checksum: if bad { Checksum::Bad } else { Checksum::Good },
             options: TcpOptions { window_scale: fields.get("ws").map(|v| *v as u8), ..TcpOptions::default() },
             vlan: None,
+            ip_header_ok: true,
         });
     }
     Ok(out)

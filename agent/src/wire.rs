@@ -237,6 +237,9 @@ pub struct Segment {
     pub options: TcpOptions,
     /// Outermost 802.1Q VLAN id, if tagged (informational; not part of the connection key).
     pub vlan: Option<u16>,
+    /// The IPv4 header checksum is right (always true for IPv6, which has none). A receiver
+    /// drops a packet whose IP header checksum is wrong before TCP sees it.
+    pub ip_header_ok: bool,
 }
 
 impl Segment {
@@ -469,9 +472,11 @@ fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip>
     if payload.ip_number != IpNumber::TCP {
         return Err(Skip::NotTcp);
     }
+    let mut ip_header_ok = true;
     let (src_ip, dst_ip, ttl, ip_id, ip_payload_len) = match &ip {
         LaxIpSlice::Ipv4(v4) => {
             let h = v4.header();
+            ip_header_ok = fold(ones_sum_native(h.slice())) == 0xffff;
             let header_total = usize::from(h.ihl()) * 4 + v4.extensions().auth.map_or(0, |a| a.slice().len());
             let len = usize::from(h.total_len()).checked_sub(header_total);
             (
@@ -541,6 +546,7 @@ fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip>
         checksum,
         options,
         vlan,
+        ip_header_ok,
     })
 }
 
@@ -588,11 +594,15 @@ fn tcp_checksum_ok(src: IpAddr, dst: IpAddr, segment: &[u8]) -> bool {
     let len = u32::try_from(segment.len()).unwrap_or(u32::MAX);
     pseudo[used..used + 4].copy_from_slice(&len.to_be_bytes());
     pseudo[used + 7] = 6;
-    let mut acc = ones_sum_native(&pseudo[..used + 8]) + ones_sum_native(segment);
+    fold(ones_sum_native(&pseudo[..used + 8]) + ones_sum_native(segment)) == 0xffff
+}
+
+/// Folds a 64-bit ones-complement sum to 16 bits (0xffff means "checksum correct").
+fn fold(mut acc: u64) -> u64 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
-    acc == 0xffff
+    acc
 }
 
 fn parse_options(tcp: &TcpSlice<'_>) -> TcpOptions {
@@ -644,6 +654,29 @@ mod tests {
         assert_eq!((seg.seq, seg.ack, seg.ttl, seg.window), (1000, 7, 61, 64240));
         assert_eq!(seg.checksum, Checksum::Good);
         assert_eq!(seg.payload_len, 0);
+    }
+
+    #[test]
+    fn ones_complement_sum_matches_a_plain_16_bit_loop() {
+        let data: Vec<u8> = (0..200u32).map(|i| (i.wrapping_mul(73) ^ 0x5a) as u8).collect();
+        for len in 0..data.len() {
+            let slice = &data[..len];
+            let mut plain: u64 = 0;
+            for pair in slice.chunks(2) {
+                plain += u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+            }
+            let ours = fold(ones_sum_native(slice)) as u16;
+            let ours_be = if cfg!(target_endian = "little") { ours.swap_bytes() } else { ours };
+            assert_eq!(u64::from(ours_be), fold(plain), "length {len}");
+        }
+    }
+
+    #[test]
+    fn bad_ipv4_header_checksum_is_flagged() {
+        let mut frame = tcp_v4_frame("S", &[]);
+        assert!(parse(LinkType::ETHERNET, 0, &frame).unwrap().ip_header_ok);
+        frame[14 + 10] ^= 0x01;
+        assert!(!parse(LinkType::ETHERNET, 0, &frame).unwrap().ip_header_ok);
     }
 
     #[test]

@@ -271,6 +271,10 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
     if relation == SeqRelation::InWindow {
         evidence.push(Evidence::new("ineffective", "seq inside the window but not the expected one: the receiver should answer with a challenge ACK (RFC 5961)"));
     }
+    if !seg.ip_header_ok {
+        evidence
+            .push(Evidence::new("bad-ip-checksum", "IPv4 header checksum is wrong: no receiver accepts this packet"));
+    }
     if seg.checksum == Checksum::Bad {
         evidence.push(Evidence::new("bad-checksum", "TCP checksum is wrong: no socket accepts this segment"));
     }

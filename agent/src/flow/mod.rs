@@ -78,6 +78,10 @@ pub struct TrackerStats {
     pub resets: u64,
     /// TCP segments processed.
     pub segments: u64,
+    /// Segments whose IPv4 header checksum is wrong. No receiver sees them, so (like Zeek) they
+    /// do not move conn_state/history unless `ignore_checksums`; they still count as sent and a
+    /// RST among them is still reported, with `bad-ip-checksum` evidence.
+    pub bad_ip_checksum: u64,
 }
 
 const OPEN: usize = 0;
@@ -146,6 +150,9 @@ impl Tracker {
     /// Processes one segment; events that became final are passed to `out`.
     pub fn on_segment(&mut self, seg: &Segment, out: &mut impl FnMut(Event)) {
         self.stats.segments += 1;
+        if !seg.ip_header_ok {
+            self.stats.bad_ip_checksum += 1;
+        }
         self.advance(seg.ts_ns, out);
         let key = FlowKey::new(seg.src, seg.dst);
         let hash = self.hasher.hash_one(key);
@@ -358,19 +365,22 @@ impl Tracker {
         if seg.flags.ack() {
             conn.halves[1 - dir].on_peer_ack(seg.ack);
         }
-        conn.zeek.on_segment_captured(
-            &ZeekSegment {
-                is_orig,
-                flags: seg.flags.byte(),
-                seq: seg.seq,
-                ack: seg.ack,
-                payload_len: seg.payload_len,
-                window: seg.window,
-                checksum_bad: seg.checksum == Checksum::Bad,
-            },
-            ignore_checksums,
-            seg.checksum != Checksum::Unverified,
-        );
+        let zeek_sees_it = seg.ip_header_ok || ignore_checksums;
+        if zeek_sees_it {
+            conn.zeek.on_segment_captured(
+                &ZeekSegment {
+                    is_orig,
+                    flags: seg.flags.byte(),
+                    seq: seg.seq,
+                    ack: seg.ack,
+                    payload_len: seg.payload_len,
+                    window: seg.window,
+                    checksum_bad: seg.checksum == Checksum::Bad,
+                },
+                ignore_checksums,
+                seg.checksum != Checksum::Unverified,
+            );
+        }
         if conn.zeek.take_flip() {
             conn.orig_is_lo = !conn.orig_is_lo;
         }
