@@ -12,6 +12,9 @@ use crate::flow::Tracker;
 use crate::output::RunStats;
 use crate::wire::{self, Skip};
 
+/// Segments handed to the tracker at once.
+const BATCH: usize = 16;
+
 /// Packet and skip counters of a run.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -63,6 +66,9 @@ pub fn run_source(
     let mut since_progress = 0u32;
     let mut last_error: Option<String> = None;
     let mut repeated_errors = 0u32;
+    // Segments go to the tracker in small batches so their table look-ups overlap (see
+    // `Tracker::on_segments`); a batch is flushed before anything that could wait (idle, end).
+    let mut batch: Vec<crate::wire::Segment> = Vec::with_capacity(BATCH);
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -73,7 +79,11 @@ pub fn run_source(
                 match wire::parse(packet.link_type, packet.ts_ns, packet.data) {
                     Ok(segment) => {
                         counters.tcp_packets += 1;
-                        tracker.on_segment(&segment, out);
+                        batch.push(segment);
+                        if batch.len() == BATCH {
+                            tracker.on_segments(&batch, out);
+                            batch.clear();
+                        }
                     }
                     Err(skip) => *counters.skipped.entry(skip).or_default() += 1,
                 }
@@ -84,7 +94,10 @@ pub fn run_source(
                     on_progress(done, total);
                 }
             }
-            Ok(Poll::Idle) => {}
+            Ok(Poll::Idle) => {
+                tracker.on_segments(&batch, out);
+                batch.clear();
+            }
             Ok(Poll::End) => break,
             Err(error) => {
                 let line = error.to_string();
@@ -106,6 +119,7 @@ pub fn run_source(
             }
         }
     }
+    tracker.on_segments(&batch, out);
     let (done, total) = source.progress();
     on_progress(done, total);
 }

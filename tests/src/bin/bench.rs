@@ -163,13 +163,35 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
     let name = path.to_str().context("capture path is not UTF-8")?;
     let mut src = FileSource::open(name)?;
     let mut c = Counts::default();
-    let mut tracker = track.then(|| Tracker::new(TrackerConfig::default()));
-    let mut resets = 0u64;
-    let mut flows = 0u64;
-    let mut sink = |ev: Event| match ev {
-        Event::Reset(_) => resets += 1,
-        Event::Flow(_) => flows += 1,
-    };
+    if track {
+        // Exactly the agent's own loop (batching included), minus output formatting.
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut counters = rstscope_agent::pipeline::Counters::default();
+        let (mut resets, mut flows) = (0u64, 0u64);
+        let mut sink = |ev: Event| match ev {
+            Event::Reset(_) => resets += 1,
+            Event::Flow(_) => flows += 1,
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        rstscope_agent::pipeline::run_source(
+            &mut src,
+            &mut tracker,
+            &mut counters,
+            &stop,
+            &mut sink,
+            &mut |_| {},
+            &mut |_, _| {},
+        );
+        tracker.finish_all(&mut sink);
+        c.packets = counters.packets;
+        c.segments = counters.tcp_packets;
+        c.skipped = counters.skipped.values().sum();
+        c.errors = counters.errors.len() as u64;
+        c.records = tracker.stats().flows;
+        c.resets = resets;
+        c.flows = flows;
+        return Ok(c);
+    }
     let mut acc = 0u32;
     loop {
         match src.next_packet() {
@@ -178,10 +200,7 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
                 match wire::parse(p.link_type, p.ts_ns, p.data) {
                     Ok(seg) => {
                         c.segments += 1;
-                        match tracker.as_mut() {
-                            Some(t) => t.on_segment(&seg, &mut sink),
-                            None => acc = acc.wrapping_add(seg.seq ^ seg.payload_len),
-                        }
+                        acc = acc.wrapping_add(seg.seq ^ seg.payload_len);
                     }
                     Err(_) => c.skipped += 1,
                 }
@@ -191,14 +210,7 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
             Err(_) => c.errors += 1,
         }
     }
-    if let Some(t) = tracker.as_mut() {
-        t.finish_all(&mut sink);
-        c.records = t.stats().flows;
-    }
     black_box(acc);
-    drop(tracker);
-    c.resets = resets;
-    c.flows = flows;
     Ok(c)
 }
 
