@@ -8,7 +8,7 @@
 //! event waits out the settle window in its connection. Rule of the house: prefer a missed
 //! injection to a false accusation, and say `unknown` rather than guess.
 
-use super::conn::{seen, Conn, Half, SeqNumber};
+use super::conn::{seen, Conn, SeqNumber, Side};
 use crate::event::{Answered, Cause, Evidence, Phase, Role, RstEvent, SeqRelation};
 use crate::wire::{Checksum, Segment, TcpFlags};
 
@@ -60,15 +60,15 @@ fn seq_len(flags: u8, len: u32) -> u32 {
 }
 
 /// Receive window of `receiver` in bytes, scaled when both SYNs negotiated scaling.
-fn window_of(receiver: &Half, sender: &Half) -> u32 {
+fn window_of(receiver: &Side, sender: &Side) -> u32 {
     let scale = if receiver.wscale <= 14 && sender.wscale <= 14 { receiver.wscale } else { 0 };
     u32::from(receiver.window) << scale
 }
 
-fn seq_relation(seg: &Segment, sender: &Half, receiver: &Half) -> SeqRelation {
+fn seq_relation(seg: &Segment, sender: &Side, receiver: &Side) -> SeqRelation {
     // A receiver still in SYN-SENT accepts a RST only if it acknowledges its SYN (RFC 9293 3.10.7.3).
     if receiver.has(seen::SYN) && !receiver.has(seen::ACK) && !sender.has(seen::ANY) {
-        return if seg.flags.ack() && seg.ack == receiver.isn.wrapping_add(1) {
+        return if seg.flags.ack() && Some(seg.ack) == receiver.isn.map(|isn| isn.wrapping_add(1)) {
             SeqRelation::Exact
         } else {
             SeqRelation::OutOfWindow
@@ -95,8 +95,8 @@ fn seq_relation(seg: &Segment, sender: &Half, receiver: &Half) -> SeqRelation {
 
 /// Builds the event for RST `seg` sent in direction `dir` of `conn` (state before the RST).
 pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent {
-    let sender = &conn.halves[dir];
-    let peer = &conn.halves[1 - dir];
+    let sender = conn.side(dir);
+    let peer = conn.side(1 - dir);
     let phase = conn.phase();
     let role = conn.role_of(dir);
     let mut evidence = Vec::new();
@@ -119,14 +119,14 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
         (Some(id), true) => Some(i32::from(id.wrapping_sub(sender.ip_id_last) as i16)),
         _ => None,
     };
-    let relation = seq_relation(seg, sender, peer);
+    let relation = seq_relation(seg, &sender, &peer);
 
     // --- Cause: the first rule whose wire signature matches. ---
     let stale_ack_answered = peer.has(seen::ANY)
         && !peer.has(seen::SYN)
         && peer.has(seen::ACK)
         && sender.has(seen::SYN)
-        && peer.last_ack != sender.isn.wrapping_add(1)
+        && sender.isn.is_some_and(|isn| peer.last_ack != isn.wrapping_add(1))
         && seg.seq == peer.last_ack;
     let cause = if phase == Phase::None {
         evidence.push(Evidence::new("no-other-packet", "first packet seen of this connection"));
@@ -134,7 +134,7 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
     } else if role == Role::Responder
         && phase == Phase::SynSent
         && seg.flags.ack()
-        && seg.ack == peer.isn.wrapping_add(1)
+        && Some(seg.ack) == peer.isn.map(|isn| isn.wrapping_add(1))
     {
         evidence.push(Evidence::new("answers-syn", format!("RST+ACK with ack = ISN+1 ({}) and no SYN-ACK", seg.ack)));
         if let Some(ago) = ctx.listener_last_accept_ago_ns.filter(|ago| *ago < LISTENER_RECENT_NS) {
@@ -149,7 +149,7 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
             "stale-ack",
             format!("the responder answered the SYN with an ACK for {} instead of a SYN-ACK", peer.last_ack),
         ));
-        if conn.port_reuse {
+        if conn.port_reuse() {
             evidence.push(Evidence::new("tuple-reused", "this SYN reused the 4-tuple of a recently closed connection"));
         }
         Cause::PortReuse
@@ -171,7 +171,7 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
     } else if phase == Phase::Closing {
         evidence.push(Evidence::new("fin-both-directions", "both sides had sent FIN"));
         Cause::AfterClose
-    } else if sender.rexmit_run >= 2 && relation_near_sender(seg, sender) {
+    } else if sender.rexmit_run >= 2 && relation_near_sender(seg, &sender) {
         evidence.push(Evidence::new(
             "retransmissions-before",
             format!(
@@ -312,7 +312,7 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
 }
 
 /// The RST's seq is where the retransmitting sender stood.
-fn relation_near_sender(seg: &Segment, sender: &Half) -> bool {
+fn relation_near_sender(seg: &Segment, sender: &Side) -> bool {
     let seq = SeqNumber(seg.seq);
     let from = SeqNumber(sender.last_seq);
     seq.delta(from) >= 0 && !seq.after(sender.next_seq)
@@ -329,7 +329,7 @@ fn add_once(event: &mut RstEvent, name: &'static str, detail: String) {
 /// itself a RST, `new` is its freshly built event, which joins burst and both-directions findings.
 pub fn observe_after(pending: &mut [RstEvent], new: Option<&mut RstEvent>, conn: &Conn, dir: usize, seg: &Segment) {
     let role = conn.role_of(dir);
-    let sender = &conn.halves[dir];
+    let sender = conn.side(dir);
     if let Some(new) = new {
         let same: Vec<usize> = (0..pending.len())
             .filter(|&i| pending[i].sender == role && seg.ts_ns - pending[i].ts_ns <= BURST_WINDOW_NS)

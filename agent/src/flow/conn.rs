@@ -6,7 +6,7 @@
 use rstscope_proto::FlowKey;
 
 use super::zeek::ZeekConn;
-use crate::event::{Counts, DirectionSummary, Phase, Role, RstEvent, TtlRange};
+use crate::event::{Counts, DirectionSummary, Phase, Role, TtlRange};
 use crate::wire::{Segment, TcpFlags};
 
 /// Sequence-number arithmetic modulo 2^32 (RFC 1982 style): never compare raw `u32`s.
@@ -40,28 +40,27 @@ pub(crate) mod seen {
 }
 
 /// What one direction of a connection has sent, as seen at this vantage point.
+///
+/// Only what the Zeek state machine does not already keep: the ISN and the highest sequence
+/// number sent come from [`ZeekConn`] (see [`Conn::side`]), payload byte totals live in the
+/// record, and the last packet's time is kept as microseconds modulo 2^32 next to the record's
+/// exact last-packet time. That keeps a half at 44 bytes.
 #[derive(Clone, Debug, Default)]
 pub struct Half {
-    /// Initial sequence number (valid with `seen::SYN`).
-    pub isn: u32,
-    /// One past the highest sequence number sent (valid with `seen::ANY`).
-    pub next_seq: SeqNumber,
     /// Sequence number of the last packet.
     pub last_seq: u32,
     /// Last acknowledgment number sent (valid with `seen::ACK`).
     pub last_ack: u32,
     /// Payload length of the last packet.
     pub last_len: u32,
-    /// Time of the last packet (ns).
-    pub last_ts: i64,
-    /// Payload bytes, retransmissions included.
-    pub bytes: u64,
+    /// Time of the last packet: microseconds since the epoch, modulo 2^32 (see [`Conn::last_ts`]).
+    pub last_us: u32,
     /// Packets.
     pub pkts: u32,
     /// Retransmitted segments in total.
     pub rexmits: u32,
-    /// Retransmissions since this side's data was last acknowledged or new data was sent.
-    pub rexmit_run: u16,
+    /// Retransmissions since this side's data was last acknowledged or new data was sent (saturating).
+    pub rexmit_run: u8,
     /// Zero-window advertisements.
     pub zero_windows: u16,
     /// RST packets.
@@ -91,23 +90,20 @@ impl Half {
         self.seen & bit != 0
     }
 
-    /// Accounts one packet sent by this side. Returns whether it was a retransmission.
-    pub(crate) fn on_send(&mut self, seg: &Segment) -> bool {
+    /// Accounts one packet sent by this side, given this side's next sequence number and ISN
+    /// before the packet. Returns whether it was a retransmission.
+    pub(crate) fn on_send(&mut self, seg: &Segment, next_seq: SeqNumber, isn: Option<u32>) -> bool {
         let first = !self.has(seen::ANY);
         let seq = SeqNumber(seg.seq);
         let end = seq.plus(seg.seq_len());
         let mut rexmit = false;
         if seg.flags.syn() {
-            if !self.has(seen::SYN) || seg.seq != self.isn {
-                self.isn = seg.seq;
-            }
             self.seen |= seen::SYN;
             if let Some(ws) = seg.options.window_scale {
                 self.wscale = ws.min(14);
             }
         }
         if first {
-            self.next_seq = end;
             self.ttl_first = seg.ttl;
             self.ttl_min = seg.ttl;
             self.ttl_max = seg.ttl;
@@ -116,20 +112,16 @@ impl Half {
             }
         } else {
             // Payload entirely at or below what this side already sent is a retransmission.
-            if seg.payload_len > 0 && !seg.flags.rst() && !end.after(self.next_seq) {
+            if seg.payload_len > 0 && !seg.flags.rst() && !end.after(next_seq) {
                 rexmit = true;
             } else if seg.flags.syn()
                 && !seg.flags.rst()
                 && self.pkts > 0
-                && self.has(seen::SYN)
-                && seg.seq == self.isn
-                && !end.after(self.next_seq)
+                && isn == Some(seg.seq)
+                && !end.after(next_seq)
             {
                 // A repeated SYN (or SYN-ACK) with the same ISN: the handshake is being retried.
                 rexmit = true;
-            }
-            if end.after(self.next_seq) && !seg.flags.rst() {
-                self.next_seq = end;
             }
             self.ttl_min = self.ttl_min.min(seg.ttl);
             self.ttl_max = self.ttl_max.max(seg.ttl);
@@ -171,9 +163,8 @@ impl Half {
         self.last_seq = seg.seq;
         self.last_len = seg.payload_len;
         self.last_flags = seg.flags.byte();
-        self.last_ts = seg.ts_ns;
+        self.last_us = seg.ts_ns.div_euclid(1000) as u32;
         self.pkts = self.pkts.saturating_add(1);
-        self.bytes = self.bytes.saturating_add(u64::from(seg.payload_len));
         rexmit
     }
 
@@ -184,10 +175,10 @@ impl Half {
         }
     }
 
-    pub(crate) fn summary(&self, zeek_bytes: u64) -> DirectionSummary {
+    pub(crate) fn summary(&self, payload_bytes: u64, zeek_bytes: u64) -> DirectionSummary {
         DirectionSummary {
             pkts: u64::from(self.pkts),
-            payload_bytes: self.bytes,
+            payload_bytes,
             zeek_bytes,
             retransmissions: self.rexmits,
             rsts: u32::from(self.rsts),
@@ -214,16 +205,43 @@ pub struct Conn {
     pub start_ns: i64,
     /// Last packet time, either direction.
     pub last_ns: i64,
+    /// Payload bytes per wire direction, retransmissions included.
+    pub bytes: [u64; 2],
+    /// `conn_flags::*` bits.
+    pub(crate) flags: u8,
+}
+
+/// Bits of [`Conn::flags`].
+pub(crate) mod conn_flags {
     /// The originator is the key's `lo` endpoint.
-    pub orig_is_lo: bool,
+    pub const ORIG_IS_LO: u8 = 1 << 0;
     /// Started by a SYN reusing the tuple of an earlier record.
-    pub port_reuse: bool,
-    /// RST events waiting for the settle window (evidence that only later packets show).
-    pub pending: Option<Box<Vec<RstEvent>>>,
-    /// Creation serial, so stale expiry-queue entries can be told from a reused slab slot.
-    pub(crate) serial: u32,
-    /// Bit per expiry queue this record currently has an entry in.
-    pub(crate) queued: u8,
+    pub const PORT_REUSE: u8 = 1 << 1;
+    /// RST events of this record wait in the tracker's settle map.
+    pub const PENDING: u8 = 1 << 2;
+    /// First of three bits: the record has an entry in expiry queue `n` (`QUEUED << n`).
+    pub const QUEUED: u8 = 1 << 3;
+}
+
+/// One direction seen through the record: the half plus what the Zeek state and the record keep
+/// for it. Dereferences to the [`Half`].
+pub struct Side<'a> {
+    half: &'a Half,
+    /// ISN, if this side's SYN was seen.
+    pub isn: Option<u32>,
+    /// One past the highest sequence number sent (meaningful with `seen::ANY`).
+    pub next_seq: SeqNumber,
+    /// Time of the last packet (ns, microsecond precision).
+    pub last_ts: i64,
+    /// Payload bytes sent.
+    pub bytes: u64,
+}
+
+impl std::ops::Deref for Side<'_> {
+    type Target = Half;
+    fn deref(&self) -> &Half {
+        self.half
+    }
 }
 
 impl Conn {
@@ -234,11 +252,52 @@ impl Conn {
             zeek,
             start_ns,
             last_ns: start_ns,
-            orig_is_lo,
-            port_reuse: false,
-            pending: None,
-            serial: 0,
-            queued: 0,
+            bytes: [0; 2],
+            flags: if orig_is_lo { conn_flags::ORIG_IS_LO } else { 0 },
+        }
+    }
+
+    pub(crate) fn has_flag(&self, bit: u8) -> bool {
+        self.flags & bit != 0
+    }
+
+    pub(crate) fn set_flag(&mut self, bit: u8, on: bool) {
+        if on {
+            self.flags |= bit;
+        } else {
+            self.flags &= !bit;
+        }
+    }
+
+    /// The originator is the key's `lo` endpoint.
+    pub fn orig_is_lo(&self) -> bool {
+        self.has_flag(conn_flags::ORIG_IS_LO)
+    }
+
+    /// Started by a SYN that reused the tuple of an earlier connection.
+    pub fn port_reuse(&self) -> bool {
+        self.has_flag(conn_flags::PORT_REUSE)
+    }
+
+    /// Time of direction `dir`'s last packet, reconstructed from its microseconds modulo 2^32
+    /// and the record's exact last-packet time (valid while that side was silent for less than
+    /// 71 minutes, far beyond any TCP timeout while the other side keeps talking).
+    pub fn last_ts(&self, dir: usize) -> i64 {
+        let now_us = self.last_ns.div_euclid(1000);
+        let behind = (now_us as u32).wrapping_sub(self.halves[dir].last_us);
+        (now_us - i64::from(behind)) * 1000
+    }
+
+    /// Direction `dir` with what the Zeek state and the record know about it.
+    pub fn side(&self, dir: usize) -> Side<'_> {
+        let half = &self.halves[dir];
+        let endpoint = self.zeek.endpoint(self.role_of(dir) == Role::Originator);
+        Side {
+            half,
+            isn: half.has(seen::SYN).then_some(endpoint.start_seq),
+            next_seq: SeqNumber(endpoint.last_seq),
+            last_ts: self.last_ts(dir),
+            bytes: self.bytes[dir],
         }
     }
 
@@ -249,7 +308,7 @@ impl Conn {
 
     /// Role of the sender of direction `dir`.
     pub(crate) fn role_of(&self, dir: usize) -> Role {
-        if (dir == 0) == self.orig_is_lo {
+        if (dir == 0) == self.orig_is_lo() {
             Role::Originator
         } else {
             Role::Responder
@@ -258,12 +317,17 @@ impl Conn {
 
     /// Index of the originator's half.
     pub(crate) fn orig_dir(&self) -> usize {
-        usize::from(!self.orig_is_lo)
+        usize::from(!self.orig_is_lo())
     }
 
     pub(crate) fn counts(&self) -> Counts {
-        let (o, r) = (&self.halves[self.orig_dir()], &self.halves[1 - self.orig_dir()]);
-        Counts { orig_pkts: u64::from(o.pkts), orig_bytes: o.bytes, resp_pkts: u64::from(r.pkts), resp_bytes: r.bytes }
+        let (o, r) = (self.orig_dir(), 1 - self.orig_dir());
+        Counts {
+            orig_pkts: u64::from(self.halves[o].pkts),
+            orig_bytes: self.bytes[o],
+            resp_pkts: u64::from(self.halves[r].pkts),
+            resp_bytes: self.bytes[r],
+        }
     }
 
     /// Both directions have sent FIN or RST: the connection is over from this vantage point.
@@ -274,7 +338,7 @@ impl Conn {
 
     /// The phase before a packet is applied.
     pub(crate) fn phase(&self) -> Phase {
-        let (o, r) = (&self.halves[self.orig_dir()], &self.halves[1 - self.orig_dir()]);
+        let (o, r) = (self.side(self.orig_dir()), self.side(1 - self.orig_dir()));
         if !o.has(seen::ANY) && !r.has(seen::ANY) {
             return Phase::None;
         }
@@ -296,8 +360,9 @@ impl Conn {
             return Phase::SynSent;
         }
         // The responder answered with SYN-ACK; established once the originator acknowledged it.
-        let handshake_acked =
-            o.has(seen::ACK) && (o.pkts > 1 || !orig_syn) && SeqNumber(o.last_ack).after(SeqNumber(r.isn));
+        let handshake_acked = o.has(seen::ACK)
+            && (o.pkts > 1 || !orig_syn)
+            && r.isn.is_some_and(|isn| SeqNumber(o.last_ack).after(SeqNumber(isn)));
         if handshake_acked || r.has(seen::DATA) {
             Phase::Established
         } else {

@@ -11,8 +11,8 @@
 //! finished-and-lingering), holding the deadline computed when it was queued. When an entry
 //! comes due, the record's real deadline (last packet + timeout) is checked: expired records
 //! are summarised, active ones re-queued. A packet therefore only updates its own record. An
-//! expiry can be late by at most one timeout when re-queued entries interleave; entries of
-//! records that ended otherwise are skipped by a serial number. When the table is full the
+//! expiry can be late by at most one timeout when re-queued entries interleave; entries left by
+//! records that ended otherwise are recognised by their age. When the table is full the
 //! oldest idle record found at the queue front is summarised, evicted and counted.
 
 pub mod classify;
@@ -26,7 +26,7 @@ use rstscope_proto::{Endpoint, FlowKey};
 
 use crate::event::{ConnId, Event, FlowEnd, FlowSummary, RstEvent};
 use crate::wire::{Checksum, Segment};
-use conn::{seen, Conn};
+use conn::{conn_flags, seen, Conn};
 use zeek::{ZeekConn, ZeekSegment};
 
 /// Tracker settings. Defaults follow Zeek's (`tcp_inactivity_timeout`, `tcp_close_delay`,
@@ -89,13 +89,14 @@ const DONE: usize = 1;
 /// Connections opened by a SYN are checked once, `attempt_timeout_ns` after it.
 const ATTEMPT: usize = 2;
 
-/// A queued expiry check: when `deadline_ns` passes, look at record `idx` if it is still the
-/// record with `serial`.
+/// A queued expiry check, 8 bytes: in second `deadline_s` (counted from the tracker's epoch,
+/// rounded down) look at slab slot `idx`. An entry belongs to the record now in the slot only if
+/// it is not older than that record (see `Tracker::owns`); the record's own times give the exact
+/// deadline.
 #[derive(Clone, Copy, Debug)]
 struct Due {
-    deadline_ns: i64,
+    deadline_s: u32,
     idx: u32,
-    serial: u32,
 }
 
 /// Bound on the side tables used for cause evidence (SYN races, listener activity).
@@ -115,7 +116,10 @@ pub struct Tracker {
     table: HashTable<u32>,
     hasher: DefaultHashBuilder,
     queues: [std::collections::VecDeque<Due>; 3],
-    next_serial: u32,
+    /// Whole seconds of the first packet minus one: queue deadlines count from here.
+    epoch_s: Option<i64>,
+    /// RST events waiting out the settle window, by slab slot (records flagged `PENDING`).
+    pending: HashMap<u32, Vec<RstEvent>>,
     now_ns: i64,
     stats: TrackerStats,
     /// Last SYNs per (client address, server address), for duplicate-SYN races.
@@ -134,7 +138,8 @@ impl Tracker {
             table: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             queues: Default::default(),
-            next_serial: 0,
+            epoch_s: None,
+            pending: HashMap::new(),
             now_ns: i64::MIN,
             stats: TrackerStats::default(),
             recent_syns: HashMap::new(),
@@ -150,6 +155,9 @@ impl Tracker {
     /// Processes one segment; events that became final are passed to `out`.
     pub fn on_segment(&mut self, seg: &Segment, out: &mut impl FnMut(Event)) {
         self.stats.segments += 1;
+        if self.epoch_s.is_none() {
+            self.epoch_s = Some(seg.ts_ns.div_euclid(1_000_000_000) - 1);
+        }
         if !seg.ip_header_ok {
             self.stats.bad_ip_checksum += 1;
         }
@@ -167,7 +175,7 @@ impl Tracker {
                 let idx = self.create(key, hash, seg, out);
                 if port_reuse {
                     self.stats.port_reuse += 1;
-                    self.conn_mut(idx).port_reuse = true;
+                    self.conn_mut(idx).set_flag(conn_flags::PORT_REUSE, true);
                 }
                 idx
             }
@@ -207,29 +215,40 @@ impl Tracker {
             return;
         }
         self.now_ns = now_ns;
+        let now_s = self.rel_s(now_ns);
         for queue in [ATTEMPT, DONE, OPEN] {
-            while self.queues[queue].front().is_some_and(|d| d.deadline_ns <= now_ns) {
-                let due = self.queues[queue].pop_front().expect("front exists");
-                let Some(conn) = self.live(due) else { continue };
-                conn.queued &= !(1 << queue);
-                if queue == ATTEMPT {
+            while let Some(&due) = self.queues[queue].front() {
+                if due.deadline_s > now_s {
+                    break;
+                }
+                self.queues[queue].pop_front();
+                if !self.owns(queue, due) {
+                    continue;
+                }
+                let conn = self.conn_mut(due.idx);
+                conn.set_flag(conn_flags::QUEUED << queue, false);
+                let exact = match queue {
                     // Zeek's AttemptTimer: a SYN still unanswered is logged and forgotten, so later
                     // packets of the tuple start a new record.
-                    if conn.zeek.is_unanswered_attempt() {
-                        self.finish(due.idx, FlowEnd::Unanswered, out);
+                    ATTEMPT => conn.start_ns.saturating_add(self.config.attempt_timeout_ns),
+                    // Packets after the RST/FINs revived it: the open queue still holds it.
+                    DONE if !conn.is_finished() => continue,
+                    _ => conn.last_ns.saturating_add(self.timeout(queue)),
+                };
+                if exact <= now_ns {
+                    match queue {
+                        ATTEMPT if !self.conn(due.idx).zeek.is_unanswered_attempt() => {}
+                        ATTEMPT => self.finish(due.idx, FlowEnd::Unanswered, out),
+                        DONE => self.finish(due.idx, FlowEnd::Closed, out),
+                        _ => self.finish(due.idx, FlowEnd::Inactive, out),
                     }
-                    continue;
-                }
-                if queue == DONE && !conn.is_finished() {
-                    // Packets after the RST/FINs revived it; the open queue still holds it.
-                    continue;
-                }
-                let deadline = conn.last_ns.saturating_add(self.timeout(queue));
-                if deadline <= now_ns {
-                    let end = if queue == DONE { FlowEnd::Closed } else { FlowEnd::Inactive };
-                    self.finish(due.idx, end, out);
+                } else if self.rel_s(exact) == due.deadline_s {
+                    // Due later within this very second: keep it at the front until then.
+                    self.conn_mut(due.idx).set_flag(conn_flags::QUEUED << queue, true);
+                    self.queues[queue].push_front(due);
+                    break;
                 } else {
-                    self.schedule(queue, due.idx, deadline);
+                    self.schedule(queue, due.idx, exact);
                 }
             }
         }
@@ -254,16 +273,28 @@ impl Tracker {
         }
     }
 
-    /// The record a queue entry refers to, if it still exists.
-    fn live(&mut self, due: Due) -> Option<&mut Conn> {
-        self.slab.get_mut(due.idx as usize)?.as_mut().filter(|c| c.serial == due.serial)
+    /// Seconds since the epoch of queue deadlines, rounded down and clamped to `u32`.
+    fn rel_s(&self, ns: i64) -> u32 {
+        let epoch = self.epoch_s.unwrap_or(0);
+        (ns.div_euclid(1_000_000_000) - epoch).clamp(0, i64::from(u32::MAX)) as u32
+    }
+
+    /// Whether `due` belongs to the record now in its slot: entries are only ever queued while
+    /// their record lives, with a deadline no earlier than the record's start plus the queue's
+    /// timeout, so an older deadline can only come from a previous occupant. (Within the same
+    /// second both are possible; treating such an entry as the new record's only causes one
+    /// extra, harmless check.)
+    fn owns(&self, queue: usize, due: Due) -> bool {
+        match self.slab.get(due.idx as usize).and_then(Option::as_ref) {
+            Some(conn) => due.deadline_s >= self.rel_s(conn.start_ns.saturating_add(self.timeout(queue))),
+            None => false,
+        }
     }
 
     fn schedule(&mut self, queue: usize, idx: u32, deadline_ns: i64) {
-        let conn = self.conn_mut(idx);
-        conn.queued |= 1 << queue;
-        let serial = conn.serial;
-        self.queues[queue].push_back(Due { deadline_ns, idx, serial });
+        let deadline_s = self.rel_s(deadline_ns);
+        self.conn_mut(idx).set_flag(conn_flags::QUEUED << queue, true);
+        self.queues[queue].push_back(Due { deadline_s, idx });
     }
 
     /// Picks the record to evict from a full table: a finished one if any, else the oldest idle
@@ -272,16 +303,20 @@ impl Tracker {
         for queue in [DONE, OPEN] {
             for _ in 0..1024 {
                 let Some(due) = self.queues[queue].pop_front() else { break };
+                if !self.owns(queue, due) {
+                    continue;
+                }
                 let timeout = self.timeout(queue);
-                let Some(conn) = self.live(due) else { continue };
-                conn.queued &= !(1 << queue);
+                let queued_s = due.deadline_s.saturating_sub((timeout / 1_000_000_000) as u32);
+                let conn = self.conn_mut(due.idx);
+                conn.set_flag(conn_flags::QUEUED << queue, false);
                 if queue == DONE && !conn.is_finished() {
                     continue;
                 }
-                let queued_at = due.deadline_ns.saturating_sub(timeout);
-                if conn.last_ns > queued_at && queue == OPEN {
-                    let deadline = conn.last_ns.saturating_add(timeout);
-                    self.schedule(queue, due.idx, deadline);
+                let last_ns = conn.last_ns;
+                if queue == OPEN && self.rel_s(last_ns) > queued_s {
+                    // Active since it was queued: not the oldest idle one after all.
+                    self.schedule(queue, due.idx, last_ns.saturating_add(timeout));
                     continue;
                 }
                 return Some(due.idx);
@@ -313,9 +348,8 @@ impl Tracker {
             return false;
         }
         let conn = self.conn(idx);
-        let half = &conn.halves[conn.dir_of(seg)];
         let closed = conn.halves.iter().any(|h| h.rsts > 0 || h.has(seen::FIN));
-        closed && !(half.has(seen::SYN) && half.isn == seg.seq)
+        closed && conn.side(conn.dir_of(seg)).isn != Some(seg.seq)
     }
 
     fn create(&mut self, key: FlowKey, hash: u64, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
@@ -327,9 +361,7 @@ impl Tracker {
         }
         let (zeek, sender_is_orig) = ZeekConn::start(seg.flags.byte(), seg.src.port(), seg.dst.port());
         let sender_is_lo = key.is_lo_to_hi(&seg.src);
-        let mut conn = Conn::new(key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
-        conn.serial = self.next_serial;
-        self.next_serial = self.next_serial.wrapping_add(1);
+        let conn = Conn::new(key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
         let idx = match self.free.pop() {
             Some(i) => {
                 self.slab[i as usize] = Some(conn);
@@ -368,8 +400,9 @@ impl Tracker {
 
         let mut event = seg.flags.rst().then(|| classify::build(conn, dir, seg, &ctx));
         // Later packets add evidence to RSTs still settling; settled ones are emitted.
-        if let Some(mut pending) = conn.pending.take() {
-            classify::observe_after(&mut pending, event.as_mut(), conn, dir, seg);
+        if conn.has_flag(conn_flags::PENDING) {
+            let pending = self.pending.get_mut(&idx).expect("flagged records have pending events");
+            classify::observe_after(pending, event.as_mut(), conn, dir, seg);
             let mut n_out = 0;
             for mut ev in pending.extract_if(.., |ev| seg.ts_ns - ev.ts_ns > settle) {
                 classify::finalize(&mut ev, conn);
@@ -377,14 +410,17 @@ impl Tracker {
                 n_out += 1;
             }
             self.stats.resets += n_out;
-            if !pending.is_empty() {
-                conn.pending = Some(pending);
+            if pending.is_empty() {
+                self.pending.remove(&idx);
+                conn.set_flag(conn_flags::PENDING, false);
             }
         }
 
         let is_orig = conn.role_of(dir) == crate::event::Role::Originator;
-        let rexmit = conn.halves[dir].on_send(seg);
-        let _ = rexmit;
+        let before = conn.side(dir);
+        let (next_seq, isn) = (before.next_seq, before.isn);
+        conn.halves[dir].on_send(seg, next_seq, isn);
+        conn.bytes[dir] = conn.bytes[dir].saturating_add(u64::from(seg.payload_len));
         if seg.flags.ack() {
             conn.halves[1 - dir].on_peer_ack(seg.ack);
         }
@@ -405,13 +441,15 @@ impl Tracker {
             );
         }
         if conn.zeek.take_flip() {
-            conn.orig_is_lo = !conn.orig_is_lo;
+            let flipped = !conn.orig_is_lo();
+            conn.set_flag(conn_flags::ORIG_IS_LO, flipped);
         }
         conn.last_ns = conn.last_ns.max(seg.ts_ns);
         if let Some(ev) = event {
-            conn.pending.get_or_insert_with(Default::default).push(ev);
+            conn.set_flag(conn_flags::PENDING, true);
+            self.pending.entry(idx).or_default().push(ev);
         }
-        if conn.is_finished() && conn.queued & (1 << DONE) == 0 {
+        if conn.is_finished() && !conn.has_flag(conn_flags::QUEUED << DONE) {
             let deadline = conn.last_ns.saturating_add(self.config.linger_ns);
             self.schedule(DONE, idx, deadline);
         }
@@ -459,15 +497,15 @@ impl Tracker {
 
     /// Emits what a record still holds (settling RSTs, then its summary) and frees it.
     fn finish(&mut self, idx: u32, end: FlowEnd, out: &mut impl FnMut(Event)) {
-        let mut conn = self.slab[idx as usize].take().expect("live record");
+        let conn = self.slab[idx as usize].take().expect("live record");
         let hash = self.hasher.hash_one(conn.key);
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
             entry.remove();
         }
         self.free.push(idx);
         self.stats.active -= 1;
-        if let Some(pending) = conn.pending.take() {
-            for mut ev in pending.into_iter() {
+        if conn.has_flag(conn_flags::PENDING) {
+            for mut ev in self.pending.remove(&idx).unwrap_or_default() {
                 classify::finalize(&mut ev, &conn);
                 self.stats.resets += 1;
                 out(Event::Reset(Box::new(ev)));
@@ -494,9 +532,9 @@ fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
         end_ns: conn.last_ns,
         conn_state: conn.zeek.conn_state().as_str(),
         history: conn.zeek.history().to_string(),
-        orig_dir: conn.halves[o].summary(conn.zeek.orig_bytes()),
-        resp_dir: conn.halves[1 - o].summary(conn.zeek.resp_bytes()),
-        port_reuse: conn.port_reuse,
+        orig_dir: conn.halves[o].summary(conn.bytes[o], conn.zeek.orig_bytes()),
+        resp_dir: conn.halves[1 - o].summary(conn.bytes[1 - o], conn.zeek.resp_bytes()),
+        port_reuse: conn.port_reuse(),
         end,
     }
 }
