@@ -61,7 +61,11 @@ fn seq_len(flags: u8, len: u32) -> u32 {
 
 /// Receive window of `receiver` in bytes, scaled when both SYNs negotiated scaling.
 fn window_of(receiver: &Side, sender: &Side) -> u32 {
-    let scale = if receiver.wscale <= 14 && sender.wscale <= 14 { receiver.wscale } else { 0 };
+    // Scaling is in force only when both SYNs were seen carrying the option.
+    let scale = match (receiver.wscale(), sender.wscale()) {
+        (Some(r), Some(_)) => r,
+        _ => 0,
+    };
     u32::from(receiver.window) << scale
 }
 
@@ -171,12 +175,12 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
     } else if phase == Phase::Closing {
         evidence.push(Evidence::new("fin-both-directions", "both sides had sent FIN"));
         Cause::AfterClose
-    } else if sender.rexmit_run >= 2 && relation_near_sender(seg, &sender) {
+    } else if sender.rexmit_run() >= 2 && relation_near_sender(seg, &sender) {
         evidence.push(Evidence::new(
             "retransmissions-before",
             format!(
                 "{} retransmissions of unacknowledged data by the sender, last {} before the RST",
-                sender.rexmit_run,
+                sender.rexmit_run(),
                 fmt_ns(seg.ts_ns - sender.last_ts)
             ),
         ));
@@ -196,7 +200,7 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
         Cause::NoConnection
     } else if matches!(phase, Phase::Established | Phase::HalfClosed | Phase::Midstream)
         && sender.has(seen::ANY)
-        && sender.rexmit_run == 0
+        && sender.rexmit_run() == 0
         && seg.seq == sender.next_seq.0
     {
         evidence.push(Evidence::new("in-sequence", format!("seq {} is the sender's next sequence number", seg.seq)));
@@ -299,8 +303,8 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
         phase,
         history: conn.zeek.history().to_string(),
         counts: conn.counts(),
-        peer_retransmissions: u32::from(peer.rexmit_run),
-        sender_retransmissions: u32::from(sender.rexmit_run),
+        peer_retransmissions: u32::from(peer.rexmit_run()),
+        sender_retransmissions: u32::from(sender.rexmit_run()),
         since_peer_last_ns: peer.has(seen::ANY).then(|| seg.ts_ns - peer.last_ts),
         seq_relation: relation,
         ttl_delta,

@@ -57,14 +57,13 @@ pub struct Half {
     pub last_us: u32,
     /// Packets.
     pub pkts: u32,
-    /// Retransmitted segments in total.
-    pub rexmits: u32,
-    /// Retransmissions since this side's data was last acknowledged or new data was sent (saturating).
-    pub rexmit_run: u8,
+    /// Retransmitted segments in total (saturating).
+    pub rexmits: u16,
+
     /// Zero-window advertisements.
     pub zero_windows: u16,
-    /// RST packets.
-    pub rsts: u16,
+    /// RST packets (saturating).
+    pub rsts: u8,
     /// Last IPv4 identification.
     pub ip_id_last: u16,
     /// Last raw window.
@@ -77,8 +76,9 @@ pub struct Half {
     pub ttl_min: u8,
     /// Highest TTL.
     pub ttl_max: u8,
-    /// Window scale from this side's SYN (0xff: unknown).
-    pub wscale: u8,
+    /// Low nibble: window scale from this side's SYN (15: unknown). High nibble: retransmissions
+    /// since this side's data was last acknowledged or new data was sent (saturating at 15).
+    ws_run: u8,
     /// Flags of the last packet (low byte).
     pub last_flags: u8,
     /// `seen::*` bits.
@@ -90,6 +90,25 @@ impl Half {
         self.seen & bit != 0
     }
 
+    /// Window scale shift from this side's SYN, or `None` if not known.
+    pub fn wscale(&self) -> Option<u8> {
+        let ws = self.ws_run & 0x0f;
+        (ws <= 14).then_some(ws)
+    }
+
+    fn set_wscale(&mut self, ws: Option<u8>) {
+        self.ws_run = (self.ws_run & 0xf0) | ws.map_or(0x0f, |w| w.min(14));
+    }
+
+    /// Retransmissions in the current run (0 to 15, saturating).
+    pub fn rexmit_run(&self) -> u8 {
+        self.ws_run >> 4
+    }
+
+    fn set_rexmit_run(&mut self, run: u8) {
+        self.ws_run = (self.ws_run & 0x0f) | (run.min(15) << 4);
+    }
+
     /// Accounts one packet sent by this side, given this side's next sequence number and ISN
     /// before the packet. Returns whether it was a retransmission.
     pub(crate) fn on_send(&mut self, seg: &Segment, next_seq: SeqNumber, isn: Option<u32>) -> bool {
@@ -99,16 +118,15 @@ impl Half {
         let mut rexmit = false;
         if seg.flags.syn() {
             self.seen |= seen::SYN;
-            if let Some(ws) = seg.options.window_scale {
-                self.wscale = ws.min(14);
-            }
+            // A SYN without the option means no scaling on this connection (RFC 7323).
+            self.set_wscale(seg.options.window_scale);
         }
         if first {
             self.ttl_first = seg.ttl;
             self.ttl_min = seg.ttl;
             self.ttl_max = seg.ttl;
             if !seg.flags.syn() {
-                self.wscale = 0xff;
+                self.set_wscale(None);
             }
         } else {
             // Payload entirely at or below what this side already sent is a retransmission.
@@ -128,9 +146,9 @@ impl Half {
         }
         if rexmit {
             self.rexmits = self.rexmits.saturating_add(1);
-            self.rexmit_run = self.rexmit_run.saturating_add(1);
+            self.set_rexmit_run(self.rexmit_run().saturating_add(1));
         } else if seg.payload_len > 0 || seg.flags.syn() || seg.flags.fin() {
-            self.rexmit_run = 0;
+            self.set_rexmit_run(0);
         }
         if seg.flags.fin() {
             self.seen |= seen::FIN;
@@ -171,7 +189,7 @@ impl Half {
     /// The peer acknowledged new data of this side: a retransmission run is over.
     pub(crate) fn on_peer_ack(&mut self, ack: u32) {
         if self.has(seen::ANY) && SeqNumber(ack).after(SeqNumber(self.last_seq)) {
-            self.rexmit_run = 0;
+            self.set_rexmit_run(0);
         }
     }
 
@@ -180,7 +198,7 @@ impl Half {
             pkts: u64::from(self.pkts),
             payload_bytes,
             zeek_bytes,
-            retransmissions: self.rexmits,
+            retransmissions: u32::from(self.rexmits),
             rsts: u32::from(self.rsts),
             zero_windows: u32::from(self.zero_windows),
             ttl: self.has(seen::ANY).then_some(TtlRange {
@@ -207,8 +225,9 @@ pub struct Conn {
     pub last_ns: i64,
     /// Payload bytes per wire direction, retransmissions included.
     pub bytes: [u64; 2],
-    /// `conn_flags::*` bits.
-    pub(crate) flags: u8,
+    /// `conn_flags::*` bits. Never zero (`LIVE` is always set), so `Option<Conn>` in the slab
+    /// costs no extra byte.
+    pub(crate) flags: std::num::NonZeroU8,
 }
 
 /// Bits of [`Conn::flags`].
@@ -221,6 +240,8 @@ pub(crate) mod conn_flags {
     pub const PENDING: u8 = 1 << 2;
     /// First of three bits: the record has an entry in expiry queue `n` (`QUEUED << n`).
     pub const QUEUED: u8 = 1 << 3;
+    /// Always set.
+    pub const LIVE: u8 = 1 << 7;
 }
 
 /// One direction seen through the record: the half plus what the Zeek state and the record keep
@@ -253,20 +274,18 @@ impl Conn {
             start_ns,
             last_ns: start_ns,
             bytes: [0; 2],
-            flags: if orig_is_lo { conn_flags::ORIG_IS_LO } else { 0 },
+            flags: std::num::NonZeroU8::new(conn_flags::LIVE | if orig_is_lo { conn_flags::ORIG_IS_LO } else { 0 })
+                .expect("LIVE is set"),
         }
     }
 
     pub(crate) fn has_flag(&self, bit: u8) -> bool {
-        self.flags & bit != 0
+        self.flags.get() & bit != 0
     }
 
     pub(crate) fn set_flag(&mut self, bit: u8, on: bool) {
-        if on {
-            self.flags |= bit;
-        } else {
-            self.flags &= !bit;
-        }
+        let flags = if on { self.flags.get() | bit } else { self.flags.get() & !bit };
+        self.flags = std::num::NonZeroU8::new(flags | conn_flags::LIVE).unwrap_or(self.flags);
     }
 
     /// The originator is the key's `lo` endpoint.

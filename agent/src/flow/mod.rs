@@ -636,3 +636,14 @@ mod tests {
         );
     }
 }
+#[cfg(test)]
+mod record_size {
+    /// The per-flow memory budget (under 300 bytes including table and queue overhead) rests on
+    /// this size; growing a record is a decision, not an accident.
+    #[test]
+    fn connection_record_stays_within_budget() {
+        assert_eq!(std::mem::size_of::<super::conn::Half>(), 36);
+        assert!(std::mem::size_of::<super::Conn>() <= 240, "Conn is {} bytes", std::mem::size_of::<super::Conn>());
+        assert_eq!(std::mem::size_of::<Option<super::Conn>>(), std::mem::size_of::<super::Conn>());
+    }
+}
