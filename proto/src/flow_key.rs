@@ -76,7 +76,7 @@ impl fmt::Debug for Endpoint {
 ///
 /// `FlowKey::new(a, b) == FlowKey::new(b, a)`. Which endpoint is the originator is a property of
 /// the connection record, not of the key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
 pub struct FlowKey {
     lo: Endpoint,
     hi: Endpoint,

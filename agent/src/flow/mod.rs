@@ -99,6 +99,18 @@ struct Due {
     idx: u32,
 }
 
+/// Segments looked up together by `on_segments`.
+const LOOKAHEAD: usize = 16;
+
+/// A record look-up done ahead of processing (see `Tracker::on_segments`).
+#[derive(Clone, Copy, Default)]
+struct Lookup {
+    key: FlowKey,
+    hash: u64,
+    found: Option<u32>,
+    mutations: u64,
+}
+
 /// Bound on the side tables used for cause evidence (SYN races, listener activity).
 const SIDE_TABLE_MAX: usize = 1 << 16;
 
@@ -120,6 +132,10 @@ pub struct Tracker {
     epoch_s: Option<i64>,
     /// RST events waiting out the settle window, by slab slot (records flagged `PENDING`).
     pending: HashMap<u32, Vec<RstEvent>>,
+    /// No queue entry can be due before this time (ns); `advance` does nothing until then.
+    next_due_ns: i64,
+    /// Bumped whenever a record is created or removed, so batched look-ups know they are stale.
+    mutations: u64,
     now_ns: i64,
     stats: TrackerStats,
     /// Last SYNs per (client address, server address), for duplicate-SYN races.
@@ -140,6 +156,8 @@ impl Tracker {
             queues: Default::default(),
             epoch_s: None,
             pending: HashMap::new(),
+            next_due_ns: i64::MIN,
+            mutations: 0,
             now_ns: i64::MIN,
             stats: TrackerStats::default(),
             recent_syns: HashMap::new(),
@@ -154,6 +172,12 @@ impl Tracker {
 
     /// Processes one segment; events that became final are passed to `out`.
     pub fn on_segment(&mut self, seg: &Segment, out: &mut impl FnMut(Event)) {
+        self.process(seg, None, out);
+    }
+
+    /// `on_segment`, optionally with the key, hash and look-up result computed earlier (valid
+    /// while `self.mutations` has not moved since).
+    fn process(&mut self, seg: &Segment, looked_up: Option<&Lookup>, out: &mut impl FnMut(Event)) {
         self.stats.segments += 1;
         if self.epoch_s.is_none() {
             self.epoch_s = Some(seg.ts_ns.div_euclid(1_000_000_000) - 1);
@@ -162,11 +186,13 @@ impl Tracker {
             self.stats.bad_ip_checksum += 1;
         }
         self.advance(seg.ts_ns, out);
-        let key = FlowKey::new(seg.src, seg.dst);
-        let hash = self.hasher.hash_one(key);
-        let found = {
-            let slab = &self.slab;
-            self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == key)).copied()
+        let (key, hash, found) = match looked_up {
+            Some(l) if l.mutations == self.mutations => (l.key, l.hash, l.found),
+            _ => {
+                let key = FlowKey::new(seg.src, seg.dst);
+                let hash = self.hasher.hash_one(key);
+                (key, hash, self.find(&key, hash))
+            }
         };
         let idx = match found {
             Some(idx) if self.splits(idx, seg) => {
@@ -189,23 +215,30 @@ impl Tracker {
     /// cache misses of the whole batch overlap instead of stalling one packet at a time; once a
     /// table outgrows the CPU cache this is most of the tracker's cost.
     pub fn on_segments(&mut self, segments: &[Segment], out: &mut impl FnMut(Event)) {
-        let mut warm = 0u32;
-        for seg in segments {
-            let key = FlowKey::new(seg.src, seg.dst);
-            let hash = self.hasher.hash_one(key);
-            let slab = &self.slab;
-            if let Some(&i) = self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == key)) {
-                if let Some(c) = &slab[i as usize] {
+        for chunk in segments.chunks(LOOKAHEAD) {
+            let mut lookups = [Lookup::default(); LOOKAHEAD];
+            let mut warm = 0u32;
+            for (seg, lookup) in chunk.iter().zip(lookups.iter_mut()) {
+                let key = FlowKey::new(seg.src, seg.dst);
+                let hash = self.hasher.hash_one(key);
+                let found = self.find(&key, hash);
+                if let Some(c) = found.and_then(|i| self.slab[i as usize].as_ref()) {
                     // Touch each cache line the update will need; the loads of different
                     // segments are independent, so the CPU runs them in parallel.
                     warm ^= c.halves[0].pkts ^ c.halves[1].pkts ^ c.zeek.touch() ^ c.start_ns as u32;
                 }
+                *lookup = Lookup { key, hash, found, mutations: self.mutations };
+            }
+            std::hint::black_box(warm);
+            for (seg, lookup) in chunk.iter().zip(lookups.iter()) {
+                self.process(seg, Some(lookup), out);
             }
         }
-        std::hint::black_box(warm);
-        for seg in segments {
-            self.on_segment(seg, out);
-        }
+    }
+
+    fn find(&self, key: &FlowKey, hash: u64) -> Option<u32> {
+        let slab = &self.slab;
+        self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == *key)).copied()
     }
 
     /// Moves time forward to `now_ns` (a packet timestamp) and expires what timed out. Live
@@ -215,6 +248,10 @@ impl Tracker {
             return;
         }
         self.now_ns = now_ns;
+        if now_ns < self.next_due_ns {
+            return;
+        }
+        self.next_due_ns = i64::MAX;
         let now_s = self.rel_s(now_ns);
         for queue in [ATTEMPT, DONE, OPEN] {
             while let Some(&due) = self.queues[queue].front() {
@@ -246,12 +283,22 @@ impl Tracker {
                     // Due later within this very second: keep it at the front until then.
                     self.conn_mut(due.idx).set_flag(conn_flags::QUEUED << queue, true);
                     self.queues[queue].push_front(due);
+                    self.next_due_ns = self.next_due_ns.min(exact);
                     break;
                 } else {
                     self.schedule(queue, due.idx, exact);
                 }
             }
+            if let Some(front) = self.queues[queue].front() {
+                let at = self.abs_ns(front.deadline_s);
+                self.next_due_ns = self.next_due_ns.min(at);
+            }
         }
+    }
+
+    /// Start of second `deadline_s` of the queue clock, in epoch nanoseconds.
+    fn abs_ns(&self, deadline_s: u32) -> i64 {
+        (self.epoch_s.unwrap_or(0) + i64::from(deadline_s)).saturating_mul(1_000_000_000)
     }
 
     /// End of input: summarises every tracked connection, oldest activity first.
@@ -293,6 +340,7 @@ impl Tracker {
 
     fn schedule(&mut self, queue: usize, idx: u32, deadline_ns: i64) {
         let deadline_s = self.rel_s(deadline_ns);
+        self.next_due_ns = self.next_due_ns.min(self.abs_ns(deadline_s));
         self.conn_mut(idx).set_flag(conn_flags::QUEUED << queue, true);
         self.queues[queue].push_back(Due { deadline_s, idx });
     }
@@ -372,6 +420,7 @@ impl Tracker {
                 (self.slab.len() - 1) as u32
             }
         };
+        self.mutations += 1;
         let slab = &self.slab;
         let hasher = &self.hasher;
         // Rehashing must hash exactly what lookups hash: the bare key.
@@ -498,6 +547,7 @@ impl Tracker {
     /// Emits what a record still holds (settling RSTs, then its summary) and frees it.
     fn finish(&mut self, idx: u32, end: FlowEnd, out: &mut impl FnMut(Event)) {
         let conn = self.slab[idx as usize].take().expect("live record");
+        self.mutations += 1;
         let hash = self.hasher.hash_one(conn.key);
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
             entry.remove();
