@@ -1,0 +1,197 @@
+//! The agent as a user runs it: real pcap files written from packet ladders, damaged in the ways
+//! captures get damaged, fed to the `rstscope-agent` binary. Every bad input must give a clear
+//! one-line error naming the file, lose nothing else, and set the exit status only when nothing
+//! at all could be read.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use rstscope_tests::corpus::Agent;
+use rstscope_tests::frames::write_pcap;
+use serde_json::Value;
+
+/// A client-side ladder with one refused connection and one app abort.
+const LADDER: &str = "
+    0ms    > S    cport=40001 sport=8443
+    0.4ms  < RA
+    100ms  > S    cport=40002 sport=80
+    101ms  < SA
+    102ms  > A
+    103ms  > PA   len=300
+    110ms  < RA
+";
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("rstscope-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+
+    fn ladder_pcap(&self, file: &str) -> PathBuf {
+        let path = self.path(file);
+        let segments = rstscope_agent::trace::parse(LADDER).expect("valid ladder");
+        write_pcap(&path, &segments).expect("write pcap");
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn agent() -> Agent {
+    Agent::locate_or_build()
+}
+
+fn run(args: &[&Path]) -> Output {
+    let mut cmd = Command::new(agent().exe);
+    for a in args {
+        cmd.arg("--read").arg(a);
+    }
+    cmd.args(["-o", "json"]).output().expect("run agent")
+}
+
+fn lines(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
+}
+
+fn of_type<'a>(lines: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|v| v["type"] == kind).collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_good_capture_gives_resets_flows_and_stats() {
+    let scratch = Scratch::new("good");
+    let pcap = scratch.ladder_pcap("good.pcap");
+    let out = run(&[&pcap]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = lines(&out);
+    let resets = of_type(&lines, "reset");
+    let causes: Vec<&str> = resets.iter().map(|r| r["cause"].as_str().unwrap()).collect();
+    assert_eq!(causes, ["refused", "app-abort"]);
+    assert_eq!(resets[0]["src"], "203.0.113.9:8443");
+    assert_eq!(resets[0]["flags"], "RA");
+    assert_eq!(of_type(&lines, "flow").len(), 2);
+    let stats = lines.last().unwrap();
+    assert_eq!(stats["type"], "stats");
+    assert_eq!((stats["packets"].as_u64(), stats["resets"].as_u64(), stats["flows"].as_u64()), (Some(7), Some(2), Some(2)));
+}
+
+#[test]
+fn a_missing_file_is_named_and_fails_the_run() {
+    let scratch = Scratch::new("missing");
+    let missing = scratch.path("nope.pcap");
+    let out = run(&[&missing]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("nope.pcap") && err.contains("No such file"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line per problem: {err}");
+}
+
+#[test]
+fn a_text_file_is_not_a_capture() {
+    let scratch = Scratch::new("text");
+    let text = scratch.path("notes.txt");
+    std::fs::write(&text, "this is not a capture file\n").unwrap();
+    let out = run(&[&text]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("notes.txt: not a pcap or pcapng file"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_truncated_capture_keeps_every_complete_packet() {
+    let scratch = Scratch::new("truncated");
+    let pcap = scratch.ladder_pcap("cut.pcap");
+    let bytes = std::fs::read(&pcap).unwrap();
+    std::fs::write(&pcap, &bytes[..bytes.len() - 20]).unwrap();
+    let out = run(&[&pcap]);
+    assert!(out.status.success(), "something was read, so the run succeeds: {}", stderr(&out));
+    assert!(stderr(&out).contains("cut.pcap: truncated at byte"), "{}", stderr(&out));
+    let lines = lines(&out);
+    let stats = lines.last().unwrap();
+    assert_eq!(stats["packets"].as_u64(), Some(6));
+    assert_eq!(stats["errors"].as_array().map(Vec::len), Some(1));
+    // The refused connection is complete and reported.
+    assert_eq!(of_type(&lines, "reset")[0]["cause"], "refused");
+}
+
+#[test]
+fn a_corrupt_record_length_is_skipped_and_the_rest_is_read() {
+    let scratch = Scratch::new("corrupt");
+    let pcap = scratch.ladder_pcap("bad-len.pcap");
+    let mut bytes = std::fs::read(&pcap).unwrap();
+    // Second record header starts after the global header and the first record.
+    let first_len = u32::from_le_bytes(bytes[24 + 8..24 + 12].try_into().unwrap()) as usize;
+    let second = 24 + 16 + first_len;
+    bytes[second + 8..second + 12].copy_from_slice(&0x0fff_ffffu32.to_le_bytes());
+    std::fs::write(&pcap, &bytes).unwrap();
+    let out = run(&[&pcap]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("bad-len.pcap: corrupt record at byte {second}")), "{}", stderr(&out));
+    let lines = lines(&out);
+    // One packet lost (the RST+ACK of the refused connection); the app abort is still found.
+    assert_eq!(lines.last().unwrap()["packets"].as_u64(), Some(6));
+    let causes: Vec<&str> = of_type(&lines, "reset").iter().map(|r| r["cause"].as_str().unwrap()).collect();
+    assert_eq!(causes, ["app-abort"]);
+}
+
+#[test]
+fn one_bad_file_does_not_stop_the_others() {
+    let scratch = Scratch::new("mixed");
+    let good = scratch.ladder_pcap("good.pcap");
+    let missing = scratch.path("missing.pcap");
+    let out = run(&[&missing, &good]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = lines(&out);
+    assert_eq!(of_type(&lines, "reset").len(), 2);
+    assert_eq!(lines.last().unwrap()["errors"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn an_unknown_link_type_is_counted_by_name() {
+    let scratch = Scratch::new("linktype");
+    let pcap = scratch.ladder_pcap("user.pcap");
+    let mut bytes = std::fs::read(&pcap).unwrap();
+    bytes[20..24].copy_from_slice(&147u32.to_le_bytes());
+    std::fs::write(&pcap, &bytes).unwrap();
+    let out = run(&[&pcap]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = lines(&out);
+    let stats = lines.last().unwrap();
+    assert_eq!(stats["skipped"]["unsupported-link-type USER (147)"].as_u64(), Some(7), "{stats}");
+    assert_eq!(stats["tcp_packets"].as_u64(), Some(0));
+}
+
+#[test]
+fn standard_input_and_text_output() {
+    let scratch = Scratch::new("stdin");
+    let pcap = scratch.ladder_pcap("in.pcap");
+    let mut child = Command::new(agent().exe)
+        .args(["--read", "-", "-o", "text"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    child.stdin.take().unwrap().write_all(&std::fs::read(&pcap).unwrap()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cause=refused") && text.contains("cause=app-abort"), "{text}");
+    assert!(text.contains("REJ"), "flow lines carry conn_state: {text}");
+}
