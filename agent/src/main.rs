@@ -4,7 +4,7 @@
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -60,7 +60,8 @@ struct Args {
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"], help_heading = "Output")]
     progress: String,
 
-    /// Count bad-checksum packets in conn_state/history, like Zeek's `-C`.
+    /// Count bad-checksum packets in conn_state/history, like Zeek's `-C` (always on for live
+    /// capture, where checksum offload makes the host's own packets look bad).
     #[arg(short = 'C', long, help_heading = "Tracking")]
     ignore_checksums: bool,
 
@@ -111,7 +112,9 @@ fn run() -> Result<ExitCode> {
         inactivity_timeout_ns: secs_to_ns(args.inactivity_timeout, "inactivity-timeout")?,
         linger_ns: secs_to_ns(args.linger, "linger")?,
         max_flows: args.max_flows.max(1),
-        ignore_checksums: args.ignore_checksums,
+        // Live, the host's own outgoing packets are captured before the NIC fills in their
+        // checksums (offload), so they would all look bad: behave like Zeek's -C there.
+        ignore_checksums: args.ignore_checksums || args.interface.is_some(),
         ..TrackerConfig::default()
     };
     let format = args.output.unwrap_or(if io::stdout().is_terminal() { Format::Text } else { Format::Json });
@@ -120,9 +123,20 @@ fn run() -> Result<ExitCode> {
     let mut tracker = Tracker::new(config);
     let mut counters = Counters::default();
     let stop = Arc::new(AtomicBool::new(false));
+    // Set once a live capture is open, so stopping can also wake a blocked libpcap read.
+    let breaker: Arc<Mutex<Option<pcap::BreakLoop>>> = Arc::new(Mutex::new(None));
+    let request_stop = {
+        let (stop, breaker) = (stop.clone(), breaker.clone());
+        move || {
+            stop.store(true, Ordering::Relaxed);
+            if let Some(b) = breaker.lock().ok().as_ref().and_then(|b| b.as_ref()) {
+                b.breakloop();
+            }
+        }
+    };
     {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::Relaxed)).context("installing the Ctrl-C handler")?;
+        let request_stop = request_stop.clone();
+        ctrlc::set_handler(request_stop).context("installing the Ctrl-C handler")?;
     }
 
     let mut write_failed: Option<io::Error> = None;
@@ -147,11 +161,14 @@ fn run() -> Result<ExitCode> {
         };
         let mut source = LiveSource::open(&live).with_context(|| format!("opening interface {interface}"))?;
         tracing::info!(interface = %interface, link_type = %source.link_type().name(), "Capturing live.");
+        if let Ok(mut slot) = breaker.lock() {
+            *slot = Some(source.stopper());
+        }
         if let Some(secs) = args.duration {
-            let stop = stop.clone();
+            let request_stop = request_stop.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs(secs));
-                stop.store(true, Ordering::Relaxed);
+                request_stop();
             });
         }
         run_source(&mut source, &mut tracker, &mut counters, &stop, &mut emit, &mut report, &mut |_, _| {});

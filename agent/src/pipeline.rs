@@ -68,7 +68,8 @@ pub fn run_source(
     let mut repeated_errors = 0u32;
     // Segments go to the tracker in small batches so their table look-ups overlap (see
     // `Tracker::on_segments`); a batch is flushed before anything that could wait (idle, end).
-    let mut batch: Vec<crate::wire::Segment> = Vec::with_capacity(BATCH);
+    let batch_size = if source.is_live() { 1 } else { BATCH };
+    let mut batch: Vec<crate::wire::Segment> = Vec::with_capacity(batch_size);
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -80,7 +81,7 @@ pub fn run_source(
                     Ok(segment) => {
                         counters.tcp_packets += 1;
                         batch.push(segment);
-                        if batch.len() == BATCH {
+                        if batch.len() >= batch_size {
                             tracker.on_segments(&batch, out);
                             batch.clear();
                         }

@@ -89,7 +89,10 @@ fn a_good_capture_gives_resets_flows_and_stats() {
     assert_eq!(of_type(&lines, "flow").len(), 2);
     let stats = lines.last().unwrap();
     assert_eq!(stats["type"], "stats");
-    assert_eq!((stats["packets"].as_u64(), stats["resets"].as_u64(), stats["flows"].as_u64()), (Some(7), Some(2), Some(2)));
+    assert_eq!(
+        (stats["packets"].as_u64(), stats["resets"].as_u64(), stats["flows"].as_u64()),
+        (Some(7), Some(2), Some(2))
+    );
 }
 
 #[test]
@@ -194,4 +197,19 @@ fn standard_input_and_text_output() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("cause=refused") && text.contains("cause=app-abort"), "{text}");
     assert!(text.contains("REJ"), "flow lines carry conn_state: {text}");
+}
+
+/// Found by fuzzing: a pcapng interface whose `if_tsoffset` puts the packet ~300 years before
+/// 1970 once overflowed the tracker's time arithmetic and crashed the agent.
+#[test]
+fn an_absurd_pcapng_time_offset_does_not_crash_the_agent() {
+    const HEX: &str = "0a0d0d0a1c0000004d3c2b1a01000000ffffffffffffffff1c000000010000002400000065000000000000000e0008000043add5fdffffff000000002400000006000000480000000000000000000000010000002800000028000000450000280001000040060000c0000201c00002029c400050000003e800000000500403e80000000048000000";
+    let bytes: Vec<u8> = (0..HEX.len()).step_by(2).map(|i| u8::from_str_radix(&HEX[i..i + 2], 16).unwrap()).collect();
+    let scratch = Scratch::new("tsoffset");
+    let pcapng = scratch.path("offset.pcapng");
+    std::fs::write(&pcapng, bytes).unwrap();
+    let out = run(&[&pcapng]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = lines(&out);
+    assert_eq!(of_type(&lines, "reset").len(), 1);
 }

@@ -57,8 +57,11 @@ impl ByteWindow {
                 self.end -= self.pos;
                 self.pos = 0;
             }
-            if self.buf.len() < n.max(READ_CHUNK) + READ_CHUNK / 4 {
-                self.buf.resize(n.max(READ_CHUNK) + READ_CHUNK, 0);
+            if self.end == self.buf.len() {
+                // Grow geometrically while data keeps coming, so a record header that claims a
+                // huge length costs memory only if the bytes really follow.
+                let grown = (self.buf.len() * 2).min(n.max(READ_CHUNK) + READ_CHUNK);
+                self.buf.resize(grown.max(self.end + 1), 0);
             }
             let end = self.end;
             match self.reader.read(&mut self.buf[end..]) {

@@ -63,6 +63,13 @@ impl LiveSource {
     pub fn link_type(&self) -> LinkType {
         self.link_type
     }
+
+    /// A handle another thread can use to make a blocked `next_packet` return [`Poll::End`]
+    /// (libpcap's `pcap_breakloop`): with immediate delivery, libpcap on Linux may block until a
+    /// packet arrives, so a stop flag alone is not enough.
+    pub fn stopper(&mut self) -> pcap::BreakLoop {
+        self.capture.breakloop_handle()
+    }
 }
 
 impl PacketSource for LiveSource {
@@ -78,6 +85,7 @@ impl PacketSource for LiveSource {
                 Ok(Poll::Packet(RawPacket { ts_ns, link_type, data: packet.data, orig_len: packet.header.len }))
             }
             Err(pcap::Error::TimeoutExpired) => Ok(Poll::Idle),
+            // pcap_breakloop (see `stopper`) ends the capture this way too.
             Err(pcap::Error::NoMorePackets) => Ok(Poll::End),
             Err(e) => Err(CaptureError::Live { source_name: self.name.clone(), message: e.to_string() }),
         }
@@ -85,6 +93,10 @@ impl PacketSource for LiveSource {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn is_live(&self) -> bool {
+        true
     }
 
     fn drops(&mut self) -> Option<CaptureDrops> {

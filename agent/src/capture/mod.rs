@@ -114,6 +114,11 @@ pub trait PacketSource {
         (0, None)
     }
 
+    /// Packets arrive as they happen (live capture): process each at once rather than batching.
+    fn is_live(&self) -> bool {
+        false
+    }
+
     /// libpcap's drop counters, for live captures.
     fn drops(&mut self) -> Option<CaptureDrops> {
         None

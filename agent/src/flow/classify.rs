@@ -56,7 +56,8 @@ pub struct Context {
 }
 
 fn seq_len(flags: u8, len: u32) -> u32 {
-    len + u32::from(flags & (TcpFlags::SYN as u8) != 0) + u32::from(flags & (TcpFlags::FIN as u8) != 0)
+    len.wrapping_add(u32::from(flags & (TcpFlags::SYN as u8) != 0))
+        .wrapping_add(u32::from(flags & (TcpFlags::FIN as u8) != 0))
 }
 
 /// Receive window of `receiver` in bytes, scaled when both SYNs negotiated scaling.

@@ -99,6 +99,9 @@ struct Due {
     idx: u32,
 }
 
+/// Largest timestamp magnitude the tracker works with (ns); see `Tracker::process`.
+pub const TS_LIMIT: i64 = 1 << 62;
+
 /// Segments looked up together by `on_segments`.
 const LOOKAHEAD: usize = 16;
 
@@ -178,6 +181,10 @@ impl Tracker {
     /// `on_segment`, optionally with the key, hash and look-up result computed earlier (valid
     /// while `self.mutations` has not moved since).
     fn process(&mut self, seg: &Segment, looked_up: Option<&Lookup>, out: &mut impl FnMut(Event)) {
+        // Times are clamped to +-2^62 ns (1824..2116) so that any difference of two fits in an
+        // i64: a crafted capture can claim any timestamp, and time arithmetic must not overflow.
+        let clamped = Segment { ts_ns: seg.ts_ns.clamp(-TS_LIMIT, TS_LIMIT), ..*seg };
+        let seg = &clamped;
         self.stats.segments += 1;
         if self.epoch_s.is_none() {
             self.epoch_s = Some(seg.ts_ns.div_euclid(1_000_000_000) - 1);
