@@ -2,18 +2,29 @@
 //!
 //! Errors in one input never stop the others: each is reported once (one line naming the input
 //! and what is wrong) and counted in the run statistics.
+//!
+//! Capture files are read on two cores: a reader thread pulls and parses packets and hands
+//! batches of segments through a small bounded channel to the tracker, on the calling thread.
+//! The channel is FIFO with one producer, so the tracker sees packets in file order and results
+//! are identical to a single-threaded run. Live captures are processed packet by packet on one
+//! thread, so that an event never waits for a batch to fill.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 
 use crate::capture::{PacketSource, Poll};
 use crate::event::Event;
 use crate::flow::Tracker;
 use crate::output::RunStats;
-use crate::wire::{self, Skip};
+use crate::wire::{self, Segment, Skip};
 
-/// Segments handed to the tracker at once.
-const BATCH: usize = 16;
+/// Segments per batch handed from the reader thread to the tracker.
+const BATCH: usize = 256;
+/// Batches in flight between the threads (bounds memory and lets the reader run ahead).
+const IN_FLIGHT: usize = 8;
+/// Packets between two progress reports.
+const PROGRESS_EVERY: u32 = 16_384;
 
 /// Packet and skip counters of a run.
 #[derive(Debug, Default)]
@@ -48,79 +59,115 @@ impl Counters {
     }
 }
 
+/// Reads and parses packets, reporting problems once; what to do with segments is `on_segment`.
+struct Reader<'a, E, P> {
+    counters: &'a mut Counters,
+    stop: &'a AtomicBool,
+    on_error: &'a mut E,
+    on_progress: &'a mut P,
+}
+
+impl<E: FnMut(&str), P: FnMut(u64, Option<u64>)> Reader<'_, E, P> {
+    /// Pulls `source` dry. `on_segment` gets every TCP segment; `on_idle` runs when a live source
+    /// has nothing for a moment.
+    fn drain(&mut self, source: &mut dyn PacketSource, mut on_segment: impl FnMut(Segment), mut on_idle: impl FnMut()) {
+        let mut since_progress = 0u32;
+        let mut last_error: Option<String> = None;
+        let mut repeated_errors = 0u32;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match source.next_packet() {
+                Ok(Poll::Packet(packet)) => {
+                    self.counters.packets += 1;
+                    match wire::parse(packet.link_type, packet.ts_ns, packet.data) {
+                        Ok(segment) => {
+                            self.counters.tcp_packets += 1;
+                            on_segment(segment);
+                        }
+                        Err(skip) => *self.counters.skipped.entry(skip).or_default() += 1,
+                    }
+                    since_progress += 1;
+                    if since_progress >= PROGRESS_EVERY {
+                        since_progress = 0;
+                        let (done, total) = source.progress();
+                        (self.on_progress)(done, total);
+                    }
+                }
+                Ok(Poll::Idle) => on_idle(),
+                Ok(Poll::End) => break,
+                Err(error) => {
+                    let line = error.to_string();
+                    // A live source failing the same way over and over must not flood the log.
+                    if last_error.as_deref() == Some(line.as_str()) {
+                        repeated_errors += 1;
+                        if repeated_errors >= 100 {
+                            let line = format!("{}: giving up after 100 identical errors", source.name());
+                            (self.on_error)(&line);
+                            self.counters.errors.push(line);
+                            break;
+                        }
+                        continue;
+                    }
+                    (self.on_error)(&line);
+                    self.counters.errors.push(line.clone());
+                    last_error = Some(line);
+                    repeated_errors = 0;
+                }
+            }
+        }
+        let (done, total) = source.progress();
+        (self.on_progress)(done, total);
+    }
+}
+
 /// Reads `source` to its end (or until `stop` is set) through `tracker`.
 ///
 /// `on_error` sees each input problem as it happens; `on_progress` is called every few thousand
-/// packets with (bytes consumed, total bytes). Idle polls of a live source advance the tracker's
-/// clock by the idle time measured in packet time elapsed since the last packet is not known, so
-/// expiry there happens on the next packet.
+/// packets with (bytes consumed, total bytes). Both run on the reader thread for files.
 pub fn run_source(
-    source: &mut dyn PacketSource,
+    source: &mut (dyn PacketSource + Send),
     tracker: &mut Tracker,
     counters: &mut Counters,
     stop: &AtomicBool,
     out: &mut impl FnMut(Event),
-    on_error: &mut impl FnMut(&str),
-    on_progress: &mut impl FnMut(u64, Option<u64>),
+    on_error: &mut (impl FnMut(&str) + Send),
+    on_progress: &mut (impl FnMut(u64, Option<u64>) + Send),
 ) {
-    let mut since_progress = 0u32;
-    let mut last_error: Option<String> = None;
-    let mut repeated_errors = 0u32;
-    // Segments go to the tracker in small batches so their table look-ups overlap (see
-    // `Tracker::on_segments`); a batch is flushed before anything that could wait (idle, end).
-    let batch_size = if source.is_live() { 1 } else { BATCH };
-    let mut batch: Vec<crate::wire::Segment> = Vec::with_capacity(batch_size);
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        match source.next_packet() {
-            Ok(Poll::Packet(packet)) => {
-                counters.packets += 1;
-                match wire::parse(packet.link_type, packet.ts_ns, packet.data) {
-                    Ok(segment) => {
-                        counters.tcp_packets += 1;
-                        batch.push(segment);
-                        if batch.len() >= batch_size {
-                            tracker.on_segments(&batch, out);
-                            batch.clear();
-                        }
-                    }
-                    Err(skip) => *counters.skipped.entry(skip).or_default() += 1,
-                }
-                since_progress += 1;
-                if since_progress >= 16_384 {
-                    since_progress = 0;
-                    let (done, total) = source.progress();
-                    on_progress(done, total);
-                }
-            }
-            Ok(Poll::Idle) => {
-                tracker.on_segments(&batch, out);
-                batch.clear();
-            }
-            Ok(Poll::End) => break,
-            Err(error) => {
-                let line = error.to_string();
-                // A live source failing the same way over and over must not flood the log or spin.
-                if last_error.as_deref() == Some(line.as_str()) {
-                    repeated_errors += 1;
-                    if repeated_errors >= 100 {
-                        let line = format!("{}: giving up after 100 identical errors", source.name());
-                        on_error(&line);
-                        counters.errors.push(line);
-                        break;
-                    }
-                    continue;
-                }
-                on_error(&line);
-                counters.errors.push(line.clone());
-                last_error = Some(line);
-                repeated_errors = 0;
-            }
-        }
+    let mut reader = Reader { counters, stop, on_error, on_progress };
+    if source.is_live() {
+        reader.drain(source, |segment| tracker.on_segment(&segment, out), || {});
+        return;
     }
-    tracker.on_segments(&batch, out);
-    let (done, total) = source.progress();
-    on_progress(done, total);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<Segment>>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<Segment>>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH);
+            let send = |batch: &mut Vec<Segment>| {
+                let next = empty_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(BATCH));
+                // The tracker side only hangs up if it panicked; then there is nobody to feed.
+                let _ = full_tx.send(std::mem::replace(batch, next));
+            };
+            reader.drain(
+                source,
+                |segment| {
+                    batch.push(segment);
+                    if batch.len() == BATCH {
+                        send(&mut batch);
+                    }
+                },
+                || {},
+            );
+            if !batch.is_empty() {
+                send(&mut batch);
+            }
+        });
+        for mut batch in full_rx {
+            tracker.on_segments(&batch, out);
+            batch.clear();
+            let _ = empty_tx.send(batch);
+        }
+    });
 }

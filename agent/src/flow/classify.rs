@@ -233,7 +233,7 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
                 "ip-id-zero",
                 format!("IP ID 0 where the sender's last was {}", sender.ip_id_last),
             ));
-        } else if ip_id_delta.is_some_and(|d| d.abs() > IP_ID_FAR) && sender.ip_id_last != 0 {
+        } else if ip_id_delta.is_some_and(|d| d.unsigned_abs() > IP_ID_FAR as u32) && sender.ip_id_last != 0 {
             evidence.push(Evidence::new(
                 "ip-id-outlier",
                 format!("IP ID {id} far from the sender's last {}", sender.ip_id_last),
@@ -386,7 +386,9 @@ pub fn observe_after(pending: &mut [RstEvent], new: Option<&mut RstEvent>, conn:
                 add_once(new, "seq-jump", detail);
             }
         }
-        for ev in pending.iter_mut().filter(|e| e.sender != role && (seg.ts_ns - e.ts_ns).abs() <= BOTH_DIRECTIONS_NS) {
+        for ev in
+            pending.iter_mut().filter(|e| e.sender != role && seg.ts_ns.abs_diff(e.ts_ns) <= BOTH_DIRECTIONS_NS as u64)
+        {
             let gap = fmt_ns(seg.ts_ns - ev.ts_ns);
             add_once(ev, "both-directions", format!("the other endpoint also sent a RST {gap} later"));
             add_once(new, "both-directions", format!("the other endpoint sent a RST {gap} earlier"));
@@ -400,7 +402,7 @@ pub fn observe_after(pending: &mut [RstEvent], new: Option<&mut RstEvent>, conn:
                 "race-after-rst",
                 format!("the resetting sender kept sending {} after its RST", fmt_ns(seg.ts_ns - ev.ts_ns)),
             );
-            if (i16::from(seg.ttl) - i16::from(ev.ttl)).abs() > TTL_SLACK
+            if (i16::from(seg.ttl) - i16::from(ev.ttl)).unsigned_abs() > TTL_SLACK as u16
                 && !ev.evidence.iter().any(|e| e.name == "ttl-mismatch")
             {
                 add_once(

@@ -100,7 +100,7 @@ struct Due {
 }
 
 /// Largest timestamp magnitude the tracker works with (ns); see `Tracker::process`.
-pub const TS_LIMIT: i64 = 1 << 62;
+pub const TS_LIMIT: i64 = (1 << 62) - 1;
 
 /// Segments looked up together by `on_segments`.
 const LOOKAHEAD: usize = 16;
@@ -520,7 +520,7 @@ impl Tracker {
             [r.last, r.prev]
                 .into_iter()
                 .filter(|&(ts, port)| port != server.port() && ts != 0)
-                .map(|(ts, _)| (ts - conn.start_ns).abs())
+                .map(|(ts, _)| i64::try_from(ts.abs_diff(conn.start_ns)).unwrap_or(i64::MAX))
                 .filter(|gap| *gap <= classify::SYN_RACE_NS)
                 .min()
         });
@@ -639,6 +639,19 @@ mod tests {
         let events = track_all(TrackerConfig::default(), &segs);
         assert_eq!(events.len(), 5000);
         assert!(events.iter().all(|e| matches!(e, Event::Flow(f) if f.orig_dir.pkts == 1 && f.resp_dir.pkts == 1)));
+    }
+
+    /// Regression (fuzzing): times at both ends of the clamp once overflowed `abs()` in the
+    /// SYN-race check.
+    #[test]
+    fn times_at_both_ends_of_the_clamp_do_not_overflow() {
+        let mut segs = trace::parse("0ms > S cport=1 sport=445\n0ms > S cport=2 sport=139\n1ms < SA cport=2 sport=139\n2ms > R cport=2 sport=139").unwrap();
+        segs[0].ts_ns = i64::MIN;
+        for seg in &mut segs[1..] {
+            seg.ts_ns = i64::MAX;
+        }
+        let events = track_all(TrackerConfig::default(), &segs);
+        assert_eq!(resets(&events).len(), 1);
     }
 
     #[test]
