@@ -304,7 +304,8 @@ impl Conn {
     pub fn last_ts(&self, dir: usize) -> i64 {
         let now_us = self.last_ns.div_euclid(1000);
         let behind = (now_us as u32).wrapping_sub(self.halves[dir].last_us);
-        (now_us - i64::from(behind)) * 1000
+        // Stay inside the tracker's time range so that differences of times cannot overflow.
+        ((now_us - i64::from(behind)) * 1000).max(-super::TS_LIMIT)
     }
 
     /// Direction `dir` with what the Zeek state and the record know about it.

@@ -654,6 +654,18 @@ mod tests {
         assert_eq!(resets(&events).len(), 1);
     }
 
+    /// Regression (fuzzing): a peer last heard from at the bottom of the time range, then a RST
+    /// at the top, once overflowed the "time since the peer's last packet".
+    #[test]
+    fn a_rst_long_after_the_peer_fell_silent_does_not_overflow() {
+        let mut segs = trace::parse("0ms > S\n1ms < SA\n2ms > R").unwrap();
+        segs[0].ts_ns = i64::MIN;
+        segs[1].ts_ns = i64::MIN;
+        segs[2].ts_ns = i64::MAX;
+        let events = track_all(TrackerConfig::default(), &segs);
+        assert!(resets(&events)[0].since_peer_last_ns.is_some_and(|ns| ns > 0));
+    }
+
     #[test]
     fn a_full_table_evicts_the_oldest_idle_connection() {
         let segs = trace::parse("0ms > S cport=1\n1ms > S cport=2\n2ms > S cport=3\n3ms > A cport=2").unwrap();
