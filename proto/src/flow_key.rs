@@ -108,6 +108,76 @@ impl FlowKey {
     }
 }
 
+/// A text that is not `ip:port-ip:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseFlowKeyError(pub String);
+
+impl fmt::Display for ParseFlowKeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not a connection id (expected ip:port-ip:port, IPv6 as [ip]:port): {:?}", self.0)
+    }
+}
+
+impl std::error::Error for ParseFlowKeyError {}
+
+impl std::str::FromStr for FlowKey {
+    type Err = ParseFlowKeyError;
+
+    /// Parses the `Display` form, `lo-hi`; either order is accepted.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseFlowKeyError(s.to_string());
+        // Split at the '-' that follows a port: IPv6 brackets may contain no '-', ports none.
+        let split = s
+            .char_indices()
+            .filter(|&(_, c)| c == '-')
+            .map(|(i, _)| i)
+            .find(|&i| s[..i].parse::<SocketAddr>().is_ok() && s[i + 1..].parse::<SocketAddr>().is_ok());
+        let i = split.ok_or_else(err)?;
+        let a: SocketAddr = s[..i].parse().map_err(|_| err())?;
+        let b: SocketAddr = s[i + 1..].parse().map_err(|_| err())?;
+        Ok(FlowKey::new(Endpoint::new(a.ip(), a.port()), Endpoint::new(b.ip(), b.port())))
+    }
+}
+
+impl Endpoint {
+    /// Fixed 18-byte encoding (address as IPv6 or IPv4-mapped, then big-endian port), which
+    /// sorts like the endpoint itself: usable in storage keys.
+    pub fn to_bytes(&self) -> [u8; 18] {
+        let mut out = [0u8; 18];
+        out[..16].copy_from_slice(&self.addr);
+        out[16..].copy_from_slice(&self.port.to_be_bytes());
+        out
+    }
+
+    /// Inverse of [`Endpoint::to_bytes`].
+    pub fn from_bytes(bytes: [u8; 18]) -> Self {
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&bytes[..16]);
+        Endpoint { addr, port: u16::from_be_bytes([bytes[16], bytes[17]]) }
+    }
+}
+
+impl FlowKey {
+    /// Fixed 36-byte encoding (`lo` then `hi`), sorting like the key: storage keys start with it
+    /// so that everything about one connection is one prefix scan.
+    pub fn to_bytes(&self) -> [u8; 36] {
+        let mut out = [0u8; 36];
+        out[..18].copy_from_slice(&self.lo.to_bytes());
+        out[18..].copy_from_slice(&self.hi.to_bytes());
+        out
+    }
+
+    /// Inverse of [`FlowKey::to_bytes`]; `None` if the endpoints are not in canonical order.
+    pub fn from_bytes(bytes: [u8; 36]) -> Option<Self> {
+        let mut lo = [0u8; 18];
+        let mut hi = [0u8; 18];
+        lo.copy_from_slice(&bytes[..18]);
+        hi.copy_from_slice(&bytes[18..]);
+        let (lo, hi) = (Endpoint::from_bytes(lo), Endpoint::from_bytes(hi));
+        (lo <= hi).then_some(FlowKey { lo, hi })
+    }
+}
+
 impl fmt::Display for FlowKey {
     /// `lo-hi`, a stable text form usable as a connection id on the command line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -150,6 +220,18 @@ mod tests {
         assert_eq!(ep("[2001:db8::1]:443").to_string(), "[2001:db8::1]:443");
         assert!(ep("198.51.100.1:80").is_ipv4());
         assert!(!ep("[2001:db8::1]:443").is_ipv4());
+    }
+
+    #[test]
+    fn key_round_trips_through_text_and_bytes() {
+        for text in ["198.51.100.1:40000-203.0.113.5:443", "[2001:db8::1]:443-[2001:db8::2]:5000"] {
+            let key: FlowKey = text.parse().unwrap();
+            assert_eq!(key.to_string(), text);
+            assert_eq!(FlowKey::from_bytes(key.to_bytes()), Some(key));
+        }
+        let swapped: FlowKey = "203.0.113.5:443-198.51.100.1:40000".parse().unwrap();
+        assert_eq!(swapped.to_string(), "198.51.100.1:40000-203.0.113.5:443");
+        assert!("198.51.100.1-203.0.113.5:443".parse::<FlowKey>().is_err());
     }
 
     #[test]
