@@ -1,7 +1,8 @@
 //! `rstscope-agent`: capture packets (files or a live interface), track every TCP connection and
-//! report every RST with its evidence.
+//! report every RST with its evidence, on stdout or (with `--collector`) to the collector.
 
 use std::io::{self, IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use rstscope_agent::capture::{FileSource, LiveConfig, LiveSource, PacketSource};
+use rstscope_agent::capture::{FileSource, LiveConfig, LiveSource, PacketSource, Poll};
+use rstscope_agent::event::Event;
+use rstscope_agent::export::{self, ExportConfig, Exporter, TlsFiles};
 use rstscope_agent::flow::{Tracker, TrackerConfig};
 use rstscope_agent::output::{Format, Writer};
 use rstscope_agent::pipeline::{run_source, Counters};
@@ -80,7 +83,49 @@ struct Args {
     /// Log level filter for diagnostics on stderr (e.g. `info`, `rstscope_agent=debug`).
     #[arg(long, env = "RSTSCOPE_LOG", default_value = "warn", help_heading = "Output")]
     log: String,
+
+    /// Send events to this collector (`http://host:port`, or `https://` with --ca-cert). Stdout
+    /// output is then off unless -o is given.
+    #[arg(long, value_name = "URL", env = "RSTSCOPE_COLLECTOR", help_heading = "Export")]
+    collector: Option<String>,
+
+    /// This agent's unique name (one per vantage point); needed with --collector.
+    #[arg(long, value_name = "NAME", env = "RSTSCOPE_AGENT_NAME", help_heading = "Export")]
+    name: Option<String>,
+
+    /// Directory for the spool and batch numbering [default: $XDG_STATE_HOME/rstscope/agent-NAME,
+    /// else ~/.local/state/rstscope/agent-NAME, else ./rstscope-agent-NAME].
+    #[arg(long, value_name = "DIR", env = "RSTSCOPE_STATE_DIR", help_heading = "Export")]
+    state_dir: Option<PathBuf>,
+
+    /// Size cap of the on-disk spool; beyond it events are dropped and the count is reported.
+    #[arg(long, value_name = "MIB", default_value_t = 1024, help_heading = "Export")]
+    spool_max_mib: u64,
+
+    /// Bearer token for the collector.
+    #[arg(long, env = "RSTSCOPE_TOKEN", hide_env_values = true, help_heading = "Export")]
+    token: Option<String>,
+
+    /// CA certificate (PEM) the collector's certificate must chain to (https).
+    #[arg(long, value_name = "FILE", help_heading = "Export")]
+    ca_cert: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_key", help_heading = "Export")]
+    client_cert: Option<PathBuf>,
+
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_cert", help_heading = "Export")]
+    client_key: Option<PathBuf>,
+
+    /// At the end of input, wait this long for the collector to acknowledge everything; then
+    /// exit with status 3 (what is unacknowledged stays in the spool for the next run).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, help_heading = "Export")]
+    ack_timeout: f64,
 }
+
+/// Exit status when the collector did not acknowledge everything within --ack-timeout.
+const EXIT_UNACKNOWLEDGED: u8 = 3;
 
 fn main() -> ExitCode {
     match run() {
@@ -117,9 +162,15 @@ fn run() -> Result<ExitCode> {
         ignore_checksums: args.ignore_checksums || args.interface.is_some(),
         ..TrackerConfig::default()
     };
-    let format = args.output.unwrap_or(if io::stdout().is_terminal() { Format::Text } else { Format::Json });
+    let ack_timeout = Duration::from_nanos(secs_to_ns(args.ack_timeout, "ack-timeout")? as u64);
+    // With a collector, stdout stays quiet unless asked for.
+    let format = match (args.output, &args.collector) {
+        (Some(format), _) => Some(format),
+        (None, Some(_)) => None,
+        (None, None) => Some(if io::stdout().is_terminal() { Format::Text } else { Format::Json }),
+    };
     let stdout = io::stdout().lock();
-    let mut writer = Writer::new(format, io::BufWriter::with_capacity(1 << 16, stdout));
+    let mut writer = format.map(|format| Writer::new(format, io::BufWriter::with_capacity(1 << 16, stdout)));
     let mut tracker = Tracker::new(config);
     let mut counters = Counters::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -139,17 +190,7 @@ fn run() -> Result<ExitCode> {
         ctrlc::set_handler(request_stop).context("installing the Ctrl-C handler")?;
     }
 
-    let mut write_failed: Option<io::Error> = None;
-    let mut emit = |event: rstscope_agent::event::Event| {
-        if write_failed.is_none() {
-            if let Err(e) = writer.event(&event) {
-                write_failed = Some(e);
-            }
-        }
-    };
-    let mut report = |line: &str| eprintln!("rstscope-agent: {line}");
-    let mut drops = None;
-
+    let mut live_source = None;
     if let Some(interface) = &args.interface {
         let live = LiveConfig {
             interface: interface.clone(),
@@ -159,7 +200,36 @@ fn run() -> Result<ExitCode> {
             buffer_size: args.buffer_mib.saturating_mul(1 << 20),
             ..LiveConfig::default()
         };
-        let mut source = LiveSource::open(&live).with_context(|| format!("opening interface {interface}"))?;
+        let source = LiveSource::open(&live).with_context(|| format!("opening interface {interface}"))?;
+        live_source = Some(source);
+    }
+    let exporter = match &args.collector {
+        Some(url) => Some(start_exporter(&args, url, live_source.as_ref())?),
+        None => None,
+    };
+
+    let mut write_failed: Option<io::Error> = None;
+    // The tracker's packet clock at the end: every packet belongs to a flow, and after
+    // `finish_all` every flow has been summarised, so the latest flow end is the last packet.
+    let mut last_packet_ns: Option<i64> = None;
+    let mut emit = |event: Event| {
+        if let Event::Flow(flow) = &event {
+            last_packet_ns = Some(last_packet_ns.map_or(flow.end_ns, |t| t.max(flow.end_ns)));
+        }
+        if let Some(exporter) = &exporter {
+            exporter.push(&event);
+        }
+        if let (Some(writer), None) = (writer.as_mut(), &write_failed) {
+            if let Err(e) = writer.event(&event) {
+                write_failed = Some(e);
+            }
+        }
+    };
+    let mut report = |line: &str| eprintln!("rstscope-agent: {line}");
+    let mut drops = None;
+    let started = std::time::SystemTime::now();
+
+    if let (Some(interface), Some(mut source)) = (&args.interface, live_source.take()) {
         tracing::info!(interface = %interface, link_type = %source.link_type().name(), "Capturing live.");
         if let Ok(mut slot) = breaker.lock() {
             *slot = Some(source.stopper());
@@ -199,22 +269,141 @@ fn run() -> Result<ExitCode> {
         }
     }
     tracker.finish_all(&mut emit);
-    if let Some(e) = write_failed {
-        if e.kind() == io::ErrorKind::BrokenPipe {
-            return Ok(ExitCode::SUCCESS);
+    // As without a collector: a closed pipe while writing events ends quietly with success; a
+    // closed pipe for the closing stats record is ignored; other write errors fail the run.
+    let mut output_error = None;
+    let mut events_pipe_closed = false;
+    if let Some(mut writer) = writer {
+        match write_failed {
+            Some(e) if e.kind() == io::ErrorKind::BrokenPipe => events_pipe_closed = true,
+            Some(e) => output_error = Some(e),
+            None => {
+                let mut stats = counters.to_stats(&tracker);
+                stats.capture_drops = drops;
+                if let Err(e) = writer.stats(&stats).and_then(|_| writer.flush()) {
+                    if e.kind() != io::ErrorKind::BrokenPipe {
+                        output_error = Some(e);
+                    }
+                }
+            }
         }
+    }
+    let unacked = match exporter {
+        Some(exporter) => finish_export(exporter, last_packet_ns, drops, started, ack_timeout),
+        None => 0,
+    };
+    if let Some(e) = output_error {
         return Err(e).context("writing output");
     }
-    let mut stats = counters.to_stats(&tracker);
-    stats.capture_drops = drops;
-    writer
-        .stats(&stats)
-        .and_then(|_| writer.flush())
-        .or_else(|e| if e.kind() == io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })
-        .context("writing output")?;
+    if events_pipe_closed && unacked == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let _ = io::stderr().flush();
-    // Non-zero only when nothing at all could be read.
-    Ok(if counters.packets == 0 && !counters.errors.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(exit_code(&counters, unacked))
+}
+
+/// 1 when nothing at all could be read; 3 when batches are left unacknowledged; else 0.
+fn exit_code(counters: &Counters, unacked: u64) -> ExitCode {
+    if counters.packets == 0 && !counters.errors.is_empty() {
+        ExitCode::from(1)
+    } else if unacked > 0 {
+        ExitCode::from(EXIT_UNACKNOWLEDGED)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn start_exporter(args: &Args, url: &str, live: Option<&LiveSource>) -> Result<Exporter> {
+    let Some(name) = &args.name else {
+        bail!("--collector needs --name NAME (this agent's unique name)");
+    };
+    export::check_agent_name(name).map_err(anyhow::Error::msg)?;
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
+        let xdg = std::env::var_os("XDG_STATE_HOME");
+        let home = std::env::var_os("HOME");
+        export::default_state_dir(name, xdg.as_deref(), home.as_deref())
+    });
+    let interfaces = match (live, &args.interface) {
+        (Some(source), Some(interface)) => {
+            vec![rstscope_proto::v1::Interface { name: interface.clone(), link_type: source.link_type().0 }]
+        }
+        _ => args.read.iter().map(|path| file_interface(path)).collect(),
+    };
+    let mut config = ExportConfig::new(url, name.clone(), state_dir.clone());
+    config.host_name = host_name();
+    config.interfaces = interfaces;
+    config.spool_max_bytes = args.spool_max_mib.saturating_mul(1 << 20);
+    config.token = args.token.clone();
+    config.tls = TlsFiles {
+        ca_cert: args.ca_cert.clone(),
+        client_cert: args.client_cert.clone(),
+        client_key: args.client_key.clone(),
+    };
+    let exporter = Exporter::start(config).context("starting the export to the collector")?;
+    tracing::info!(collector = %url, state_dir = %state_dir.display(), "Exporting to the collector.");
+    Ok(exporter)
+}
+
+/// Sends the final watermark and capture losses, waits for the acknowledgements; returns the
+/// number of batches left unacknowledged (reported on stderr).
+fn finish_export(
+    exporter: Exporter,
+    last_packet_ns: Option<i64>,
+    drops: Option<rstscope_agent::capture::CaptureDrops>,
+    started: std::time::SystemTime,
+    ack_timeout: Duration,
+) -> u64 {
+    let wall_ns = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+    };
+    if let Some(drops) = drops {
+        exporter.capture_loss(drops, wall_ns(started), wall_ns(std::time::SystemTime::now()));
+    }
+    if let Some(ts_ns) = last_packet_ns {
+        exporter.watermark(ts_ns);
+    }
+    let report = exporter.finish(ack_timeout);
+    let stats = report.stats;
+    if stats.events_dropped > 0 {
+        eprintln!(
+            "rstscope-agent: {} events dropped because the spool was full (reported to the collector)",
+            stats.events_dropped
+        );
+    }
+    if report.unacked_batches > 0 {
+        eprintln!(
+            "rstscope-agent: {} batches not acknowledged by the collector within {:.0} s; they are safe in the spool and the next run with the same --name/--state-dir sends them",
+            report.unacked_batches,
+            ack_timeout.as_secs_f64()
+        );
+    }
+    tracing::info!(events = stats.events, batches = stats.last_seq, acked = stats.acked, "Export finished.");
+    report.unacked_batches
+}
+
+/// A capture file as an interface in the hello: its name and the link type of its first packet
+/// (0 when it cannot be told, e.g. for stdin, which cannot be read twice).
+fn file_interface(path: &str) -> rstscope_proto::v1::Interface {
+    let link_type = if path == "-" {
+        0
+    } else {
+        FileSource::open(path)
+            .ok()
+            .and_then(|mut source| match source.next_packet() {
+                Ok(Poll::Packet(packet)) => Some(packet.link_type.0),
+                _ => None,
+            })
+            .unwrap_or(0)
+    };
+    rstscope_proto::v1::Interface { name: path.to_string(), link_type }
+}
+
+fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
 }
 
 fn progress_bar(mode: &str, source: &FileSource) -> Option<ProgressBar> {

@@ -1,7 +1,16 @@
-//! The rstscope collector: gRPC ingest from agents, sled storage, correlation and the query CLI.
+//! The rstscope collector: gRPC ingest from agents, durable sled storage, and the query service
+//! behind the `rstscope` CLI. Correlation (verdicts) comes with the correlation issue; until then
+//! every RST's verdict is `pending`.
 //!
-//! Not built yet: this crate is the home of the collector issue (ingest, store, query) and of the
-//! correlation issue (verdicts). It exists now so that the workspace has its final shape and the
-//! shared identity types in `rstscope-proto` are already used from both sides.
+//! Layout: `store` is the only module that knows sled; `ingest` and `query` are the gRPC
+//! services (check the request, convert, call the store, convert back); `pb` names protobuf
+//! values in the shared vocabulary; `auth` holds the token and TLS settings shared by both
+//! services; `metrics` the Prometheus counters; `service` wires them into one server.
 
-pub use rstscope_proto::FlowKey;
+pub mod auth;
+pub mod ingest;
+pub mod metrics;
+pub mod pb;
+pub mod query;
+pub mod service;
+pub mod store;

@@ -1,0 +1,404 @@
+//! The `Query` gRPC service behind the `rstscope` CLI.
+//!
+//! Requests are checked and turned into a [`Selection`] (the store's [`ResetQuery`] plus what
+//! only this layer knows: verdicts). The same selection filters the store's answer and the live
+//! resets of `FollowResets`, so a followed stream shows exactly what a later `ListResets` would.
+//!
+//! Every verdict is `pending` for now: correlation across vantage points is the next issue. A
+//! filter on another verdict therefore matches nothing yet.
+//!
+//! `FollowResets` subscribes to the live resets *before* it lists the store, so nothing stored
+//! in between is missed; duplicates of that overlap are skipped by identity. A follower too slow
+//! for the broadcast buffer is told so (`RESOURCE_EXHAUSTED`, with the time to resume from)
+//! rather than silently missing resets.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use ipnet::IpNet;
+use rstscope_proto::v1::{self, ResetFilter, ResetRecord};
+use rstscope_proto::FlowKey;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use crate::ingest::{blocking, check_agent_name, CheckError, LiveBatch};
+use crate::pb;
+use crate::service::Hub;
+use crate::store::{ResetQuery, StoredReset};
+
+/// Most hosts, ports, agents, ... one filter may name.
+const MAX_FILTER_ITEMS: usize = 256;
+
+/// A checked reset filter.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// What the store can select by.
+    pub query: ResetQuery,
+    /// Host networks as parsed (kept for the live matcher).
+    pub hosts: Vec<IpNet>,
+    /// Whether the verdict filter admits `pending`, the only verdict there is yet.
+    pub admits_pending: bool,
+}
+
+fn parse_host(text: &str) -> Result<IpNet, CheckError> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| CheckError(format!("host {text:?} is neither an address nor a CIDR network")))
+}
+
+fn check_count(field: &str, n: usize) -> Result<(), CheckError> {
+    if n > MAX_FILTER_ITEMS {
+        return Err(CheckError(format!("{n} {field}; the limit is {MAX_FILTER_ITEMS}")));
+    }
+    Ok(())
+}
+
+/// Checks a filter and turns it into a [`Selection`]: hosts as addresses or CIDRs, ports up to
+/// 65535, agent names, verdict and cause names from the vocabulary, flag letters.
+pub fn check_filter(filter: &ResetFilter) -> Result<Selection, CheckError> {
+    for (field, n) in [
+        ("hosts", filter.hosts.len()),
+        ("ports", filter.ports.len()),
+        ("agents", filter.agents.len()),
+        ("verdicts", filter.verdicts.len()),
+        ("causes", filter.causes.len()),
+        ("flags", filter.flags.len()),
+    ] {
+        check_count(field, n)?;
+    }
+    if let (Some(since), Some(until)) = (filter.since_ns, filter.until_ns) {
+        if until < since {
+            return Err(CheckError(format!("until ({until} ns) is before since ({since} ns)")));
+        }
+    }
+    let hosts = filter.hosts.iter().map(|h| parse_host(h)).collect::<Result<Vec<_>, _>>()?;
+    let ports = filter
+        .ports
+        .iter()
+        .map(|&p| u16::try_from(p).map_err(|_| CheckError(format!("port {p} is above 65535"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    for agent in &filter.agents {
+        check_agent_name(agent)?;
+    }
+    for verdict in &filter.verdicts {
+        if !pb::VERDICTS.contains(&verdict.as_str()) {
+            return Err(CheckError(format!("unknown verdict {verdict:?}; known: {}", pb::VERDICTS.join(", "))));
+        }
+    }
+    for cause in &filter.causes {
+        if !pb::CAUSES.contains(&cause.as_str()) {
+            return Err(CheckError(format!("unknown cause {cause:?}; known: {}", pb::CAUSES.join(", "))));
+        }
+    }
+    let flags = filter
+        .flags
+        .iter()
+        .map(|f| {
+            pb::parse_flags(f)
+                .map(pb::flags_text)
+                .ok_or_else(|| CheckError(format!("flags {f:?}: use the letters S F R P A U E C N, like RA")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let admits_pending = filter.verdicts.is_empty() || filter.verdicts.iter().any(|v| v == pb::PENDING);
+    let last = (filter.last > 0).then_some(filter.last as usize);
+    let query = ResetQuery {
+        since_ns: filter.since_ns,
+        until_ns: filter.until_ns,
+        hosts: hosts.clone(),
+        ports,
+        agents: filter.agents.clone(),
+        causes: filter.causes.clone(),
+        flags,
+        last,
+        ..ResetQuery::default()
+    };
+    Ok(Selection { query, hosts, admits_pending })
+}
+
+impl Selection {
+    /// Whether one reset passes the filter (the verdict is `pending` for all of them yet).
+    pub fn matches(&self, agent: &str, event: &v1::RstEvent) -> bool {
+        let q = &self.query;
+        let src = pb::endpoint(event.src.as_ref());
+        let dst = pb::endpoint(event.dst.as_ref());
+        let ends = [src, dst];
+        self.admits_pending
+            && q.since_ns.is_none_or(|since| event.ts_ns >= since)
+            && q.until_ns.is_none_or(|until| event.ts_ns < until)
+            && (self.hosts.is_empty()
+                || self.hosts.iter().any(|net| ends.iter().flatten().any(|e| net.contains(&e.ip()))))
+            && (q.ports.is_empty() || q.ports.iter().any(|&p| ends.iter().flatten().any(|e| e.port() == p)))
+            && (q.agents.is_empty() || q.agents.iter().any(|a| a == agent))
+            && (q.causes.is_empty() || q.causes.iter().any(|c| c == pb::cause_name(event.cause)))
+            && (q.flags.is_empty() || q.flags.iter().any(|f| *f == pb::flags_text(event.flags)))
+    }
+}
+
+/// The wire record of one reset.
+pub fn reset_record(agent: &str, key: &FlowKey, event: v1::RstEvent) -> ResetRecord {
+    ResetRecord {
+        agent: agent.to_string(),
+        connection: key.to_string(),
+        event: Some(event),
+        verdict: pb::PENDING.to_string(),
+    }
+}
+
+fn stored_record(stored: StoredReset) -> ResetRecord {
+    reset_record(&stored.agent, &stored.key, stored.event)
+}
+
+/// What makes two reports of a reset the same report: used to drop the overlap between the
+/// listed and the live part of a follow.
+type Identity = (String, u64, i64, u32, u32, u32);
+
+fn identity(agent: &str, event: &v1::RstEvent) -> Identity {
+    (agent.to_string(), event.conn_id, event.ts_ns, event.seq, event.ack, event.flags)
+}
+
+/// The `Query` service.
+#[derive(Clone)]
+pub struct QueryService {
+    hub: Arc<Hub>,
+}
+
+impl QueryService {
+    /// A service over the shared collector state.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        QueryService { hub }
+    }
+
+    /// The stored resets a selection picks, oldest first. Refuses (rather than truncates) an
+    /// answer larger than the configured limit.
+    async fn list(&self, selection: &Selection) -> Result<Vec<StoredReset>, Status> {
+        if !selection.admits_pending {
+            return Ok(Vec::new());
+        }
+        let max = self.hub.limits.max_list;
+        let mut query = selection.query.clone();
+        query.limit = Some(max + 1);
+        let store = self.hub.store.clone();
+        let found = blocking(move || store.resets(&query)).await?;
+        if found.len() > max {
+            return Err(Status::resource_exhausted(format!(
+                "more than {max} resets match; narrow the filter (--since, --host, ...) or use --last"
+            )));
+        }
+        Ok(found.into_iter().filter(|r| selection.matches(&r.agent, &r.event)).collect())
+    }
+}
+
+/// The response stream of `ListResets` and `FollowResets`.
+pub type ResetStream = Pin<Box<dyn Stream<Item = Result<ResetRecord, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl v1::query_server::Query for QueryService {
+    type ListResetsStream = ResetStream;
+    type FollowResetsStream = ResetStream;
+
+    async fn list_resets(&self, request: Request<ResetFilter>) -> Result<Response<ResetStream>, Status> {
+        let selection = check_filter(request.get_ref())?;
+        let found = self.list(&selection).await?;
+        let records = found.into_iter().map(|r| Ok(stored_record(r)));
+        Ok(Response::new(Box::pin(tokio_stream::iter(records))))
+    }
+
+    async fn follow_resets(&self, request: Request<ResetFilter>) -> Result<Response<ResetStream>, Status> {
+        let selection = check_filter(request.get_ref())?;
+        let live = self.hub.live.subscribe();
+        let found = self.list(&selection).await?;
+        let listed_up_to = self.hub.next_order.load(Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(self.hub.limits.follow_buffer.max(1));
+        let closed = self.hub.closed();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = follow(selection, found, listed_up_to, live, tx.clone()) => {}
+                () = closed => {
+                    let _ = tx.try_send(Err(Status::unavailable("the collector is shutting down")));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_connection(
+        &self,
+        request: Request<v1::ConnectionRequest>,
+    ) -> Result<Response<v1::ConnectionReply>, Status> {
+        let text = request.into_inner().connection;
+        let key = text.trim().parse::<FlowKey>().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let store = self.hub.store.clone();
+        let view = blocking(move || store.connection(&key)).await?;
+        if view.flows.is_empty() && view.resets.is_empty() {
+            return Err(Status::not_found(format!("no agent reported connection {key}")));
+        }
+        let flows = view.flows.into_iter().map(|(agent, flow)| v1::AgentFlow { agent, flow: Some(flow) }).collect();
+        let resets = view.resets.into_iter().map(stored_record).collect();
+        Ok(Response::new(v1::ConnectionReply { flows, resets }))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsReply>, Status> {
+        let store = self.hub.store.clone();
+        let records = blocking(move || store.agents()).await?;
+        let live = self.hub.agents.snapshot();
+        let mut agents: Vec<v1::AgentState> = records
+            .into_iter()
+            .map(|r| {
+                let now = live.get(&r.name).copied().unwrap_or_default();
+                v1::AgentState {
+                    connected: now.connected,
+                    last_seen_ns: r.last_seen_ns.max(now.last_seen_ns),
+                    name: r.name,
+                    host_name: r.host_name,
+                    software_version: r.software_version,
+                    watermark_ns: r.watermark_ns,
+                    events: r.events,
+                    capture_drops: r.capture_drops,
+                    events_dropped: r.events_dropped,
+                    spool_backlog: 0,
+                }
+            })
+            .collect();
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(v1::ListAgentsReply { agents }))
+    }
+
+    async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
+        let store = self.hub.store.clone();
+        let status = blocking(move || store.status()).await?;
+        Ok(Response::new(v1::StatusReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.hub.started.elapsed().as_secs(),
+            resets: status.resets,
+            flows: status.flows,
+            store_bytes: status.bytes,
+            agents: status.agents,
+        }))
+    }
+}
+
+/// Sends the listed resets, then the live ones, until the client hangs up.
+async fn follow(
+    selection: Selection,
+    found: Vec<StoredReset>,
+    listed_up_to: u64,
+    mut live: broadcast::Receiver<Arc<LiveBatch>>,
+    tx: mpsc::Sender<Result<ResetRecord, Status>>,
+) {
+    let mut last_ts = None;
+    // Only batches handed out before the listing ended can be in it.
+    let mut listed: HashSet<Identity> = HashSet::new();
+    for stored in found {
+        last_ts = Some(stored.event.ts_ns);
+        listed.insert(identity(&stored.agent, &stored.event));
+        if tx.send(Ok(stored_record(stored))).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let batch = tokio::select! {
+            received = live.recv() => received,
+            () = tx.closed() => return,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(broadcast::error::RecvError::Closed) => return,
+            Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                let resume = last_ts.map(|ts| format!("; resume with --since {}", pb::ts_text(ts))).unwrap_or_default();
+                let message =
+                    format!("this follower fell behind and {skipped} batches of resets were not sent{resume}");
+                let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(Err(Status::resource_exhausted(message))))
+                    .await;
+                return;
+            }
+        };
+        if batch.order > listed_up_to && !listed.is_empty() {
+            listed = HashSet::new();
+        }
+        for (key, event) in &batch.resets {
+            if !selection.matches(&batch.agent, event) {
+                continue;
+            }
+            if batch.order <= listed_up_to && listed.contains(&identity(&batch.agent, event)) {
+                debug!("A followed reset was already listed; skipped.");
+                continue;
+            }
+            last_ts = Some(event.ts_ns);
+            if tx.send(Ok(reset_record(&batch.agent, key, event.clone()))).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter() -> ResetFilter {
+        ResetFilter::default()
+    }
+
+    fn event() -> v1::RstEvent {
+        v1::RstEvent {
+            ts_ns: 1_700_000_000_000_000_000,
+            src: Some(v1::Endpoint { ip: vec![192, 0, 2, 1], port: 443 }),
+            dst: Some(v1::Endpoint { ip: vec![198, 51, 100, 7], port: 50_000 }),
+            flags: 0x014,
+            cause: v1::Cause::AppAbort as i32,
+            ..Default::default()
+        }
+    }
+
+    fn matches(f: ResetFilter) -> bool {
+        check_filter(&f).unwrap().matches("edge-1", &event())
+    }
+
+    #[test]
+    fn filters_select_like_the_store() {
+        assert!(matches(filter()));
+        assert!(matches(ResetFilter { hosts: vec!["192.0.2.0/24".into()], ..filter() }));
+        assert!(matches(ResetFilter { hosts: vec!["198.51.100.7".into()], ..filter() }));
+        assert!(!matches(ResetFilter { hosts: vec!["203.0.113.0/24".into()], ..filter() }));
+        assert!(matches(ResetFilter { ports: vec![50_000], ..filter() }));
+        assert!(!matches(ResetFilter { ports: vec![80], ..filter() }));
+        assert!(matches(ResetFilter { agents: vec!["edge-1".into()], ..filter() }));
+        assert!(!matches(ResetFilter { agents: vec!["edge-2".into()], ..filter() }));
+        assert!(matches(ResetFilter { causes: vec!["app-abort".into()], ..filter() }));
+        assert!(!matches(ResetFilter { causes: vec!["refused".into()], ..filter() }));
+        assert!(matches(ResetFilter { flags: vec!["ar".into()], ..filter() }));
+        assert!(!matches(ResetFilter { flags: vec!["R".into()], ..filter() }));
+        assert!(matches(ResetFilter { verdicts: vec!["pending".into()], ..filter() }));
+        assert!(!matches(ResetFilter { verdicts: vec!["injected".into()], ..filter() }));
+        assert!(matches(ResetFilter { since_ns: Some(1_700_000_000_000_000_000), ..filter() }));
+        assert!(!matches(ResetFilter { until_ns: Some(1_700_000_000_000_000_000), ..filter() }));
+    }
+
+    #[test]
+    fn bad_filters_are_explained() {
+        let error = |f: ResetFilter| check_filter(&f).unwrap_err().0;
+        assert_eq!(
+            error(ResetFilter { hosts: vec!["example.com".into()], ..filter() }),
+            "host \"example.com\" is neither an address nor a CIDR network"
+        );
+        assert_eq!(error(ResetFilter { ports: vec![70_000], ..filter() }), "port 70000 is above 65535");
+        assert!(error(ResetFilter { verdicts: vec!["forged".into()], ..filter() }).starts_with("unknown verdict"));
+        assert!(error(ResetFilter { causes: vec!["oops".into()], ..filter() }).starts_with("unknown cause"));
+        assert!(error(ResetFilter { flags: vec!["RX".into()], ..filter() }).starts_with("flags \"RX\""));
+        assert!(error(ResetFilter { since_ns: Some(2), until_ns: Some(1), ..filter() }).starts_with("until"));
+    }
+}

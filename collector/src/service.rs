@@ -1,0 +1,180 @@
+//! Wires the collector together: the shared state both services use, and the gRPC server with
+//! its limits, authentication and TLS.
+//!
+//! Everything a test needs to run a real collector in-process lives here, so the binary and the
+//! integration tests start exactly the same server.
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rstscope_proto::v1::ingest_server::IngestServer;
+use rstscope_proto::v1::query_server::QueryServer;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Server, ServerTlsConfig};
+use tonic::Status;
+
+use crate::auth::TokenCheck;
+use crate::ingest::{IngestService, LiveAgents, LiveBatch};
+use crate::metrics::{Gauges, Metrics};
+use crate::query::QueryService;
+use crate::store::{Store, StoreError};
+
+/// Bounds on what clients may ask of the collector.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest batch accepted, in events (told to agents in the welcome).
+    pub max_batch_events: usize,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Most agents connected at once.
+    pub max_agents: usize,
+    /// Most concurrent gRPC streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Largest `ListResets` answer; larger ones are refused, not truncated.
+    pub max_list: usize,
+    /// Batches of live resets buffered for slow followers before they are told they lag.
+    pub live_buffer: usize,
+    /// Records buffered per follower.
+    pub follow_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch_events: 5000,
+            max_message_bytes: 16 << 20,
+            max_agents: 1024,
+            max_streams_per_connection: 128,
+            max_list: 1_000_000,
+            live_buffer: 4096,
+            follow_buffer: 256,
+        }
+    }
+}
+
+/// State shared by the ingest and query services.
+pub struct Hub {
+    /// The durable store.
+    pub store: Store,
+    /// Who is connected now.
+    pub agents: Arc<LiveAgents>,
+    /// Newly stored resets, for followers.
+    pub live: broadcast::Sender<Arc<LiveBatch>>,
+    /// Orders stored batches for followers (see [`LiveBatch::order`]).
+    pub next_order: AtomicU64,
+    /// Prometheus counters.
+    pub metrics: Arc<Metrics>,
+    /// When the collector started.
+    pub started: Instant,
+    /// Client limits.
+    pub limits: Limits,
+    /// Becomes true when the collector stops: long-lived streams end then, so that the
+    /// server's graceful shutdown does not wait for agents to hang up.
+    closing: watch::Sender<bool>,
+}
+
+impl Hub {
+    /// Shared state over an open store.
+    pub fn new(store: Store, limits: Limits) -> Arc<Self> {
+        let (live, _) = broadcast::channel(limits.live_buffer.max(1));
+        Arc::new(Hub {
+            store,
+            agents: Arc::default(),
+            live,
+            next_order: AtomicU64::new(0),
+            metrics: Arc::default(),
+            started: Instant::now(),
+            limits,
+            closing: watch::channel(false).0,
+        })
+    }
+
+    /// Ends every ingest and follow stream (with `UNAVAILABLE`, so agents reconnect later).
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Hub::close_streams`] was called.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+    }
+
+    /// The current gauges (reads the store's size: call off the async threads).
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            agents_connected: self.agents.connected() as u64,
+            store_bytes: self.store.status().map(|s| s.bytes).unwrap_or(0),
+        }
+    }
+}
+
+/// How clients must authenticate.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// Shared bearer token; `None`: none required.
+    pub token: Option<String>,
+    /// TLS (with client certificates when it names a client CA); `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// The server could not start or failed.
+#[derive(Debug, thiserror::Error)]
+#[error("gRPC server: {0}")]
+pub struct ServeError(#[from] tonic::transport::Error);
+
+/// Serves both services on `listener` until `shutdown` completes, then ends the open streams
+/// and waits for them to close.
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    security: Security,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let limits = hub.limits.clone();
+    let token = TokenCheck::new(security.token.as_deref());
+    let ingest = IngestServer::new(IngestService::new(hub.clone()))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let query = QueryServer::new(QueryService::new(hub.clone()))
+        .max_decoding_message_size(1 << 20)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let mut builder = Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true);
+    if let Some(tls) = security.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .add_service(InterceptedService::new(ingest, token.clone()))
+        .add_service(InterceptedService::new(query, token))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            hub.close_streams();
+        })
+        .await?;
+    Ok(())
+}
+
+impl From<StoreError> for Status {
+    /// Store failures as gRPC codes: the agent retries `UNAVAILABLE` and `RESOURCE_EXHAUSTED`
+    /// with backoff; nothing was acknowledged in any case.
+    fn from(error: StoreError) -> Self {
+        let message = error.to_string();
+        match error {
+            StoreError::Sled(_) | StoreError::Io(_) => Status::unavailable(message),
+            StoreError::DiskFull(_) => Status::resource_exhausted(message),
+            StoreError::Corrupt(_) => Status::data_loss(message),
+            StoreError::Invalid(_) => Status::invalid_argument(message),
+        }
+    }
+}

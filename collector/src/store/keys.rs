@@ -1,0 +1,222 @@
+//! Byte layouts of keys and values. Everything is big-endian so that sled's byte order is the
+//! order we want to scan in; nothing here touches sled itself.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rstscope_proto::FlowKey;
+
+/// Length of a record key ([`StoreSeq::to_bytes`]).
+pub(crate) const RECORD_KEY_LEN: usize = 28;
+/// Length of a connection index key: flow key, kind, record key.
+pub(crate) const CONN_KEY_LEN: usize = 36 + 1 + RECORD_KEY_LEN;
+/// Length of the header in front of every stored reset or flow value.
+pub(crate) const HEADER_LEN: usize = 40;
+/// Version byte of the value header; bump when the layout changes.
+const VALUE_VERSION: u8 = 1;
+
+/// Kind byte in the connection index: flows sort before resets of the same connection.
+pub(crate) const KIND_FLOW: u8 = 0;
+/// Kind byte in the connection index for resets.
+pub(crate) const KIND_RESET: u8 = 1;
+
+/// A nanosecond timestamp as 8 bytes that sort like the signed value (sign bit flipped).
+pub(crate) fn ts_bytes(ts_ns: i64) -> [u8; 8] {
+    ((ts_ns as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub(crate) fn ts_from_bytes(bytes: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(bytes) ^ (1 << 63)) as i64
+}
+
+/// Where a stored record sits: its position in time order, and the cursor for paging and
+/// following.
+///
+/// Ordering (derived, field by field) equals the order of the stored keys: event time, then the
+/// collector's id of the agent, then arrival (agent session, batch number, index in the batch).
+/// The same event sent twice gets the same `StoreSeq`, which is what makes retries harmless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct StoreSeq {
+    /// Event time, ns since the epoch (agent clock).
+    pub ts_ns: i64,
+    /// The collector's number for the agent (interned name).
+    pub agent_id: u32,
+    /// The collector's number for the agent's (name, boot id) session.
+    pub session_id: u32,
+    /// Batch number within the session.
+    pub batch_seq: u64,
+    /// Index of the event within its batch.
+    pub index: u32,
+}
+
+impl StoreSeq {
+    /// The 28-byte key: ts (sign-flipped) 8, agent 4, session 4, batch 8, index 4.
+    pub fn to_bytes(&self) -> [u8; RECORD_KEY_LEN] {
+        let mut out = [0u8; RECORD_KEY_LEN];
+        out[0..8].copy_from_slice(&ts_bytes(self.ts_ns));
+        out[8..12].copy_from_slice(&self.agent_id.to_be_bytes());
+        out[12..16].copy_from_slice(&self.session_id.to_be_bytes());
+        out[16..24].copy_from_slice(&self.batch_seq.to_be_bytes());
+        out[24..28].copy_from_slice(&self.index.to_be_bytes());
+        out
+    }
+
+    /// Inverse of [`StoreSeq::to_bytes`]; `None` unless exactly 28 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let b: &[u8; RECORD_KEY_LEN] = bytes.try_into().ok()?;
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&b[0..8]);
+        let mut batch = [0u8; 8];
+        batch.copy_from_slice(&b[16..24]);
+        Some(StoreSeq {
+            ts_ns: ts_from_bytes(ts),
+            agent_id: u32::from_be_bytes([b[8], b[9], b[10], b[11]]),
+            session_id: u32::from_be_bytes([b[12], b[13], b[14], b[15]]),
+            batch_seq: u64::from_be_bytes(batch),
+            index: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
+        })
+    }
+}
+
+impl fmt::Display for StoreSeq {
+    /// `ts.agent.session.batch.index`, a printable cursor.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}.{}.{}", self.ts_ns, self.agent_id, self.session_id, self.batch_seq, self.index)
+    }
+}
+
+/// A text that is not a [`StoreSeq`] cursor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a store cursor (expected ts.agent.session.batch.index): {0:?}")]
+pub struct ParseStoreSeqError(pub String);
+
+impl FromStr for StoreSeq {
+    type Err = ParseStoreSeqError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseStoreSeqError(s.to_string());
+        let mut parts = s.split('.');
+        let mut next = || parts.next().ok_or_else(err);
+        let seq = StoreSeq {
+            ts_ns: next()?.parse().map_err(|_| err())?,
+            agent_id: next()?.parse().map_err(|_| err())?,
+            session_id: next()?.parse().map_err(|_| err())?,
+            batch_seq: next()?.parse().map_err(|_| err())?,
+            index: next()?.parse().map_err(|_| err())?,
+        };
+        if parts.next().is_some() {
+            return Err(err());
+        }
+        Ok(seq)
+    }
+}
+
+/// Connection index key: `flow key ++ kind ++ record key`; the value is empty.
+pub(crate) fn conn_key(key: &FlowKey, kind: u8, seq: &StoreSeq) -> [u8; CONN_KEY_LEN] {
+    let mut out = [0u8; CONN_KEY_LEN];
+    out[..36].copy_from_slice(&key.to_bytes());
+    out[36] = kind;
+    out[37..].copy_from_slice(&seq.to_bytes());
+    out
+}
+
+/// Session key: `len(agent) u32 ++ agent ++ boot_id` (length-prefixed so no name can collide).
+pub(crate) fn session_key(agent: &str, boot_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + agent.len() + boot_id.len());
+    out.extend_from_slice(&(agent.len() as u32).to_be_bytes());
+    out.extend_from_slice(agent.as_bytes());
+    out.extend_from_slice(boot_id.as_bytes());
+    out
+}
+
+/// A session value: the session's number and its durable batch number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SessionValue {
+    pub(crate) session_id: u32,
+    pub(crate) durable_seq: u64,
+}
+
+impl SessionValue {
+    pub(crate) fn to_bytes(self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[..4].copy_from_slice(&self.session_id.to_be_bytes());
+        out[4..].copy_from_slice(&self.durable_seq.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let b: &[u8; 12] = bytes.try_into().ok()?;
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&b[4..]);
+        Some(SessionValue {
+            session_id: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            durable_seq: u64::from_be_bytes(seq),
+        })
+    }
+}
+
+/// The fixed header in front of every stored reset or flow: what the filters need, so that a
+/// query decodes only the protobuf of records it returns, and retention can find the index entry
+/// without decoding at all. Layout: version 1, flow key 36, cause 1, flags 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ValueHeader {
+    pub(crate) key: FlowKey,
+    /// `v1::Cause` value (0 for flows; 255 if out of range).
+    pub(crate) cause: u8,
+    /// TCP flag bits (12 bits; 0 for flows).
+    pub(crate) flags: u16,
+}
+
+impl ValueHeader {
+    /// Header followed by the encoded message.
+    pub(crate) fn encode_with(&self, message: &impl prost::Message) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + message.encoded_len());
+        out.push(VALUE_VERSION);
+        out.extend_from_slice(&self.key.to_bytes());
+        out.push(self.cause);
+        out.extend_from_slice(&self.flags.to_be_bytes());
+        message.encode_raw(&mut out);
+        out
+    }
+
+    /// The header and the message bytes after it; `None` if the value is not ours.
+    pub(crate) fn decode(value: &[u8]) -> Option<(ValueHeader, &[u8])> {
+        if value.len() < HEADER_LEN || value[0] != VALUE_VERSION {
+            return None;
+        }
+        let key_bytes: [u8; 36] = value[1..37].try_into().ok()?;
+        let key = FlowKey::from_bytes(key_bytes)?;
+        let header = ValueHeader { key, cause: value[37], flags: u16::from_be_bytes([value[38], value[39]]) };
+        Some((header, &value[HEADER_LEN..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn store_seq_bytes_sort_like_the_value(
+            a in (any::<i64>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()),
+            b in (any::<i64>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()),
+        ) {
+            let a = StoreSeq { ts_ns: a.0, agent_id: a.1, session_id: a.2, batch_seq: a.3, index: a.4 };
+            let b = StoreSeq { ts_ns: b.0, agent_id: b.1, session_id: b.2, batch_seq: b.3, index: b.4 };
+            prop_assert_eq!(a.cmp(&b), a.to_bytes().cmp(&b.to_bytes()));
+            prop_assert_eq!(StoreSeq::from_bytes(&a.to_bytes()), Some(a));
+            prop_assert_eq!(a.to_string().parse::<StoreSeq>(), Ok(a));
+        }
+
+        #[test]
+        fn timestamps_sort_like_i64(a in any::<i64>(), b in any::<i64>()) {
+            prop_assert_eq!(a.cmp(&b), ts_bytes(a).cmp(&ts_bytes(b)));
+        }
+    }
+
+    #[test]
+    fn session_keys_do_not_collide() {
+        assert_ne!(session_key("ab", "c"), session_key("a", "bc"));
+    }
+}

@@ -1,0 +1,595 @@
+//! Store tests against a real sled directory. Events are written with a tiny helper language:
+//! `rst(ms, "10.0.0.1:1234 > 10.0.0.2:80", "RA", Cause::Refused)`; results are compared as the
+//! list of their times in ms, so each table row reads like the data it describes.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rstscope_proto::v1::{self, event::Kind, Cause};
+use rstscope_proto::{Endpoint, FlowKey};
+
+use super::*;
+
+/// An arbitrary epoch so that times in the tables stay small.
+const T0_NS: i64 = 1_700_000_000_000_000_000;
+
+fn ns(ms: i64) -> i64 {
+    T0_NS + ms * 1_000_000
+}
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(StoreConfig::new(dir.path())).expect("open store")
+}
+
+fn pb_endpoint(text: &str) -> v1::Endpoint {
+    let addr: std::net::SocketAddr = text.parse().expect("socket address");
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    v1::Endpoint { ip, port: u32::from(addr.port()) }
+}
+
+/// `"a:1 > b:2"` as (src, dst).
+fn pair(path: &str) -> (v1::Endpoint, v1::Endpoint) {
+    let (a, b) = path.split_once(" > ").expect("src > dst");
+    (pb_endpoint(a), pb_endpoint(b))
+}
+
+fn flow_key(path: &str) -> FlowKey {
+    let (a, b) = path.split_once(" > ").expect("src > dst");
+    let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (a.parse().expect("a"), b.parse().expect("b"));
+    FlowKey::new(Endpoint::new(a.ip(), a.port()), Endpoint::new(b.ip(), b.port()))
+}
+
+fn rst(ms: i64, path: &str, flags: &str, cause: Cause) -> v1::Event {
+    let (src, dst) = pair(path);
+    let flags = u32::from(parse_flag_letters(flags).expect("flags"));
+    let event = v1::RstEvent {
+        ts_ns: ns(ms),
+        src: Some(src),
+        dst: Some(dst),
+        flags,
+        cause: cause as i32,
+        history: "ShADr".to_string(),
+        evidence: vec![v1::Evidence { name: "ttl-mismatch".into(), detail: "64 vs 50".into() }],
+        ..Default::default()
+    };
+    v1::Event { kind: Some(Kind::Reset(event)) }
+}
+
+fn flow(end_ms: i64, path: &str) -> v1::Event {
+    let (orig, resp) = pair(path);
+    let summary = v1::FlowSummary {
+        orig: Some(orig),
+        resp: Some(resp),
+        start_ns: ns(end_ms - 10),
+        end_ns: ns(end_ms),
+        conn_state: "RSTO".into(),
+        ..Default::default()
+    };
+    v1::Event { kind: Some(Kind::Flow(summary)) }
+}
+
+fn watermark(ms: i64) -> v1::Event {
+    v1::Event { kind: Some(Kind::Watermark(v1::Watermark { ts_ns: ns(ms) })) }
+}
+
+fn loss(capture: u64, interface: u64, events: u64) -> v1::Event {
+    v1::Event {
+        kind: Some(Kind::Loss(v1::CaptureLoss {
+            capture_dropped: capture,
+            interface_dropped: interface,
+            events_dropped: events,
+            ..Default::default()
+        })),
+    }
+}
+
+fn batch(seq: u64, events: Vec<v1::Event>) -> v1::Batch {
+    v1::Batch { seq, events }
+}
+
+fn hello(agent: &str, boot: &str) -> v1::AgentHello {
+    v1::AgentHello {
+        agent_name: agent.into(),
+        host_name: format!("{agent}.example"),
+        software_version: "0.1.0".into(),
+        boot_id: boot.into(),
+        local_addresses: vec![vec![10, 0, 0, 1]],
+        ..Default::default()
+    }
+}
+
+/// Times (ms) of the resets a query returns, in returned order.
+fn times(store: &Store, q: &ResetQuery) -> Vec<i64> {
+    store.resets(q).expect("query").iter().map(|r| (r.event.ts_ns - T0_NS) / 1_000_000).collect()
+}
+
+/// Every record has exactly one index entry and the counters agree with the trees.
+fn assert_consistent(store: &Store) {
+    let i = &store.inner;
+    let status = store.status().expect("status");
+    assert_eq!(status.resets, i.resets.len() as u64, "reset counter");
+    assert_eq!(status.flows, i.flows.len() as u64, "flow counter");
+    assert_eq!(i.conn.len(), i.resets.len() + i.flows.len(), "one index entry per record");
+    let per_agent: u64 = store.agents().expect("agents").iter().map(|a| a.events).sum();
+    assert_eq!(per_agent, status.resets + status.flows, "agent event counts");
+}
+
+#[test]
+fn append_is_idempotent_per_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let one = || vec![rst(1, "10.0.0.1:1000 > 10.0.0.2:80", "R", Cause::Refused)];
+    // (boot, batch seq, expected outcome, resets stored afterwards)
+    let steps: &[(&str, u64, Appended, u64)] = &[
+        ("b1", 1, Appended::Stored { durable_seq: 1 }, 1),
+        ("b1", 1, Appended::Duplicate { durable_seq: 1 }, 1),
+        ("b1", 3, Appended::Gap { durable_seq: 1 }, 1),
+        ("b1", 2, Appended::Stored { durable_seq: 2 }, 2),
+        ("b1", 0, Appended::Duplicate { durable_seq: 2 }, 2),
+        ("b2", 2, Appended::Gap { durable_seq: 0 }, 2),
+        ("b2", 1, Appended::Stored { durable_seq: 1 }, 3),
+        ("b1", 3, Appended::Stored { durable_seq: 3 }, 4),
+    ];
+    for (n, &(boot, seq, expected, stored)) in steps.iter().enumerate() {
+        let got = store.append_batch("a", boot, &batch(seq, one()), 0).expect("append");
+        assert_eq!(got, expected, "step {n}: {boot} seq {seq}");
+        assert_eq!(store.status().expect("status").resets, stored, "step {n}");
+    }
+    assert_eq!(store.hello(&hello("a", "b1"), 0).expect("hello"), 3);
+    assert_eq!(store.hello(&hello("a", "b2"), 0).expect("hello"), 1);
+    assert_eq!(store.hello(&hello("a", "b3"), 0).expect("hello"), 0);
+    assert_consistent(&store);
+}
+
+#[test]
+fn acknowledged_batches_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(&dir);
+        assert_eq!(store.hello(&hello("a", "boot"), ns(0)).expect("hello"), 0);
+        for seq in 1..=3 {
+            let events = vec![rst(seq as i64, "10.0.0.1:1000 > 10.0.0.2:80", "R", Cause::Refused)];
+            store.append_batch("a", "boot", &batch(seq, events), ns(0)).expect("append");
+        }
+    }
+    let store = open(&dir);
+    assert_eq!(store.hello(&hello("a", "boot"), ns(9)).expect("hello"), 3);
+    assert_eq!(times(&store, &ResetQuery::default()), [1, 2, 3]);
+    // A new boot after reopening gets a fresh session: its batch 1 must not overwrite boot's.
+    let events = vec![rst(2, "10.0.0.1:1000 > 10.0.0.2:80", "R", Cause::Refused)];
+    assert_eq!(
+        store.append_batch("a", "boot2", &batch(1, events), 0).expect("append"),
+        Appended::Stored { durable_seq: 1 }
+    );
+    assert_eq!(times(&store, &ResetQuery::default()), [1, 2, 2, 3]);
+    assert_eq!(
+        store.append_batch("a", "boot", &batch(3, vec![]), 0).expect("append"),
+        Appended::Duplicate { durable_seq: 3 }
+    );
+    assert_consistent(&store);
+}
+
+/// Two agents' worth of resets for the filter table, in a fresh store.
+fn filter_fixture(dir: &tempfile::TempDir) -> Store {
+    let store = open(dir);
+    filter_fixture_into(&store);
+    store
+}
+
+#[test]
+fn every_filter_selects_what_it_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = filter_fixture(&dir);
+    let net = |s: &str| s.parse::<ipnet::IpNet>().expect("net");
+    let q = ResetQuery::default;
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let cases: Vec<(&str, ResetQuery, Vec<i64>)> = vec![
+        ("everything", q(), vec![10, 15, 20, 30, 40, 50]),
+        ("since inclusive", ResetQuery { since_ns: Some(ns(20)), ..q() }, vec![20, 30, 40, 50]),
+        ("until exclusive", ResetQuery { until_ns: Some(ns(30)), ..q() }, vec![10, 15, 20]),
+        ("window", ResetQuery { since_ns: Some(ns(11)), until_ns: Some(ns(41)), ..q() }, vec![15, 20, 30, 40]),
+        ("empty window", ResetQuery { since_ns: Some(ns(30)), until_ns: Some(ns(30)), ..q() }, vec![]),
+        ("host exact", ResetQuery { hosts: vec![net("10.0.0.2/32")], ..q() }, vec![10, 15]),
+        ("host cidr either end", ResetQuery { hosts: vec![net("192.168.0.0/16")], ..q() }, vec![20, 50]),
+        ("host v6", ResetQuery { hosts: vec![net("2001:db8::/32")], ..q() }, vec![30]),
+        ("hosts any of", ResetQuery { hosts: vec![net("172.16.0.0/12"), net("2001:db8::2/128")], ..q() }, vec![30, 40]),
+        ("port either end", ResetQuery { ports: vec![443], ..q() }, vec![20, 50]),
+        ("ports any of", ResetQuery { ports: vec![22, 3333], ..q() }, vec![30, 40]),
+        ("agent", ResetQuery { agents: strings(&["beta"]), ..q() }, vec![15, 40]),
+        ("unknown agent", ResetQuery { agents: strings(&["gamma"]), ..q() }, vec![]),
+        ("cause", ResetQuery { causes: strings(&["refused"]), ..q() }, vec![10, 15]),
+        ("causes any of", ResetQuery { causes: strings(&["middlebox", "lone"]), ..q() }, vec![30, 40]),
+        ("unspecified reads as unknown", ResetQuery { causes: strings(&["unknown"]), ..q() }, vec![50]),
+        ("flags exact", ResetQuery { flags: strings(&["R"]), ..q() }, vec![10, 50]),
+        ("flags any order and case", ResetQuery { flags: strings(&["ar"]), ..q() }, vec![15, 20, 30]),
+        (
+            "combined",
+            ResetQuery {
+                since_ns: Some(ns(12)),
+                agents: strings(&["alpha"]),
+                flags: strings(&["RA"]),
+                ports: vec![443],
+                ..q()
+            },
+            vec![20],
+        ),
+    ];
+    for (name, query, expected) in cases {
+        assert_eq!(times(&store, &query), expected, "{name}");
+    }
+    for (name, query) in [
+        ("bad cause", ResetQuery { causes: strings(&["forged"]), ..q() }),
+        ("bad flag", ResetQuery { flags: strings(&["RX"]), ..q() }),
+    ] {
+        assert!(matches!(store.resets(&query), Err(StoreError::Invalid(_))), "{name}");
+    }
+}
+
+#[test]
+fn last_limit_and_cursor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = filter_fixture(&dir);
+    let q = ResetQuery::default;
+    let cases: Vec<(&str, ResetQuery, Vec<i64>)> = vec![
+        ("last 2, oldest first", ResetQuery { last: Some(2), ..q() }, vec![40, 50]),
+        ("last more than stored", ResetQuery { last: Some(100), ..q() }, vec![10, 15, 20, 30, 40, 50]),
+        ("last 0", ResetQuery { last: Some(0), ..q() }, vec![]),
+        ("last with filter", ResetQuery { last: Some(1), flags: vec!["RA".into()], ..q() }, vec![30]),
+        ("last with until", ResetQuery { last: Some(2), until_ns: Some(ns(30)), ..q() }, vec![15, 20]),
+        ("limit", ResetQuery { limit: Some(2), ..q() }, vec![10, 15]),
+        ("last capped by limit", ResetQuery { last: Some(3), limit: Some(1), ..q() }, vec![50]),
+    ];
+    for (name, query, expected) in cases {
+        assert_eq!(times(&store, &query), expected, "{name}");
+    }
+    // Paging with the cursor visits everything once.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.resets(&ResetQuery { limit: Some(4), after, ..q() }).expect("page");
+        let Some(last) = page.last() else { break };
+        after = Some(last.seq);
+        seen.extend(page.iter().map(|r| (r.event.ts_ns - T0_NS) / 1_000_000));
+    }
+    assert_eq!(seen, [10, 15, 20, 30, 40, 50]);
+}
+
+#[test]
+fn connection_gathers_every_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = filter_fixture(&dir);
+    store.append_batch("alpha", "1", &batch(2, vec![flow(60, "10.0.0.2:80 > 10.0.0.1:1000")]), 0).expect("append");
+    let view = store.connection(&flow_key("10.0.0.1:1000 > 10.0.0.2:80")).expect("connection");
+    let flows: Vec<(&str, i64)> =
+        view.flows.iter().map(|(a, f)| (a.as_str(), (f.end_ns - T0_NS) / 1_000_000)).collect();
+    assert_eq!(flows, [("beta", 45), ("alpha", 60)]);
+    let resets: Vec<(&str, i64)> =
+        view.resets.iter().map(|r| (r.agent.as_str(), (r.event.ts_ns - T0_NS) / 1_000_000)).collect();
+    assert_eq!(resets, [("alpha", 10), ("beta", 15)]);
+    assert_eq!(view.resets[0].event.evidence[0].name, "ttl-mismatch", "the event comes back whole");
+    // Another port of the same hosts is another connection.
+    let other = store.connection(&flow_key("10.0.0.1:1001 > 10.0.0.2:80")).expect("connection");
+    assert_eq!(other, ConnectionView::default());
+}
+
+#[test]
+fn agent_records_track_watermarks_losses_and_counts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    store.hello(&hello("a", "boot"), ns(1)).expect("hello");
+    let b1 = vec![watermark(100), loss(5, 2, 1), rst(50, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone), watermark(90)];
+    let b2 = vec![loss(1, 0, 3), flow(120, "10.0.0.1:1 > 10.0.0.2:2"), watermark(150)];
+    store.append_batch("a", "boot", &batch(1, b1), ns(2)).expect("append");
+    store.append_batch("a", "boot", &batch(2, b2), ns(3)).expect("append");
+    // An agent that never said hello still gets a record.
+    store.append_batch("b", "x", &batch(1, vec![watermark(7)]), ns(4)).expect("append");
+    let agents = store.agents().expect("agents");
+    let expected = vec![
+        AgentRecord {
+            name: "a".into(),
+            host_name: "a.example".into(),
+            software_version: "0.1.0".into(),
+            boot_id: "boot".into(),
+            first_seen_ns: ns(1),
+            last_seen_ns: ns(3),
+            watermark_ns: ns(150),
+            events: 2,
+            capture_drops: 8,
+            events_dropped: 4,
+            durable_seq: 2,
+            local_addresses: vec!["10.0.0.1".parse().expect("ip")],
+        },
+        AgentRecord {
+            name: "b".into(),
+            boot_id: "x".into(),
+            first_seen_ns: ns(4),
+            last_seen_ns: ns(4),
+            watermark_ns: ns(7),
+            durable_seq: 1,
+            ..Default::default()
+        },
+    ];
+    assert_eq!(agents, expected);
+    let status = store.status().expect("status");
+    assert_eq!((status.resets, status.flows, status.agents), (1, 1, 2));
+    assert!(status.bytes > 0);
+}
+
+#[test]
+fn invalid_events_reject_the_whole_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let good = rst(1, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone);
+    let mut bad_ip = rst(2, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone);
+    if let Some(Kind::Reset(r)) = &mut bad_ip.kind {
+        r.src = Some(v1::Endpoint { ip: vec![1, 2, 3], port: 1 });
+    }
+    let mut bad_port = flow(3, "10.0.0.1:1 > 10.0.0.2:2");
+    if let Some(Kind::Flow(f)) = &mut bad_port.kind {
+        f.resp = Some(v1::Endpoint { ip: vec![10, 0, 0, 2], port: 70_000 });
+    }
+    let mut missing = rst(4, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone);
+    if let Some(Kind::Reset(r)) = &mut missing.kind {
+        r.dst = None;
+    }
+    for bad in [bad_ip, bad_port, missing, v1::Event { kind: None }] {
+        let result = store.append_batch("a", "b", &batch(1, vec![good.clone(), bad]), 0);
+        assert!(matches!(result, Err(StoreError::Invalid(_))), "{result:?}");
+    }
+    assert_eq!(store.status().expect("status").resets, 0);
+    assert_eq!(
+        store.append_batch("a", "b", &batch(1, vec![good]), 0).expect("append"),
+        Appended::Stored { durable_seq: 1 }
+    );
+    let mut bad_hello = hello("a", "b");
+    bad_hello.local_addresses = vec![vec![1]];
+    assert!(matches!(store.hello(&bad_hello, 0), Err(StoreError::Invalid(_))));
+}
+
+#[test]
+fn corrupt_values_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = filter_fixture(&dir);
+    let mut garbage_header = StoreSeq { ts_ns: ns(12), agent_id: 1, session_id: 1, batch_seq: 9, index: 0 };
+    store.inner.resets.insert(garbage_header.to_bytes(), &b"not a value"[..]).expect("insert");
+    garbage_header.index = 1;
+    let mut bad_body = vec![0u8; 40];
+    bad_body[0] = 1; // valid version, all-zero flow key, then an undecodable body
+    bad_body.extend_from_slice(&[0xff, 0xff, 0xff]);
+    store.inner.resets.insert(garbage_header.to_bytes(), bad_body).expect("insert");
+    store.inner.resets.insert(&b"short key"[..], &b""[..]).expect("insert");
+    assert_eq!(times(&store, &ResetQuery::default()), [10, 15, 20, 30, 40, 50]);
+    assert_eq!(store.status().expect("status").corrupt_skipped, 3);
+}
+
+#[test]
+fn retention_by_age_keeps_the_index_consistent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = StoreConfig::new(dir.path());
+    config.retention = Duration::from_millis(25);
+    let store = Store::open(config).expect("open");
+    filter_fixture_into(&store);
+    // now = 50 ms: everything before 25 ms goes (resets 10, 15, 20), the flow at 45 stays.
+    let report = store.enforce_retention(ns(50)).expect("retention");
+    assert_eq!((report.resets_removed, report.flows_removed, report.removed_by_age), (3, 0, 3));
+    assert_eq!(times(&store, &ResetQuery::default()), [30, 40, 50]);
+    let view = store.connection(&flow_key("10.0.0.1:1000 > 10.0.0.2:80")).expect("connection");
+    assert_eq!((view.flows.len(), view.resets.len()), (1, 0));
+    assert_consistent(&store);
+    // Running again removes nothing. Age counts back from the newest stored event, not the wall
+    // clock, so a late `now` alone does not empty a store of replayed captures...
+    assert_eq!(store.enforce_retention(ns(50)).expect("retention").removed_by_age, 0);
+    assert_eq!(store.enforce_retention(ns(1000)).expect("retention").removed_by_age, 0);
+    // ...but newer data does push the old out.
+    store
+        .append_batch("alpha", "1", &batch(2, vec![rst(1000, "10.0.0.9:1 > 10.0.0.8:2", "R", Cause::Lone)]), 0)
+        .expect("append");
+    let report = store.enforce_retention(ns(1000)).expect("retention");
+    assert_eq!((report.resets_removed, report.flows_removed), (3, 1));
+    assert_consistent(&store);
+    assert_eq!(times(&store, &ResetQuery::default()), [1000]);
+}
+
+/// The filter fixture's batches, into an already open store.
+fn filter_fixture_into(store: &Store) {
+    let a = vec![
+        rst(10, "10.0.0.1:1000 > 10.0.0.2:80", "R", Cause::Refused),
+        rst(20, "10.0.0.1:1001 > 192.168.1.5:443", "RA", Cause::AppAbort),
+        rst(30, "[2001:db8::1]:5000 > [2001:db8::2]:22", "RA", Cause::Middlebox),
+        rst(50, "192.168.1.5:443 > 10.0.0.1:1002", "R", Cause::Unspecified),
+    ];
+    let b = vec![
+        rst(15, "10.0.0.2:80 > 10.0.0.1:1000", "RA", Cause::Refused),
+        rst(40, "172.16.0.9:8080 > 10.0.0.3:3333", "RPA", Cause::Lone),
+        flow(45, "10.0.0.1:1000 > 10.0.0.2:80"),
+    ];
+    store.append_batch("alpha", "1", &batch(1, a), 0).expect("append alpha");
+    store.append_batch("beta", "1", &batch(1, b), 0).expect("append beta");
+}
+
+#[test]
+fn retention_by_size_removes_the_oldest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = StoreConfig::new(dir.path());
+    config.max_bytes = 1;
+    let store = Store::open(config).expect("open");
+    filter_fixture_into(&store);
+    let report = store.enforce_retention(ns(0)).expect("retention");
+    assert_eq!(report.removed_by_age, 0);
+    assert_eq!(report.removed_by_size, 7, "over by everything: all of it goes, oldest first");
+    assert_consistent(&store);
+}
+
+#[test]
+fn many_batches_with_retries_store_each_event_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    // Three agents interleave 40 batches of 25 events each; every batch is sent, then resent,
+    // and every fifth batch is first sent too early (a gap). Times interleave across agents.
+    let agents = ["a", "b", "c"];
+    let mut expected = Vec::new();
+    for seq in 1..=40u64 {
+        for (n, agent) in agents.iter().enumerate() {
+            let events: Vec<v1::Event> = (0..25)
+                .map(|i| {
+                    let ms = (seq as i64 * 25 + i) * 3 + n as i64;
+                    expected.push(ms);
+                    let path = format!("10.{n}.0.1:{} > 10.9.9.9:443", 1000 + i);
+                    if i % 5 == 0 {
+                        flow(ms, &path)
+                    } else {
+                        rst(ms, &path, "RA", Cause::AppAbort)
+                    }
+                })
+                .collect();
+            if seq % 5 == 0 {
+                let early = store.append_batch(agent, "boot", &batch(seq + 1, events.clone()), 0).expect("gap");
+                assert_eq!(early, Appended::Gap { durable_seq: seq - 1 });
+            }
+            let b = batch(seq, events);
+            assert_eq!(
+                store.append_batch(agent, "boot", &b, 0).expect("append"),
+                Appended::Stored { durable_seq: seq }
+            );
+            assert_eq!(
+                store.append_batch(agent, "boot", &b, 0).expect("resend"),
+                Appended::Duplicate { durable_seq: seq }
+            );
+        }
+    }
+    let (flows, resets): (Vec<i64>, Vec<i64>) = expected.iter().partition(|ms| (**ms / 3 % 25) % 5 == 0);
+    let mut resets = resets;
+    resets.sort_unstable();
+    assert_eq!(times(&store, &ResetQuery::default()), resets, "every reset once, in time order");
+    assert_eq!(store.status().expect("status").flows, flows.len() as u64);
+    assert_consistent(&store);
+}
+
+#[test]
+fn vocabularies() {
+    assert_eq!(flag_letters(0x14), "RA");
+    assert_eq!(flag_letters(0x1ff), "SFRPAUECN");
+    assert_eq!(parse_flag_letters("NCEUAPRFS").expect("all"), 0x1ff);
+    assert_eq!(cause_name(Cause::DuplicateSynCancel as i32), "duplicate-syn-cancel");
+    assert_eq!(cause_name(Cause::Unspecified as i32), "unknown");
+    assert_eq!(cause_name(99), "unknown");
+}
+
+#[test]
+fn followers_see_durable_resets_with_their_stored_positions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let mut follower = store.subscribe_resets();
+    let events = vec![
+        watermark(1),
+        rst(30, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone),
+        flow(5, "10.0.0.1:1 > 10.0.0.2:2"),
+        rst(20, "10.0.0.3:1 > 10.0.0.2:2", "RA", Cause::AppAbort),
+    ];
+    store.append_batch("a", "b", &batch(1, events.clone()), 0).expect("append");
+    // Duplicates and gaps publish nothing.
+    store.append_batch("a", "b", &batch(1, events.clone()), 0).expect("append");
+    store.append_batch("a", "b", &batch(5, events), 0).expect("append");
+    let published = follower.try_recv().expect("one message");
+    assert!(follower.try_recv().is_err(), "only the stored batch is published");
+    let stored = store.resets(&ResetQuery::default()).expect("resets");
+    assert_eq!(&published[..], &stored[..], "same records, same positions, time order");
+    let q = ResetQuery { flags: vec!["RA".into()], ..ResetQuery::default() };
+    let followed: Vec<i64> = published.iter().filter(|r| q.matches(r)).map(|r| r.event.ts_ns).collect();
+    assert_eq!(followed, times(&store, &q).iter().map(|ms| ns(*ms)).collect::<Vec<_>>());
+}
+
+#[test]
+fn matches_agrees_with_the_scan_for_every_filter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = filter_fixture(&dir);
+    let all = store.resets(&ResetQuery::default()).expect("all");
+    let net = |s: &str| s.parse::<ipnet::IpNet>().expect("net");
+    let queries = [
+        ResetQuery { since_ns: Some(ns(15)), until_ns: Some(ns(40)), ..ResetQuery::default() },
+        ResetQuery { hosts: vec![net("192.168.0.0/16"), net("2001:db8::/32")], ..ResetQuery::default() },
+        ResetQuery { ports: vec![80], agents: vec!["beta".into()], ..ResetQuery::default() },
+        ResetQuery {
+            causes: vec!["unknown".into(), "lone".into()],
+            flags: vec!["R".into(), "APR".into()],
+            ..ResetQuery::default()
+        },
+        ResetQuery { after: Some(all[2].seq), ..ResetQuery::default() },
+    ];
+    for q in queries {
+        let filtered: Vec<_> = all.iter().filter(|r| q.matches(r)).cloned().collect();
+        assert_eq!(filtered, store.resets(&q).expect("scan"), "{q:?}");
+    }
+}
+
+/// Set in the child process of [`acknowledged_batches_survive_kill_9`]: the store directory.
+const CHILD_DIR_ENV: &str = "RSTSCOPE_STORE_TEST_CHILD_DIR";
+const KILL_TEST: &str = "store::tests::acknowledged_batches_survive_kill_9";
+
+/// The parent runs this very test again as a child process that appends batches and prints
+/// each acknowledgement, kills it with SIGKILL mid-stream, and checks that every acknowledged
+/// batch (and nothing half-written) is there after reopening.
+#[test]
+fn acknowledged_batches_survive_kill_9() {
+    use std::io::{BufRead, Write};
+    let events = |seq: u64| -> Vec<v1::Event> {
+        (0..50).map(|i| rst(seq as i64 * 100 + i, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone)).collect()
+    };
+    if let Some(dir) = std::env::var_os(CHILD_DIR_ENV) {
+        let store = Store::open(StoreConfig::new(dir)).expect("child open");
+        let mut stdout = std::io::stdout();
+        for seq in 1.. {
+            let outcome = store.append_batch("a", "boot", &batch(seq, events(seq)), 0).expect("child append");
+            assert_eq!(outcome, Appended::Stored { durable_seq: seq });
+            writeln!(stdout, "acked {seq}").and_then(|()| stdout.flush()).expect("child stdout");
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", KILL_TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut acked = 0u64;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("read child");
+        if let Some(n) = line.strip_prefix("acked ") {
+            acked = n.parse().expect("seq");
+            if acked >= 30 {
+                break;
+            }
+        }
+    }
+    child.kill().expect("SIGKILL the child");
+    child.wait().expect("reap child");
+    assert!(acked >= 30, "child stopped early after {acked} batches");
+
+    let store = open(&dir);
+    let durable = store.hello(&hello("a", "boot"), 0).expect("hello");
+    assert!(durable >= acked, "acknowledged {acked}, durable {durable}");
+    let status = store.status().expect("status");
+    assert_eq!(status.resets, durable * 50, "whole batches only");
+    assert_eq!(store.resets(&ResetQuery::default()).expect("resets").len() as u64, durable * 50);
+    assert_consistent(&store);
+}
+
+#[test]
+fn a_damaged_agent_record_does_not_block_ingest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    store.inner.agents.insert("a", &b"{not json"[..]).expect("insert");
+    let events = vec![rst(1, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone)];
+    assert_eq!(
+        store.append_batch("a", "b", &batch(1, events), 0).expect("append"),
+        Appended::Stored { durable_seq: 1 }
+    );
+    assert_eq!(store.agents().expect("agents")[0].events, 1);
+    assert_eq!(store.hello(&hello("a", "b"), 0).expect("hello"), 1);
+    assert!(store.status().expect("status").corrupt_skipped >= 1);
+}

@@ -1,0 +1,123 @@
+//! The built `rstscope` binary against an in-process collector: output formats, exit statuses
+//! and the messages people see when something is wrong.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use rstscope_collector::service::{Limits, Security};
+
+/// Runs `rstscope` with `args` (off the async threads, killed after a bounded time).
+async fn rstscope(args: Vec<String>) -> Output {
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_rstscope"))
+            .args(&args)
+            .env_remove("RSTSCOPE_COLLECTOR")
+            .env_remove("RSTSCOPE_TOKEN")
+            .output()
+            .expect("rstscope runs")
+    });
+    tokio::time::timeout(Duration::from_secs(60), run).await.expect("rstscope finishes in time").unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_and_status_print_what_was_ingested() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path()).await;
+    let (mut agent, _) = AgentStream::connect(&collector, "edge-1", "b").await;
+    assert_eq!(agent.send(batch(1, vec![reset(0, 50_000), reset(1, 50_001), flow(50_000)])).await.unwrap(), 1);
+    let url = collector.url.as_str();
+
+    let json = rstscope(args(&["--collector", url, "resets", "-o", "json"])).await;
+    assert!(json.status.success(), "{}", stderr(&json));
+    let lines: Vec<serde_json::Value> =
+        stdout(&json).lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+    assert_eq!(lines.len(), 2);
+    let first = &lines[0];
+    assert_eq!(first["type"], "reset");
+    assert_eq!(first["agent"], "edge-1");
+    assert_eq!(first["connection"], "192.0.2.1:443-198.51.100.7:50000");
+    assert_eq!(first["src"], "192.0.2.1:443");
+    assert_eq!(first["dst"], "198.51.100.7:50000");
+    assert_eq!(first["flags"], "RA");
+    assert_eq!(
+        (first["seq"].as_u64(), first["ack"].as_u64(), first["ttl"].as_u64()),
+        (Some(1000), Some(2000), Some(64))
+    );
+    assert_eq!(first["ip_id"], 7);
+    assert_eq!(first["cause"], "refused");
+    assert_eq!(first["verdict"], "pending");
+    assert_eq!(first["evidence"][0]["name"], "answers-syn");
+    assert!(stdout(&json).starts_with(r#"{"type":"reset","ts":1700000000.000000000,"#), "{}", stdout(&json));
+
+    let filtered = rstscope(args(&["resets", "--collector", url, "--port", "50001", "-o", "compact"])).await;
+    assert!(filtered.status.success(), "{}", stderr(&filtered));
+    assert_eq!(
+        stdout(&filtered),
+        "1700000000.001000000 edge-1 192.0.2.1:443 > 198.51.100.7:50001: RA seq 1001 ack 2000 ttl 64 refused pending\n"
+    );
+
+    let table = rstscope(args(&["--collector", url, "resets", "--since", "2023-11-14T00:00:00Z"])).await;
+    assert!(table.status.success(), "{}", stderr(&table));
+    assert!(stdout(&table).starts_with("TIME "), "{}", stdout(&table));
+    assert!(stdout(&table).contains("192.0.2.1:443 -> 198.51.100.7:50001"), "{}", stdout(&table));
+
+    let status = rstscope(args(&["--collector", url, "status", "-o", "json"])).await;
+    assert!(status.status.success(), "{}", stderr(&status));
+    let status: serde_json::Value = serde_json::from_str(stdout(&status).trim()).unwrap();
+    assert_eq!((status["type"].as_str(), status["resets"].as_u64()), (Some("status"), Some(2)));
+    assert_eq!((status["flows"].as_u64(), status["agents"].as_u64()), (Some(1), Some(1)));
+
+    let human = rstscope(args(&["--collector", url, "status"])).await;
+    assert!(stdout(&human).contains("resets      2"), "{}", stdout(&human));
+
+    let agents = rstscope(args(&["--collector", url, "agents", "-o", "json"])).await;
+    assert!(stdout(&agents).contains(r#""name":"edge-1""#), "{}", stdout(&agents));
+
+    let connection =
+        rstscope(args(&["--collector", url, "connection", "198.51.100.7:50000-192.0.2.1:443", "-o", "json"])).await;
+    assert!(connection.status.success(), "{}", stderr(&connection));
+    assert!(stdout(&connection).starts_with(r#"{"#) && stdout(&connection).contains(r#""conn_state":"REJ""#));
+
+    let bad_filter = rstscope(args(&["--collector", url, "resets", "--cause", "gremlins"])).await;
+    assert_eq!(bad_filter.status.code(), Some(2));
+    assert!(stderr(&bad_filter).contains("unknown cause \"gremlins\""), "{}", stderr(&bad_filter));
+    collector.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let security = Security { token: Some("s3cret".into()), tls: None };
+    let collector = start_with(dir.path(), security, Limits::default()).await;
+    let url = collector.url.clone();
+
+    let refused = rstscope(args(&["--collector", &url, "--token", "wrong", "status"])).await;
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(stderr(&refused).contains("the collector refused the token"), "{}", stderr(&refused));
+
+    let admitted = rstscope(args(&["--collector", &url, "--token", "s3cret", "status"])).await;
+    assert!(admitted.status.success(), "{}", stderr(&admitted));
+    collector.stop().await;
+
+    // Nothing listens on the stopped collector's port any more.
+    let unreachable = rstscope(args(&["--collector", &url, "status"])).await;
+    assert_eq!(unreachable.status.code(), Some(3));
+    let message = stderr(&unreachable);
+    assert!(message.contains(&format!("cannot reach the collector at {url}")), "{message}");
+    assert!(message.contains("is rstscope-collector running? (--collector / RSTSCOPE_COLLECTOR)"), "{message}");
+}
