@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, env = "RSTSCOPE_DATA_DIR", default_value = "./rstscope-data", value_name = "DIR")]
     data_dir: PathBuf,
 
-    /// Keep events this long (event time), e.g. 7d, 36h.
+    /// Keep events this long, e.g. 7d, 36h: event time counted back from the newest stored event (or now, if earlier), so replayed old captures are kept.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration, help_heading = "Storage")]
     retention: Duration,
 
