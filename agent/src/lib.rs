@@ -11,6 +11,7 @@ pub mod capture;
 pub mod event;
 pub mod export;
 pub mod flow;
+pub mod metrics;
 pub mod output;
 pub mod pb;
 pub mod pipeline;

@@ -2,22 +2,24 @@
 //! report every RST with its evidence, on stdout or (with `--collector`) to the collector.
 
 use std::io::{self, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use rstscope_agent::capture::{FileSource, LiveConfig, LiveSource, PacketSource, Poll};
+use rstscope_agent::capture::{CaptureDrops, FileSource, LiveConfig, LiveSource, PacketSource, Poll};
 use rstscope_agent::event::Event;
 use rstscope_agent::export::{self, ExportConfig, Exporter, TlsFiles};
 use rstscope_agent::flow::{Tracker, TrackerConfig};
+use rstscope_agent::metrics::{self, AgentMetrics};
 use rstscope_agent::output::{Format, Writer};
-use rstscope_agent::pipeline::{run_source, Counters};
+use rstscope_agent::pipeline::{run_live, run_source, Counters, LiveTick};
 
 /// Capture TCP traffic and report every RST with its evidence.
 ///
@@ -118,6 +120,10 @@ struct Args {
     #[arg(long, value_name = "FILE", requires = "client_cert", help_heading = "Export")]
     client_key: Option<PathBuf>,
 
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. `127.0.0.1:9465`).
+    #[arg(long, value_name = "ADDR", help_heading = "Output")]
+    metrics: Option<SocketAddr>,
+
     /// At the end of input, wait this long for the collector to acknowledge everything; then
     /// exit with status 3 (what is unacknowledged stays in the spool for the next run).
     #[arg(long, value_name = "SECS", default_value_t = 60.0, help_heading = "Export")]
@@ -126,6 +132,9 @@ struct Args {
 
 /// Exit status when the collector did not acknowledge everything within --ack-timeout.
 const EXIT_UNACKNOWLEDGED: u8 = 3;
+
+/// Live, how often the watermark and libpcap's drop counters go to the collector.
+const LIVE_REPORT_EVERY: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {
     match run() {
@@ -172,7 +181,8 @@ fn run() -> Result<ExitCode> {
     let stdout = io::stdout().lock();
     let mut writer = format.map(|format| Writer::new(format, io::BufWriter::with_capacity(1 << 16, stdout)));
     let mut tracker = Tracker::new(config);
-    let mut counters = Counters::default();
+    let metrics = Arc::new(AgentMetrics::default());
+    let mut counters = Counters { published_packets: metrics.packets.clone(), ..Counters::default() };
     let stop = Arc::new(AtomicBool::new(false));
     // Set once a live capture is open, so stopping can also wake a blocked libpcap read.
     let breaker: Arc<Mutex<Option<pcap::BreakLoop>>> = Arc::new(Mutex::new(None));
@@ -203,16 +213,25 @@ fn run() -> Result<ExitCode> {
         let source = LiveSource::open(&live).with_context(|| format!("opening interface {interface}"))?;
         live_source = Some(source);
     }
+    // After the interface opened: a scraper that gets an answer knows the capture runs.
+    if let Some(addr) = args.metrics {
+        let local = metrics::serve(addr, metrics.clone()).with_context(|| format!("--metrics {addr}"))?;
+        tracing::info!(%local, "Serving metrics on /metrics.");
+    }
     let exporter = match &args.collector {
         Some(url) => Some(start_exporter(&args, url, live_source.as_ref())?),
         None => None,
     };
+    if let Some(exporter) = &exporter {
+        let _ = metrics.export.set(exporter.stats_handle());
+    }
 
     let mut write_failed: Option<io::Error> = None;
     // The tracker's packet clock at the end: every packet belongs to a flow, and after
     // `finish_all` every flow has been summarised, so the latest flow end is the last packet.
     let mut last_packet_ns: Option<i64> = None;
     let mut emit = |event: Event| {
+        metrics.events.fetch_add(1, Ordering::Relaxed);
         if let Event::Flow(flow) = &event {
             last_packet_ns = Some(last_packet_ns.map_or(flow.end_ns, |t| t.max(flow.end_ns)));
         }
@@ -227,7 +246,7 @@ fn run() -> Result<ExitCode> {
     };
     let mut report = |line: &str| eprintln!("rstscope-agent: {line}");
     let mut drops = None;
-    let started = std::time::SystemTime::now();
+    let mut loss_reports = LossReports::new(SystemTime::now());
 
     if let (Some(interface), Some(mut source)) = (&args.interface, live_source.take()) {
         tracing::info!(interface = %interface, link_type = %source.link_type().name(), "Capturing live.");
@@ -241,8 +260,26 @@ fn run() -> Result<ExitCode> {
                 request_stop();
             });
         }
-        run_source(&mut source, &mut tracker, &mut counters, &stop, &mut emit, &mut report, &mut |_, _| {});
+        // Every few seconds: how far the RST events are complete, and what libpcap lost since.
+        let mut on_tick = |tick: LiveTick<'_>| {
+            if let Some(drops) = tick.drops {
+                metrics.capture_drops.store(drops.dropped + drops.if_dropped, Ordering::Relaxed);
+            }
+            if let Some(exporter) = &exporter {
+                if let Some(drops) = tick.drops {
+                    loss_reports.report(exporter, drops, SystemTime::now());
+                }
+                if let Some(ts_ns) = tick.tracker.watermark_ns() {
+                    exporter.watermark(ts_ns);
+                }
+            }
+        };
+        let every = LIVE_REPORT_EVERY;
+        run_live(&mut source, &mut tracker, &mut counters, &stop, &mut emit, &mut report, every, &mut on_tick);
         drops = source.drops();
+        if let Some(d) = drops {
+            metrics.capture_drops.store(d.dropped + d.if_dropped, Ordering::Relaxed);
+        }
     } else {
         for path in &args.read {
             let mut source = match FileSource::open(path) {
@@ -289,7 +326,7 @@ fn run() -> Result<ExitCode> {
         }
     }
     let unacked = match exporter {
-        Some(exporter) => finish_export(exporter, last_packet_ns, drops, started, ack_timeout),
+        Some(exporter) => finish_export(exporter, last_packet_ns, drops, loss_reports, ack_timeout),
         None => 0,
     };
     if let Some(e) = output_error {
@@ -344,20 +381,53 @@ fn start_exporter(args: &Args, url: &str, live: Option<&LiveSource>) -> Result<E
     Ok(exporter)
 }
 
+/// libpcap's counters (since the capture opened) turned into loss reports per period.
+struct LossReports {
+    reported: CaptureDrops,
+    since: SystemTime,
+}
+
+impl LossReports {
+    fn new(started: SystemTime) -> Self {
+        LossReports { reported: CaptureDrops::default(), since: started }
+    }
+
+    /// Reports what was lost since the last report (nothing if nothing was).
+    fn report(&mut self, exporter: &Exporter, now: CaptureDrops, at: SystemTime) {
+        let delta = CaptureDrops {
+            received: counter_delta(self.reported.received, now.received),
+            dropped: counter_delta(self.reported.dropped, now.dropped),
+            if_dropped: counter_delta(self.reported.if_dropped, now.if_dropped),
+        };
+        exporter.capture_loss(delta, wall_ns(self.since), wall_ns(at));
+        (self.reported, self.since) = (now, at);
+    }
+}
+
+/// Growth of one of libpcap's counters, which are 32 bits wide and wrap.
+fn counter_delta(old: u64, new: u64) -> u64 {
+    if new >= old {
+        new - old
+    } else {
+        (new + (1 << 32)).saturating_sub(old)
+    }
+}
+
+fn wall_ns(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 /// Sends the final watermark and capture losses, waits for the acknowledgements; returns the
 /// number of batches left unacknowledged (reported on stderr).
 fn finish_export(
     exporter: Exporter,
     last_packet_ns: Option<i64>,
-    drops: Option<rstscope_agent::capture::CaptureDrops>,
-    started: std::time::SystemTime,
+    drops: Option<CaptureDrops>,
+    mut loss_reports: LossReports,
     ack_timeout: Duration,
 ) -> u64 {
-    let wall_ns = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-    };
     if let Some(drops) = drops {
-        exporter.capture_loss(drops, wall_ns(started), wall_ns(std::time::SystemTime::now()));
+        loss_reports.report(&exporter, drops, SystemTime::now());
     }
     if let Some(ts_ns) = last_packet_ns {
         exporter.watermark(ts_ns);
@@ -424,4 +494,16 @@ fn progress_bar(mode: &str, source: &FileSource) -> Option<ProgressBar> {
     );
     bar.set_prefix(source.name().to_string());
     Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libpcap_counter_deltas_survive_wrapping() {
+        assert_eq!(counter_delta(5, 9), 4);
+        assert_eq!(counter_delta(u64::from(u32::MAX) - 1, 3), 5);
+        assert_eq!(counter_delta(0, 0), 0);
+    }
 }

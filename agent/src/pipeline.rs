@@ -10,10 +10,11 @@
 //! thread, so that an event never waits for a batch to fill.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
-use crate::capture::{PacketSource, Poll};
+use crate::capture::{CaptureDrops, PacketSource, Poll};
 use crate::event::Event;
 use crate::flow::Tracker;
 use crate::output::RunStats;
@@ -25,6 +26,8 @@ const BATCH: usize = 256;
 const IN_FLIGHT: usize = 8;
 /// Packets between two progress reports.
 const PROGRESS_EVERY: u32 = 16_384;
+/// Live packets between two looks at the clock for [`run_live`]'s tick.
+const LIVE_CHECK_EVERY: u32 = 256;
 
 /// Packet and skip counters of a run.
 #[derive(Debug, Default)]
@@ -37,6 +40,9 @@ pub struct Counters {
     pub skipped: BTreeMap<Skip, u64>,
     /// One line per input problem.
     pub errors: Vec<String>,
+    /// `packets`, copied every few thousand packets (files) or at every tick (live), for other
+    /// threads (metrics).
+    pub published_packets: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -59,6 +65,15 @@ impl Counters {
     }
 }
 
+/// What [`Reader::drain`] hands on.
+enum Pulled<'s> {
+    /// A TCP segment.
+    Segment(Segment),
+    /// A live source had nothing for a moment (`true`) or `LIVE_CHECK_EVERY` packets went by
+    /// (`false`): time for periodic work.
+    Pause(&'s mut dyn PacketSource, bool),
+}
+
 /// Reads and parses packets, reporting problems once; what to do with segments is `on_segment`.
 struct Reader<'a, E, P> {
     counters: &'a mut Counters,
@@ -68,10 +83,11 @@ struct Reader<'a, E, P> {
 }
 
 impl<E: FnMut(&str), P: FnMut(u64, Option<u64>)> Reader<'_, E, P> {
-    /// Pulls `source` dry. `on_segment` gets every TCP segment; `on_idle` runs when a live source
-    /// has nothing for a moment.
-    fn drain(&mut self, source: &mut dyn PacketSource, mut on_segment: impl FnMut(Segment), mut on_idle: impl FnMut()) {
+    /// Pulls `source` dry, handing every TCP segment (and, for live sources, pauses) to `on`.
+    fn drain(&mut self, source: &mut dyn PacketSource, mut on: impl FnMut(Pulled<'_>)) {
         let mut since_progress = 0u32;
+        let mut since_check = 0u32;
+        let live = source.is_live();
         let mut last_error: Option<String> = None;
         let mut repeated_errors = 0u32;
         loop {
@@ -84,18 +100,28 @@ impl<E: FnMut(&str), P: FnMut(u64, Option<u64>)> Reader<'_, E, P> {
                     match wire::parse(packet.link_type, packet.ts_ns, packet.data) {
                         Ok(segment) => {
                             self.counters.tcp_packets += 1;
-                            on_segment(segment);
+                            on(Pulled::Segment(segment));
                         }
                         Err(skip) => *self.counters.skipped.entry(skip).or_default() += 1,
                     }
                     since_progress += 1;
                     if since_progress >= PROGRESS_EVERY {
                         since_progress = 0;
+                        self.counters.published_packets.store(self.counters.packets, Ordering::Relaxed);
                         let (done, total) = source.progress();
                         (self.on_progress)(done, total);
                     }
+                    since_check += 1;
+                    if live && since_check >= LIVE_CHECK_EVERY {
+                        since_check = 0;
+                        self.counters.published_packets.store(self.counters.packets, Ordering::Relaxed);
+                        on(Pulled::Pause(source, false));
+                    }
                 }
-                Ok(Poll::Idle) => on_idle(),
+                Ok(Poll::Idle) => {
+                    self.counters.published_packets.store(self.counters.packets, Ordering::Relaxed);
+                    on(Pulled::Pause(source, true));
+                }
                 Ok(Poll::End) => break,
                 Err(error) => {
                     let line = error.to_string();
@@ -117,9 +143,67 @@ impl<E: FnMut(&str), P: FnMut(u64, Option<u64>)> Reader<'_, E, P> {
                 }
             }
         }
+        self.counters.published_packets.store(self.counters.packets, Ordering::Relaxed);
         let (done, total) = source.progress();
         (self.on_progress)(done, total);
     }
+}
+
+/// What [`run_live`] reports at every tick.
+pub struct LiveTick<'a> {
+    /// The tracker, e.g. for [`Tracker::watermark_ns`].
+    pub tracker: &'a Tracker,
+    /// libpcap's counters since the capture opened, if it can tell.
+    pub drops: Option<CaptureDrops>,
+    /// Packets read so far.
+    pub packets: u64,
+}
+
+/// Reads a live `source` until it ends or `stop` is set, one packet at a time, like
+/// [`run_source`]; in addition, when the source is idle the tracker's clock moves on by the
+/// idle time (so RST events settle and quiet connections expire without new packets), and
+/// `on_tick` runs about every `every` (checked every few hundred packets and on every idle
+/// poll), for watermarks and capture-loss reports.
+#[allow(clippy::too_many_arguments)]
+pub fn run_live(
+    source: &mut (dyn PacketSource + Send),
+    tracker: &mut Tracker,
+    counters: &mut Counters,
+    stop: &AtomicBool,
+    out: &mut impl FnMut(Event),
+    on_error: &mut (impl FnMut(&str) + Send),
+    every: Duration,
+    on_tick: &mut impl FnMut(LiveTick<'_>),
+) {
+    let mut on_progress = |_, _| {};
+    let mut reader = Reader { counters, stop, on_error, on_progress: &mut on_progress };
+    let packets = reader.counters.published_packets.clone();
+    // None: never (`every` too large to add).
+    let mut next_tick = Instant::now().checked_add(every);
+    // The latest packet time, and when the source first went idle after it.
+    let mut last_ts: Option<i64> = None;
+    let mut idle_since: Option<Instant> = None;
+    reader.drain(source, |pulled| match pulled {
+        Pulled::Segment(segment) => {
+            last_ts = Some(last_ts.map_or(segment.ts_ns, |t| t.max(segment.ts_ns)));
+            idle_since = None;
+            tracker.on_segment(&segment, out);
+        }
+        Pulled::Pause(source, idle) => {
+            let now = Instant::now();
+            if idle {
+                let since = *idle_since.get_or_insert(now);
+                if let Some(ts) = last_ts {
+                    let idle_ns = i64::try_from(now.duration_since(since).as_nanos()).unwrap_or(i64::MAX);
+                    tracker.advance(ts.saturating_add(idle_ns), out);
+                }
+            }
+            if next_tick.is_some_and(|at| now >= at) {
+                next_tick = now.checked_add(every);
+                on_tick(LiveTick { tracker, drops: source.drops(), packets: packets.load(Ordering::Relaxed) });
+            }
+        }
+    });
 }
 
 /// Reads `source` to its end (or until `stop` is set) through `tracker`.
@@ -135,11 +219,11 @@ pub fn run_source(
     on_error: &mut (impl FnMut(&str) + Send),
     on_progress: &mut (impl FnMut(u64, Option<u64>) + Send),
 ) {
-    let mut reader = Reader { counters, stop, on_error, on_progress };
     if source.is_live() {
-        reader.drain(source, |segment| tracker.on_segment(&segment, out), || {});
+        run_live(source, tracker, counters, stop, out, on_error, Duration::MAX, &mut |_| {});
         return;
     }
+    let mut reader = Reader { counters, stop, on_error, on_progress };
     let (full_tx, full_rx) = mpsc::sync_channel::<Vec<Segment>>(IN_FLIGHT);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<Segment>>();
     std::thread::scope(|scope| {
@@ -150,16 +234,14 @@ pub fn run_source(
                 // The tracker side only hangs up if it panicked; then there is nobody to feed.
                 let _ = full_tx.send(std::mem::replace(batch, next));
             };
-            reader.drain(
-                source,
-                |segment| {
+            reader.drain(source, |pulled| {
+                if let Pulled::Segment(segment) = pulled {
                     batch.push(segment);
                     if batch.len() == BATCH {
                         send(&mut batch);
                     }
-                },
-                || {},
-            );
+                }
+            });
             if !batch.is_empty() {
                 send(&mut batch);
             }

@@ -7,25 +7,37 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rstscope_tests::corpus::Agent;
 use rstscope_tests::frames::write_pcap;
 use serde_json::Value;
 
-/// Binaries of the workspace, next to the agent's.
+/// Binaries of the workspace, next to the agent's. The collector's are built (or found up to
+/// date) once per test run: `cargo test -p rstscope-tests` does not build another package's
+/// binaries, and a stale collector would test old code.
 fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let agent = Agent::locate_or_build().exe;
     let path = agent.with_file_name(name);
-    if !path.is_file() {
+    BUILT.get_or_init(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&workspace)
-            .args(["build", "-p", "rstscope-collector", "--bins"])
-            .status()
-            .expect("run cargo");
+        let profile_dir = agent.parent().expect("agent in <target>/<profile>");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(&workspace).args(["build", "-p", "rstscope-collector", "--bins", "--target-dir"]);
+        cmd.arg(profile_dir.parent().expect("<target>"));
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some("debug") | None => {}
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let status = cmd.status().expect("run cargo");
         assert!(status.success(), "building rstscope-collector failed");
-    }
+    });
     path
 }
 
@@ -203,4 +215,297 @@ fn a_collector_killed_mid_ingest_loses_and_duplicates_nothing() {
     let got = multiset("?", cli_resets(&collector.url).iter());
     assert_eq!(got.values().filter(|&&n| n > 1).count(), 0, "duplicates stored");
     assert_eq!(got, expected);
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves nothing running.
+struct Running(Option<Child>);
+
+impl Running {
+    fn spawn(cmd: &mut Command) -> Running {
+        Running(Some(cmd.spawn().expect("start process")))
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.0.as_mut().is_some_and(|c| c.try_wait().expect("poll child").is_none())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn finish(mut self, secs: u64) -> Output {
+        wait_with_timeout(self.0.take().expect("child"), secs)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `rstscope-agent --read capture --collector url --name name --state-dir state`, diagnostics
+/// to `log` (a file: a pipe nobody reads could fill up and stall the agent).
+fn agent_cmd(capture: &Path, url: &str, name: &str, state: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new(Agent::locate_or_build().exe);
+    cmd.arg("--read")
+        .arg(capture)
+        .args(["--collector", url, "--name", name])
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("agent log"));
+    cmd
+}
+
+fn log_text(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// The offline agent's records of a capture: (resets, flows).
+fn offline_records(capture: &Path) -> (Vec<Value>, usize) {
+    let out =
+        Command::new(Agent::locate_or_build().exe).arg("--read").arg(capture).args(["-o", "json"]).output().unwrap();
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect();
+    let flows = records.iter().filter(|v| v["type"] == "flow").count();
+    (records.into_iter().filter(|v| v["type"] == "reset").collect(), flows)
+}
+
+/// The collector's record of agent `name` (`rstscope agents -o json`), if it knows it.
+fn cli_agent(url: &str, name: &str) -> Option<Value> {
+    let out = Command::new(bin("rstscope")).args(["--collector", url, "agents", "-o", "json"]).output().unwrap();
+    assert!(out.status.success(), "rstscope agents failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["name"] == name)
+}
+
+fn stored_events(url: &str, name: &str) -> u64 {
+    cli_agent(url, name).and_then(|a| a["events"].as_u64()).unwrap_or(0)
+}
+
+/// `GET /metrics` from an agent's `--metrics` address, as name -> value (bounded: 5 s).
+fn scrape(port: u16) -> Option<BTreeMap<String, f64>> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
+    Some(
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, value)| (name.to_string(), value.trim().parse().expect("metric value")))
+            .collect(),
+    )
+}
+
+/// Scrapes until `ready` holds (bounded: 30 s).
+fn scrape_until(port: u16, ready: impl Fn(&BTreeMap<String, f64>) -> bool) -> BTreeMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = scrape(port);
+        if let Some(m) = metrics.as_ref().filter(|m| ready(m)) {
+            return m.clone();
+        }
+        assert!(Instant::now() < deadline, "metrics not as expected within 30 s: {metrics:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Bytes of the agent's spool segments.
+fn spool_bytes(state: &Path) -> u64 {
+    std::fs::read_dir(state.join("spool"))
+        .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+/// Waits until the spool has data and has not grown for a second (the agent has read its input
+/// and everything went to disk, as the collector is down); bounded to 60 s.
+fn wait_for_spool_to_settle(state: &Path, agent: &mut Running, log: &Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut since) = (0, Instant::now());
+    loop {
+        assert!(agent.is_running(), "the agent ended while the collector was down: {}", log_text(log));
+        assert!(Instant::now() < deadline, "the spool did not settle within 60 s ({last} bytes)");
+        let bytes = spool_bytes(state);
+        if bytes != last {
+            (last, since) = (bytes, Instant::now());
+        } else if bytes > 0 && since.elapsed() >= Duration::from_secs(1) {
+            return bytes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_agent_killed_mid_file_and_run_again_stores_every_event_once() {
+    let scratch = Scratch::new("agent-restart");
+    let capture = scratch.path("big.pcap");
+    write_pcap(&capture, &rstscope_agent::trace::parse(&ladder(20_000, 4)).unwrap()).unwrap();
+    let (resets, flows) = offline_records(&capture);
+    let produced = (resets.len() + flows) as u64;
+    let collector = Collector::start(&scratch.path("data"), free_port());
+    let (state, log) = (scratch.path("state"), scratch.path("agent.log"));
+    let mut agent = Running::spawn(&mut agent_cmd(&capture, &collector.url, "restarted", &state, &log));
+    // kill -9 once the collector holds part of the file.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let stored_at_kill = loop {
+        let stored = stored_events(&collector.url, "restarted");
+        if stored > 0 {
+            break stored;
+        }
+        assert!(agent.is_running(), "the agent ended before anything was stored: {}", log_text(&log));
+        assert!(Instant::now() < deadline, "nothing stored within 120 s: {}", log_text(&log));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(agent.is_running(), "the agent finished before it could be killed mid-file");
+    agent.kill9();
+    assert!(stored_at_kill < produced, "{stored_at_kill} of {produced} events were stored before the kill");
+    // The same file and state directory again: the spool resends what it held, the file is
+    // read from the start, and the collector keeps each event once.
+    let out = Running::spawn(&mut agent_cmd(&capture, &collector.url, "restarted", &state, &log)).finish(180);
+    assert!(out.status.success(), "second run: {}", log_text(&log));
+    let got = multiset("?", cli_resets(&collector.url).iter());
+    assert_eq!(got.values().filter(|&&n| n > 1).count(), 0, "duplicates stored");
+    assert_eq!(got, multiset("restarted", resets.iter()));
+    assert_eq!(stored_events(&collector.url, "restarted"), produced, "resets and flows stored once each");
+}
+
+#[test]
+fn a_collector_down_for_the_whole_run_gets_everything_once_when_it_comes_up() {
+    let scratch = Scratch::new("collector-late");
+    let capture = scratch.path("big.pcap");
+    // 70,000 events: more than the agent's in-memory queue holds (64 batches of 1000).
+    write_pcap(&capture, &rstscope_agent::trace::parse(&ladder(35_000, 0)).unwrap()).unwrap();
+    let (resets, flows) = offline_records(&capture);
+    let (port, data) = (free_port(), scratch.path("data"));
+    let (state, log) = (scratch.path("state"), scratch.path("agent.log"));
+    let url = format!("http://127.0.0.1:{port}");
+    let metrics_port = free_port();
+    let mut cmd = agent_cmd(&capture, &url, "patient", &state, &log);
+    let mut agent =
+        Running::spawn(cmd.args(["--ack-timeout", "150", "--metrics", &format!("127.0.0.1:{metrics_port}")]));
+    let spooled = wait_for_spool_to_settle(&state, &mut agent, &log);
+    assert!(spooled > 1 << 20, "only {spooled} bytes spooled");
+    // The agent's metrics while it waits for the collector.
+    let produced = (resets.len() + flows) as f64;
+    let m = scrape_until(metrics_port, |m| m.get("rstscope_agent_events_total") == Some(&produced));
+    assert_eq!(m["rstscope_agent_packets_total"], 70_000.0, "{m:?}");
+    assert_eq!(m["rstscope_agent_batches_acked_total"], 0.0, "{m:?}");
+    assert!(m["rstscope_agent_spool_bytes"] >= spooled as f64 * 0.9, "{m:?} vs {spooled} bytes on disk");
+    assert_eq!(m["rstscope_agent_events_dropped_total"], 0.0, "{m:?}");
+    assert_eq!(m["rstscope_agent_capture_drops_total"], 0.0, "{m:?}");
+    let collector = Collector::start(&data, port);
+    let out = agent.finish(180);
+    assert!(out.status.success(), "agent: {}", log_text(&log));
+    let got = multiset("?", cli_resets(&collector.url).iter());
+    assert_eq!(got.values().filter(|&&n| n > 1).count(), 0, "duplicates stored");
+    assert_eq!(got, multiset("patient", resets.iter()));
+    assert_eq!(stored_events(&collector.url, "patient"), (resets.len() + flows) as u64);
+    assert_eq!(spool_bytes(&state), 0, "acknowledged segments are deleted");
+}
+
+#[test]
+fn a_full_spool_drops_counted_events_and_says_so() {
+    let scratch = Scratch::new("spool-cap");
+    let capture = scratch.path("big.pcap");
+    write_pcap(&capture, &rstscope_agent::trace::parse(&ladder(20_000, 5)).unwrap()).unwrap();
+    let (resets, flows) = offline_records(&capture);
+    let produced = (resets.len() + flows) as u64;
+    let (port, data) = (free_port(), scratch.path("data"));
+    let (state, log) = (scratch.path("state"), scratch.path("agent.log"));
+    let url = format!("http://127.0.0.1:{port}");
+    let metrics_port = free_port();
+    let mut cmd = agent_cmd(&capture, &url, "cramped", &state, &log);
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut agent =
+        Running::spawn(cmd.args(["--spool-max-mib", "1", "--ack-timeout", "150", "--metrics", &metrics_addr]));
+    let spooled = wait_for_spool_to_settle(&state, &mut agent, &log);
+    assert!(spooled <= 2 << 20, "{spooled} bytes in a 1 MiB spool (plus 1 MiB for loss reports)");
+    let m = scrape_until(metrics_port, |m| m.get("rstscope_agent_events_total") == Some(&(produced as f64)));
+    let dropped_by_agent = m["rstscope_agent_events_dropped_total"];
+    assert!(dropped_by_agent > 0.0, "{m:?}");
+    let collector = Collector::start(&data, port);
+    let out = agent.finish(180);
+    assert!(out.status.success(), "agent: {}", log_text(&log));
+    assert!(log_text(&log).contains("events dropped because the spool was full"), "{}", log_text(&log));
+    let record = cli_agent(&collector.url, "cramped").expect("the collector knows the agent");
+    let (stored, dropped) = (record["events"].as_u64().unwrap(), record["events_dropped"].as_u64().unwrap());
+    assert!(dropped > 0 && stored > 0, "stored {stored}, dropped {dropped}");
+    assert_eq!(stored + dropped, produced, "every produced event is either stored or counted as dropped");
+    assert_eq!(dropped as f64, dropped_by_agent, "the collector was told exactly what the agent dropped");
+    let got = multiset("?", cli_resets(&collector.url).iter());
+    assert_eq!(got.values().filter(|&&n| n > 1).count(), 0, "duplicates stored");
+    let expected = multiset("cramped", resets.iter());
+    assert!(got.keys().all(|k| expected.contains_key(k)), "only produced resets are stored");
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+#[test]
+fn a_live_agent_sends_watermarks_and_resets_while_it_runs() {
+    if !is_root() {
+        eprintln!("SKIPPED a_live_agent_sends_watermarks_and_resets_while_it_runs: live capture needs root");
+        return;
+    }
+    let scratch = Scratch::new("live");
+    let collector = Collector::start(&scratch.path("data"), free_port());
+    // A port nobody listens on: bind an ephemeral one, then close it.
+    let port = free_port();
+    let metrics_port = free_port();
+    let (state, log) = (scratch.path("state"), scratch.path("agent.log"));
+    let mut agent = Running::spawn(
+        Command::new(Agent::locate_or_build().exe)
+            .args(["--interface", "lo", "--filter", &format!("tcp port {port}"), "--duration", "40"])
+            .args(["--collector", &collector.url, "--name", "live"])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log")),
+    );
+    // Capture is open once the metrics answer (they are served after the interface opened).
+    scrape_until(metrics_port, |_| true);
+    if !agent.is_running() && log_text(&log).contains("ermission") {
+        eprintln!("SKIPPED a_live_agent_sends_watermarks_and_resets_while_it_runs: {}", log_text(&log));
+        return;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let knocked = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let refused = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500));
+    assert!(refused.is_err(), "nothing should listen on port {port}");
+    // No more packets: only the idle clock settles the RST, and only the periodic watermark
+    // tells the collector how far the agent got. Both must arrive while the agent still runs.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        assert!(agent.is_running(), "the agent stopped early: {}", log_text(&log));
+        let record = cli_agent(&collector.url, "live");
+        let watermark = record.as_ref().and_then(|r| r["watermark"].as_f64()).unwrap_or(0.0);
+        let resets = cli_resets(&collector.url);
+        if watermark > knocked && !resets.is_empty() {
+            assert_eq!(resets.len(), 1, "{resets:#?}");
+            assert_eq!(resets[0]["cause"], "refused");
+            assert!(resets[0]["ts"].as_f64().unwrap() <= watermark, "the watermark covers the stored RST");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no watermark past the RST within 25 s: {record:?}, {resets:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let m = scrape_until(metrics_port, |m| m.get("rstscope_agent_batches_acked_total").is_some_and(|&n| n >= 1.0));
+    assert!(m["rstscope_agent_packets_total"] >= 2.0, "{m:?}");
+    assert!(m["rstscope_agent_events_total"] >= 2.0, "{m:?}");
+    assert_eq!(m["rstscope_agent_capture_drops_total"], 0.0, "{m:?}");
 }

@@ -38,6 +38,8 @@ pub struct LiveSource {
     name: String,
     capture: pcap::Capture<pcap::Active>,
     link_type: LinkType,
+    poll_timeout: rustix::event::Timespec,
+    wait_fd: std::os::fd::OwnedFd,
 }
 
 impl LiveSource {
@@ -55,8 +57,20 @@ impl LiveSource {
             .open()
             .map_err(err)?;
         capture.filter(&config.filter, true).map_err(err)?;
+        // Non-blocking, and we wait for the descriptor ourselves: on Linux (TPACKET_V3) a
+        // blocking read returns only once a packet arrives, whatever the timeout, so a quiet
+        // interface would never give the pipeline its idle polls (clock, watermarks).
+        let capture = capture.setnonblock().map_err(err)?;
         let link_type = LinkType(capture.get_datalink().0 as u32);
-        Ok(LiveSource { name: config.interface.clone(), capture, link_type })
+        let poll_timeout = rustix::event::Timespec {
+            tv_sec: i64::from(config.poll_timeout_ms.max(1) / 1000),
+            tv_nsec: i64::from(config.poll_timeout_ms.max(1) % 1000) * 1_000_000,
+        };
+        // A second descriptor of the socket to wait on while a read may still borrow the capture.
+        let wait_fd = std::os::fd::AsFd::as_fd(&capture)
+            .try_clone_to_owned()
+            .map_err(|e| CaptureError::Live { source_name: config.interface.clone(), message: e.to_string() })?;
+        Ok(LiveSource { name: config.interface.clone(), capture, link_type, poll_timeout, wait_fd })
     }
 
     /// The interface's link type.
@@ -84,7 +98,15 @@ impl PacketSource for LiveSource {
                 let ts_ns = i64::from(ts.tv_sec) * 1_000_000_000 + i64::from(ts.tv_usec);
                 Ok(Poll::Packet(RawPacket { ts_ns, link_type, data: packet.data, orig_len: packet.header.len }))
             }
-            Err(pcap::Error::TimeoutExpired) => Ok(Poll::Idle),
+            // Nothing buffered: wait up to the poll timeout for the descriptor, then say idle
+            // either way; the caller's next call reads what arrived meanwhile.
+            Err(pcap::Error::TimeoutExpired) => {
+                let mut fds = [rustix::event::PollFd::new(&self.wait_fd, rustix::event::PollFlags::IN)];
+                match rustix::event::poll(&mut fds, Some(&self.poll_timeout)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => Ok(Poll::Idle),
+                    Err(e) => Err(CaptureError::Live { source_name: self.name.clone(), message: e.to_string() }),
+                }
+            }
             // pcap_breakloop (see `stopper`) ends the capture this way too.
             Err(pcap::Error::NoMorePackets) => Ok(Poll::End),
             Err(e) => Err(CaptureError::Live { source_name: self.name.clone(), message: e.to_string() }),

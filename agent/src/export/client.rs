@@ -191,7 +191,7 @@ async fn session(
             // The collector holds batches of this boot id that this spool never wrote (a copied
             // or restored state directory). Reusing those numbers would have new batches
             // dropped as duplicates, so number afresh under a new boot id.
-            writer.spool.ack(last)?;
+            shared.ack(&mut writer, last)?;
             writer.spool.restart_numbering()?;
             tracing::warn!(
                 durable_seq = welcome.durable_seq,
@@ -207,8 +207,7 @@ async fn session(
                 "The collector lost acknowledged batches; they are no longer in the spool."
             );
         }
-        writer.spool.ack(welcome.durable_seq)?;
-        shared.counters.spool_bytes.store(writer.spool.bytes(), std::sync::atomic::Ordering::Relaxed);
+        shared.ack(&mut writer, welcome.durable_seq)?;
     }
     if welcome.max_batch_events > 0 {
         let limit = shared.max_batch_events.min(welcome.max_batch_events as usize);
@@ -244,8 +243,7 @@ async fn session(
             message = inbound.message() => match message.map_err(SessionError::Status)?.map(|m| m.kind) {
                 Some(Some(v1::collector_message::Kind::Ack(ack))) => {
                     let mut writer = lock(&shared.writer);
-                    writer.spool.ack(ack.seq)?;
-                    shared.counters.spool_bytes.store(writer.spool.bytes(), std::sync::atomic::Ordering::Relaxed);
+                    shared.ack(&mut writer, ack.seq)?;
                 }
                 Some(Some(v1::collector_message::Kind::Welcome(_))) => {
                     return Err(SessionError::Protocol("the collector sent a second welcome"));

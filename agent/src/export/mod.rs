@@ -22,6 +22,12 @@
 //!   is sent to the collector as `CaptureLoss { events_dropped, reason: "spool full" }` (the loss
 //!   report itself may exceed the cap slightly, so it always gets through).
 //!
+//! Durability: a batch counts as spooled (is visible to the sender and in [`ExportStats`])
+//! only after the spool file was synced, whether the exporter thread or, with the queue full,
+//! the producer wrote it; one sync covers everything written in one go. The producer path thus
+//! pays one `fdatasync` per overflow (64 batches), on the capture thread: the price of not
+//! losing what the queue could not hold.
+//!
 //! Pure parts live in [`batch`] (cutting batches), [`backoff`] (reconnect delays) and [`spool`]
 //! (file format); `client` is the network shell.
 
@@ -154,6 +160,8 @@ pub struct ExportStats {
     pub last_seq: u64,
     /// Highest batch number the collector acknowledged.
     pub acked: u64,
+    /// Batches the collector acknowledged since the exporter started.
+    pub batches_acked: u64,
 }
 
 /// How [`Exporter::finish`] ended.
@@ -182,6 +190,7 @@ struct Counters {
     events: AtomicU64,
     events_dropped: AtomicU64,
     spool_bytes: AtomicU64,
+    batches_acked: AtomicU64,
 }
 
 /// Cut batches waiting for the spooler, and the batcher filling the next one.
@@ -340,6 +349,13 @@ impl Shared {
             writer.write(batch, &self.counters);
         }
         writer.write_loss_report(&self.counters);
+        if wrote {
+            // Durable before the sender sees them (it reads `last_seq` under this lock): one
+            // fsync for everything drained here, so the cost is per call, not per batch.
+            if let Err(error) = writer.spool.sync() {
+                tracing::warn!(%error, "Syncing the spool failed.");
+            }
+        }
         drop(writer);
         if wrote {
             self.spooled.notify_one();
@@ -363,6 +379,16 @@ impl Shared {
         }
     }
 
+    /// Moves the spool's acknowledged pointer to `seq`, counting the newly acknowledged batches.
+    fn ack(&self, writer: &mut SpoolWriter, seq: u64) -> Result<(), SpoolError> {
+        let before = writer.spool.acked();
+        writer.spool.ack(seq)?;
+        let newly = writer.spool.acked().saturating_sub(before);
+        self.counters.batches_acked.fetch_add(newly, Ordering::Relaxed);
+        self.counters.spool_bytes.store(writer.spool.bytes(), Ordering::Relaxed);
+        Ok(())
+    }
+
     fn stats(&self) -> ExportStats {
         let (last_seq, acked, spool_bytes) = {
             let writer = lock(&self.writer);
@@ -374,7 +400,25 @@ impl Shared {
             spool_bytes,
             last_seq,
             acked,
+            batches_acked: self.counters.batches_acked.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Reads an exporter's counters from another thread; see [`Exporter::stats_handle`].
+#[derive(Clone)]
+pub struct StatsHandle(Arc<Shared>);
+
+impl StatsHandle {
+    /// Counters so far.
+    pub fn stats(&self) -> ExportStats {
+        self.0.stats()
+    }
+}
+
+impl std::fmt::Debug for StatsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StatsHandle").finish_non_exhaustive()
     }
 }
 
@@ -443,11 +487,18 @@ impl Exporter {
         self.shared.push(v1::Event::from(event));
     }
 
-    /// Everything up to `ts_ns` (packet time) has been pushed; sent with the following batches.
+    /// Everything up to `ts_ns` (packet time) has been pushed; sent with the following batches,
+    /// or at once as a batch of its own when no event is waiting (a quiet live capture still
+    /// tells the collector how far it has got).
     pub fn watermark(&self, ts_ns: i64) {
         let mut buffer = lock(&self.shared.buffer);
         if buffer.watermark.is_none_or(|w| ts_ns > w) {
             buffer.watermark = Some(ts_ns);
+        }
+        if buffer.batcher.is_empty() && buffer.watermark != buffer.watermark_sent {
+            buffer.cut_all();
+            drop(buffer);
+            self.shared.queued.notify_one();
         }
     }
 
@@ -478,6 +529,11 @@ impl Exporter {
     /// Counters so far.
     pub fn stats(&self) -> ExportStats {
         self.shared.stats()
+    }
+
+    /// A handle that reads the counters from any thread (metrics), for as long as it lives.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.shared.clone())
     }
 
     /// Flushes, then waits up to `timeout` until the collector has acknowledged every batch,

@@ -30,6 +30,14 @@
 //! Nothing here panics on what it reads. A segment is deleted once every batch in it is
 //! acknowledged; new batches always go to a fresh segment after a restart, so a torn tail is
 //! never appended to.
+//!
+//! Durability: the exporter syncs the current segment (`fdatasync`) after every group of
+//! batches it writes and before the sender may read them (one sync per drain of the queue,
+//! so the cost is per call, not per batch); a new segment's directory entry is synced when it
+//! is created, and a finished segment when the next one starts. So a batch that counts as
+//! spooled survives a power loss, not only a crash of the agent. If the spool's tail is lost
+//! anyway (a disk that lies about syncs), the collector's `durable_seq` being ahead of the
+//! spool's numbering starts a new boot id rather than reusing numbers (see `client`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -360,6 +368,8 @@ impl Spool {
             .map_err(io_err(&path))?;
         file.set_len(0).map_err(io_err(&path))?;
         file.write_all(MAGIC).map_err(io_err(&path))?;
+        // The new name must survive a power loss too, not only the data synced into it later.
+        File::open(&self.spool_dir).and_then(|dir| dir.sync_all()).map_err(io_err(&self.spool_dir))?;
         self.bytes += MAGIC.len() as u64;
         self.segments.insert(first_seq, Segment { path, file, bytes: MAGIC.len() as u64, last_seq: 0 });
         self.current = Some(first_seq);

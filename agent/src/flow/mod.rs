@@ -173,6 +173,21 @@ impl Tracker {
         self.stats
     }
 
+    /// The tracker's packet clock: the latest packet time (or idle time given to
+    /// [`Tracker::advance`]) processed; `None` before the first packet.
+    pub fn clock_ns(&self) -> Option<i64> {
+        (self.now_ns != i64::MIN).then_some(self.now_ns)
+    }
+
+    /// How far RST events are complete: every RST up to this packet time has been passed to
+    /// `out`. The clock, held back to just before the oldest RST still in its settle window.
+    /// `None` before the first packet.
+    pub fn watermark_ns(&self) -> Option<i64> {
+        let clock = self.clock_ns()?;
+        let oldest_pending = self.pending.values().flatten().map(|ev| ev.ts_ns).min();
+        Some(oldest_pending.map_or(clock, |ts| clock.min(ts.saturating_sub(1))))
+    }
+
     /// Processes one segment; events that became final are passed to `out`.
     pub fn on_segment(&mut self, seg: &Segment, out: &mut impl FnMut(Event)) {
         self.process(seg, None, out);
@@ -666,6 +681,26 @@ mod tests {
         let config = TrackerConfig { inactivity_timeout_ns: i64::MAX, linger_ns: i64::MAX, ..TrackerConfig::default() };
         let events = track_all(config, &segs);
         assert!(resets(&events)[0].since_peer_last_ns.is_some_and(|ns| ns > 0));
+    }
+
+    #[test]
+    fn the_watermark_waits_for_settling_rsts() {
+        let segs = trace::parse("0ms > S\n1ms < SA\n2ms > R\n500ms > S cport=2").unwrap();
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        assert_eq!((tracker.clock_ns(), tracker.watermark_ns()), (None, None));
+        let mut emitted = Vec::new();
+        for seg in &segs {
+            tracker.on_segment(seg, &mut |e| emitted.push(e));
+        }
+        let (rst_ts, last_ts) = (segs[2].ts_ns, segs[3].ts_ns);
+        assert_eq!(tracker.clock_ns(), Some(last_ts));
+        // The RST is still settling: the watermark stays just before it.
+        assert!(resets(&emitted).is_empty());
+        assert_eq!(tracker.watermark_ns(), Some(rst_ts - 1));
+        // Idle time (live) lets it settle; then the watermark is the clock again.
+        tracker.advance(rst_ts + 10_000_000_000, &mut |e| emitted.push(e));
+        assert_eq!(resets(&emitted).len(), 1);
+        assert_eq!(tracker.watermark_ns(), Some(rst_ts + 10_000_000_000));
     }
 
     #[test]

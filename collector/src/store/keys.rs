@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rstscope_proto::FlowKey;
+use rstscope_proto::{v1, FlowKey};
 
 /// Length of a record key ([`StoreSeq::to_bytes`]).
 pub(crate) const RECORD_KEY_LEN: usize = 28;
@@ -33,31 +33,28 @@ pub(crate) fn ts_from_bytes(bytes: [u8; 8]) -> i64 {
 /// following.
 ///
 /// Ordering (derived, field by field) equals the order of the stored keys: event time, then the
-/// collector's id of the agent, then arrival (agent session, batch number, index in the batch).
-/// The same event sent twice gets the same `StoreSeq`, which is what makes retries harmless.
+/// collector's id of the agent, then the event's identity digest ([`reset_id`], [`flow_id`]).
+/// The key is a function of the event itself, not of how it arrived: the same event sent twice
+/// (a retried batch, or an agent that re-read a capture after a restart and produced it again in
+/// a new batch) gets the same `StoreSeq` and overwrites itself, which is what makes ingest
+/// idempotent per event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct StoreSeq {
     /// Event time, ns since the epoch (agent clock).
     pub ts_ns: i64,
     /// The collector's number for the agent (interned name).
     pub agent_id: u32,
-    /// The collector's number for the agent's (name, boot id) session.
-    pub session_id: u32,
-    /// Batch number within the session.
-    pub batch_seq: u64,
-    /// Index of the event within its batch.
-    pub index: u32,
+    /// Digest of what identifies the event besides its time and agent.
+    pub id: u128,
 }
 
 impl StoreSeq {
-    /// The 28-byte key: ts (sign-flipped) 8, agent 4, session 4, batch 8, index 4.
+    /// The 28-byte key: ts (sign-flipped) 8, agent 4, identity digest 16.
     pub fn to_bytes(&self) -> [u8; RECORD_KEY_LEN] {
         let mut out = [0u8; RECORD_KEY_LEN];
         out[0..8].copy_from_slice(&ts_bytes(self.ts_ns));
         out[8..12].copy_from_slice(&self.agent_id.to_be_bytes());
-        out[12..16].copy_from_slice(&self.session_id.to_be_bytes());
-        out[16..24].copy_from_slice(&self.batch_seq.to_be_bytes());
-        out[24..28].copy_from_slice(&self.index.to_be_bytes());
+        out[12..28].copy_from_slice(&self.id.to_be_bytes());
         out
     }
 
@@ -66,28 +63,91 @@ impl StoreSeq {
         let b: &[u8; RECORD_KEY_LEN] = bytes.try_into().ok()?;
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&b[0..8]);
-        let mut batch = [0u8; 8];
-        batch.copy_from_slice(&b[16..24]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&b[12..28]);
         Some(StoreSeq {
             ts_ns: ts_from_bytes(ts),
             agent_id: u32::from_be_bytes([b[8], b[9], b[10], b[11]]),
-            session_id: u32::from_be_bytes([b[12], b[13], b[14], b[15]]),
-            batch_seq: u64::from_be_bytes(batch),
-            index: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
+            id: u128::from_be_bytes(id),
         })
     }
 }
 
 impl fmt::Display for StoreSeq {
-    /// `ts.agent.session.batch.index`, a printable cursor.
+    /// `ts.agent.id` (id in hex), a printable cursor.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}.{}.{}", self.ts_ns, self.agent_id, self.session_id, self.batch_seq, self.index)
+        write!(f, "{}.{}.{:032x}", self.ts_ns, self.agent_id, self.id)
     }
+}
+
+/// FNV-1a, 128 bits: stable across builds and platforms (stored keys depend on it), which std's
+/// hashers do not promise. Not collision resistant, and it need not be: a digest only ever
+/// meets digests of the same agent at the same nanosecond.
+struct Fnv128(u128);
+
+impl Fnv128 {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+
+    fn new(kind: u8) -> Self {
+        let mut h = Fnv128(Self::OFFSET);
+        h.bytes(&[kind]);
+        h
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u128::from(b)).wrapping_mul(Self::PRIME);
+        }
+    }
+
+    /// Length-prefixed, so that adjacent fields cannot trade bytes.
+    fn field(&mut self, bytes: &[u8]) {
+        self.bytes(&(bytes.len() as u32).to_be_bytes());
+        self.bytes(bytes);
+    }
+
+    fn endpoint(&mut self, endpoint: Option<&v1::Endpoint>) {
+        let (ip, port) = endpoint.map_or((&[][..], 0), |e| (e.ip.as_slice(), e.port));
+        self.field(ip);
+        self.bytes(&port.to_be_bytes());
+    }
+}
+
+/// Identity of a RST event within its agent and nanosecond: the packet's raw header fields
+/// (addresses, ports, seq, ack, flags, window, TTL, IP ID, payload length) and the connection's
+/// packet counts at that point, which tell apart even byte-identical RSTs of one connection
+/// captured within the same tick. The agent's evidence and cause are left out: they are its
+/// opinion of the packet, not the packet.
+pub(crate) fn reset_id(rst: &v1::RstEvent) -> u128 {
+    let mut h = Fnv128::new(KIND_RESET);
+    h.endpoint(rst.src.as_ref());
+    h.endpoint(rst.dst.as_ref());
+    for value in [rst.seq, rst.ack, rst.flags, rst.window, rst.ttl, rst.payload_len] {
+        h.bytes(&value.to_be_bytes());
+    }
+    match rst.ip_id {
+        Some(ip_id) => h.field(&ip_id.to_be_bytes()),
+        None => h.field(&[]),
+    }
+    h.bytes(&rst.orig_pkts.to_be_bytes());
+    h.bytes(&rst.resp_pkts.to_be_bytes());
+    h.0
+}
+
+/// Identity of a flow summary within its agent and end time: the endpoints and the start. One
+/// vantage point never has two connection records of one 4-tuple starting at the same time.
+pub(crate) fn flow_id(flow: &v1::FlowSummary) -> u128 {
+    let mut h = Fnv128::new(KIND_FLOW);
+    h.endpoint(flow.orig.as_ref());
+    h.endpoint(flow.resp.as_ref());
+    h.bytes(&flow.start_ns.to_be_bytes());
+    h.0
 }
 
 /// A text that is not a [`StoreSeq`] cursor.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a store cursor (expected ts.agent.session.batch.index): {0:?}")]
+#[error("not a store cursor (expected ts.agent.id): {0:?}")]
 pub struct ParseStoreSeqError(pub String);
 
 impl FromStr for StoreSeq {
@@ -100,9 +160,7 @@ impl FromStr for StoreSeq {
         let seq = StoreSeq {
             ts_ns: next()?.parse().map_err(|_| err())?,
             agent_id: next()?.parse().map_err(|_| err())?,
-            session_id: next()?.parse().map_err(|_| err())?,
-            batch_seq: next()?.parse().map_err(|_| err())?,
-            index: next()?.parse().map_err(|_| err())?,
+            id: u128::from_str_radix(next()?, 16).map_err(|_| err())?,
         };
         if parts.next().is_some() {
             return Err(err());
@@ -199,11 +257,11 @@ mod tests {
     proptest! {
         #[test]
         fn store_seq_bytes_sort_like_the_value(
-            a in (any::<i64>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()),
-            b in (any::<i64>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>()),
+            a in (any::<i64>(), any::<u32>(), any::<u128>()),
+            b in (any::<i64>(), any::<u32>(), any::<u128>()),
         ) {
-            let a = StoreSeq { ts_ns: a.0, agent_id: a.1, session_id: a.2, batch_seq: a.3, index: a.4 };
-            let b = StoreSeq { ts_ns: b.0, agent_id: b.1, session_id: b.2, batch_seq: b.3, index: b.4 };
+            let a = StoreSeq { ts_ns: a.0, agent_id: a.1, id: a.2 };
+            let b = StoreSeq { ts_ns: b.0, agent_id: b.1, id: b.2 };
             prop_assert_eq!(a.cmp(&b), a.to_bytes().cmp(&b.to_bytes()));
             prop_assert_eq!(StoreSeq::from_bytes(&a.to_bytes()), Some(a));
             prop_assert_eq!(a.to_string().parse::<StoreSeq>(), Ok(a));

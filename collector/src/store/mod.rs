@@ -8,7 +8,7 @@
 //! # Trees and key layout (all integers big-endian, so byte order is numeric order)
 //! | tree | key | value |
 //! |---|---|---|
-//! | `resets` | ts (i64, sign bit flipped) 8 · agent id 4 · session id 4 · batch seq 8 · index 4 | header · prost `RstEvent` |
+//! | `resets` | ts (i64, sign bit flipped) 8 · agent id 4 · event identity digest 16 | header · prost `RstEvent` |
 //! | `flows` | the same, with the flow's `end_ns` as ts | header · prost `FlowSummary` |
 //! | `conn` | `FlowKey::to_bytes()` 36 · kind 1 (0 flow, 1 reset) · record key 28 | empty |
 //! | `sessions` | len(agent) 4 · agent · boot id | session id 4 · durable batch seq 8 |
@@ -22,6 +22,14 @@
 //! without reading their values. The 40-byte value header (version, flow key, cause, flags)
 //! carries everything the other filters need, so only returned events are decoded.
 //!
+//! # Idempotence per event
+//! The rest of the key is a digest of the event's identity (for a reset: its header fields and
+//! the connection's packet counts; for a flow: endpoints and start, see `keys::reset_id`), not of
+//! the batch it came in. An agent restarted in the middle of a capture file reads it again from
+//! the start and sends events the collector already has, in new batches; they land on their
+//! existing keys and are neither stored nor counted twice. Records written by versions that keyed
+//! by (session, batch, index) stay readable; only a re-send across that upgrade could duplicate.
+//!
 //! The `conn` index exists because the question "what did every vantage point see of this
 //! connection" must not scan time: its keys start with the direction-free flow key, so one
 //! prefix scan finds every flow and reset of a 4-tuple from every agent.
@@ -29,8 +37,8 @@
 //! # Durability
 //! A batch's records, the index entries, the counters, the agent record and the session's new
 //! durable batch number are written in one sled transaction, then `Db::flush` fsyncs before
-//! [`Appended::Stored`] is returned. Keys are deterministic (derived from the session and batch
-//! number), so even a retry of a batch whose transaction never committed writes the same keys.
+//! [`Appended::Stored`] is returned. Keys are deterministic (derived from the events), so even a
+//! retry of a batch whose transaction never committed writes the same keys.
 //! Writers are serialised by a mutex: ingest is bounded by fsync, not by the transaction.
 
 mod keys;
@@ -238,8 +246,8 @@ const META_FLOWS: &[u8] = b"flows";
 
 /// One event of a batch, checked and encoded, waiting for its key.
 struct Prepared {
-    /// Position in the batch (part of the key, so a resent batch writes the same keys).
-    index: u32,
+    /// Identity digest (part of the key, so an event sent again writes the same key).
+    id: u128,
     kind: u8,
     ts_ns: i64,
     key: FlowKey,
@@ -345,7 +353,8 @@ impl Store {
     ///
     /// A batch at or below the durable number is a [`Appended::Duplicate`], one beyond the next
     /// a [`Appended::Gap`]; neither writes anything. An event with an endpoint that is not 4 or 16
-    /// bytes rejects the whole batch with [`StoreError::Invalid`].
+    /// bytes rejects the whole batch with [`StoreError::Invalid`]. Resets and flows already stored
+    /// for the agent (same time and identity, see the module notes) are skipped, not counted again.
     pub fn append_batch(
         &self,
         agent: &str,
@@ -353,7 +362,7 @@ impl Store {
         batch: &v1::Batch,
         now_ns: i64,
     ) -> Result<Appended, StoreError> {
-        let (prepared, effects) = prepare(batch)?;
+        let (prepared, mut effects) = prepare(batch)?;
         let mut writer = self.writer();
         let session = self.session(agent, boot_id)?;
         let durable_seq = session.map_or(0, |s| s.durable_seq);
@@ -374,9 +383,21 @@ impl Store {
 
         let mut record_batch = [sled::Batch::default(), sled::Batch::default()];
         let mut conn_batch = sled::Batch::default();
+        // Writers are serialised, so what is stored cannot change between this check and the
+        // transaction; `seen` catches an event repeated within the batch itself.
+        let mut seen = std::collections::HashSet::with_capacity(prepared.len());
         for p in &prepared {
-            let seq = StoreSeq { ts_ns: p.ts_ns, agent_id, session_id, batch_seq: batch.seq, index: p.index };
+            let seq = StoreSeq { ts_ns: p.ts_ns, agent_id, id: p.id };
             let record_key = seq.to_bytes();
+            let tree = if p.kind == KIND_RESET { &self.inner.resets } else { &self.inner.flows };
+            if !seen.insert((p.kind, record_key)) || tree.contains_key(record_key)? {
+                if p.kind == KIND_RESET {
+                    effects.resets -= 1;
+                } else {
+                    effects.flows -= 1;
+                }
+                continue;
+            }
             record_batch[usize::from(p.kind)].insert(&record_key[..], p.value.as_slice());
             conn_batch.insert(&conn_key(&p.key, p.kind, &seq)[..], &[][..]);
         }
@@ -418,7 +439,7 @@ impl Store {
         drop(writer);
         self.flush()?;
         if self.inner.new_resets.receiver_count() > 0 && effects.resets > 0 {
-            self.publish(agent, agent_id, session_id, batch);
+            self.publish(agent, agent_id, batch);
         }
         Ok(Appended::Stored { durable_seq: batch.seq })
     }
@@ -434,16 +455,17 @@ impl Store {
         self.inner.new_resets.subscribe()
     }
 
-    fn publish(&self, agent: &str, agent_id: u32, session_id: u32, batch: &v1::Batch) {
-        let mut resets: Vec<StoredReset> = (0u32..)
-            .zip(&batch.events)
-            .filter_map(|(index, event)| match &event.kind {
+    fn publish(&self, agent: &str, agent_id: u32, batch: &v1::Batch) {
+        let mut resets: Vec<StoredReset> = batch
+            .events
+            .iter()
+            .filter_map(|event| match &event.kind {
                 Some(v1::event::Kind::Reset(rst)) => {
                     let key = FlowKey::new(
                         endpoint(rst.src.as_ref(), 0, "src").ok()?,
                         endpoint(rst.dst.as_ref(), 0, "dst").ok()?,
                     );
-                    let seq = StoreSeq { ts_ns: rst.ts_ns, agent_id, session_id, batch_seq: batch.seq, index };
+                    let seq = StoreSeq { ts_ns: rst.ts_ns, agent_id, id: keys::reset_id(rst) };
                     Some(StoredReset { agent: agent.to_string(), key, event: rst.clone(), seq })
                 }
                 _ => None,
@@ -553,7 +575,6 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, BatchEffects), StoreErro
     let mut prepared = Vec::with_capacity(batch.events.len());
     let mut effects = BatchEffects::default();
     for (i, event) in batch.events.iter().enumerate() {
-        let index = u32::try_from(i).map_err(|_| StoreError::Invalid("batch has over 2^32 events".to_string()))?;
         match &event.kind {
             Some(Kind::Reset(rst)) => {
                 let src = endpoint(rst.src.as_ref(), i, "src")?;
@@ -565,7 +586,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, BatchEffects), StoreErro
                     flags: (rst.flags & 0xfff) as u16,
                 };
                 prepared.push(Prepared {
-                    index,
+                    id: keys::reset_id(rst),
                     kind: KIND_RESET,
                     ts_ns: rst.ts_ns,
                     key,
@@ -579,7 +600,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, BatchEffects), StoreErro
                 let key = FlowKey::new(orig, resp);
                 let header = ValueHeader { key, cause: 0, flags: 0 };
                 prepared.push(Prepared {
-                    index,
+                    id: keys::flow_id(flow),
                     kind: KIND_FLOW,
                     ts_ns: flow.end_ns,
                     key,

@@ -11,8 +11,36 @@ use sled::Transactional;
 use super::keys::{conn_key, ts_bytes, StoreSeq, ValueHeader, KIND_FLOW, KIND_RESET};
 use super::{add_counter, decode_record, encode_record, Store, StoreError, META_FLOWS, META_RESETS};
 
-/// Records removed per transaction.
-const CHUNK: usize = 5_000;
+/// Records removed per transaction (about 70 ms of holding the writer lock on a 10M store).
+const CHUNK: usize = 1_000;
+/// Meta key: the record count the size pass settled on while the disk is over its limit.
+const META_SIZE_CAP: &[u8] = b"size_cap_records";
+
+/// What the size pass should do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SizePass {
+    /// Records to remove now.
+    remove: u64,
+    /// Record cap to remember (None: under the limit, forget it).
+    cap: Option<u64>,
+}
+
+/// Decides the size pass. sled frees disk space lazily (it reuses segments rather than shrink
+/// the files), so `bytes` does not fall right after a removal; deciding from it alone would
+/// remove another slice every run until nothing is left. So the first pass over the limit
+/// estimates how many records fit (records x max / bytes, minus 10 %) and remembers that as a
+/// cap; while the disk stays over the limit later passes only trim back to the cap, and once it
+/// is under the limit again the cap is forgotten.
+fn size_pass(bytes: u64, max: u64, records: u64, cap: Option<u64>) -> SizePass {
+    if bytes <= max {
+        return SizePass { remove: 0, cap: None };
+    }
+    let cap = cap.unwrap_or_else(|| {
+        let fits = u128::from(records) * u128::from(max) / u128::from(bytes.max(1));
+        u64::try_from(fits * 9 / 10).unwrap_or(u64::MAX)
+    });
+    SizePass { remove: records.saturating_sub(cap), cap: Some(cap) }
+}
 
 /// What one [`Store::enforce_retention`] run removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,9 +88,8 @@ impl Store {
     /// minute or so; each chunk is its own transaction, so an interrupted run is simply resumed
     /// by the next one.
     ///
-    /// sled frees disk space lazily (segments are rewritten in the background), so the size
-    /// pass removes an estimated number of records (size / records per byte, plus 10 %) once
-    /// per run instead of looping on `size_on_disk`, which would delete everything.
+    /// sled frees disk space lazily, so the size pass works from an estimated record cap
+    /// (see `size_pass`) rather than looping on `size_on_disk`, which would delete everything.
     pub fn enforce_retention(&self, now_ns: i64) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport { bytes_before: self.inner.db.size_on_disk()?, ..Default::default() };
         let retention_ns = i64::try_from(self.inner.config.retention.as_nanos()).unwrap_or(i64::MAX);
@@ -83,24 +110,26 @@ impl Store {
         }
 
         let bytes = self.inner.db.size_on_disk()?;
-        let max = self.inner.config.max_bytes;
-        if bytes > max {
-            let status = self.status()?;
-            if let Some(bytes_per_record) = bytes.checked_div(status.resets + status.flows) {
-                let bytes_per_record = bytes_per_record.max(1);
-                let excess = bytes - max;
-                let mut to_remove = (excess / bytes_per_record + 1).saturating_mul(11) / 10;
-                tracing::info!(bytes, max, to_remove, "Store is over its size limit; removing the oldest records.");
-                while to_remove > 0 {
-                    let chunk = usize::try_from(to_remove).unwrap_or(CHUNK).min(CHUNK);
-                    let removed = self.remove_chunk(chunk, None, true, true, &mut report)?;
-                    report.removed_by_size += removed;
-                    if removed == 0 {
-                        break;
-                    }
-                    to_remove = to_remove.saturating_sub(removed);
-                }
+        let status = self.status()?;
+        let cap = self.inner.meta.get(META_SIZE_CAP)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+        let pass =
+            size_pass(bytes, self.inner.config.max_bytes, status.resets + status.flows, cap.map(u64::from_be_bytes));
+        match pass.cap {
+            Some(cap) => self.inner.meta.insert(META_SIZE_CAP, &cap.to_be_bytes())?,
+            None => self.inner.meta.remove(META_SIZE_CAP)?,
+        };
+        let mut to_remove = pass.remove;
+        if to_remove > 0 {
+            tracing::info!(bytes, to_remove, "Store is over its size limit; removing the oldest records.");
+        }
+        while to_remove > 0 {
+            let chunk = usize::try_from(to_remove).unwrap_or(CHUNK).min(CHUNK);
+            let removed = self.remove_chunk(chunk, None, true, true, &mut report)?;
+            report.removed_by_size += removed;
+            if removed == 0 {
+                break;
             }
+            to_remove = to_remove.saturating_sub(removed);
         }
         report.bytes_after = self.inner.db.size_on_disk()?;
         if report.resets_removed + report.flows_removed > 0 {
@@ -208,5 +237,29 @@ impl Store {
         report.resets_removed += n_resets as u64;
         report.flows_removed += n_flows as u64;
         Ok(victims.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{size_pass, SizePass};
+
+    #[test]
+    fn size_pass_settles_on_a_cap() {
+        // (bytes, max, records, remembered cap) -> expected
+        let cases = [
+            ((100, 200, 1000, None), SizePass { remove: 0, cap: None }),
+            ((100, 200, 1000, Some(5)), SizePass { remove: 0, cap: None }),
+            ((200, 100, 1000, None), SizePass { remove: 550, cap: Some(450) }),
+            // Disk not shrunk yet, nothing new: remove nothing more.
+            ((210, 100, 450, Some(450)), SizePass { remove: 0, cap: Some(450) }),
+            // New records while still over: trim back to the cap.
+            ((210, 100, 500, Some(450)), SizePass { remove: 50, cap: Some(450) }),
+            ((u64::MAX, 1, u64::MAX, None), SizePass { remove: u64::MAX, cap: Some(0) }),
+            ((5, 0, 0, None), SizePass { remove: 0, cap: Some(0) }),
+        ];
+        for ((bytes, max, records, cap), expected) in cases {
+            assert_eq!(size_pass(bytes, max, records, cap), expected, "{bytes} {max} {records} {cap:?}");
+        }
     }
 }

@@ -121,7 +121,8 @@ fn assert_consistent(store: &Store) {
 fn append_is_idempotent_per_session() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir);
-    let one = || vec![rst(1, "10.0.0.1:1000 > 10.0.0.2:80", "R", Cause::Refused)];
+    // A different event per step: this is about batch numbers, not about event identity.
+    let one = |n: usize| vec![rst(1, &format!("10.0.0.1:{} > 10.0.0.2:80", 1000 + n), "R", Cause::Refused)];
     // (boot, batch seq, expected outcome, resets stored afterwards)
     let steps: &[(&str, u64, Appended, u64)] = &[
         ("b1", 1, Appended::Stored { durable_seq: 1 }, 1),
@@ -134,7 +135,7 @@ fn append_is_idempotent_per_session() {
         ("b1", 3, Appended::Stored { durable_seq: 3 }, 4),
     ];
     for (n, &(boot, seq, expected, stored)) in steps.iter().enumerate() {
-        let got = store.append_batch("a", boot, &batch(seq, one()), 0).expect("append");
+        let got = store.append_batch("a", boot, &batch(seq, one(n)), 0).expect("append");
         assert_eq!(got, expected, "step {n}: {boot} seq {seq}");
         assert_eq!(store.status().expect("status").resets, stored, "step {n}");
     }
@@ -158,8 +159,9 @@ fn acknowledged_batches_survive_reopen() {
     let store = open(&dir);
     assert_eq!(store.hello(&hello("a", "boot"), ns(9)).expect("hello"), 3);
     assert_eq!(times(&store, &ResetQuery::default()), [1, 2, 3]);
-    // A new boot after reopening gets a fresh session: its batch 1 must not overwrite boot's.
-    let events = vec![rst(2, "10.0.0.1:1000 > 10.0.0.2:80", "R", Cause::Refused)];
+    // A new boot after reopening gets a fresh session: its batch 1 is stored, not taken for
+    // boot's batch 1.
+    let events = vec![rst(2, "10.0.0.1:1001 > 10.0.0.2:80", "R", Cause::Refused)];
     assert_eq!(
         store.append_batch("a", "boot2", &batch(1, events), 0).expect("append"),
         Appended::Stored { durable_seq: 1 }
@@ -169,6 +171,46 @@ fn acknowledged_batches_survive_reopen() {
         store.append_batch("a", "boot", &batch(3, vec![]), 0).expect("append"),
         Appended::Duplicate { durable_seq: 3 }
     );
+    assert_consistent(&store);
+}
+
+#[test]
+fn an_event_sent_again_in_a_new_batch_is_stored_once() {
+    // An agent killed mid-file and started again re-reads the capture and produces the same
+    // events in new batches (resumed numbering, or a new boot id); live agents retry too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let a = || rst(5, "10.0.0.1:1000 > 10.0.0.2:80", "RA", Cause::Refused);
+    let b = || rst(6, "10.0.0.1:1001 > 10.0.0.2:80", "R", Cause::Lone);
+    let f = || flow(7, "10.0.0.1:1000 > 10.0.0.2:80");
+    assert_eq!(
+        store.append_batch("x", "boot1", &batch(1, vec![a(), f()]), 0).expect("append"),
+        Appended::Stored { durable_seq: 1 }
+    );
+    // Same events, new batch numbers, and a repeat within one batch.
+    assert_eq!(
+        store.append_batch("x", "boot1", &batch(2, vec![a(), b(), b(), f()]), 0).expect("append"),
+        Appended::Stored { durable_seq: 2 }
+    );
+    assert_eq!(
+        store.append_batch("x", "boot2", &batch(1, vec![a(), b(), f()]), 0).expect("append"),
+        Appended::Stored { durable_seq: 1 }
+    );
+    assert_eq!(times(&store, &ResetQuery::default()), [5, 6]);
+    let status = store.status().expect("status");
+    assert_eq!((status.resets, status.flows), (2, 1));
+    // Another agent's identical observation is its own record: that is what correlation compares.
+    store.append_batch("y", "boot", &batch(1, vec![a()]), 0).expect("append");
+    assert_eq!(times(&store, &ResetQuery::default()), [5, 5, 6]);
+    // So is a packet that differs in any header field, or a later packet of the connection.
+    let mut other_ttl = a();
+    let mut later = a();
+    if let (Some(Kind::Reset(r1)), Some(Kind::Reset(r2))) = (&mut other_ttl.kind, &mut later.kind) {
+        r1.ttl = 50;
+        r2.resp_pkts = 1;
+    }
+    store.append_batch("x", "boot2", &batch(2, vec![other_ttl, later]), 0).expect("append");
+    assert_eq!(times(&store, &ResetQuery::default()), [5, 5, 5, 5, 6]);
     assert_consistent(&store);
 }
 
@@ -353,9 +395,9 @@ fn invalid_events_reject_the_whole_batch() {
 fn corrupt_values_are_skipped_and_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = filter_fixture(&dir);
-    let mut garbage_header = StoreSeq { ts_ns: ns(12), agent_id: 1, session_id: 1, batch_seq: 9, index: 0 };
+    let mut garbage_header = StoreSeq { ts_ns: ns(12), agent_id: 1, id: 9 };
     store.inner.resets.insert(garbage_header.to_bytes(), &b"not a value"[..]).expect("insert");
-    garbage_header.index = 1;
+    garbage_header.id = 10;
     let mut bad_body = vec![0u8; 40];
     bad_body[0] = 1; // valid version, all-zero flow key, then an undecodable body
     bad_body.extend_from_slice(&[0xff, 0xff, 0xff]);

@@ -1,0 +1,1326 @@
+//! Collector benchmark: durable ingest over gRPC, and query latency over a large store.
+//!
+//! `cargo run --release -p rstscope-tests --bin collector-bench -- [--agents 4] [--events 2000000]
+//! [--batch 1000] [--window 16] [--query-events 10000000] [--runs 5] [--out FILE.md] [--smoke]`
+//!
+//! Every measurement that goes through gRPC talks to the real `rstscope-collector` binary of
+//! this workspace (built in the same profile as this benchmark, next to it), started as its own
+//! process on `127.0.0.1:<free port>` with a fresh `--data-dir` on disk, so the collector's CPU
+//! and the benchmark's are told apart (both share the machine's cores).
+//!
+//! 1. **Ingest.** 1 and `--agents` concurrent agents, each a gRPC client speaking the ingest
+//!    protocol itself (hello, welcome, numbered batches with up to `--window` unacknowledged,
+//!    acks), send `--events` generated events in all (9 in 10 RST events with 1-3 evidence items,
+//!    1 in 10 flow summaries; addresses in 203.0.113.0/24 and 2001:db8:1::/64 on the local side,
+//!    198.51.100.0/24, 100.64.0.0/10 and 2001:db8::/32 remote). Reported: events/s and batches/s
+//!    from the first send to the last ack, ack latency percentiles, and CPU per event of the
+//!    collector process. The events are generated before the clock starts.
+//! 2. **Where the ingest time goes.** The same kind of batches, in-process: protobuf encode and
+//!    decode, the ingest validation, and `Store::append_batch` on disk and on tmpfs (where fsync
+//!    costs nothing, so the difference is the fsync).
+//! 3. **Queries.** `--query-events` resets (plus one flow summary per ten) spread over 24 hours
+//!    of event time ending now are written through `Store::append_batch` in big batches (the
+//!    fill rate is reported), then the collector is started on that directory and timed through
+//!    gRPC `ListResets` / `GetConnection` (median of `--runs`, first run reported separately:
+//!    it is the cold one) and the `rstscope` CLI (one run each). The store alone, in-process, is
+//!    timed too, to tell scan and decode from transport.
+//!
+//! Prints a markdown report and writes it to `--out`. Never fails on a missed target: the numbers
+//! are for people to read. `--smoke` runs tiny sizes in seconds.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use prost::Message;
+use rstscope_collector::ingest::check_batch;
+use rstscope_collector::query::check_filter;
+use rstscope_collector::store::{ResetQuery, Store, StoreConfig};
+use rstscope_proto::v1::{
+    self, agent_message, collector_message, event::Kind, ingest_client::IngestClient, query_client::QueryClient,
+    AgentMessage, Cause, Phase,
+};
+use rstscope_proto::{Endpoint, FlowKey};
+use rstscope_tests::gen::SplitMix64;
+use tokio::sync::{mpsc, Barrier};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// rstscope collector benchmark.
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Args {
+    /// Concurrent agents of the second ingest run (the first has one).
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Events per ingest run, over all agents.
+    #[arg(long, default_value_t = 2_000_000)]
+    events: u64,
+    /// Events per batch.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Batches an agent may have sent but not yet seen acknowledged.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Resets in the store the queries run over (0 skips the query part).
+    #[arg(long, default_value_t = 10_000_000)]
+    query_events: u64,
+    /// Hours of event time the stored resets are spread over (ending now).
+    #[arg(long, default_value_t = 24)]
+    span_hours: u64,
+    /// Events per `append_batch` while filling the query store.
+    #[arg(long, default_value_t = 5000)]
+    fill_batch: usize,
+    /// Repetitions of each query; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Batches of the in-process time breakdown (0 skips it).
+    #[arg(long, default_value_t = 300)]
+    breakdown_batches: usize,
+    /// Generator seed.
+    #[arg(long, default_value_t = 0x5eed_c011)]
+    seed: u64,
+    /// Also write the markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Directory for the databases (default: a new one under the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the databases.
+    #[arg(long)]
+    keep: bool,
+    /// Keep the filled query store here, and reuse it when it already holds --query-events
+    /// resets (skips the fill; `--since 1h` is then the newest hour of what it holds).
+    #[arg(long)]
+    query_store: Option<PathBuf>,
+    /// Use this `rstscope-collector` (and the `rstscope` beside it) instead of building them.
+    #[arg(long)]
+    collector_bin: Option<PathBuf>,
+    /// Only these parts, comma-separated, of ingest, breakdown, query.
+    #[arg(long, default_value = "ingest,breakdown,query")]
+    only: String,
+    /// Tiny sizes (20k events, 50k stored resets, 3 runs) that finish in seconds.
+    #[arg(long)]
+    smoke: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic: realistic RST events and flow summaries.
+// ---------------------------------------------------------------------------------------------
+
+/// The monitored network (where the agents sit) and the remote side.
+const LOCAL_V4: [u8; 3] = [203, 0, 113];
+const PARTNER_V4: [u8; 3] = [198, 51, 100];
+/// Well-known server ports, most common first.
+const SERVER_PORTS: [u16; 10] = [443, 443, 443, 80, 80, 22, 25, 5432, 3306, 8080];
+
+fn pb_endpoint(ip: IpAddr, port: u16) -> v1::Endpoint {
+    let ip = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    v1::Endpoint { ip, port: u32::from(port) }
+}
+
+/// Causes with their weights (of 100): what a busy edge sees.
+const CAUSE_MIX: [(Cause, u64); 9] = [
+    (Cause::AppAbort, 34),
+    (Cause::Refused, 10),
+    (Cause::NoConnection, 16),
+    (Cause::RetransmissionTimeout, 9),
+    (Cause::AfterClose, 12),
+    (Cause::Lone, 8),
+    (Cause::DuplicateSynCancel, 4),
+    (Cause::PortReuse, 2),
+    (Cause::Unknown, 5),
+];
+
+/// Deterministic generator of one agent's events in time order.
+struct Traffic {
+    rng: SplitMix64,
+    /// Time of the next event.
+    ts_ns: i64,
+    /// Mean gap between events.
+    step_ns: i64,
+}
+
+/// One connection: the local and the remote end, and which of them is the server.
+struct Conn {
+    local: (IpAddr, u16),
+    remote: (IpAddr, u16),
+    local_is_server: bool,
+}
+
+impl Traffic {
+    fn new(seed: u64, start_ns: i64, step_ns: i64) -> Self {
+        Traffic { rng: SplitMix64::new(seed), ts_ns: start_ns, step_ns: step_ns.max(1) }
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.rng.below(items.len() as u64) as usize]
+    }
+
+    fn conn(&mut self) -> Conn {
+        let v6 = self.rng.chance(0.12);
+        let local_ip = if v6 {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, self.rng.range(1, 400) as u16))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(LOCAL_V4[0], LOCAL_V4[1], LOCAL_V4[2], self.rng.range(1, 254) as u8))
+        };
+        let remote_ip = if v6 {
+            let r = self.rng.next_u64();
+            IpAddr::V6(Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                (r >> 48) as u16 | 2,
+                (r >> 32) as u16,
+                0,
+                0,
+                (r >> 16) as u16,
+                r as u16,
+            ))
+        } else if self.rng.chance(0.08) {
+            // The partner network: the host filter of the query part selects it.
+            IpAddr::V4(Ipv4Addr::new(PARTNER_V4[0], PARTNER_V4[1], PARTNER_V4[2], self.rng.range(1, 254) as u8))
+        } else {
+            // 100.64.0.0/10, standing in for the rest of the world.
+            let r = self.rng.below(1 << 22) as u32;
+            IpAddr::V4(Ipv4Addr::from(0x6440_0000 | r))
+        };
+        let local_is_server = self.rng.chance(0.7);
+        let server_port = self.pick(&SERVER_PORTS);
+        let client_port = self.rng.range(32_768, 60_999) as u16;
+        let (local_port, remote_port) =
+            if local_is_server { (server_port, client_port) } else { (client_port, server_port) };
+        Conn { local: (local_ip, local_port), remote: (remote_ip, remote_port), local_is_server }
+    }
+
+    fn cause(&mut self) -> Cause {
+        let mut roll = self.rng.below(100);
+        for (cause, weight) in CAUSE_MIX {
+            if roll < weight {
+                return cause;
+            }
+            roll -= weight;
+        }
+        Cause::Unknown
+    }
+
+    /// The next event: a flow summary one time in ten, otherwise a RST.
+    fn next_event(&mut self) -> v1::Event {
+        let jitter = self.rng.below(self.step_ns as u64 * 2) as i64;
+        self.ts_ns += jitter.max(1);
+        if self.rng.below(10) == 0 {
+            let conn = self.conn();
+            v1::Event { kind: Some(Kind::Flow(self.flow(&conn, self.ts_ns))) }
+        } else {
+            let conn = self.conn();
+            v1::Event { kind: Some(Kind::Reset(self.reset(&conn, self.ts_ns))) }
+        }
+    }
+
+    fn reset(&mut self, conn: &Conn, ts_ns: i64) -> v1::RstEvent {
+        let cause = self.cause();
+        let rng = &mut self.rng;
+        let (server, client) = if conn.local_is_server { (conn.local, conn.remote) } else { (conn.remote, conn.local) };
+        // Refused and duplicate-SYN resets come from the server; the rest from either end.
+        let from_server = matches!(cause, Cause::Refused) || rng.chance(0.55);
+        let (src, dst) = if from_server { (server, client) } else { (client, server) };
+        let sender = if from_server { v1::Role::Responder } else { v1::Role::Originator };
+        let v4 = src.0.is_ipv4();
+        let ttl_base = [64u32, 128, 255][rng.below(3) as usize];
+        let ttl = ttl_base - rng.range(2, 20);
+        let (orig_pkts, resp_pkts) = (u64::from(rng.log_range(1, 5000)), u64::from(rng.log_range(0, 8000)));
+        let (phase, history, evidence): (Phase, &str, Vec<(&str, String)>) = match cause {
+            Cause::Refused => {
+                (Phase::SynSent, "S", vec![("answers-syn", format!("SYN {} ms before", rng.range(0, 3)))])
+            }
+            Cause::DuplicateSynCancel => (
+                Phase::SynReceived,
+                "Sh",
+                vec![
+                    ("racing-syn", format!("another SYN {} us earlier", rng.range(10, 900))),
+                    ("cancelled-after-syn-ack", "RST right after the SYN-ACK".to_string()),
+                ],
+            ),
+            Cause::RetransmissionTimeout => {
+                let n = rng.range(3, 15);
+                (
+                    Phase::Established,
+                    "ShADadTT",
+                    vec![("retransmissions-before", format!("{n} retransmissions without an ACK"))],
+                )
+            }
+            Cause::AppAbort => (
+                Phase::Established,
+                "ShADad",
+                vec![
+                    ("in-sequence", "seq is the next expected".to_string()),
+                    ("after-peer-data", format!("{} bytes from the peer unacknowledged", rng.log_range(1, 65_535))),
+                ],
+            ),
+            Cause::NoConnection => (
+                Phase::Midstream,
+                "Ad",
+                vec![("answers-segment", format!("answers a {}-byte segment", rng.log_range(0, 1448)))],
+            ),
+            Cause::PortReuse => {
+                (Phase::Closing, "ShADadFfS", vec![("tuple-reused", "new SYN in TIME_WAIT".to_string())])
+            }
+            Cause::AfterClose => {
+                (Phase::Closing, "ShADadFf", vec![("fin-both-directions", "FIN seen both ways".to_string())])
+            }
+            Cause::Lone => (Phase::None, "", vec![("no-other-packet", "nothing else of the connection".to_string())]),
+            _ => (Phase::Established, "ShAD", vec![("later-packets", format!("{} packets after it", rng.range(1, 9)))]),
+        };
+        let mut evidence: Vec<v1::Evidence> =
+            evidence.into_iter().map(|(name, detail)| v1::Evidence { name: name.into(), detail }).collect();
+        let mut ttl_delta = Some(0);
+        if rng.chance(0.06) {
+            let delta = rng.range(3, 40) as i32;
+            ttl_delta = Some(-delta);
+            evidence.push(v1::Evidence {
+                name: "ttl-mismatch".into(),
+                detail: format!("TTL {} against {} in the sender's earlier packets", ttl, ttl + delta as u32),
+            });
+        }
+        evidence.truncate(3);
+        let answers = matches!(cause, Cause::Refused | Cause::NoConnection).then(|| v1::AnsweredPacket {
+            ts_ns: ts_ns - i64::from(rng.range(20_000, 3_000_000)),
+            flags: if cause == Cause::Refused { 0x002 } else { 0x018 },
+            seq: rng.next_u64() as u32,
+            ack: rng.next_u64() as u32,
+            payload_len: if cause == Cause::Refused { 0 } else { rng.log_range(1, 1448) },
+        });
+        v1::RstEvent {
+            ts_ns,
+            src: Some(pb_endpoint(src.0, src.1)),
+            dst: Some(pb_endpoint(dst.0, dst.1)),
+            conn_id: rng.next_u64(),
+            sender: sender as i32,
+            flags: if rng.chance(0.6) { 0x014 } else { 0x004 },
+            payload_len: 0,
+            seq: rng.next_u64() as u32,
+            ack: rng.next_u64() as u32,
+            window: if rng.chance(0.7) { 0 } else { rng.range(1, 65_535) },
+            ttl,
+            ip_id: v4.then(|| rng.range(0, 65_535)),
+            checksum: v1::Checksum::Good as i32,
+            phase: phase as i32,
+            history: history.to_string(),
+            orig_pkts,
+            orig_bytes: orig_pkts * u64::from(rng.range(0, 1400)),
+            resp_pkts,
+            resp_bytes: resp_pkts * u64::from(rng.range(0, 1400)),
+            peer_retransmissions: rng.log_range(0, 5),
+            sender_retransmissions: if cause == Cause::RetransmissionTimeout { rng.range(3, 15) } else { 0 },
+            since_peer_last_ns: Some(i64::from(rng.log_range(10, 2_000_000_000))),
+            seq_relation: [v1::SeqRelation::Exact, v1::SeqRelation::InWindow, v1::SeqRelation::Unknown]
+                [rng.below(3) as usize] as i32,
+            ttl_delta,
+            ip_id_delta: v4.then(|| rng.range(1, 40) as i32),
+            answers,
+            cause: cause as i32,
+            evidence,
+            ip_header_ok: true,
+        }
+    }
+
+    fn flow(&mut self, conn: &Conn, end_ns: i64) -> v1::FlowSummary {
+        let rng = &mut self.rng;
+        let (orig, resp) = if conn.local_is_server { (conn.remote, conn.local) } else { (conn.local, conn.remote) };
+        let (state, history) =
+            [("RSTO", "ShADadR"), ("RSTR", "ShADadr"), ("REJ", "Sr"), ("SF", "ShADadFf"), ("S0", "S")]
+                [rng.below(5) as usize];
+        let direction = |rng: &mut SplitMix64| {
+            let pkts = u64::from(rng.log_range(1, 5000));
+            let ttl = 64 - rng.range(1, 12);
+            v1::DirectionSummary {
+                pkts,
+                payload_bytes: pkts * u64::from(rng.range(0, 1400)),
+                zeek_bytes: pkts * u64::from(rng.range(0, 1400)),
+                retransmissions: rng.log_range(0, 20),
+                rsts: rng.range(0, 1),
+                zero_windows: 0,
+                ttl: Some(v1::TtlRange { first: ttl, last: ttl, min: ttl, max: ttl }),
+            }
+        };
+        let (orig_dir, resp_dir) = (direction(rng), direction(rng));
+        v1::FlowSummary {
+            conn_id: rng.next_u64(),
+            orig: Some(pb_endpoint(orig.0, orig.1)),
+            resp: Some(pb_endpoint(resp.0, resp.1)),
+            start_ns: end_ns - i64::from(rng.log_range(1_000, 2_000_000_000)) * 10,
+            end_ns,
+            conn_state: state.into(),
+            history: history.into(),
+            orig_dir: Some(orig_dir),
+            resp_dir: Some(resp_dir),
+            port_reuse: false,
+            end: v1::FlowEnd::Closed as i32,
+        }
+    }
+
+    /// `n` events as batches of `size`, numbered from 1.
+    fn batches(&mut self, n: u64, size: usize) -> Vec<v1::Batch> {
+        let mut out = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(size as u64);
+            out.push(v1::Batch { seq: out.len() as u64 + 1, events: (0..k).map(|_| self.next_event()).collect() });
+            left -= k;
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes, clocks, numbers.
+// ---------------------------------------------------------------------------------------------
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// The `p`-th percentile (0..=100) of sorted durations.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p / 100.0).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    let v = d.as_secs_f64() * 1e3;
+    if v >= 100.0 {
+        format!("{v:.0} ms")
+    } else if v >= 10.0 {
+        format!("{v:.1} ms")
+    } else {
+        format!("{v:.2} ms")
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.2} µs", d.as_secs_f64() * 1e6)
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2} M", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.1} k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(program).args(args).output().ok()?;
+    let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+    Some(String::from_utf8_lossy(&text).trim().to_string())
+}
+
+fn proc_field(path: &str, key: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
+}
+
+/// CPU time (user + system) a process used so far, from `/proc/PID/stat`.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz: u64 = command_output("getconf", &["CLK_TCK"]).and_then(|s| s.parse().ok()).unwrap_or(100);
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `rstscope-collector` and `rstscope`, built in this benchmark's profile unless given.
+fn collector_binaries(args: &Args) -> Result<(PathBuf, PathBuf)> {
+    if let Some(bin) = &args.collector_bin {
+        return Ok((bin.clone(), bin.with_file_name("rstscope")));
+    }
+    let me = std::env::current_exe().context("locating this benchmark")?;
+    let collector = me.with_file_name("rstscope-collector");
+    let profile = me.parent().and_then(Path::file_name).and_then(|n| n.to_str()).unwrap_or("");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.current_dir(&workspace).args(["build", "-q", "-p", "rstscope-collector", "--bins"]);
+    match profile {
+        "release" => {
+            build.arg("--release");
+        }
+        "debug" => {}
+        other => {
+            build.args(["--profile", other]);
+        }
+    }
+    // Always asked, so that the collector measured is the one in the working tree; a no-op
+    // when it is up to date.
+    eprintln!("building rstscope-collector ({profile})");
+    let status = build.status();
+    if !matches!(status, Ok(s) if s.success()) && !collector.is_file() {
+        bail!("cannot build rstscope-collector ({status:?}); pass --collector-bin");
+    }
+    Ok((collector.clone(), collector.with_file_name("rstscope")))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A `rstscope-collector` process, killed when dropped (acknowledged batches are durable).
+struct Collector {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    /// From spawn until it accepted a connection.
+    ready_after: Duration,
+}
+
+impl Collector {
+    fn start(exe: &Path, data_dir: &Path, max_batch: usize) -> Result<Collector> {
+        let port = free_port()?;
+        let log = data_dir.with_extension("log");
+        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let start = Instant::now();
+        let child = Command::new(exe)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--max-batch-events", &max_batch.max(5000).to_string()])
+            // Nothing may be removed while we measure.
+            .args(["--max-store-gib", "10000", "--retention", "3650d"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let mut collector =
+            Collector { child, url: format!("http://127.0.0.1:{port}"), log, ready_after: Duration::ZERO };
+        let deadline = start + Duration::from_secs(600);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = collector.child.try_wait()? {
+                bail!("the collector exited ({status}): {}", collector.log_tail());
+            }
+            ensure!(Instant::now() < deadline, "the collector did not listen within 600 s: {}", collector.log_tail());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        collector.ready_after = start.elapsed();
+        Ok(collector)
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn cpu(&self) -> Duration {
+        cpu_time(&self.pid()).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn channel(url: &str) -> Result<Channel> {
+    Ok(Channel::from_shared(url.to_string())?.tcp_nodelay(true).connect().await?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Ingest.
+// ---------------------------------------------------------------------------------------------
+
+struct AgentRun {
+    start: Instant,
+    end: Instant,
+    batches: usize,
+    events: u64,
+    latencies: Vec<Duration>,
+}
+
+/// One agent: hello, welcome, then its batches with at most `window` unacknowledged.
+async fn agent(
+    url: String,
+    name: String,
+    batches: Vec<v1::Batch>,
+    window: usize,
+    go: Arc<Barrier>,
+) -> Result<AgentRun> {
+    let n = batches.len();
+    let events: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
+    let mut client =
+        IngestClient::new(channel(&url).await?).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(window + 2);
+    let hello = v1::AgentHello {
+        agent_name: name.clone(),
+        host_name: format!("{name}.bench"),
+        local_addresses: vec![vec![203, 0, 113, 1]],
+        interfaces: vec![v1::Interface { name: "eth0".into(), link_type: 1 }],
+        software_version: env!("CARGO_PKG_VERSION").into(),
+        boot_id: format!("bench-{}", std::process::id()),
+    };
+    tx.send(AgentMessage { kind: Some(agent_message::Kind::Hello(hello)) }).await?;
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let wait = Duration::from_secs(120);
+    let first = tokio::time::timeout(wait, inbound.message()).await.context("no welcome")??;
+    match first.and_then(|m| m.kind) {
+        Some(collector_message::Kind::Welcome(w)) => {
+            ensure!(w.durable_seq == 0, "{name}: welcome with durable_seq {}", w.durable_seq);
+            let largest = batches.iter().map(|b| b.events.len()).max().unwrap_or(0);
+            ensure!(largest <= w.max_batch_events as usize, "batches of {largest} > {}", w.max_batch_events);
+        }
+        other => bail!("{name}: expected a welcome, got {other:?}"),
+    }
+    go.wait().await;
+    let start = Instant::now();
+    let mut sent_at: Vec<Instant> = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    let mut pending: VecDeque<v1::Batch> = batches.into();
+    let mut acked = 0usize;
+    while acked < n {
+        while sent_at.len() < n && sent_at.len() - acked < window {
+            let batch = pending.pop_front().context("batch")?;
+            sent_at.push(Instant::now());
+            tx.send(AgentMessage { kind: Some(agent_message::Kind::Batch(batch)) }).await?;
+        }
+        let message = tokio::time::timeout(wait, inbound.message()).await.context("no ack within 120 s")??;
+        match message.and_then(|m| m.kind) {
+            Some(collector_message::Kind::Ack(ack)) => {
+                let seq = ack.seq as usize;
+                ensure!(seq > acked && seq <= sent_at.len(), "{name}: ack {seq} after {acked}");
+                let now = Instant::now();
+                latencies.extend(sent_at[acked..seq].iter().map(|t| now - *t));
+                acked = seq;
+            }
+            other => bail!("{name}: expected an ack, got {other:?}"),
+        }
+    }
+    let end = Instant::now();
+    drop(tx);
+    // The collector ends the stream once it has seen ours end.
+    let _ = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await;
+    Ok(AgentRun { start, end, batches: n, events, latencies })
+}
+
+struct IngestResult {
+    agents: usize,
+    events: u64,
+    batches: usize,
+    wall: Duration,
+    latencies: Vec<Duration>,
+    collector_cpu: Duration,
+    bench_cpu: Duration,
+    stored: u64,
+    disk_bytes: u64,
+    encoded_bytes: u64,
+}
+
+fn ingest_run(
+    rt: &tokio::runtime::Runtime,
+    exe: &Path,
+    dir: &Path,
+    args: &Args,
+    agents: usize,
+) -> Result<IngestResult> {
+    let data = dir.join(format!("ingest-{agents}"));
+    let _ = std::fs::remove_dir_all(&data);
+    let per_agent = args.events / agents as u64;
+    let t = Instant::now();
+    let start_ns = now_ns() - 3_600_000_000_000;
+    let plans: Vec<Vec<v1::Batch>> = (0..agents)
+        .map(|a| Traffic::new(args.seed ^ ((a as u64 + 1) * 0x9e37), start_ns, 20_000).batches(per_agent, args.batch))
+        .collect();
+    let events: u64 = plans.iter().flatten().map(|b| b.events.len() as u64).sum();
+    let encoded_bytes: u64 = plans.iter().flatten().map(|b| b.encoded_len() as u64).sum();
+    eprintln!("ingest, {agents} agent(s): generated {events} events in {:.1?}", t.elapsed());
+    let collector = Collector::start(exe, &data, args.batch)?;
+    let go = Arc::new(Barrier::new(agents + 1));
+    let tasks: Vec<_> = plans
+        .into_iter()
+        .enumerate()
+        .map(|(a, plan)| {
+            rt.spawn(agent(collector.url.clone(), format!("bench-agent-{a}"), plan, args.window, go.clone()))
+        })
+        .collect();
+    let (runs, cpu_before) = rt.block_on(async {
+        go.wait().await;
+        // Every agent has had its welcome: from here on both processes only ingest.
+        let cpu_before = (collector.cpu(), cpu_time("self").unwrap_or_default());
+        let mut runs = Vec::new();
+        for task in tasks {
+            runs.push(task.await??);
+        }
+        anyhow::Ok((runs, cpu_before))
+    })?;
+    let collector_cpu = collector.cpu().saturating_sub(cpu_before.0);
+    let bench_cpu = cpu_time("self").unwrap_or_default().saturating_sub(cpu_before.1);
+    let first = runs.iter().map(|r| r.start).min().context("no agents")?;
+    let last = runs.iter().map(|r| r.end).max().context("no agents")?;
+    let mut latencies: Vec<Duration> = runs.iter().flat_map(|r| r.latencies.iter().copied()).collect();
+    latencies.sort();
+    let stored = rt.block_on(async {
+        let mut q = QueryClient::new(channel(&collector.url).await?);
+        let s = q.status(v1::StatusRequest {}).await?.into_inner();
+        anyhow::Ok(s.resets + s.flows)
+    })?;
+    drop(collector);
+    let disk_bytes = dir_bytes(&data);
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    Ok(IngestResult {
+        agents,
+        events: runs.iter().map(|r| r.events).sum(),
+        batches: runs.iter().map(|r| r.batches).sum(),
+        wall: last - first,
+        latencies,
+        collector_cpu,
+        bench_cpu,
+        stored,
+        disk_bytes,
+        encoded_bytes,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Where the ingest time goes.
+// ---------------------------------------------------------------------------------------------
+
+struct Stage {
+    name: String,
+    per_batch: Duration,
+    note: String,
+}
+
+fn breakdown(dir: &Path, args: &Args) -> Result<(Vec<Stage>, usize)> {
+    let n = args.breakdown_batches;
+    let mut traffic = Traffic::new(args.seed ^ 0xb4ea, now_ns() - 3_600_000_000_000, 20_000);
+    let batches = traffic.batches(n as u64 * args.batch as u64, args.batch);
+    let messages: Vec<AgentMessage> =
+        batches.iter().map(|b| AgentMessage { kind: Some(agent_message::Kind::Batch(b.clone())) }).collect();
+    let timed = |f: &mut dyn FnMut(usize) -> Result<()>| -> Result<Duration> {
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = Instant::now();
+            f(i)?;
+            times.push(t.elapsed());
+        }
+        Ok(median(times))
+    };
+    let mut stages = Vec::new();
+    let mut encoded = Vec::with_capacity(n);
+    let encode = timed(&mut |i| {
+        encoded.push(messages[i].encode_to_vec());
+        Ok(())
+    })?;
+    stages.push(Stage { name: "protobuf encode (agent side)".into(), per_batch: encode, note: String::new() });
+    let decode = timed(&mut |i| {
+        std::hint::black_box(AgentMessage::decode(encoded[i].as_slice())?);
+        Ok(())
+    })?;
+    let bytes = encoded.iter().map(Vec::len).sum::<usize>() / n.max(1);
+    stages.push(Stage {
+        name: "protobuf decode".into(),
+        per_batch: decode,
+        note: format!("{bytes} bytes per batch, {} per event", bytes / args.batch.max(1)),
+    });
+    let check = timed(&mut |i| {
+        check_batch(&batches[i], usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    })?;
+    stages.push(Stage { name: "validation (`ingest::check_batch`)".into(), per_batch: check, note: String::new() });
+    let append = |store_dir: &Path| -> Result<Duration> {
+        let _ = std::fs::remove_dir_all(store_dir);
+        let store = Store::open(StoreConfig::new(store_dir))?;
+        let d = timed(&mut |i| {
+            store.append_batch("breakdown", "b1", &batches[i], now_ns())?;
+            Ok(())
+        })?;
+        drop(store);
+        let _ = std::fs::remove_dir_all(store_dir);
+        Ok(d)
+    };
+    let shm = Path::new("/dev/shm");
+    let tmpfs =
+        if shm.is_dir() { Some(append(&shm.join(format!("rstscope-bench-{}", std::process::id())))?) } else { None };
+    let disk = append(&dir.join("breakdown"))?;
+    if let Some(t) = tmpfs {
+        stages.push(Stage {
+            name: "`Store::append_batch` on tmpfs: sled transaction, fsync free".into(),
+            per_batch: t,
+            note: "CPU in sled (tree inserts of the records and the connection index)".into(),
+        });
+    }
+    stages.push(Stage {
+        name: "`Store::append_batch` on disk: transaction + fsync".into(),
+        per_batch: disk,
+        note: tmpfs.map_or(String::new(), |t| format!("fsync ≈ {} (difference to tmpfs)", ms(disk.saturating_sub(t)))),
+    });
+    Ok((stages, n))
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Queries over a big store.
+// ---------------------------------------------------------------------------------------------
+
+/// The connection every fill agent reports (a flow and two resets each), for `GetConnection`.
+fn probe_conn() -> Conn {
+    Conn {
+        local: (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), 443),
+        remote: (IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)), 51_515),
+        local_is_server: true,
+    }
+}
+
+struct Fill {
+    resets: u64,
+    flows: u64,
+    took: Duration,
+    end_ns: i64,
+    disk_bytes: u64,
+    /// Taken from an earlier run's `--query-store`.
+    reused: bool,
+}
+
+const FILL_AGENTS: usize = 4;
+
+/// Writes `resets` resets (and a flow per ten) over `span` ending now, straight into the store.
+fn fill(store: &Store, args: &Args) -> Result<Fill> {
+    let target = args.query_events;
+    let end_ns = now_ns();
+    let span_ns = (args.span_hours.max(1) * 3_600_000_000_000) as i64;
+    // Events in all: about 10/9 of the resets.
+    let step = span_ns / (target as i64 * 10 / 9).max(1);
+    let size = args.fill_batch.max(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, v1::Batch)>(4);
+    let seed = args.seed;
+    // Generation on a second thread, storing on this one.
+    let generator = std::thread::spawn(move || {
+        let mut traffic = Traffic::new(seed ^ 0xf111, end_ns - span_ns, step);
+        let (mut resets, mut flows) = (0u64, 0u64);
+        let mut seqs = [0u64; FILL_AGENTS];
+        // Each agent reports the probe connection once, in the newest half hour (or third).
+        let probe_at = end_ns - (span_ns / 3).min(1_800_000_000_000);
+        let mut probed = [false; FILL_AGENTS];
+        let mut b = 0usize;
+        while resets < target {
+            let agent = b % FILL_AGENTS;
+            seqs[agent] += 1;
+            let mut events = Vec::with_capacity(size + 3);
+            while events.len() < size && resets < target {
+                let e = traffic.next_event();
+                match &e.kind {
+                    Some(Kind::Reset(_)) => resets += 1,
+                    _ => flows += 1,
+                }
+                events.push(e);
+            }
+            if traffic.ts_ns >= probe_at && !probed[agent] {
+                let conn = probe_conn();
+                let ts = traffic.ts_ns;
+                events.push(v1::Event { kind: Some(Kind::Flow(traffic.flow(&conn, ts))) });
+                for k in 0..2 {
+                    events.push(v1::Event { kind: Some(Kind::Reset(traffic.reset(&conn, ts - 1000 + k))) });
+                }
+                resets += 2;
+                flows += 1;
+                probed[agent] = true;
+            }
+            if tx.send((agent, v1::Batch { seq: seqs[agent], events })).is_err() {
+                break;
+            }
+            b += 1;
+        }
+        (resets, flows)
+    });
+    let start = Instant::now();
+    let mut stored = 0u64;
+    let mut next_report = 1_000_000u64;
+    for (agent, batch) in rx {
+        store.append_batch(&format!("fill-{agent}"), "fill", &batch, now_ns())?;
+        stored += batch.events.len() as u64;
+        if stored >= next_report {
+            let r = stored as f64 / start.elapsed().as_secs_f64();
+            eprintln!("  filled {stored} records, {} records/s", fmt_rate(r));
+            next_report += 1_000_000;
+        }
+    }
+    store.flush()?;
+    let took = start.elapsed();
+    let (resets, flows) = generator.join().map_err(|_| anyhow::anyhow!("the generator panicked"))?;
+    Ok(Fill { resets, flows, took, end_ns, disk_bytes: 0, reused: false })
+}
+
+struct QuerySpec {
+    /// As the user would type it.
+    label: String,
+    filter: Option<v1::ResetFilter>,
+    /// `GetConnection` of this id instead.
+    connection: Option<String>,
+    cli: Vec<String>,
+    /// Whether the "< 200 ms filtered" target applies.
+    filtered: bool,
+}
+
+fn query_specs(since_ns: i64) -> Vec<QuerySpec> {
+    let since_s = (since_ns / 1_000_000_000).to_string();
+    let since = |hosts: Vec<String>, causes: Vec<String>| v1::ResetFilter {
+        since_ns: Some(since_ns / 1_000_000_000 * 1_000_000_000),
+        hosts,
+        causes,
+        ..Default::default()
+    };
+    let conn = probe_conn();
+    let key = FlowKey::new(Endpoint::new(conn.local.0, conn.local.1), Endpoint::new(conn.remote.0, conn.remote.1));
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = vec!["resets".into(), "--since".into(), since_s.clone()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    vec![
+        QuerySpec {
+            label: "`--since 1h`".into(),
+            filter: Some(since(vec![], vec![])),
+            connection: None,
+            cli: base(&[]),
+            filtered: false,
+        },
+        QuerySpec {
+            label: "`--since 1h --host 198.51.100.0/24`".into(),
+            filter: Some(since(vec!["198.51.100.0/24".into()], vec![])),
+            connection: None,
+            cli: base(&["--host", "198.51.100.0/24"]),
+            filtered: true,
+        },
+        QuerySpec {
+            label: "`--since 1h --cause refused`".into(),
+            filter: Some(since(vec![], vec!["refused".into()])),
+            connection: None,
+            cli: base(&["--cause", "refused"]),
+            filtered: true,
+        },
+        QuerySpec {
+            label: "`--last 100`".into(),
+            filter: Some(v1::ResetFilter { last: 100, ..Default::default() }),
+            connection: None,
+            cli: vec!["resets".into(), "--last".into(), "100".into()],
+            filtered: true,
+        },
+        QuerySpec {
+            label: format!("`GetConnection` / `connection {key}`"),
+            filter: None,
+            connection: Some(key.to_string()),
+            cli: vec!["connection".into(), key.to_string()],
+            filtered: true,
+        },
+    ]
+}
+
+/// One query through gRPC: records (or flows + resets) received, fully drained.
+async fn grpc_query(client: &mut QueryClient<Channel>, spec: &QuerySpec) -> Result<usize> {
+    if let Some(id) = &spec.connection {
+        let reply = client.get_connection(v1::ConnectionRequest { connection: id.clone() }).await?.into_inner();
+        return Ok(reply.flows.len() + reply.resets.len());
+    }
+    let filter = spec.filter.clone().context("filter")?;
+    let mut stream = client.list_resets(filter).await?.into_inner();
+    let mut n = 0;
+    while stream.message().await?.is_some() {
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The same query against the store in-process (what the service asks of it).
+fn store_query(store: &Store, spec: &QuerySpec) -> Result<usize> {
+    if let Some(id) = &spec.connection {
+        let key: FlowKey = id.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let view = store.connection(&key)?;
+        return Ok(view.flows.len() + view.resets.len());
+    }
+    let filter = spec.filter.as_ref().context("filter")?;
+    let query: ResetQuery = check_filter(filter).map_err(|e| anyhow::anyhow!("{e}"))?.query;
+    Ok(store.resets(&query)?.len())
+}
+
+struct QueryResult {
+    label: String,
+    rows: usize,
+    store_median: Duration,
+    first: Duration,
+    median: Duration,
+    cli: Option<Duration>,
+    filtered: bool,
+}
+
+struct QueryPart {
+    fill: Fill,
+    ready_after: Duration,
+    results: Vec<QueryResult>,
+    runs: usize,
+}
+
+fn query_part(rt: &tokio::runtime::Runtime, exe: &Path, cli: &Path, dir: &Path, args: &Args) -> Result<QueryPart> {
+    let runs = args.runs.max(1);
+    let data = args.query_store.clone().unwrap_or_else(|| dir.join("query"));
+    let mut reused = None;
+    if args.query_store.is_some() && data.is_dir() {
+        let store = Store::open(StoreConfig::new(&data))?;
+        let status = store.status()?;
+        let newest = store.resets(&ResetQuery { last: Some(1), ..Default::default() })?.first().map(|r| r.event.ts_ns);
+        match newest {
+            Some(newest) if status.resets >= args.query_events => {
+                eprintln!("reusing {} ({} resets)", data.display(), status.resets);
+                let fill = Fill {
+                    resets: status.resets,
+                    flows: status.flows,
+                    took: Duration::ZERO,
+                    end_ns: newest + 1,
+                    disk_bytes: 0,
+                    reused: true,
+                };
+                reused = Some((store, fill));
+            }
+            _ => drop(store),
+        }
+    }
+    let (store, mut fill) = match reused {
+        Some(found) => found,
+        None => {
+            let _ = std::fs::remove_dir_all(&data);
+            let store = Store::open(StoreConfig::new(&data))?;
+            eprintln!("filling {} with {} resets", data.display(), args.query_events);
+            let fill = fill(&store, args)?;
+            eprintln!(
+                "filled {} resets + {} flows in {:.1?}: {} records/s",
+                fill.resets,
+                fill.flows,
+                fill.took,
+                fmt_rate((fill.resets + fill.flows) as f64 / fill.took.as_secs_f64())
+            );
+            (store, fill)
+        }
+    };
+    let since_ns = fill.end_ns - 3_600_000_000_000;
+    let specs = query_specs(since_ns);
+    let mut store_times = Vec::new();
+    for spec in &specs {
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for _ in 0..runs {
+            let t = Instant::now();
+            rows = store_query(&store, spec)?;
+            times.push(t.elapsed());
+        }
+        eprintln!("store only: {} → {rows} rows, median {}", spec.label, ms(median(times.clone())));
+        store_times.push((rows, median(times)));
+    }
+    drop(store);
+    fill.disk_bytes = dir_bytes(&data);
+
+    let collector = Collector::start(exe, &data, args.batch)?;
+    eprintln!("collector ready on the filled store after {:.1?}", collector.ready_after);
+    let mut results = Vec::new();
+    for (spec, (store_rows, store_median)) in specs.iter().zip(store_times) {
+        let mut times = Vec::new();
+        let mut rows = 0;
+        rt.block_on(async {
+            let mut client = QueryClient::new(channel(&collector.url).await?).max_decoding_message_size(64 << 20);
+            for _ in 0..runs {
+                let t = Instant::now();
+                rows = grpc_query(&mut client, spec).await?;
+                times.push(t.elapsed());
+            }
+            anyhow::Ok(())
+        })?;
+        ensure!(rows == store_rows, "{}: gRPC returned {rows} rows, the store {store_rows}", spec.label);
+        let cli_time = if cli.is_file() {
+            let t = Instant::now();
+            let out = Command::new(cli)
+                .args(["--collector", &collector.url])
+                .args(&spec.cli)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()?;
+            let took = t.elapsed();
+            ensure!(out.status.success(), "rstscope {}: {}", spec.cli.join(" "), String::from_utf8_lossy(&out.stderr));
+            Some(took)
+        } else {
+            None
+        };
+        eprintln!("gRPC: {} → {rows} rows, first {}, median {}", spec.label, ms(times[0]), ms(median(times.clone())));
+        results.push(QueryResult {
+            label: spec.label.clone(),
+            rows,
+            store_median,
+            first: times[0],
+            median: median(times),
+            cli: cli_time,
+            filtered: spec.filtered,
+        });
+    }
+    let ready_after = collector.ready_after;
+    drop(collector);
+    if !args.keep && args.query_store.is_none() {
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    Ok(QueryPart { fill, ready_after, results, runs })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.events = args.events.min(20_000);
+        args.query_events = args.query_events.min(50_000);
+        args.runs = args.runs.min(3);
+        args.breakdown_batches = args.breakdown_batches.min(20);
+        args.agents = args.agents.min(4);
+    }
+    args.batch = args.batch.max(1);
+    args.window = args.window.max(1);
+    args.agents = args.agents.max(1);
+    let part = |s: &str| args.only.split(',').any(|x| x.trim() == s);
+
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("rstscope-collector-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (collector_exe, cli_exe) = collector_binaries(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+
+    let mut report = String::new();
+    let mut line = |s: String| {
+        println!("{s}");
+        report.push_str(&s);
+        report.push('\n');
+    };
+    let rustc = command_output("rustc", &["--version"]).unwrap_or_else(|| "unknown".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = proc_field("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown".into());
+    let mem = proc_field("/proc/meminfo", "MemTotal").unwrap_or_default();
+    let kernel = command_output("uname", &["-r"]).unwrap_or_default();
+    let cmdline: Vec<String> = std::env::args().skip(1).collect();
+    line("## rstscope collector benchmark".into());
+    line(String::new());
+    line(format!("- machine: {nproc} CPUs ({cpu}), {mem} RAM, Linux {kernel}, {rustc}"));
+    line(format!("- command: `cargo run --release -p rstscope-tests --bin collector-bench -- {}`", cmdline.join(" ")));
+    line(format!(
+        "- collector: the real `{}` as its own process on 127.0.0.1, fresh `--data-dir` under {} (sled on disk)",
+        collector_exe.display(),
+        dir.display()
+    ));
+
+    if part("ingest") {
+        let mut results = Vec::new();
+        let mut counts = vec![1];
+        if args.agents != 1 {
+            counts.push(args.agents);
+        }
+        for agents in counts {
+            let r = ingest_run(&rt, &collector_exe, &dir, &args, agents)?;
+            eprintln!(
+                "ingest, {agents} agent(s): {} events in {:.2?} = {} events/s",
+                r.events,
+                r.wall,
+                fmt_rate(r.events as f64 / r.wall.as_secs_f64())
+            );
+            results.push(r);
+        }
+        line(String::new());
+        line("### 1. Ingest with durable acks (gRPC, one stream per agent)".into());
+        line(String::new());
+        if let Some(r) = results.first() {
+            line(format!(
+                "Each agent: hello, then batches of {} events with up to {} unacknowledged; an ack means \
+                 fsynced. Events: 90% RST (1-3 evidence items), 10% flow summaries, {} bytes each on the \
+                 wire on average; clock from the first send to the last ack.",
+                args.batch,
+                args.window,
+                r.encoded_bytes / r.events.max(1)
+            ));
+        }
+        line(String::new());
+        line(
+            "| agents | events | wall | events/s | batches/s | ack p50 | ack p99 | collector CPU/event | \
+             collector CPU use | stored on disk | target ≥ 200k events/s |"
+                .into(),
+        );
+        line("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
+        for r in &results {
+            let secs = r.wall.as_secs_f64();
+            let rate = r.events as f64 / secs;
+            let ok_count = if r.stored == r.events { String::new() } else { format!(" (stored {}!)", r.stored) };
+            line(format!(
+                "| {} | {}{} | {:.2} s | {} | {:.0} | {} | {} | {} | {:.0}% of a core | {:.0} B/event | {} |",
+                r.agents,
+                r.events,
+                ok_count,
+                secs,
+                fmt_rate(rate),
+                r.batches as f64 / secs,
+                ms(percentile(&r.latencies, 50.0)),
+                ms(percentile(&r.latencies, 99.0)),
+                us(r.collector_cpu / r.events.max(1) as u32),
+                100.0 * r.collector_cpu.as_secs_f64() / secs,
+                r.disk_bytes as f64 / r.events.max(1) as f64,
+                verdict(rate >= 200_000.0),
+            ));
+        }
+        if let Some(r) = results.last() {
+            line(String::new());
+            line(format!(
+                "The benchmark's own process (agents, tonic client) used {:.1} s CPU for the {}-agent run \
+                 ({:.0}% of a core); the generation of the events is outside the clock.",
+                r.bench_cpu.as_secs_f64(),
+                r.agents,
+                100.0 * r.bench_cpu.as_secs_f64() / r.wall.as_secs_f64()
+            ));
+        }
+    }
+
+    if part("breakdown") && args.breakdown_batches > 0 {
+        eprintln!("time breakdown over {} batches", args.breakdown_batches);
+        let (stages, n) = breakdown(&dir, &args)?;
+        line(String::new());
+        line(format!(
+            "### 2. Where the ingest time goes (in-process, one writer, median of {n} batches of {} events, fresh store)",
+            args.batch
+        ));
+        line(String::new());
+        line("| stage | per batch | per event | note |".into());
+        line("|---|---:|---:|---|".into());
+        for s in &stages {
+            line(format!(
+                "| {} | {} | {} | {} |",
+                s.name,
+                ms(s.per_batch),
+                us(s.per_batch / args.batch as u32),
+                s.note
+            ));
+        }
+    }
+
+    if part("query") && args.query_events > 0 {
+        let q = query_part(&rt, &collector_exe, &cli_exe, &dir, &args)?;
+        let f = &q.fill;
+        let records = f.resets + f.flows;
+        line(String::new());
+        line(format!("### 3. Query latency over {} stored resets", f.resets));
+        line(String::new());
+        let size = format!(
+            "{:.2} GiB on disk ({:.0} B/record)",
+            f.disk_bytes as f64 / f64::from(1u32 << 30),
+            f.disk_bytes as f64 / records.max(1) as f64
+        );
+        if f.reused {
+            line(format!(
+                "- store: {} resets + {} flow summaries reused from an earlier run's `--query-store` (fill not \
+                 timed); {size}",
+                f.resets, f.flows
+            ));
+        } else {
+            line(format!(
+                "- fill: {} resets + {} flow summaries over {} h of event time ending now, through \
+                 `Store::append_batch` in batches of {} (one transaction + fsync each), 4 agents: {:.1} s = \
+                 {} records/s; {size}",
+                f.resets,
+                f.flows,
+                args.span_hours,
+                args.fill_batch,
+                f.took.as_secs_f64(),
+                fmt_rate(records as f64 / f.took.as_secs_f64()),
+            ));
+        }
+        line(format!(
+            "- collector started on it: listening after {:.2} s; `--since 1h` is the newest hour of the \
+             data (given as epoch seconds, since the fill ended a while ago)",
+            q.ready_after.as_secs_f64()
+        ));
+        line(format!(
+            "- gRPC: one client connection, whole answer drained; median of {} runs (the first, cold \
+             run shown apart); CLI: `rstscope --collector URL …` once, output to /dev/null",
+            q.runs
+        ));
+        line(String::new());
+        line(
+            "| query | rows | store only (median) | gRPC first (cold) | gRPC median | `rstscope` CLI | target < 200 ms |"
+                .into(),
+        );
+        line("|---|---:|---:|---:|---:|---:|---|".into());
+        for r in &q.results {
+            let target = if r.filtered {
+                verdict(r.median < Duration::from_millis(200)).to_string()
+            } else {
+                format!("n/a (unfiltered; {})", verdict(r.median < Duration::from_millis(200)))
+            };
+            line(format!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.label,
+                r.rows,
+                ms(r.store_median),
+                ms(r.first),
+                ms(r.median),
+                r.cli.map_or("n/a".into(), ms),
+                target
+            ));
+        }
+    }
+
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    if args.keep {
+        eprintln!("kept the databases in {}", dir.display());
+    } else if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
