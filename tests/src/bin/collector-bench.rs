@@ -22,8 +22,9 @@
 //!    of event time ending now are written through `Store::append_batch` in big batches (the
 //!    fill rate is reported), then the collector is started on that directory and timed through
 //!    gRPC `ListResets` / `GetConnection` (median of `--runs`, first run reported separately:
-//!    it is the cold one) and the `rstscope` CLI (one run each). The store alone, in-process, is
-//!    timed too, to tell scan and decode from transport.
+//!    it is the cold one) and the `rstscope` CLI (one run each). The store alone, in-process and
+//!    freshly reopened, is timed too, and a host filter that matches nothing times the range scan
+//!    by itself: together they tell scan, decode and transport apart.
 //!
 //! Prints a markdown report and writes it to `--out`. Never fails on a missed target: the numbers
 //! are for people to read. `--smoke` runs tiny sizes in seconds.
@@ -937,6 +938,13 @@ fn query_specs(since_ns: i64) -> Vec<QuerySpec> {
             filtered: true,
         },
         QuerySpec {
+            label: "`--since 1h --host 192.0.2.0/24` (matches nothing: the scan alone)".into(),
+            filter: Some(since(vec!["192.0.2.0/24".into()], vec![])),
+            connection: None,
+            cli: base(&["--host", "192.0.2.0/24"]),
+            filtered: true,
+        },
+        QuerySpec {
             label: "`--since 1h --cause refused`".into(),
             filter: Some(since(vec![], vec!["refused".into()])),
             connection: None,
@@ -1042,7 +1050,9 @@ fn query_part(rt: &tokio::runtime::Runtime, exe: &Path, cli: &Path, dir: &Path, 
                 fill.took,
                 fmt_rate((fill.resets + fill.flows) as f64 / fill.took.as_secs_f64())
             );
-            (store, fill)
+            // Measured like the collector will see it: freshly opened.
+            drop(store);
+            (Store::open(StoreConfig::new(&data))?, fill)
         }
     };
     let since_ns = fill.end_ns - 3_600_000_000_000;
