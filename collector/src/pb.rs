@@ -29,34 +29,9 @@ pub const CAUSES: [&str; 10] = [
     "unknown",
 ];
 
-/// TCP flag bits and their letters, in the order the agent prints them (Zeek's order).
-const FLAG_LETTERS: [(u32, char); 9] = [
-    (0x002, 'S'),
-    (0x001, 'F'),
-    (0x004, 'R'),
-    (0x008, 'P'),
-    (0x010, 'A'),
-    (0x020, 'U'),
-    (0x040, 'E'),
-    (0x080, 'C'),
-    (0x100, 'N'),
-];
-
 /// The vocabulary name of a cause value; `unknown` for values this version does not know.
 pub fn cause_name(cause: i32) -> &'static str {
-    use v1::Cause;
-    match Cause::try_from(cause).unwrap_or(Cause::Unknown) {
-        Cause::Refused => "refused",
-        Cause::DuplicateSynCancel => "duplicate-syn-cancel",
-        Cause::RetransmissionTimeout => "retransmission-timeout",
-        Cause::AppAbort => "app-abort",
-        Cause::NoConnection => "no-connection",
-        Cause::PortReuse => "port-reuse",
-        Cause::AfterClose => "after-close",
-        Cause::Middlebox => "middlebox",
-        Cause::Lone => "lone",
-        Cause::Unknown | Cause::Unspecified => "unknown",
-    }
+    crate::store::cause_name(cause)
 }
 
 /// The agent's JSON name of a phase value.
@@ -109,7 +84,7 @@ pub fn flags_text(flags: u32) -> String {
     if flags & 0x1ff == 0 {
         return ".".to_string();
     }
-    FLAG_LETTERS.iter().filter(|(bit, _)| flags & bit != 0).map(|&(_, letter)| letter).collect()
+    crate::store::flag_letters(flags)
 }
 
 /// Parses flag letters in any order and case (`ar` = `RA`); `None` on any other character.
@@ -120,10 +95,7 @@ pub fn parse_flags(text: &str) -> Option<u32> {
     if text.is_empty() {
         return None;
     }
-    text.chars().try_fold(0u32, |bits, c| {
-        let upper = c.to_ascii_uppercase();
-        FLAG_LETTERS.iter().find(|&&(_, letter)| letter == upper).map(|&(bit, _)| bits | bit)
-    })
+    crate::store::parse_flag_letters(text).ok().map(u32::from)
 }
 
 /// An address from its 4- or 16-byte network-order form.
