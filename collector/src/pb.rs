@@ -15,19 +15,12 @@ pub const PENDING: &str = "pending";
 /// Every verdict name, in the vocabulary's order.
 pub const VERDICTS: [&str; 5] = ["end-to-end", "injected", "lost", "unverified", PENDING];
 
-/// Every cause name, in the vocabulary's order.
-pub const CAUSES: [&str; 10] = [
-    "refused",
-    "duplicate-syn-cancel",
-    "retransmission-timeout",
-    "app-abort",
-    "no-connection",
-    "port-reuse",
-    "after-close",
-    "middlebox",
-    "lone",
-    "unknown",
-];
+/// Every cause name, in the vocabulary's order: the store's table without its slot for
+/// `CAUSE_UNSPECIFIED`.
+pub const CAUSES: &[&str] = match crate::store::CAUSE_NAMES.split_first() {
+    Some((_, causes)) => causes,
+    None => &[],
+};
 
 /// The vocabulary name of a cause value; `unknown` for values this version does not know.
 pub fn cause_name(cause: i32) -> &'static str {
@@ -163,6 +156,20 @@ mod tests {
     fn cause_names_cover_the_vocabulary() {
         let named: Vec<&str> = (1..=10).map(cause_name).collect();
         assert_eq!(named, CAUSES);
+        // The vocabulary of shared/docs/reset-causes.md, section 2.
+        let vocabulary = [
+            "refused",
+            "duplicate-syn-cancel",
+            "retransmission-timeout",
+            "app-abort",
+            "no-connection",
+            "port-reuse",
+            "after-close",
+            "middlebox",
+            "lone",
+            "unknown",
+        ];
+        assert_eq!(CAUSES, vocabulary);
         assert_eq!(cause_name(99), "unknown");
     }
 
