@@ -211,7 +211,8 @@ pub fn check_event(event: &v1::Event) -> Result<(), CheckError> {
         Some(event::Kind::Flow(flow)) => within(|| "flow".into(), check_flow(flow)),
         Some(event::Kind::Loss(loss)) => within(|| "loss".into(), check_loss(loss)),
         Some(event::Kind::Watermark(mark)) => within(|| "watermark".into(), check_time("ts_ns", mark.ts_ns)),
-        None => fail("the event has no kind (reset, flow, loss or watermark)"),
+        Some(event::Kind::Open(open)) => within(|| "open".into(), check_time("start_ns", open.start_ns)),
+        None => fail("the event has no kind (reset, flow, open, loss or watermark)"),
     }
 }
 

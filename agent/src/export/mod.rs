@@ -207,7 +207,7 @@ impl Buffer {
     /// agent's capture time is.
     fn seal(&mut self, mut events: Vec<v1::Event>) -> Vec<v1::Event> {
         if let Some(ts_ns) = self.watermark {
-            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns })) });
+            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns: 0 })) });
             self.watermark_sent = Some(ts_ns);
         }
         events
@@ -275,6 +275,7 @@ impl SpoolWriter {
             let (ts_ns, loss) = match event.kind {
                 Some(v1::event::Kind::Reset(r)) => (r.ts_ns, None),
                 Some(v1::event::Kind::Flow(f)) => (f.end_ns, None),
+                Some(v1::event::Kind::Open(o)) => (o.start_ns, None),
                 Some(v1::event::Kind::Loss(l)) => (0, Some(l)),
                 Some(v1::event::Kind::Watermark(_)) | None => continue,
             };

@@ -616,6 +616,8 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, BatchEffects), StoreErro
             Some(Kind::Watermark(w)) => {
                 effects.watermark_ns = Some(effects.watermark_ns.map_or(w.ts_ns, |m| m.max(w.ts_ns)));
             }
+            // Connection identities are not stored yet (correlation, issue 4).
+            Some(Kind::Open(_)) => {}
             None => return Err(StoreError::Invalid(format!("event {i} of the batch is empty"))),
         }
     }
