@@ -442,6 +442,7 @@ fn cli_reads_a_file_ships_it_and_exits_once_acknowledged() {
             v1::event::Kind::Flow(_) => "flow",
             v1::event::Kind::Loss(_) => "loss",
             v1::event::Kind::Watermark(_) => "watermark",
+            v1::event::Kind::Open(_) => "open",
         })
         .collect();
     assert_eq!(kinds, vec!["reset", "flow", "watermark"]);
