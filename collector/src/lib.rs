@@ -8,6 +8,7 @@
 //! services; `metrics` the Prometheus counters; `service` wires them into one server.
 
 pub mod auth;
+pub mod correlate;
 pub mod ingest;
 pub mod metrics;
 pub mod pb;
