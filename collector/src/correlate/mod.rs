@@ -262,6 +262,11 @@ impl Correlator {
         }
     }
 
+    /// Connections seen, each counted once however many agents saw it.
+    pub fn connection_count(&self) -> usize {
+        (0..self.conns.len()).filter(|&i| self.parent[i] == i).count()
+    }
+
     /// The agents, in registration order.
     pub fn agents(&self) -> &[AgentInfo] {
         &self.agents

@@ -5,7 +5,9 @@
 //! success, 1 when the collector refused the request, 2 for usage errors, 3 when the collector
 //! cannot be reached, 4 when it refused the token or certificate.
 
+mod analyze;
 mod output;
+mod report;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -76,6 +78,9 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Correlate capture files from several vantage points offline, without a collector:
+    /// rstscope analyze client=client.pcap server=server.pcap
+    Analyze(analyze::AnalyzeArgs),
     /// Show the collector's state.
     Status {
         /// Output format.
@@ -331,6 +336,12 @@ async fn status(client: &mut Client, format: Format, collector: &str) -> Result<
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Analyze(args) = &cli.command {
+        let stdout = io::stdout();
+        let mut out = io::BufWriter::new(stdout.lock());
+        analyze::analyze(args, &mut out)?;
+        return out.flush().map_err(Failure::Output);
+    }
     let mut client = connect(&cli.connection).await?;
     let collector = cli.connection.collector.as_str();
     match &cli.command {
@@ -338,6 +349,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Connection { id, output } => connection(&mut client, id, *output, collector).await,
         Command::Agents { output } => agents(&mut client, *output, collector).await,
         Command::Status { output } => status(&mut client, *output, collector).await,
+        Command::Analyze(_) => unreachable!("analyze runs without a collector, above"),
     }
 }
 
