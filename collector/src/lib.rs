@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod correlate;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod pb;
 pub mod query;

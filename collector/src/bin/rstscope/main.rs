@@ -127,9 +127,17 @@ struct ResetsArgs {
     #[arg(long, help_heading = "Filters", value_name = "N")]
     last: Option<u32>,
 
-    /// Keep printing new resets as they arrive (Ctrl-C to stop).
+    /// Keep printing new resets as they are decided (Ctrl-C to stop).
     #[arg(short = 'f', long, help_heading = "Output")]
     follow: bool,
+
+    /// Each agent's stored record instead of one merged report per distinct RST.
+    #[arg(long, help_heading = "Output")]
+    raw: bool,
+
+    /// Print the evidence under each table row.
+    #[arg(short = 'v', long, help_heading = "Output")]
+    evidence: bool,
 
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table", help_heading = "Output")]
@@ -242,7 +250,43 @@ fn print_line(out: &mut impl Write, line: &str) -> Result<(), Failure> {
     writeln!(out, "{line}").map_err(Failure::Output)
 }
 
+async fn reports(client: &mut Client, args: &ResetsArgs, collector: &str) -> Result<(), Failure> {
+    let filter = reset_filter(args)?;
+    let status = |s| Failure::from_status(s, collector);
+    let mut stream = if args.follow {
+        client.follow_reports(filter).await.map_err(status)?.into_inner()
+    } else {
+        client.list_reports(filter).await.map_err(status)?.into_inner()
+    };
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    if args.output == Format::Table {
+        print_line(&mut out, &report::report_header())?;
+    }
+    let mut printed = 0u64;
+    while let Some(r) = stream.message().await.map_err(status)? {
+        let line = match args.output {
+            Format::Table => report::report_row(&r, args.evidence),
+            Format::Json => report::report_json(&r),
+            Format::Compact => report::report_compact(&r),
+        };
+        print_line(&mut out, &line)?;
+        printed += 1;
+        if args.follow {
+            out.flush().map_err(Failure::Output)?;
+        }
+    }
+    out.flush().map_err(Failure::Output)?;
+    if printed == 0 && args.output == Format::Table {
+        eprintln!("No resets match.");
+    }
+    Ok(())
+}
+
 async fn resets(client: &mut Client, args: &ResetsArgs, collector: &str) -> Result<(), Failure> {
+    if !args.raw {
+        return reports(client, args, collector).await;
+    }
     let filter = reset_filter(args)?;
     let status = |s| Failure::from_status(s, collector);
     let mut stream = if args.follow {
