@@ -349,7 +349,6 @@ impl v1::query_server::Query for QueryService {
                     capture_drops: r.capture_drops,
                     events_dropped: r.events_dropped,
                     spool_backlog: 0,
-                    ..Default::default()
                 }
             })
             .collect();
