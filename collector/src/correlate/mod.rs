@@ -69,6 +69,9 @@ pub struct AgentInfo {
     pub coverage: Coverage,
     /// The input has ended (offline): the watermark will not advance any more.
     pub finished: bool,
+    /// Earliest event time the agent reported (agent clock): a watermark without `since`
+    /// vouches back to it.
+    pub first_event_ns: Option<i64>,
 }
 
 /// Which times an agent can vouch for: its capture ran, and lost nothing.
@@ -290,7 +293,11 @@ impl Correlator {
             }
             Some(Kind::Watermark(w)) => {
                 if let Some(a) = self.agents.get_mut(agent) {
-                    a.coverage.watermark(w.since_ns, w.ts_ns);
+                    let since = match (w.since_ns, a.coverage.runs.is_empty(), a.first_event_ns) {
+                        (0, true, Some(first)) => first.min(w.ts_ns),
+                        (since, _, _) => since,
+                    };
+                    a.coverage.watermark(since, w.ts_ns);
                 }
             }
             None => {}
@@ -329,6 +336,7 @@ impl Correlator {
         self.conn_index.insert((agent, conn_id), i);
         if let Some(a) = self.agents.get_mut(agent) {
             a.coverage.saw_event(start_ns);
+            a.first_event_ns = Some(a.first_event_ns.map_or(start_ns, |f| f.min(start_ns)));
         }
         i
     }

@@ -366,7 +366,8 @@ impl Correlator {
         // Upstream silent witnesses (before the first sighting) and downstream ones.
         let upstream = first_saw.and_then(|f| path[..f].iter().rposition(|r| r.vouches()).map(|u| (u, f)));
         let downstream = last_saw.and_then(|l| path[l + 1..].iter().position(|r| r.vouches()).map(|d| (l, l + 1 + d)));
-        let deliverable = self.deliverable(cluster, &path);
+        // Only a RST some silent agent downstream should have seen needs to be deliverable.
+        let deliverable = if downstream.is_some() { self.deliverable(cluster, &path) } else { Ok(()) };
 
         if is_pending {
             verdict = pb::PENDING;
