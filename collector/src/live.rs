@@ -79,6 +79,18 @@ impl LiveCorrelation {
         out
     }
 
+    /// One connection by id (record label or tuple): its label, each agent's tuple, its
+    /// reports (decided and pending) and its ladder.
+    pub fn connection(&mut self, id: &str) -> Option<ConnectionView> {
+        let root = self.engine.find_group(id)?;
+        let (label, records) = self.engine.group_records(root);
+        let mut reports: Vec<v1::ResetReport> =
+            self.decided.values().filter(|r| r.connection == label).map(|r| (**r).clone()).collect();
+        reports.extend(self.engine.pending().into_iter().filter(|r| r.connection == label));
+        reports.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        Some(ConnectionView { label, records, reports, ladder: self.engine.ladder(root) })
+    }
+
     /// Clock estimates by agent name, with the reference agent's name.
     pub fn clocks(&self) -> (BTreeMap<String, ClockEstimate>, String) {
         let estimates = self.engine.clock_estimates();
@@ -86,6 +98,18 @@ impl LiveCorrelation {
         let map = names.zip(estimates).filter_map(|(n, e)| e.map(|e| (n, e))).collect();
         (map, self.engine.reference().unwrap_or("").to_string())
     }
+}
+
+/// One connection as the correlation knows it.
+pub struct ConnectionView {
+    /// Its printable id.
+    pub label: String,
+    /// Each agent's tuple for it.
+    pub records: Vec<(String, rstscope_proto::FlowKey)>,
+    /// Its distinct RSTs.
+    pub reports: Vec<v1::ResetReport>,
+    /// What each agent saw, in corrected time order.
+    pub ladder: Vec<v1::LadderStep>,
 }
 
 fn in_nets(nets: &[IpNet], ep: Option<&v1::Endpoint>) -> bool {

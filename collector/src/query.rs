@@ -309,15 +309,41 @@ impl v1::query_server::Query for QueryService {
         request: Request<v1::ConnectionRequest>,
     ) -> Result<Response<v1::ConnectionReply>, Status> {
         let text = request.into_inner().connection;
-        let key = text.trim().parse::<FlowKey>().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let view = self.hub.correlation().connection(&text);
         let store = self.hub.store.clone();
-        let view = blocking(move || store.connection(&key)).await?;
-        if view.flows.is_empty() && view.resets.is_empty() {
-            return Err(Status::not_found(format!("no agent reported connection {key}")));
-        }
-        let flows = view.flows.into_iter().map(|(agent, flow)| v1::AgentFlow { agent, flow: Some(flow) }).collect();
-        let resets = view.resets.into_iter().map(stored_record).collect();
-        Ok(Response::new(v1::ConnectionReply { flows, resets }))
+        let Some(view) = view else {
+            // Not (or no longer) in the correlation's memory: what the store has for the tuple.
+            let key = text.trim().parse::<FlowKey>().map_err(|e| {
+                Status::invalid_argument(format!("{e}; or give an id as printed in a reset's connection field"))
+            })?;
+            let stored = blocking(move || store.connection(&key)).await?;
+            if stored.flows.is_empty() && stored.resets.is_empty() {
+                return Err(Status::not_found(format!("no agent reported connection {key}")));
+            }
+            let flows =
+                stored.flows.into_iter().map(|(agent, flow)| v1::AgentFlow { agent, flow: Some(flow) }).collect();
+            let resets = stored.resets.into_iter().map(stored_record).collect();
+            return Ok(Response::new(v1::ConnectionReply { flows, resets, ..Default::default() }));
+        };
+        let records = view.records.clone();
+        let (flows, resets) = blocking(move || {
+            let mut flows = Vec::new();
+            let mut resets = Vec::new();
+            let mut keys: Vec<FlowKey> = records.iter().map(|r| r.1).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let stored = store.connection(&key)?;
+                let mine = |agent: &str| records.iter().any(|(a, k)| a == agent && *k == key);
+                flows.extend(stored.flows.into_iter().filter(|(a, _)| mine(a)));
+                resets.extend(stored.resets.into_iter().filter(|r| mine(&r.agent)));
+            }
+            Ok::<_, crate::store::StoreError>((flows, resets))
+        })
+        .await?;
+        let flows = flows.into_iter().map(|(agent, flow)| v1::AgentFlow { agent, flow: Some(flow) }).collect();
+        let resets = resets.into_iter().map(stored_record).collect();
+        Ok(Response::new(v1::ConnectionReply { flows, resets, reports: view.reports, ladder: view.ladder }))
     }
 
     async fn list_agents(

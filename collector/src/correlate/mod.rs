@@ -196,6 +196,8 @@ pub(crate) struct RstObs {
     /// Sent by the connection's originator (as this agent's record sees it).
     pub from_orig: bool,
     pub decided: bool,
+    /// The verdict once decided.
+    pub verdict: Option<String>,
 }
 
 /// The correlation engine. See the module docs.
@@ -268,6 +270,81 @@ impl Correlator {
     /// Connections seen, each counted once however many agents saw it.
     pub fn connection_count(&self) -> usize {
         (0..self.conns.len()).filter(|&i| self.parent[i] == i).count()
+    }
+
+    /// The group a printable id names: a record label (`agent/0123456789abcdef`, as in
+    /// reports' `connection` and observations' `record`) or a tuple (`ip:port-ip:port`) one
+    /// of its records has.
+    pub fn find_group(&self, id: &str) -> Option<usize> {
+        let id = id.trim();
+        let by_label = self.conns.iter().position(|c| {
+            let label = format!("{}/{:016x}", self.agents[c.agent].name, c.conn_id);
+            label == id
+        });
+        let found = by_label.or_else(|| {
+            let key: FlowKey = id.parse().ok()?;
+            self.conns.iter().rposition(|c| c.key() == key)
+        })?;
+        Some(self.root(found))
+    }
+
+    /// A group's printable id and the tuples its records have, per agent name.
+    pub fn group_records(&self, root: usize) -> (String, Vec<(String, FlowKey)>) {
+        let records = self
+            .members(root)
+            .iter()
+            .map(|&m| (self.agents[self.conns[m].agent].name.clone(), self.conns[m].key()))
+            .collect();
+        (self.group_label(root), records)
+    }
+
+    /// What each agent of a group saw, in corrected time order: handshakes, first and last
+    /// packets, RSTs with their verdicts.
+    pub fn ladder(&self, root: usize) -> Vec<v1::LadderStep> {
+        let clocks = self.clock_estimates();
+        let corrected =
+            |agent: usize, ts: i64| ts - clocks.get(agent).copied().flatten().map_or(0, |c| c.offset_at(ts));
+        let mut steps = Vec::new();
+        let members = self.members(root);
+        for &m in &members {
+            let c = &self.conns[m];
+            let name = &self.agents[c.agent].name;
+            let mut step = |ts: i64, what: String, verdict: &str| {
+                steps.push(v1::LadderStep {
+                    corrected_ns: corrected(c.agent, ts),
+                    agent: name.clone(),
+                    local_ns: ts,
+                    what,
+                    verdict: verdict.to_string(),
+                });
+            };
+            if let Some(t) = c.syn_ns {
+                step(t, format!("SYN {} > {}", c.orig, c.resp), "");
+            }
+            if let Some(t) = c.synack_ns {
+                step(t, format!("SYN-ACK {} > {}", c.resp, c.orig), "");
+            }
+            if c.midstream {
+                step(c.start_ns, format!("first packet (midstream) {} - {}", c.orig, c.resp), "");
+            }
+            if let Some(f) = &c.summary {
+                step(f.end_ns, format!("last packet; {} {}", f.conn_state, f.history), "");
+            }
+        }
+        for o in self.rsts.iter().filter(|o| members.contains(&o.conn)) {
+            let e = &o.event;
+            let what =
+                format!("{} {} > {} seq {} ack {} ttl {}", pb::flags_text(e.flags), o.src, o.dst, e.seq, e.ack, e.ttl);
+            steps.push(v1::LadderStep {
+                corrected_ns: corrected(o.agent, e.ts_ns),
+                agent: self.agents[o.agent].name.clone(),
+                local_ns: e.ts_ns,
+                what,
+                verdict: o.verdict.clone().unwrap_or_else(|| pb::PENDING.to_string()),
+            });
+        }
+        steps.sort_by(|a, b| (a.corrected_ns, &a.agent).cmp(&(b.corrected_ns, &b.agent)));
+        steps
     }
 
     /// The agents, in registration order.
@@ -429,7 +506,16 @@ impl Correlator {
             }
         }
         let r = self.rsts.len();
-        self.rsts.push(RstObs { agent, conn: i, event: rst.clone(), src, dst, from_orig, decided: false });
+        self.rsts.push(RstObs {
+            agent,
+            conn: i,
+            event: rst.clone(),
+            src,
+            dst,
+            from_orig,
+            decided: false,
+            verdict: None,
+        });
         self.undecided.insert(r);
         self.join(i);
         self.join_by_rst(r);

@@ -175,6 +175,7 @@ impl Correlator {
                     continue;
                 }
                 for r in cluster {
+                    self.rsts[r].verdict = Some(report.verdict.clone());
                     if self.rsts[r].decided {
                         continue;
                     }

@@ -36,6 +36,10 @@ pub struct AnalyzeArgs {
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub max_skew: f64,
 
+    /// Show this connection as a ladder (an id from a reset's `connection`, or ip:port-ip:port).
+    #[arg(long, value_name = "ID")]
+    pub connection: Option<String>,
+
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Format,
@@ -173,6 +177,30 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
         return Err(Failure::Refused("no capture could be read".to_string()));
     }
     let reports = engine.finish();
+    if let Some(id) = &args.connection {
+        let root =
+            engine.find_group(id).ok_or_else(|| Failure::Refused(format!("no connection {id:?} in these captures")))?;
+        let (label, _) = engine.group_records(root);
+        let ladder = engine.ladder(root);
+        let mine: Vec<&v1::ResetReport> = reports.iter().filter(|r| r.connection == label).collect();
+        let w = |out: &mut dyn Write, line: &str| writeln!(out, "{line}").map_err(Failure::Output);
+        if args.output == Format::Json {
+            for r in mine {
+                w(out, &report::report_json(r))?;
+            }
+            for step in &ladder {
+                w(out, &report::step_json(step))?;
+            }
+        } else {
+            w(out, &format!("connection {label}\n"))?;
+            w(out, &report::ladder_text(&ladder))?;
+            w(out, "")?;
+            for r in mine {
+                w(out, &report::report_row(r, true))?;
+            }
+        }
+        return Ok(());
+    }
     let clocks = engine.clock_estimates();
     let reference = engine.reference().unwrap_or("").to_string();
     let w = |out: &mut dyn Write, line: &str| writeln!(out, "{line}").map_err(Failure::Output);

@@ -328,11 +328,28 @@ async fn connection(client: &mut Client, id: &str, format: Format, collector: &s
     let mut out = io::stdout().lock();
     match format {
         Format::Json => {
+            for r in &reply.reports {
+                print_line(&mut out, &report::report_json(r))?;
+            }
+            for step in &reply.ladder {
+                print_line(&mut out, &report::step_json(step))?;
+            }
             for flow in &reply.flows {
                 print_line(&mut out, &output::flow_json(flow))?;
             }
             for reset in &reply.resets {
                 print_line(&mut out, &output::reset_json(reset))?;
+            }
+        }
+        Format::Table if !reply.ladder.is_empty() => {
+            print_line(&mut out, &format!("connection {id}\n"))?;
+            print_line(&mut out, &report::ladder_text(&reply.ladder))?;
+            print_line(&mut out, &format!("\nresets ({})", reply.reports.len()))?;
+            if !reply.reports.is_empty() {
+                print_line(&mut out, &report::report_header())?;
+            }
+            for r in &reply.reports {
+                print_line(&mut out, &report::report_row(r, true))?;
             }
         }
         Format::Table | Format::Compact => {

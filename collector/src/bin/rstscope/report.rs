@@ -164,3 +164,48 @@ pub fn report_compact(r: &v1::ResetReport) -> String {
         r.observations.iter().map(|o| o.agent.as_str()).collect::<Vec<_>>().join(",")
     )
 }
+
+/// A connection's ladder: time down the page (corrected, relative to the first step), one
+/// column per agent; RSTs carry their verdict.
+pub fn ladder_text(steps: &[v1::LadderStep]) -> String {
+    const WIDTH: usize = 46;
+    let mut agents: Vec<&str> = Vec::new();
+    for s in steps {
+        if !agents.contains(&s.agent.as_str()) {
+            agents.push(&s.agent);
+        }
+    }
+    let Some(first) = steps.first() else { return "No steps.".to_string() };
+    let mut out = String::new();
+    out.push_str(&format!("time 0 = {} (reference clock)\n", ts_human(first.corrected_ns)));
+    out.push_str(&format!("{:>12}  ", "+SECONDS"));
+    for a in &agents {
+        out.push_str(&format!("{:<WIDTH$}", a.to_uppercase()));
+    }
+    for s in steps {
+        out.push('\n');
+        let rel = (s.corrected_ns - first.corrected_ns) as f64 / 1e9;
+        out.push_str(&format!("{rel:>12.6}  "));
+        let col = agents.iter().position(|a| *a == s.agent).unwrap_or(0);
+        let mut cell = s.what.clone();
+        if !s.verdict.is_empty() {
+            cell = format!("{cell} [{}]", s.verdict);
+        }
+        out.push_str(&" ".repeat(col * WIDTH));
+        out.push_str(&cell);
+    }
+    out
+}
+
+/// One ladder step as a JSON line.
+pub fn step_json(s: &v1::LadderStep) -> String {
+    serde_json::json!({
+        "type": "step",
+        "corrected_ts": ts_json(s.corrected_ns),
+        "ts": ts_json(s.local_ns),
+        "agent": s.agent,
+        "what": s.what,
+        "verdict": s.verdict,
+    })
+    .to_string()
+}
