@@ -28,13 +28,20 @@ pub struct LiveCorrelation {
     decided: BTreeMap<(i64, String), Arc<v1::ResetReport>>,
     /// Newly decided reports, for followers.
     pub published: broadcast::Sender<Arc<v1::ResetReport>>,
+    /// Records held beyond which the engine forgets old decided connections.
+    compact_at: usize,
 }
+
+/// The engine is compacted once it holds this many records...
+const COMPACT_AT: usize = 200_000;
+/// ...keeping connections active within this long of the newest watermark.
+const HORIZON_NS: i64 = 600_000_000_000;
 
 impl LiveCorrelation {
     /// An empty engine with these settings.
     pub fn new(cfg: Config) -> Self {
         let (published, _) = broadcast::channel(4096);
-        LiveCorrelation { engine: Correlator::new(cfg), decided: BTreeMap::new(), published }
+        LiveCorrelation { engine: Correlator::new(cfg), decided: BTreeMap::new(), published, compact_at: COMPACT_AT }
     }
 
     /// An agent said hello: its addresses tell which endpoints are local to it.
@@ -60,6 +67,13 @@ impl LiveCorrelation {
         }
         while self.decided.len() > MAX_KEPT {
             self.decided.pop_first();
+        }
+        let (conns, rsts) = self.engine.records();
+        if conns + rsts > self.compact_at {
+            self.engine.compact(HORIZON_NS);
+            let (conns, rsts) = self.engine.records();
+            // Compact again only once as much again has accumulated.
+            self.compact_at = (2 * (conns + rsts)).max(COMPACT_AT);
         }
         reports
     }

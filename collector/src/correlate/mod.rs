@@ -211,6 +211,8 @@ pub struct Correlator {
     /// Union-find parent of each connection: groups of one connection across agents.
     parent: Vec<usize>,
     rsts: Vec<RstObs>,
+    /// RST indexes per connection record.
+    rsts_of: Vec<Vec<usize>>,
     undecided: BTreeSet<usize>,
     index: matching::Index,
     clocks: ClockBook,
@@ -331,7 +333,7 @@ impl Correlator {
                 step(f.end_ns, format!("last packet; {} {}", f.conn_state, f.history), "");
             }
         }
-        for o in self.rsts.iter().filter(|o| members.contains(&o.conn)) {
+        for o in self.group_rsts(&members).into_iter().map(|r| &self.rsts[r]) {
             let e = &o.event;
             let what =
                 format!("{} {} > {} seq {} ack {} ttl {}", pb::flags_text(e.flags), o.src, o.dst, e.seq, e.ack, e.ttl);
@@ -345,6 +347,77 @@ impl Correlator {
         }
         steps.sort_by(|a, b| (a.corrected_ns, &a.agent).cmp(&(b.corrected_ns, &b.agent)));
         steps
+    }
+
+    /// Connection records and RSTs held.
+    pub fn records(&self) -> (usize, usize) {
+        (self.conns.len(), self.rsts.len())
+    }
+
+    /// Forgets connections whose RSTs are all decided and whose last activity is more than
+    /// `horizon_ns` older than the newest watermark (reference clock), so a long-running
+    /// collector's memory stays bounded. Agents, clocks and address votes are kept.
+    pub fn compact(&mut self, horizon_ns: i64) {
+        let clocks = self.clock_estimates();
+        let corrected =
+            |agent: usize, ts: i64| ts - clocks.get(agent).copied().flatten().map_or(0, |c| c.offset_at(ts));
+        let newest = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.coverage.watermark_ns().map(|w| corrected(i, w)))
+            .max()
+            .unwrap_or(i64::MIN);
+        let cutoff = newest.saturating_sub(horizon_ns);
+        let mut keep_root: HashMap<usize, bool> = HashMap::new();
+        for i in 0..self.conns.len() {
+            let root = self.root(i);
+            let c = &self.conns[i];
+            let recent = corrected(c.agent, c.end_ns) >= cutoff;
+            let open = self.rsts_of[i].iter().any(|&r| !self.rsts[r].decided);
+            let entry = keep_root.entry(root).or_insert(false);
+            *entry |= recent || open;
+        }
+        let old_conns = std::mem::take(&mut self.conns);
+        let old_rsts = std::mem::take(&mut self.rsts);
+        let old_parent = std::mem::take(&mut self.parent);
+        let mut remap: HashMap<usize, usize> = HashMap::new();
+        self.conn_index.clear();
+        self.rsts_of.clear();
+        self.undecided.clear();
+        self.index = matching::Index::default();
+        self.sampled.clear();
+        for (i, c) in old_conns.into_iter().enumerate() {
+            let mut root = i;
+            while old_parent[root] != root {
+                root = old_parent[root];
+            }
+            if !keep_root.get(&root).copied().unwrap_or(false) {
+                continue;
+            }
+            let n = self.conns.len();
+            remap.insert(i, n);
+            self.conn_index.insert((c.agent, c.conn_id), n);
+            self.conns.push(c);
+            self.parent.push(n);
+            self.rsts_of.push(Vec::new());
+        }
+        for mut o in old_rsts {
+            let Some(&conn) = remap.get(&o.conn) else { continue };
+            o.conn = conn;
+            let r = self.rsts.len();
+            if !o.decided {
+                self.undecided.insert(r);
+            }
+            self.rsts_of[conn].push(r);
+            self.rsts.push(o);
+        }
+        for i in 0..self.conns.len() {
+            self.join(i);
+        }
+        for r in 0..self.rsts.len() {
+            self.join_by_rst(r);
+        }
     }
 
     /// The agents, in registration order.
@@ -410,6 +483,7 @@ impl Correlator {
             matched_by: "single",
         });
         self.parent.push(i);
+        self.rsts_of.push(Vec::new());
         self.conn_index.insert((agent, conn_id), i);
         if let Some(a) = self.agents.get_mut(agent) {
             a.coverage.saw_event(start_ns);
@@ -506,6 +580,7 @@ impl Correlator {
             }
         }
         let r = self.rsts.len();
+        self.rsts_of[i].push(r);
         self.rsts.push(RstObs {
             agent,
             conn: i,
@@ -519,6 +594,11 @@ impl Correlator {
         self.undecided.insert(r);
         self.join(i);
         self.join_by_rst(r);
+    }
+
+    /// RST indexes of a group's records.
+    pub(crate) fn group_rsts(&self, members: &[usize]) -> Vec<usize> {
+        members.iter().flat_map(|&m| self.rsts_of[m].iter().copied()).collect()
     }
 
     /// Root of a connection's group.

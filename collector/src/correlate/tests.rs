@@ -395,3 +395,29 @@ fn coverage_knows_runs_and_losses() {
     cov.losses.push((560, 570, "drops".into()));
     assert!(cov.gap(550, 580).unwrap().contains("drops"));
 }
+
+#[test]
+fn compaction_forgets_old_decided_connections_and_keeps_deciding() {
+    let mut l = Ladder::new();
+    server_abort(&mut l);
+    l.covered_until(T0 + 10 * S);
+    assert_eq!(one(&l.c.decide()).verdict, "end-to-end");
+    // A second connection an hour later, undecided when compaction runs.
+    let later = T0 + 3_600 * S;
+    l.client(&[
+        open(2, true, "198.51.100.2:40001", later, ISN_C),
+        rst(2, "198.51.100.2:40001", true, later + S + 3 * DELAY, ISN_S + 9, 61, v1::Cause::AppAbort),
+    ]);
+    l.server(&[
+        open(9, false, "198.51.100.2:40001", later, ISN_C),
+        rst(9, "198.51.100.2:40001", true, later + S + SKEW, ISN_S + 9, 64, v1::Cause::AppAbort),
+    ]);
+    l.client(&[mark(0, later + 2 * S)]);
+    assert_eq!(l.c.records(), (4, 4));
+    l.c.compact(600 * S);
+    assert_eq!(l.c.records(), (2, 2), "the first connection is forgotten");
+    l.covered_until(later + 10 * S);
+    let r = l.c.decide();
+    let r = one(&r);
+    assert_eq!((r.verdict.as_str(), r.match_key.as_str()), ("end-to-end", "tuple+isn"));
+}

@@ -55,8 +55,6 @@ struct Role {
     local_ts: i64,
     /// Why this agent cannot vouch for that time, if it cannot.
     gap: Option<String>,
-    /// Its watermark has not yet passed the RST plus the settle window.
-    waiting: bool,
 }
 
 impl Role {
@@ -133,8 +131,7 @@ impl Correlator {
         let mut out = Vec::new();
         for root in roots {
             let members = self.members(root);
-            let mut rsts: Vec<usize> =
-                self.rsts.iter().enumerate().filter(|(_, o)| members.contains(&o.conn)).map(|(i, _)| i).collect();
+            let mut rsts: Vec<usize> = self.group_rsts(&members);
             rsts.sort_by_key(|&r| (self.corrected(&cx, self.rsts[r].agent, self.rsts[r].event.ts_ns), r));
             let clusters = self.clusters(&cx, &rsts);
             let mut decided: Vec<(Vec<usize>, v1::ResetReport, bool)> = Vec::new();
@@ -324,15 +321,22 @@ impl Correlator {
             let local_ts = rst.map_or(t_ref + offset, |r| self.rsts[r].event.ts_ns);
             let info = &self.agents[a];
             let gap = info.coverage.gap(local_ts - allowance, local_ts + allowance);
-            let waiting = !info.finished
-                && info.coverage.watermark_ns().is_none_or(|w| w < local_ts + allowance + self.cfg.settle_ns)
-                && cx.newest_ns < t_ref + self.cfg.max_wait_ns;
-            roles.push(Role { agent: a, place, sender_ttl, conn, rst, local_ts, gap, waiting });
+            roles.push(Role { agent: a, place, sender_ttl, conn, rst, local_ts, gap });
         }
         // Path order from the sender: at-sender, through (higher sender TTL first), at-receiver.
         roles.sort_by(|x, y| x.place.cmp(&y.place).then(y.sender_ttl.cmp(&x.sender_ttl)).then(x.agent.cmp(&y.agent)));
 
-        let is_pending = roles.iter().any(|r| r.place != Place::Unknown && r.rst.is_none() && r.waiting);
+        // Any agent may still report a sighting or a record of this connection (agents do not
+        // know which paths they see), so every agent still capturing is waited for.
+        let laggard = (0..self.agents.len()).find(|&a| {
+            let info = &self.agents[a];
+            let (offset, allowance) = self.offset(cx, a, t_ref);
+            !info.finished
+                && !roles.iter().any(|r| r.agent == a && r.rst.is_some())
+                && info.coverage.watermark_ns().is_none_or(|w| w < t_ref + offset + allowance + self.cfg.settle_ns)
+                && cx.newest_ns < t_ref + self.cfg.max_wait_ns
+        });
+        let is_pending = laggard.is_some();
         let mut evidence: Vec<v1::Evidence> = Vec::new();
         let name = |a: usize| self.agents[a].name.clone();
         let path: Vec<&Role> = roles.iter().filter(|r| r.place != Place::Unknown).collect();
@@ -372,13 +376,14 @@ impl Correlator {
 
         if is_pending {
             verdict = pb::PENDING;
-            for r in path.iter().filter(|r| r.rst.is_none() && r.waiting) {
+            if let Some(a) = laggard {
+                let (offset, _) = self.offset(cx, a, t_ref);
                 evidence.push(ev(
                     "waiting-for-agent",
                     format!(
                         "{}'s watermark has not passed {} plus the settle window",
-                        name(r.agent),
-                        pb::ts_text(r.local_ts)
+                        name(a),
+                        pb::ts_text(t_ref + offset)
                     ),
                 ));
             }
