@@ -349,6 +349,9 @@ pub struct Scenario {
     pub packets: Vec<Packet>,
     /// One per RST that any vantage sees.
     pub expect: Vec<Expect>,
+    /// Connections the correlator should report when that differs from the model's count of
+    /// connections (port reuse splits one socket's attempts into records), and why.
+    pub connections_override: Option<(usize, &'static str)>,
 }
 
 /// A packet as one vantage captured it.
@@ -489,6 +492,11 @@ impl Scenario {
         (0..self.conns.len())
             .filter(|&c| self.packets.iter().any(|p| p.conn == c && !self.seen_by(p.index).is_empty()))
             .count()
+    }
+
+    /// Connections the correlator should report (`summary.connections`).
+    pub fn expected_connections(&self) -> usize {
+        self.connections_override.map_or_else(|| self.visible_connections(), |(n, _)| n)
     }
 
     /// Checks the scenario against itself: every visible RST has exactly one expectation, and its
@@ -758,6 +766,7 @@ impl Builder {
                 conns: Vec::new(),
                 packets: Vec::new(),
                 expect: Vec::new(),
+                connections_override: None,
             },
             states: Vec::new(),
             rng: SplitMix64::new(seed),
@@ -1041,6 +1050,12 @@ impl Builder {
             why,
         };
         self.scenario.expect.push(refine(e));
+        self
+    }
+
+    /// The correlator should count `n` connections, not the model's number, because of `why`.
+    pub fn connections(&mut self, n: usize, why: &'static str) -> &mut Self {
+        self.scenario.connections_override = Some((n, why));
         self
     }
 
@@ -1530,6 +1545,10 @@ fn port_reuse_stale_ack() -> Scenario {
     b.clean(443, 0);
     b.expect(r, "end-to-end", "port-reuse", "the client answers the stale ACK of the old connection's TIME_WAIT")
         .with(|e| e.local(&[("client", "port-reuse"), ("server", "port-reuse")]));
+    b.connections(
+        4,
+        "the SYN sent again after the client's RST opens a new record (Zeek's rule; the server sees a new connection)",
+    );
     b.build()
 }
 

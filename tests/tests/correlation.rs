@@ -395,11 +395,11 @@ fn check_scenario(s: &Scenario, a: &Analysis) -> Vec<String> {
     }
     if let Some(sum) = &a.summary {
         let connections = sum.get("connections").and_then(Value::as_u64);
-        if connections != Some(s.visible_connections() as u64) {
+        if connections != Some(s.expected_connections() as u64) {
             out.push(format!(
                 "{}: summary connections: expected {}, got {connections:?}",
                 s.name,
-                s.visible_connections()
+                s.expected_connections()
             ));
         }
         let resets = sum.get("resets").and_then(Value::as_u64);

@@ -1,28 +1,37 @@
 //! `multigen --table`: prints the multi-vantage scenario table.
 //! `multigen OUT_DIR [SCENARIO ...]`: writes each scenario's captures (one per vantage) into
 //! `OUT_DIR/<scenario>/` with an `expect.txt`, and prints the `rstscope analyze` command for it.
+//! `--skew-scale F` (first) multiplies every clock skew by F (0: all clocks agree), to tell clock
+//! problems from others.
 
 use anyhow::{bail, Context, Result};
-use rstscope_tests::multigen::{scenarios, Scenario};
+use rstscope_tests::multigen::{scenarios, Origin, Scenario};
+
+fn origin(o: Origin) -> String {
+    match o {
+        Origin::Host(side) => format!("{side:?}").to_lowercase(),
+        Origin::Forger { pos, claimed } => format!("forger at hop {pos} as {}", format!("{claimed:?}").to_lowercase()),
+    }
+}
 
 fn table_row(s: &Scenario) -> Vec<String> {
     let mut rows = Vec::new();
     let agents: Vec<&str> = s.vantages.iter().map(|v| v.name).collect();
     if s.expect.is_empty() {
         rows.push(format!(
-            "{:<26} {:<9} {:<24} {:<6} {:<22} no RST; {} connections",
+            "{:<26} {:<10} {:<22} {:<5} {:<17} no RST; {} connections",
             s.name,
             "-",
             "-",
             "-",
             agents.join(","),
-            s.visible_connections()
+            s.expected_connections()
         ));
     }
     for e in &s.expect {
         let p = &s.packets[e.packet];
         rows.push(format!(
-            "{:<26} {:<9} {:<24} {:<6} {:<22} #{} {} from {:?}: {}",
+            "{:<26} {:<10} {:<22} {:<5} {:<17} #{} {} from {}: {}",
             s.name,
             e.verdict.to_string(),
             e.cause,
@@ -30,7 +39,7 @@ fn table_row(s: &Scenario) -> Vec<String> {
             e.seen_by.join(","),
             e.packet,
             p.flags,
-            p.origin,
+            origin(p.origin),
             e.why
         ));
     }
@@ -49,10 +58,17 @@ fn describe(s: &Scenario) -> String {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let all = scenarios();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut all = scenarios();
+    if args.first().map(String::as_str) == Some("--skew-scale") {
+        let scale: f64 = args.get(1).context("--skew-scale F")?.parse().context("--skew-scale F")?;
+        for v in all.iter_mut().flat_map(|s| s.vantages.iter_mut()) {
+            v.skew_ns = (v.skew_ns as f64 * scale).round() as i64;
+        }
+        args.drain(..2);
+    }
     if args.first().map(String::as_str) == Some("--table") {
-        println!("{:<26} {:<9} {:<24} {:<6} {:<22} what", "scenario", "verdict", "cause", "both", "seen by");
+        println!("{:<26} {:<10} {:<22} {:<5} {:<17} what", "scenario", "verdict", "cause", "both", "seen by");
         for s in &all {
             for row in table_row(s) {
                 println!("{row}");
