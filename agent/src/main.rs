@@ -96,6 +96,11 @@ struct Args {
     #[arg(long, value_name = "URL", env = "RSTSCOPE_COLLECTOR", help_heading = "Export")]
     collector: Option<String>,
 
+    /// An address of this host (repeatable), sent to the collector so it can tell which end
+    /// of a connection sits here. Live captures add every address of the host's interfaces.
+    #[arg(long = "local", value_name = "ADDR", help_heading = "Export")]
+    local: Vec<std::net::IpAddr>,
+
     /// This agent's unique name (one per vantage point); needed with --collector.
     #[arg(long, value_name = "NAME", env = "RSTSCOPE_AGENT_NAME", help_heading = "Export")]
     name: Option<String>,
@@ -381,6 +386,7 @@ fn start_exporter(args: &Args, url: &str, live: Option<&LiveSource>) -> Result<E
     let mut config = ExportConfig::new(url, name.clone(), state_dir.clone());
     config.host_name = host_name();
     config.interfaces = interfaces;
+    config.local_addresses = local_addresses(&args.local, live.is_some());
     config.spool_max_bytes = args.spool_max_mib.saturating_mul(1 << 20);
     config.token = args.token.clone();
     config.tls = TlsFiles {
@@ -391,6 +397,31 @@ fn start_exporter(args: &Args, url: &str, live: Option<&LiveSource>) -> Result<E
     let exporter = Exporter::start(config).context("starting the export to the collector")?;
     tracing::info!(collector = %url, state_dir = %state_dir.display(), "Exporting to the collector.");
     Ok(exporter)
+}
+
+/// The host's addresses as the collector wants them: those given, and for live captures every
+/// address libpcap lists on the host's interfaces (in this network namespace).
+fn local_addresses(given: &[std::net::IpAddr], live: bool) -> Vec<Vec<u8>> {
+    let mut addrs: Vec<std::net::IpAddr> = given.to_vec();
+    if live {
+        match pcap::Device::list() {
+            Ok(devices) => {
+                for device in devices {
+                    addrs.extend(device.addresses.iter().map(|a| a.addr).filter(|ip| !ip.is_loopback()));
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Cannot list the host's addresses; give them with --local."),
+        }
+    }
+    addrs.sort();
+    addrs.dedup();
+    addrs
+        .into_iter()
+        .map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        })
+        .collect()
 }
 
 /// libpcap's counters (since the capture opened) turned into loss reports per period.
