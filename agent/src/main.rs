@@ -475,6 +475,7 @@ fn finish_export(
     if let Some((ts_ns, since_ns)) = watermark {
         exporter.watermark(ts_ns, since_ns);
     }
+    exporter.end_of_capture();
     let report = exporter.finish(ack_timeout);
     let stats = report.stats;
     if stats.events_dropped > 0 {

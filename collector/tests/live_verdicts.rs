@@ -31,7 +31,11 @@ fn reset_seen_at_client(offset_ms: i64, port: u32, ttl: u32) -> v1::Event {
 /// Both captures ran from a minute before T0 to 20 s after it.
 fn covered() -> v1::Event {
     v1::Event {
-        kind: Some(event::Kind::Watermark(v1::Watermark { ts_ns: T0 + 20_000_000_000, since_ns: T0 - 60_000_000_000 })),
+        kind: Some(event::Kind::Watermark(v1::Watermark {
+            ts_ns: T0 + 20_000_000_000,
+            since_ns: T0 - 60_000_000_000,
+            ended: false,
+        })),
     }
 }
 

@@ -72,7 +72,7 @@ mod tests {
     use super::*;
 
     fn event(ts_ns: i64) -> v1::Event {
-        v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns: 0 })) }
+        v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns: 0, ended: false })) }
     }
 
     #[test]

@@ -202,6 +202,8 @@ struct Buffer {
     watermark_sent: Option<i64>,
     /// Since when the capture has run without a gap (packet time; 0: unknown).
     since_ns: i64,
+    /// The capture has ended (said with the last watermark).
+    ended: bool,
 }
 
 impl Buffer {
@@ -209,8 +211,8 @@ impl Buffer {
     /// agent's capture time is.
     fn seal(&mut self, mut events: Vec<v1::Event>) -> Vec<v1::Event> {
         if let Some(ts_ns) = self.watermark {
-            let since_ns = self.since_ns;
-            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns })) });
+            let (since_ns, ended) = (self.since_ns, self.ended);
+            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ended })) });
             self.watermark_sent = Some(ts_ns);
         }
         events
@@ -456,6 +458,7 @@ impl Exporter {
                 watermark: None,
                 watermark_sent: None,
                 since_ns: 0,
+                ended: false,
             }),
             writer: Mutex::new(SpoolWriter { spool, losses: BTreeMap::new() }),
             queued: Notify::new(),
@@ -490,6 +493,19 @@ impl Exporter {
     pub fn push(&self, event: &Event) {
         self.shared.counters.events.fetch_add(1, Ordering::Relaxed);
         self.shared.push(v1::Event::from(event));
+    }
+
+    /// The capture has ended (end of input, or the agent is stopping): the last watermark says
+    /// so, and the collector stops waiting for this agent beyond it.
+    pub fn end_of_capture(&self) {
+        let mut buffer = lock(&self.shared.buffer);
+        buffer.ended = true;
+        if buffer.watermark.is_some() {
+            buffer.watermark_sent = None;
+            buffer.cut_all();
+            drop(buffer);
+            self.shared.queued.notify_one();
+        }
     }
 
     /// Everything up to `ts_ns` (packet time) has been pushed, and the capture has run without

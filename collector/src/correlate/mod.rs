@@ -448,6 +448,8 @@ impl Correlator {
                         (since, _, _) => since,
                     };
                     a.coverage.watermark(since, w.ts_ns);
+                    // A capture that ended will not report more; a later run starts afresh.
+                    a.finished = w.ended;
                 }
             }
             None => {}

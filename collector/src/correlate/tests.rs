@@ -78,7 +78,7 @@ fn rst(conn_id: u64, client: &str, from_server: bool, ts: i64, seq: u32, ttl: u3
 }
 
 fn mark(since: i64, ts: i64) -> v1::Event {
-    v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns: ts, since_ns: since })) }
+    v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns: ts, since_ns: since, ended: false })) }
 }
 
 fn flow_end(conn_id: u64, client: &str, start: i64, end: i64) -> v1::Event {

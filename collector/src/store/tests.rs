@@ -72,7 +72,7 @@ fn flow(end_ms: i64, path: &str) -> v1::Event {
 }
 
 fn watermark(ms: i64) -> v1::Event {
-    v1::Event { kind: Some(Kind::Watermark(v1::Watermark { ts_ns: ns(ms), since_ns: 0 })) }
+    v1::Event { kind: Some(Kind::Watermark(v1::Watermark { ts_ns: ns(ms), since_ns: 0, ended: false })) }
 }
 
 fn loss(capture: u64, interface: u64, events: u64) -> v1::Event {

@@ -173,7 +173,13 @@ pub fn flow(client_port: u32) -> v1::Event {
 }
 
 pub fn watermark(offset_ms: i64) -> v1::Event {
-    v1::Event { kind: Some(event::Kind::Watermark(v1::Watermark { ts_ns: T0 + offset_ms * 1_000_000, since_ns: 0 })) }
+    v1::Event {
+        kind: Some(event::Kind::Watermark(v1::Watermark {
+            ts_ns: T0 + offset_ms * 1_000_000,
+            since_ns: 0,
+            ended: false,
+        })),
+    }
 }
 
 impl AgentStream {
