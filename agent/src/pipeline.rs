@@ -68,6 +68,10 @@ impl Counters {
     }
 }
 
+/// How long after capture the kernel may still hand over a packet (libpcap's ring delivers a
+/// block on a timeout): the idle clock stays this far behind the wall clock.
+const IDLE_DELIVERY_MARGIN: Duration = Duration::from_millis(250);
+
 /// What [`Reader::drain`] hands on.
 enum Pulled<'s> {
     /// A TCP segment.
@@ -191,18 +195,27 @@ pub fn run_live(
     // The latest packet time, and when the source first went idle after it.
     let mut last_ts: Option<i64> = None;
     let mut idle_since: Option<Instant> = None;
+    // When the last empty poll returned.
+    let mut last_idle_poll: Option<Instant> = None;
     reader.drain(source, |pulled| match pulled {
         Pulled::Segment(segment) => {
             last_ts = Some(last_ts.map_or(segment.ts_ns, |t| t.max(segment.ts_ns)));
             idle_since = None;
+            last_idle_poll = None;
             tracker.on_segment(&segment, out);
         }
         Pulled::Pause(source, idle, first_packet_ns) => {
             let now = Instant::now();
             if idle {
                 let since = *idle_since.get_or_insert(now);
+                // Advance only to the *previous* empty poll, less a margin for the kernel's
+                // delivery delay: an empty poll is trusted once the next poll was empty too. A
+                // process stopped (SIGSTOP, a stall) inside a poll finds the packets captured
+                // meanwhile on its next poll, not behind a clock that already jumped past them.
+                let confirmed = last_idle_poll.replace(now).filter(|at| *at >= since).unwrap_or(since);
                 if let Some(ts) = last_ts {
-                    let idle_ns = i64::try_from(now.duration_since(since).as_nanos()).unwrap_or(i64::MAX);
+                    let idle = confirmed.duration_since(since).saturating_sub(IDLE_DELIVERY_MARGIN);
+                    let idle_ns = i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX);
                     tracker.advance(ts.saturating_add(idle_ns), out);
                 }
             }

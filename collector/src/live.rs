@@ -26,6 +26,8 @@ pub struct LiveCorrelation {
     engine: Correlator,
     /// Decided reports by (time, id).
     decided: BTreeMap<(i64, String), Arc<v1::ResetReport>>,
+    /// The time each decided report is filed under, by id.
+    decided_at: std::collections::HashMap<String, i64>,
     /// Newly decided reports, for followers.
     pub published: broadcast::Sender<Arc<v1::ResetReport>>,
     /// Records held beyond which the engine forgets old decided connections.
@@ -41,7 +43,13 @@ impl LiveCorrelation {
     /// An empty engine with these settings.
     pub fn new(cfg: Config) -> Self {
         let (published, _) = broadcast::channel(4096);
-        LiveCorrelation { engine: Correlator::new(cfg), decided: BTreeMap::new(), published, compact_at: COMPACT_AT }
+        LiveCorrelation {
+            engine: Correlator::new(cfg),
+            decided: BTreeMap::new(),
+            decided_at: Default::default(),
+            published,
+            compact_at: COMPACT_AT,
+        }
     }
 
     /// An agent said hello: its addresses tell which endpoints are local to it.
@@ -62,11 +70,17 @@ impl LiveCorrelation {
     pub fn tick(&mut self) -> Vec<Arc<v1::ResetReport>> {
         let reports: Vec<Arc<v1::ResetReport>> = self.engine.decide().into_iter().map(Arc::new).collect();
         for r in &reports {
+            // A report replaced (late sighting, forged partner): drop the old version.
+            if let Some(old_ts) = self.decided_at.insert(r.id.clone(), r.ts_ns) {
+                self.decided.remove(&(old_ts, r.id.clone()));
+            }
             self.decided.insert((r.ts_ns, r.id.clone()), r.clone());
             let _ = self.published.send(r.clone());
         }
         while self.decided.len() > MAX_KEPT {
-            self.decided.pop_first();
+            if let Some(((_, id), _)) = self.decided.pop_first() {
+                self.decided_at.remove(&id);
+            }
         }
         let (conns, rsts) = self.engine.records();
         if conns + rsts > self.compact_at {

@@ -54,7 +54,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { settle_ns: 2_000_000_000, max_skew_ns: 10_000_000_000, max_wait_ns: 60_000_000_000 }
+        Config { settle_ns: 2_000_000_000, max_skew_ns: 10_000_000_000, max_wait_ns: 30_000_000_000 }
     }
 }
 
@@ -198,6 +198,12 @@ pub(crate) struct RstObs {
     pub decided: bool,
     /// The verdict once decided.
     pub verdict: Option<String>,
+    /// The id of the report it was handed out in (kept when the report is replaced).
+    pub report_id: Option<String>,
+    /// That report's `both_directions`.
+    pub both_directions: bool,
+    /// Sightings in that report.
+    pub cluster_size: usize,
 }
 
 /// The correlation engine. See the module docs.
@@ -592,6 +598,9 @@ impl Correlator {
             from_orig,
             decided: false,
             verdict: None,
+            report_id: None,
+            both_directions: false,
+            cluster_size: 0,
         });
         self.undecided.insert(r);
         self.join(i);

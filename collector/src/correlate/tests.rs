@@ -421,3 +421,62 @@ fn compaction_forgets_old_decided_connections_and_keeps_deciding() {
     let r = one(&r);
     assert_eq!((r.verdict.as_str(), r.match_key.as_str()), ("end-to-end", "tuple+isn"));
 }
+
+#[test]
+fn forged_resets_decided_at_different_times_still_pair_up_both_directions() {
+    let mut l = Ladder::new();
+    let t = T0 + 2 * S;
+    l.client(&[open(1, true, CLIENT, T0, ISN_C), rst(1, CLIENT, true, t, ISN_S + 500, 50, v1::Cause::AppAbort)]);
+    l.server(&[open(7, false, CLIENT, T0, ISN_C)]);
+    l.covered_until(T0 + 10 * S);
+    let first = l.c.decide();
+    assert_eq!((first[0].verdict.as_str(), first[0].both_directions), ("injected", false));
+    // The server's forged RST only arrives now (its agent's spool drained late).
+    l.server(&[rst(7, CLIENT, false, t + SKEW + MS, ISN_C + 100, 50, v1::Cause::AppAbort)]);
+    let second = l.c.decide();
+    assert_eq!(second.len(), 2, "the first report is handed out again, now paired: {second:#?}");
+    assert!(second.iter().all(|r| r.verdict == "injected" && r.both_directions));
+    assert!(second.iter().any(|r| r.id == first[0].id), "replaced under the same id");
+}
+
+#[test]
+fn a_late_sighting_replaces_the_report_under_the_same_id() {
+    let mut l = Ladder::new();
+    let t = T0 + 2 * S;
+    // The client's capture is decided without the RST (its agent claimed coverage too early).
+    l.client(&[open(1, true, CLIENT, T0, ISN_C), mark(T0 - S, T0 + 10 * S)]);
+    l.server(&[
+        open(7, false, CLIENT, T0, ISN_C),
+        rst(7, CLIENT, true, t + SKEW, ISN_S + 500, 64, v1::Cause::AppAbort),
+    ]);
+    l.server(&[mark(T0 - S + SKEW, T0 + 10 * S + SKEW)]);
+    let first = l.c.decide();
+    assert_eq!(one(&first).verdict, "lost");
+    l.client(&[rst(1, CLIENT, true, t + 3 * DELAY, ISN_S + 500, 61, v1::Cause::AppAbort)]);
+    let second = l.c.decide();
+    let r = one(&second);
+    assert_eq!((r.verdict.as_str(), r.id.as_str()), ("end-to-end", first[0].id.as_str()));
+    assert!(l.c.decide().is_empty(), "nothing changed since");
+}
+
+#[test]
+fn a_host_whose_agent_saw_nothing_of_the_connection_did_not_send_its_reset() {
+    // The router refused the SYN in the server's name; the server's agent (told its address)
+    // captured the whole time and saw neither the SYN nor a RST.
+    let mut c = Correlator::new(Config::default());
+    let client = c.agent("client", &["198.51.100.2".parse().unwrap()]);
+    let server = c.agent("server", &["203.0.113.10".parse().unwrap()]);
+    let mut refused = rst(1, CLIENT, true, T0 + 10 * MS, 0, 62, v1::Cause::Refused);
+    if let Some(v1::event::Kind::Reset(r)) = &mut refused.kind {
+        r.ack = ISN_C + 1;
+    }
+    c.ingest(client, &refused);
+    // No handshake measured the clocks: the allowance is the 10 s skew limit either side.
+    c.ingest(client, &mark(T0 - 30 * S, T0 + 30 * S));
+    c.ingest(server, &mark(T0 - 30 * S + SKEW, T0 + 30 * S + SKEW));
+    let r = c.decide();
+    let r = one(&r);
+    assert_eq!((r.verdict.as_str(), r.cause.as_str()), ("injected", "middlebox"));
+    let silent = r.evidence.iter().find(|e| e.name == "sender-silent").unwrap();
+    assert!(silent.detail.contains("seeing nothing of the connection"), "{silent:?}");
+}

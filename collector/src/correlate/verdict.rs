@@ -55,15 +55,19 @@ struct Role {
     local_ts: i64,
     /// Why this agent cannot vouch for that time, if it cannot.
     gap: Option<String>,
+    /// Its given addresses include the sender's or the receiver's.
+    owns_end: bool,
 }
 
 impl Role {
     fn saw(&self) -> bool {
         self.rst.is_some()
     }
-    /// Silence here counts: the agent recorded the connection and covered the time.
+    /// Silence here counts: the agent covered the time without loss, and either recorded the
+    /// connection or runs on the very host the packet is from or for (its addresses given, not
+    /// inferred): a host whose agent captured nothing of a connection never took part in it.
     fn vouches(&self) -> bool {
-        self.rst.is_none() && self.conn.is_some() && self.gap.is_none()
+        self.rst.is_none() && (self.conn.is_some() || self.owns_end) && self.gap.is_none()
     }
 }
 
@@ -134,21 +138,23 @@ impl Correlator {
             let mut rsts: Vec<usize> = self.group_rsts(&members);
             rsts.sort_by_key(|&r| (self.corrected(&cx, self.rsts[r].agent, self.rsts[r].event.ts_ns), r));
             let clusters = self.clusters(&cx, &rsts);
-            let mut decided: Vec<(Vec<usize>, v1::ResetReport, bool)> = Vec::new();
+            // Every cluster is (re)evaluated: one decided before may gain a late sighting or a
+            // forged partner in the other direction, and then its report is replaced (same id).
+            let mut all: Vec<(Vec<usize>, v1::ResetReport, bool)> = Vec::new();
             for cluster in clusters {
-                if cluster.iter().all(|&r| self.rsts[r].decided) {
-                    continue;
+                let (mut report, is_pending) = self.report(&cx, root, &members, &cluster);
+                if let Some(id) = cluster.iter().find_map(|&r| self.rsts[r].report_id.clone()) {
+                    report.id = id;
                 }
-                let (report, is_pending) = self.report(&cx, root, &members, &cluster);
-                decided.push((cluster, report, is_pending));
+                all.push((cluster, report, is_pending));
             }
             // Injected both ways within 2 s: the signature of a forger resetting both ends.
-            let injected: Vec<(i64, bool)> = decided
+            let injected: Vec<(i64, bool)> = all
                 .iter()
                 .filter(|d| d.1.verdict == "injected")
                 .map(|d| (d.1.ts_ns, self.rsts[d.0[0]].sent_by_originator(self)))
                 .collect();
-            for d in &mut decided {
+            for d in &mut all {
                 if d.1.verdict != "injected" {
                     continue;
                 }
@@ -161,9 +167,10 @@ impl Correlator {
                     });
                 }
             }
-            for (cluster, report, is_pending) in decided {
+            for (cluster, report, is_pending) in all {
+                let settled = cluster.iter().all(|&r| self.rsts[r].decided);
                 if pending_only {
-                    if is_pending {
+                    if is_pending && !settled {
                         out.push(report);
                     }
                     continue;
@@ -171,13 +178,28 @@ impl Correlator {
                 if is_pending {
                     continue;
                 }
-                for r in cluster {
-                    self.rsts[r].verdict = Some(report.verdict.clone());
-                    if self.rsts[r].decided {
-                        continue;
+                // Unchanged since it was handed out: nothing to say again.
+                let same = settled
+                    && cluster.iter().all(|&r| {
+                        let o = &self.rsts[r];
+                        o.verdict.as_deref() == Some(report.verdict.as_str())
+                            && o.both_directions == report.both_directions
+                            && o.report_id.as_deref() == Some(report.id.as_str())
+                            && o.cluster_size == cluster.len()
+                    });
+                if same {
+                    continue;
+                }
+                for &r in &cluster {
+                    let o = &mut self.rsts[r];
+                    o.verdict = Some(report.verdict.clone());
+                    o.report_id = Some(report.id.clone());
+                    o.both_directions = report.both_directions;
+                    o.cluster_size = cluster.len();
+                    if !o.decided {
+                        o.decided = true;
+                        self.undecided.remove(&r);
                     }
-                    self.rsts[r].decided = true;
-                    self.undecided.remove(&r);
                 }
                 out.push(report);
             }
@@ -321,7 +343,9 @@ impl Correlator {
             let local_ts = rst.map_or(t_ref + offset, |r| self.rsts[r].event.ts_ns);
             let info = &self.agents[a];
             let gap = info.coverage.gap(local_ts - allowance, local_ts + allowance);
-            roles.push(Role { agent: a, place, sender_ttl, conn, rst, local_ts, gap });
+            let given = &self.agents[a].local;
+            let owns_end = given.contains(&sender_ep.ip()) || given.contains(&receiver_ep.ip());
+            roles.push(Role { agent: a, place, sender_ttl, conn, rst, local_ts, gap, owns_end });
         }
         // Path order from the sender: at-sender, through (higher sender TTL first), at-receiver.
         roles.sort_by(|x, y| x.place.cmp(&y.place).then(y.sender_ttl.cmp(&x.sender_ttl)).then(x.agent.cmp(&y.agent)));
@@ -395,23 +419,13 @@ impl Correlator {
             let w = path[u];
             evidence.push(ev(
                 if w.place == Place::AtSender { "sender-silent" } else { "path-silent" },
-                format!(
-                    "{} recorded this connection ({}) and captured {} without loss, but saw no such RST",
-                    name(w.agent),
-                    self.conn_label(w.conn),
-                    pb::ts_text(w.local_ts)
-                ),
+                format!("{} {}, but saw no such RST", name(w.agent), self.witness(w)),
             ));
         } else if let (Some((l, d)), Ok(())) = (downstream, &deliverable) {
             verdict = "lost";
             location = format!("between {} and {}", name(path[l].agent), name(path[d].agent));
             let w = path[d];
-            let mut detail = format!(
-                "{} recorded this connection ({}) and captured {} without loss, but never saw the RST",
-                name(w.agent),
-                self.conn_label(w.conn),
-                pb::ts_text(w.local_ts)
-            );
+            let mut detail = format!("{} {}, but never saw the RST", name(w.agent), self.witness(w));
             if let Some(end) = w.conn.map(|c| self.conns[c].end_ns).filter(|&e| e > w.local_ts) {
                 detail.push_str(&format!("; its side kept the connection going until {}", pb::ts_text(end)));
             }
@@ -587,6 +601,17 @@ impl Correlator {
             }
         }
         Ok(())
+    }
+
+    /// Why an agent's silence counts, in words.
+    fn witness(&self, w: &Role) -> String {
+        let at = pb::ts_text(w.local_ts);
+        match w.conn {
+            Some(_) => format!("recorded this connection ({}) and captured {at} without loss", self.conn_label(w.conn)),
+            None => format!(
+                "runs on this connection's host and captured {at} without loss, seeing nothing of the connection"
+            ),
+        }
     }
 
     fn conn_label(&self, conn: Option<usize>) -> String {
