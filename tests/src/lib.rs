@@ -4,3 +4,4 @@ pub mod gen;
 
 pub mod corpus;
 pub mod frames;
+pub mod lab;
