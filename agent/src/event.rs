@@ -1,4 +1,9 @@
-//! What the agent reports: one [`RstEvent`] per RST packet and one [`FlowSummary`] per connection.
+//! What the agent reports: one [`RstEvent`] per RST packet, one [`FlowSummary`] per connection,
+//! and one [`ConnOpen`] per connection as soon as its identity is known.
+//!
+//! The Open comes early because the collector needs a connection's identity (both ISNs, TCP
+//! timestamps, SYN options, handshake times and TTLs) to match it across vantage points and to
+//! estimate clock offsets while the connection still runs, not minutes later with the summary.
 //!
 //! These are plain domain values. The JSON writer and (from the collector issue on) the protobuf
 //! conversion turn them into wire formats; nothing here knows either.
@@ -7,7 +12,7 @@ use std::fmt;
 
 use rstscope_proto::{Endpoint, FlowKey};
 
-use crate::wire::{Checksum, TcpFlags};
+use crate::wire::{Checksum, OptionLayout, TcpFlags};
 
 /// Something the tracker reports.
 #[derive(Clone, Debug, PartialEq)]
@@ -16,6 +21,9 @@ pub enum Event {
     Reset(Box<RstEvent>),
     /// A connection ended, expired, was evicted, or the input ended.
     Flow(Box<FlowSummary>),
+    /// A connection's identity, once known: at the responder's first SYN-ACK, or with the first
+    /// packet of a record that did not start with a SYN.
+    Open(Box<ConnOpen>),
 }
 
 /// Which end of the connection sent a packet.
@@ -369,4 +377,43 @@ pub struct FlowSummary {
     pub port_reuse: bool,
     /// Why the summary was written.
     pub end: FlowEnd,
+}
+
+/// A connection's identity as this vantage point saw its start (`rstscope.v1.ConnectionOpen`).
+///
+/// Emitted once per connection record: when the responder's first SYN-ACK answers the
+/// originator's SYN, or with the first packet of a record that did not start with a SYN. Never
+/// for a SYN left unanswered or refused. Fields the agent did not see are `None`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnOpen {
+    /// Connection record id (the same as in its RST events and summary).
+    pub conn_id: ConnId,
+    /// The originator, as the record's roles stood when the Open was emitted.
+    pub orig: Endpoint,
+    /// The responder.
+    pub resp: Endpoint,
+    /// First packet of the record (ns).
+    pub start_ns: i64,
+    /// The originator's ISN, from its SYN.
+    pub orig_isn: Option<u32>,
+    /// The responder's ISN, from its SYN-ACK.
+    pub resp_isn: Option<u32>,
+    /// Time of the originator's first SYN (ns).
+    pub syn_ns: Option<i64>,
+    /// Time of the responder's first SYN-ACK (ns).
+    pub synack_ns: Option<i64>,
+    /// TSval of the originator's SYN.
+    pub syn_tsval: Option<u32>,
+    /// TSval of the responder's SYN-ACK.
+    pub synack_tsval: Option<u32>,
+    /// Option layout of the originator's SYN (empty without a SYN or options).
+    pub syn_options: OptionLayout,
+    /// TTL or hop limit of the originator's SYN, or of its first packet midstream.
+    pub orig_ttl: Option<u8>,
+    /// TTL or hop limit of the responder's SYN-ACK, or of its first packet midstream.
+    pub resp_ttl: Option<u8>,
+    /// IPv4 identification of the originator's SYN.
+    pub syn_ip_id: Option<u16>,
+    /// The record started without a handshake (no SYN from either side was seen first).
+    pub midstream: bool,
 }

@@ -61,6 +61,11 @@ struct Args {
     #[arg(short = 'o', long, value_enum, help_heading = "Output")]
     output: Option<Format>,
 
+    /// Also print each connection's identity as soon as it is known (`{"type":"open"}` lines in
+    /// JSON: ISNs, handshake times, TCP timestamps, SYN options, TTLs), as sent to a collector.
+    #[arg(long, help_heading = "Output")]
+    emit_open: bool,
+
     /// Show a progress bar on stderr: auto (when stderr is a terminal and input is large), always, never.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"], help_heading = "Output")]
     progress: String,
@@ -179,7 +184,8 @@ fn run() -> Result<ExitCode> {
         (None, None) => Some(if io::stdout().is_terminal() { Format::Text } else { Format::Json }),
     };
     let stdout = io::stdout().lock();
-    let mut writer = format.map(|format| Writer::new(format, io::BufWriter::with_capacity(1 << 16, stdout)));
+    let mut writer = format
+        .map(|format| Writer::new(format, io::BufWriter::with_capacity(1 << 16, stdout)).with_opens(args.emit_open));
     let mut tracker = Tracker::new(config);
     let metrics = Arc::new(AgentMetrics::default());
     let mut counters = Counters { published_packets: metrics.packets.clone(), ..Counters::default() };
@@ -250,6 +256,9 @@ fn run() -> Result<ExitCode> {
 
     if let (Some(interface), Some(mut source)) = (&args.interface, live_source.take()) {
         tracing::info!(interface = %interface, link_type = %source.link_type().name(), "Capturing live.");
+        // libpcap stamps packets with the system clock: before the first packet, the capture's
+        // start in packet clock is now.
+        let capture_start_ns = wall_ns(SystemTime::now());
         if let Ok(mut slot) = breaker.lock() {
             *slot = Some(source.stopper());
         }
@@ -270,7 +279,7 @@ fn run() -> Result<ExitCode> {
                     loss_reports.report(exporter, drops, SystemTime::now());
                 }
                 if let Some(ts_ns) = tick.tracker.watermark_ns() {
-                    exporter.watermark(ts_ns);
+                    exporter.watermark(ts_ns, Some(tick.first_packet_ns.unwrap_or(capture_start_ns)));
                 }
             }
         };
@@ -326,7 +335,10 @@ fn run() -> Result<ExitCode> {
         }
     }
     let unacked = match exporter {
-        Some(exporter) => finish_export(exporter, last_packet_ns, drops, loss_reports, ack_timeout),
+        Some(exporter) => {
+            let watermark = last_packet_ns.map(|ts_ns| (ts_ns, counters.first_packet_ns));
+            finish_export(exporter, watermark, drops, loss_reports, ack_timeout)
+        }
         None => 0,
     };
     if let Some(e) = output_error {
@@ -417,11 +429,11 @@ fn wall_ns(t: SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// Sends the final watermark and capture losses, waits for the acknowledgements; returns the
+/// Sends the final watermark (last packet time, first packet time) and capture losses, waits for the acknowledgements; returns the
 /// number of batches left unacknowledged (reported on stderr).
 fn finish_export(
     exporter: Exporter,
-    last_packet_ns: Option<i64>,
+    watermark: Option<(i64, Option<i64>)>,
     drops: Option<CaptureDrops>,
     mut loss_reports: LossReports,
     ack_timeout: Duration,
@@ -429,8 +441,8 @@ fn finish_export(
     if let Some(drops) = drops {
         loss_reports.report(&exporter, drops, SystemTime::now());
     }
-    if let Some(ts_ns) = last_packet_ns {
-        exporter.watermark(ts_ns);
+    if let Some((ts_ns, since_ns)) = watermark {
+        exporter.watermark(ts_ns, since_ns);
     }
     let report = exporter.finish(ack_timeout);
     let stats = report.stats;

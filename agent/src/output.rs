@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::event::{DirectionSummary, Event, FlowSummary, RstEvent, TtlRange};
+use crate::event::{ConnOpen, DirectionSummary, Event, FlowSummary, RstEvent, TtlRange};
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -131,6 +131,52 @@ struct JsonFlow<'a> {
     end: &'static str,
 }
 
+/// `{"type":"open"}`: a connection's identity (only with `--emit-open`).
+#[derive(Serialize)]
+struct JsonOpen {
+    r#type: &'static str,
+    ts: Box<RawValue>,
+    uid: String,
+    orig_h: String,
+    orig_p: u16,
+    resp_h: String,
+    resp_p: u16,
+    orig_isn: Option<u32>,
+    resp_isn: Option<u32>,
+    syn_ts: Option<Box<RawValue>>,
+    synack_ts: Option<Box<RawValue>>,
+    syn_tsval: Option<u32>,
+    synack_tsval: Option<u32>,
+    syn_options: String,
+    orig_ttl: Option<u8>,
+    resp_ttl: Option<u8>,
+    syn_ip_id: Option<u16>,
+    midstream: bool,
+}
+
+fn open_json(o: &ConnOpen) -> JsonOpen {
+    JsonOpen {
+        r#type: "open",
+        ts: json_time(o.start_ns),
+        uid: o.conn_id.to_string(),
+        orig_h: o.orig.ip().to_string(),
+        orig_p: o.orig.port(),
+        resp_h: o.resp.ip().to_string(),
+        resp_p: o.resp.port(),
+        orig_isn: o.orig_isn,
+        resp_isn: o.resp_isn,
+        syn_ts: o.syn_ns.map(json_time),
+        synack_ts: o.synack_ns.map(json_time),
+        syn_tsval: o.syn_tsval,
+        synack_tsval: o.synack_tsval,
+        syn_options: o.syn_options.to_string(),
+        orig_ttl: o.orig_ttl,
+        resp_ttl: o.resp_ttl,
+        syn_ip_id: o.syn_ip_id,
+        midstream: o.midstream,
+    }
+}
+
 /// Totals for the closing `stats` record.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RunStats {
@@ -237,17 +283,43 @@ fn flow_json(f: &FlowSummary) -> JsonFlow<'_> {
 pub struct Writer<W: Write> {
     format: Format,
     out: W,
+    opens: bool,
 }
 
 impl<W: Write> Writer<W> {
-    /// A writer of `format` into `out`.
+    /// A writer of `format` into `out`. Connection Open events are left out (the documented
+    /// output is resets, flows and the stats record) unless [`Writer::with_opens`] asks for them.
     pub fn new(format: Format, out: W) -> Self {
-        Writer { format, out }
+        Writer { format, out, opens: false }
+    }
+
+    /// Also write connection Open events (`{"type":"open"}` lines in JSON).
+    pub fn with_opens(mut self, opens: bool) -> Self {
+        self.opens = opens;
+        self
     }
 
     /// Writes one event.
     pub fn event(&mut self, event: &Event) -> io::Result<()> {
         match (self.format, event) {
+            (_, Event::Open(_)) if !self.opens => Ok(()),
+            (Format::Json, Event::Open(o)) => {
+                serde_json::to_writer(&mut self.out, &open_json(o))?;
+                self.out.write_all(b"\n")
+            }
+            (Format::Text, Event::Open(o)) => writeln!(
+                self.out,
+                "{} OPEN {:>22} > {:<22} isn={}/{} options={} ttl={}/{}{}",
+                utc(o.start_ns),
+                o.orig.to_string(),
+                o.resp.to_string(),
+                o.orig_isn.map_or("-".to_string(), |n| n.to_string()),
+                o.resp_isn.map_or("-".to_string(), |n| n.to_string()),
+                o.syn_options,
+                o.orig_ttl.map_or("-".to_string(), |n| n.to_string()),
+                o.resp_ttl.map_or("-".to_string(), |n| n.to_string()),
+                if o.midstream { " midstream" } else { "" }
+            ),
             (Format::Json, Event::Reset(r)) => {
                 serde_json::to_writer(&mut self.out, &reset_json(r))?;
                 self.out.write_all(b"\n")

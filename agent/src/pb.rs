@@ -10,7 +10,8 @@ use std::net::IpAddr;
 use rstscope_proto::v1;
 
 use crate::event::{
-    Answered, Cause, DirectionSummary, Evidence, FlowEnd, FlowSummary, Phase, Role, RstEvent, SeqRelation, TtlRange,
+    Answered, Cause, ConnOpen, DirectionSummary, Evidence, FlowEnd, FlowSummary, Phase, Role, RstEvent, SeqRelation,
+    TtlRange,
 };
 use crate::wire::Checksum;
 
@@ -203,11 +204,35 @@ impl From<&FlowSummary> for v1::FlowSummary {
     }
 }
 
+impl From<&ConnOpen> for v1::ConnectionOpen {
+    fn from(o: &ConnOpen) -> Self {
+        v1::ConnectionOpen {
+            conn_id: o.conn_id.0,
+            orig: Some(endpoint(o.orig)),
+            resp: Some(endpoint(o.resp)),
+            start_ns: o.start_ns,
+            orig_isn: o.orig_isn,
+            resp_isn: o.resp_isn,
+            syn_ns: o.syn_ns,
+            synack_ns: o.synack_ns,
+            syn_tsval: o.syn_tsval,
+            synack_tsval: o.synack_tsval,
+            syn_options: o.syn_options.to_string(),
+            // 0 stands for "none yet" on the wire.
+            orig_ttl: o.orig_ttl.map_or(0, u32::from),
+            resp_ttl: o.resp_ttl.map_or(0, u32::from),
+            syn_ip_id: o.syn_ip_id.map(u32::from),
+            midstream: o.midstream,
+        }
+    }
+}
+
 impl From<&crate::event::Event> for v1::Event {
     fn from(event: &crate::event::Event) -> Self {
         let kind = match event {
             crate::event::Event::Reset(e) => v1::event::Kind::Reset(e.as_ref().into()),
             crate::event::Event::Flow(f) => v1::event::Kind::Flow(f.as_ref().into()),
+            crate::event::Event::Open(o) => v1::event::Kind::Open(o.as_ref().into()),
         };
         v1::Event { kind: Some(kind) }
     }
@@ -375,5 +400,37 @@ mod tests {
         assert_eq!(od.ttl, Some(v1::TtlRange { first: 64, last: 63, min: 63, max: 64 }));
         assert_eq!(pb.resp_dir.and_then(|d| d.ttl), None);
         assert_eq!(pb.resp.map(|e| e.port), Some(80));
+    }
+
+    #[test]
+    fn connection_open_maps_options_ttls_and_absent_fields() {
+        let orig = v4([198, 51, 100, 7], 40_000);
+        let resp = v4([203, 0, 113, 9], 443);
+        let open = ConnOpen {
+            conn_id: ConnId(9),
+            orig,
+            resp,
+            start_ns: 100,
+            orig_isn: Some(1000),
+            resp_isn: Some(5000),
+            syn_ns: Some(100),
+            synack_ns: Some(250),
+            syn_tsval: Some(77),
+            synack_tsval: None,
+            syn_options: "M1460,S,T,N,W7".parse().unwrap(),
+            orig_ttl: Some(64),
+            resp_ttl: None,
+            syn_ip_id: Some(321),
+            midstream: false,
+        };
+        let pb = v1::ConnectionOpen::from(&open);
+        assert_eq!((pb.conn_id, pb.start_ns, pb.syn_ns, pb.synack_ns), (9, 100, Some(100), Some(250)));
+        assert_eq!((pb.orig_isn, pb.resp_isn), (Some(1000), Some(5000)));
+        assert_eq!((pb.syn_tsval, pb.synack_tsval), (Some(77), None));
+        assert_eq!(pb.syn_options, "M1460,S,T,N,W7");
+        assert_eq!((pb.orig_ttl, pb.resp_ttl, pb.syn_ip_id), (64, 0, Some(321)));
+        assert_eq!(pb.resp.map(|e| e.port), Some(443));
+        let event = v1::Event::from(&crate::event::Event::Open(Box::new(open)));
+        assert!(matches!(event.kind, Some(v1::event::Kind::Open(_))));
     }
 }

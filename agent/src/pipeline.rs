@@ -36,6 +36,9 @@ pub struct Counters {
     pub packets: u64,
     /// Records that parsed as TCP.
     pub tcp_packets: u64,
+    /// Packet time of the first record of the run (any protocol): the start of what this run
+    /// can vouch for (`Watermark.since_ns`).
+    pub first_packet_ns: Option<i64>,
     /// Skipped records by reason.
     pub skipped: BTreeMap<Skip, u64>,
     /// One line per input problem.
@@ -70,8 +73,8 @@ enum Pulled<'s> {
     /// A TCP segment.
     Segment(Segment),
     /// A live source had nothing for a moment (`true`) or `LIVE_CHECK_EVERY` packets went by
-    /// (`false`): time for periodic work.
-    Pause(&'s mut dyn PacketSource, bool),
+    /// (`false`): time for periodic work. With the run's first packet time so far.
+    Pause(&'s mut dyn PacketSource, bool, Option<i64>),
 }
 
 /// Reads and parses packets, reporting problems once; what to do with segments is `on_segment`.
@@ -97,6 +100,9 @@ impl<E: FnMut(&str), P: FnMut(u64, Option<u64>)> Reader<'_, E, P> {
             match source.next_packet() {
                 Ok(Poll::Packet(packet)) => {
                     self.counters.packets += 1;
+                    if self.counters.first_packet_ns.is_none() {
+                        self.counters.first_packet_ns = Some(packet.ts_ns);
+                    }
                     match wire::parse(packet.link_type, packet.ts_ns, packet.data) {
                         Ok(segment) => {
                             self.counters.tcp_packets += 1;
@@ -115,12 +121,12 @@ impl<E: FnMut(&str), P: FnMut(u64, Option<u64>)> Reader<'_, E, P> {
                     if live && since_check >= LIVE_CHECK_EVERY {
                         since_check = 0;
                         self.counters.published_packets.store(self.counters.packets, Ordering::Relaxed);
-                        on(Pulled::Pause(source, false));
+                        on(Pulled::Pause(source, false, self.counters.first_packet_ns));
                     }
                 }
                 Ok(Poll::Idle) => {
                     self.counters.published_packets.store(self.counters.packets, Ordering::Relaxed);
-                    on(Pulled::Pause(source, true));
+                    on(Pulled::Pause(source, true, self.counters.first_packet_ns));
                 }
                 Ok(Poll::End) => break,
                 Err(error) => {
@@ -157,6 +163,8 @@ pub struct LiveTick<'a> {
     pub drops: Option<CaptureDrops>,
     /// Packets read so far.
     pub packets: u64,
+    /// Packet time of the first packet captured, if any yet.
+    pub first_packet_ns: Option<i64>,
 }
 
 /// Reads a live `source` until it ends or `stop` is set, one packet at a time, like
@@ -189,7 +197,7 @@ pub fn run_live(
             idle_since = None;
             tracker.on_segment(&segment, out);
         }
-        Pulled::Pause(source, idle) => {
+        Pulled::Pause(source, idle, first_packet_ns) => {
             let now = Instant::now();
             if idle {
                 let since = *idle_since.get_or_insert(now);
@@ -200,7 +208,12 @@ pub fn run_live(
             }
             if next_tick.is_some_and(|at| now >= at) {
                 next_tick = now.checked_add(every);
-                on_tick(LiveTick { tracker, drops: source.drops(), packets: packets.load(Ordering::Relaxed) });
+                on_tick(LiveTick {
+                    tracker,
+                    drops: source.drops(),
+                    packets: packets.load(Ordering::Relaxed),
+                    first_packet_ns,
+                });
             }
         }
     });

@@ -14,20 +14,27 @@
 //! `seq=` defaults to the sender's next sequence number and `ack=` (with `A`) to the peer's.
 //! Other fields: `len=` payload bytes, `win=` window, `ttl=`, `id=` IPv4 ID, `ws=` window
 //! scale on SYNs, `cport=`/`sport=` to switch to another client or server port (a new
-//! conversation with its own numbers), `bad` for a wrong checksum. Times take `s`, `ms`, `us`.
-//! Lines starting with `#` and blank lines are ignored.
+//! conversation with its own numbers), `bad` for a wrong checksum, `tsval=` for a TCP timestamp
+//! option, `opts=M1460,S,T,N,W7` for a SYN's option layout (it also sets the MSS and window
+//! scale it names; without it a SYN's layout is what `ws=` and `tsval=` name, padded like a
+//! frame on the wire: `W7,T,E`), `v6` for IPv6 documentation addresses (no IP ID). Times take `s`, `ms`,
+//! `us`. Lines starting with `#` and blank lines are ignored.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use rstscope_proto::Endpoint;
 
-use crate::wire::{Checksum, Segment, TcpFlags, TcpOptions};
+use crate::wire::{Checksum, OptionLayout, Segment, TcpFlags, TcpOptions};
 
 /// Addresses used by traces: documentation ranges only.
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// The server's address.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+/// The client's address with `v6`.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+/// The server's address with `v6`.
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
 /// Default client port.
 pub const CLIENT_PORT: u16 = 40000;
 /// Default server port.
@@ -91,12 +98,25 @@ pub fn parse(text: &str) -> Result<Vec<Segment>, TraceError> {
         let flags = TcpFlags(flags);
         let mut fields: HashMap<&str, u64> = HashMap::new();
         let mut bad = false;
+        let mut v6 = false;
+        let mut layout = None;
         for w in words {
-            if w == "bad" {
-                bad = true;
-                continue;
+            match w {
+                "bad" => {
+                    bad = true;
+                    continue;
+                }
+                "v6" => {
+                    v6 = true;
+                    continue;
+                }
+                _ => {}
             }
             let (k, v) = w.split_once('=').ok_or_else(|| err(format!("expected key=value, got {w:?}")))?;
+            if k == "opts" {
+                layout = Some(v.parse::<OptionLayout>().map_err(err)?);
+                continue;
+            }
             let v: u64 = v.parse().map_err(|_| err(format!("bad number in {w:?}")))?;
             fields.insert(k, v);
         }
@@ -127,8 +147,46 @@ pub fn parse(text: &str) -> Result<Vec<Segment>, TraceError> {
         me.started = true;
         let ip_id = field_u16("id").unwrap_or(me.ip_id);
         me.ip_id = ip_id.wrapping_add(1);
-        let client = Endpoint::new(IpAddr::V4(CLIENT_IP), cport);
-        let server = Endpoint::new(IpAddr::V4(SERVER_IP), sport);
+        let (client_ip, server_ip) = if v6 {
+            (IpAddr::V6(CLIENT_IP6), IpAddr::V6(SERVER_IP6))
+        } else {
+            (IpAddr::V4(CLIENT_IP), IpAddr::V4(SERVER_IP))
+        };
+        let client = Endpoint::new(client_ip, cport);
+        let server = Endpoint::new(server_ip, sport);
+        let mut options = TcpOptions {
+            window_scale: fields.get("ws").map(|v| *v as u8),
+            timestamps: fields.get("tsval").map(|v| (*v as u32, 0)),
+            ..TcpOptions::default()
+        };
+        if let Some(layout) = layout {
+            // What the layout names, as the wire parser would have read it.
+            let text = layout.to_string();
+            for item in text.split(',') {
+                match item.split_at(1) {
+                    ("M", v) => options.mss = v.parse().ok(),
+                    ("W", v) => options.window_scale = options.window_scale.or(v.parse().ok()),
+                    ("S", _) => options.sack_permitted = true,
+                    ("T", _) => options.timestamps = options.timestamps.or(Some((0, 0))),
+                    _ => {}
+                }
+            }
+            options.layout = layout;
+        } else if flags.syn() {
+            // The options the fields name, laid out as a frame builder writes them: MSS, window
+            // scale, timestamps, then end-of-list padding to a multiple of four bytes.
+            let mut bytes = Vec::new();
+            if let Some(ws) = options.window_scale {
+                bytes.extend([3, 3, ws]);
+            }
+            if let Some((val, ecr)) = options.timestamps {
+                bytes.extend([8, 10]);
+                bytes.extend(val.to_be_bytes());
+                bytes.extend(ecr.to_be_bytes());
+            }
+            bytes.resize(bytes.len().next_multiple_of(4), 0);
+            options.layout = OptionLayout::of(&bytes);
+        }
         let (src, dst) = if from_client { (client, server) } else { (server, client) };
         out.push(Segment {
             ts_ns,
@@ -140,9 +198,9 @@ pub fn parse(text: &str) -> Result<Vec<Segment>, TraceError> {
             window: field_u16("win").unwrap_or(65535),
             payload_len,
             ttl: fields.get("ttl").map(|v| *v as u8).unwrap_or(if from_client { 64 } else { 58 }),
-            ip_id: Some(ip_id),
+            ip_id: (!v6).then_some(ip_id),
             checksum: if bad { Checksum::Bad } else { Checksum::Good },
-            options: TcpOptions { window_scale: fields.get("ws").map(|v| *v as u8), ..TcpOptions::default() },
+            options,
             vlan: None,
             ip_header_ok: true,
         });

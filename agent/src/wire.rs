@@ -206,6 +206,152 @@ pub struct TcpOptions {
     pub sack_permitted: bool,
     /// Timestamps option: (TSval, TSecr).
     pub timestamps: Option<(u32, u32)>,
+    /// The options' kinds in wire order (SYN only), a fingerprint of the sender's stack.
+    pub layout: OptionLayout,
+}
+
+/// The layout of a SYN's TCP options: kinds in wire order with the MSS and window scale values,
+/// written like `M1460,S,T,N,W7` (M mss, S sack-permitted, T timestamps, N nop, W window scale,
+/// E end, K<n> any other kind n).
+///
+/// Why: the layout survives NAT and differs between client stacks, so the collector can match a
+/// connection across vantage points with it when a middlebox rewrote the ISNs. It is `Copy` and
+/// fixed-size so a [`Segment`] stays a plain value: at most [`OptionLayout::MAX_KINDS`] kinds are
+/// kept (real stacks send at most about ten), a longer list is written with a final `...`. The
+/// walk stops after an end-of-list option (what follows is padding) or at a malformed option.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct OptionLayout {
+    kinds: [u8; OptionLayout::MAX_KINDS],
+    /// Kinds seen, including those beyond `MAX_KINDS`.
+    len: u8,
+    /// Window scale value of the first W.
+    ws: u8,
+    /// MSS value of the first M.
+    mss: u16,
+}
+
+impl OptionLayout {
+    /// Most kinds kept.
+    pub const MAX_KINDS: usize = 16;
+
+    /// The layout of raw TCP option bytes.
+    pub fn of(mut bytes: &[u8]) -> Self {
+        let mut layout = OptionLayout::default();
+        // Every option takes at least one byte, so this ends; at most 40 bytes of options.
+        while let Some(&kind) = bytes.first() {
+            let size = match kind {
+                0 | 1 => 1,
+                _ => match bytes.get(1) {
+                    Some(&n) if n >= 2 && usize::from(n) <= bytes.len() => usize::from(n),
+                    _ => break,
+                },
+            };
+            // The options the layout names have a fixed size; anything else is malformed.
+            let fixed_size = match kind {
+                2 => Some(4),
+                3 => Some(3),
+                4 => Some(2),
+                8 => Some(10),
+                _ => None,
+            };
+            if fixed_size.is_some_and(|n| n != size) {
+                break;
+            }
+            if kind == 2 && !layout.contains(2) {
+                layout.mss = u16::from_be_bytes([bytes[2], bytes[3]]);
+            }
+            if kind == 3 && !layout.contains(3) {
+                layout.ws = bytes[2];
+            }
+            layout.push(kind);
+            if kind == 0 {
+                break;
+            }
+            bytes = &bytes[size..];
+        }
+        layout
+    }
+
+    fn push(&mut self, kind: u8) {
+        if let Some(slot) = self.kinds.get_mut(usize::from(self.len)) {
+            *slot = kind;
+        }
+        self.len = self.len.saturating_add(1);
+    }
+
+    fn contains(&self, kind: u8) -> bool {
+        self.kinds().contains(&kind)
+    }
+
+    /// The kinds kept, in order.
+    pub fn kinds(&self) -> &[u8] {
+        &self.kinds[..usize::from(self.len).min(Self::MAX_KINDS)]
+    }
+
+    /// No option at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Display for OptionLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, kind) in self.kinds().iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match kind {
+                0 => f.write_str("E")?,
+                1 => f.write_str("N")?,
+                2 => write!(f, "M{}", self.mss)?,
+                3 => write!(f, "W{}", self.ws)?,
+                4 => f.write_str("S")?,
+                8 => f.write_str("T")?,
+                other => write!(f, "K{other}")?,
+            }
+        }
+        if usize::from(self.len) > Self::MAX_KINDS {
+            f.write_str(",...")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for OptionLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+impl std::str::FromStr for OptionLayout {
+    type Err = String;
+
+    /// Parses the written form back (for test traces): `M1460,S,T,N,W7`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut layout = OptionLayout::default();
+        for item in text.split(',').filter(|s| !s.is_empty()) {
+            let (letter, number) = item.split_at(1);
+            let value = || number.parse::<u16>().map_err(|_| format!("bad option {item:?}"));
+            let kind = match letter {
+                "E" => 0,
+                "N" => 1,
+                "M" => {
+                    layout.mss = value()?;
+                    2
+                }
+                "W" => {
+                    layout.ws = u8::try_from(value()?).map_err(|_| format!("bad option {item:?}"))?;
+                    3
+                }
+                "S" => 4,
+                "T" => 8,
+                "K" => u8::try_from(value()?).map_err(|_| format!("bad option {item:?}"))?,
+                _ => return Err(format!("unknown option {item:?}")),
+            };
+            layout.push(kind);
+        }
+        Ok(layout)
+    }
 }
 
 /// One parsed TCP segment: everything downstream needs, copied out of the packet.
@@ -617,13 +763,14 @@ fn parse_options(tcp: &TcpSlice<'_>) -> TcpOptions {
             _ => {}
         }
     }
+    out.layout = OptionLayout::of(tcp.options());
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use etherparse::PacketBuilder;
+    use etherparse::{PacketBuilder, TcpOptionElement};
 
     fn tcp_v4_frame(flags: &str, payload: &[u8]) -> Vec<u8> {
         let mut b = PacketBuilder::ethernet2([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1])
@@ -642,6 +789,61 @@ mod tests {
         let mut out = Vec::new();
         b.write(&mut out, payload).unwrap();
         out
+    }
+
+    /// Option layouts of real stacks' SYNs (bytes as sent), malformed and padded lists.
+    #[test]
+    fn option_layouts_read_like_their_written_form() {
+        let cases: &[(&[u8], &str)] = &[
+            // Linux: MSS, SACK-permitted, timestamps, NOP, window scale.
+            (&[2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7], "M1460,S,T,N,W7"),
+            // Windows: MSS, NOP, WS, NOP, NOP, SACK-permitted.
+            (&[2, 4, 5, 180, 1, 3, 3, 8, 1, 1, 4, 2], "M1460,N,W8,N,N,S"),
+            // End of list: what follows is padding.
+            (&[2, 4, 5, 180, 1, 3, 3, 6, 0, 0, 0, 0], "M1460,N,W6,E"),
+            // An unknown kind with a sane length (TFO cookie request) is named by number.
+            (&[34, 2, 2, 4, 5, 180], "K34,M1460"),
+            // A wrong size for a known kind ends the walk; so does a length running off the end.
+            (&[2, 4, 5, 180, 3, 4, 7, 0], "M1460"),
+            (&[1, 30, 9], "N"),
+            (&[], ""),
+        ];
+        for (bytes, written) in cases {
+            let layout = OptionLayout::of(bytes);
+            assert_eq!(layout.to_string(), *written, "{bytes:?}");
+            assert_eq!(written.parse::<OptionLayout>().map(|l| l.to_string()).as_deref(), Ok(*written));
+        }
+        let nops = OptionLayout::of(&[1; 40]);
+        assert_eq!(nops.kinds().len(), OptionLayout::MAX_KINDS);
+        assert!(nops.to_string().ends_with("N,..."));
+    }
+
+    #[test]
+    fn a_syn_carries_its_option_layout_and_other_segments_none() {
+        let build = |syn: bool| {
+            let b = PacketBuilder::ethernet2([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1])
+                .ipv4([198, 51, 100, 1], [203, 0, 113, 9], 61)
+                .tcp(40000, 443, 1000, 64240);
+            let b = if syn { b.syn() } else { b.ack(1) };
+            let options = [
+                TcpOptionElement::MaximumSegmentSize(1400),
+                TcpOptionElement::SelectiveAcknowledgementPermitted,
+                TcpOptionElement::Timestamp(77, 0),
+                TcpOptionElement::Noop,
+                TcpOptionElement::WindowScale(9),
+            ];
+            let b = b.options(&options).unwrap();
+            let mut out = Vec::new();
+            b.write(&mut out, &[]).unwrap();
+            parse(LinkType::ETHERNET, 5, &out).unwrap()
+        };
+        let syn = build(true);
+        assert_eq!(syn.options.layout.to_string(), "M1400,S,T,N,W9");
+        assert_eq!(
+            (syn.options.mss, syn.options.window_scale, syn.options.timestamps),
+            (Some(1400), Some(9), Some((77, 0)))
+        );
+        assert!(build(false).options.layout.is_empty());
     }
 
     #[test]

@@ -27,6 +27,8 @@ fn render(events: &[Event]) -> String {
                     evidence.join(" ")
                 );
             }
+            // Opens have their own test (opens.rs).
+            Event::Open(_) => {}
             Event::Flow(f) => {
                 out += &format!(
                     "FLOW {} > {} {} {}{}\n",

@@ -231,7 +231,7 @@ fn every_event_arrives_once_in_order_with_a_watermark() {
     for ts in 0..1000 {
         exporter.push(&reset(ts, "S"));
     }
-    exporter.watermark(999);
+    exporter.watermark(999, Some(5));
     let report = exporter.finish(Duration::from_secs(20));
     assert_eq!(report.unacked_batches, 0, "{report:?}");
     assert_eq!(report.stats.events, 1000);
@@ -241,10 +241,10 @@ fn every_event_arrives_once_in_order_with_a_watermark() {
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     assert!(store.batches.iter().all(|b| b.events.len() <= 11), "10 events and a watermark at most");
     let last_watermark = store.events().filter_map(|e| match e {
-        v1::event::Kind::Watermark(w) => Some(w.ts_ns),
+        v1::event::Kind::Watermark(w) => Some((w.ts_ns, w.since_ns)),
         _ => None,
     });
-    assert_eq!(last_watermark.last(), Some(999));
+    assert_eq!(last_watermark.last(), Some((999, 5)));
     assert_eq!((store.gaps, store.hellos[0].agent_name.as_str()), (0, "test-agent"));
     assert!(!store.hellos[0].boot_id.is_empty());
     // Everything acknowledged: no segment is left.

@@ -471,7 +471,22 @@ fn run(config: TrackerConfig, segments: &[Segment]) -> (Vec<Event>, TrackerStats
 
 fn counts(events: &[Event]) -> (usize, usize) {
     let resets = events.iter().filter(|e| matches!(e, Event::Reset(_))).count();
-    (resets, events.len() - resets)
+    let flows = events.iter().filter(|e| matches!(e, Event::Flow(_))).count();
+    (resets, flows)
+}
+
+/// Open events' record ids, in order, and the records' (flow summaries') ids.
+fn open_and_flow_ids(events: &[Event]) -> (Vec<u64>, Vec<u64>) {
+    let mut opens = Vec::new();
+    let mut flows = Vec::new();
+    for event in events {
+        match event {
+            Event::Open(o) => opens.push(o.conn_id.0),
+            Event::Flow(f) => flows.push(f.conn_id.0),
+            Event::Reset(_) => {}
+        }
+    }
+    (opens, flows)
 }
 
 proptest! {
@@ -488,6 +503,18 @@ proptest! {
         prop_assert_eq!(resets, rst_segments, "Reset events vs RST segments");
         prop_assert_eq!(flows as u64, stats.flows, "Flow events vs stats.flows");
         prop_assert_eq!(stats.resets, resets as u64);
+        // At most one Open per record, always before that record's summary.
+        let (opens, flow_ids) = open_and_flow_ids(&events);
+        prop_assert_eq!(stats.opens, opens.len() as u64);
+        let mut unique = opens.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        prop_assert_eq!(unique.len(), opens.len(), "a record with two Opens");
+        for id in &opens {
+            let open_at = events.iter().position(|e| matches!(e, Event::Open(o) if o.conn_id.0 == *id));
+            let flow_at = events.iter().position(|e| matches!(e, Event::Flow(f) if f.conn_id.0 == *id));
+            prop_assert!(flow_ids.contains(id) && open_at < flow_at, "Open {} without a later summary", id);
+        }
         prop_assert_eq!(stats.segments, segments.len() as u64);
         prop_assert_eq!(stats.active, 0);
         prop_assert!(stats.peak_active <= max_flows, "peak {} > max_flows {}", stats.peak_active, max_flows);
@@ -545,7 +572,7 @@ fn summaries(events: &[Event]) -> Vec<String> {
         .iter()
         .filter_map(|e| match e {
             Event::Flow(f) => Some(format!("{} {} {:?}", f.conn_state, f.history, f.end)),
-            Event::Reset(_) => None,
+            Event::Reset(_) | Event::Open(_) => None,
         })
         .collect()
 }

@@ -414,6 +414,7 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
     async move {
         let store = hub.store.clone();
         let now = now_ns();
+        hub.correlation().hello(&hello);
         let durable_seq = blocking(move || store.hello(&hello, now)).await?;
         info!(durable_seq, "Agent connected.");
         let max_batch_events = u32::try_from(hub.limits.max_batch_events).unwrap_or(u32::MAX);
@@ -476,6 +477,7 @@ async fn store_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
             Metrics::bump(&hub.metrics.batches, 1);
             Metrics::bump(&hub.metrics.events_in, batch.events.len() as u64);
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
+            hub.correlation().ingest(agent, &batch.events);
             publish(hub, order, agent, batch);
             Ok(durable_seq)
         }

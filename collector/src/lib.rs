@@ -8,7 +8,9 @@
 //! services; `metrics` the Prometheus counters; `service` wires them into one server.
 
 pub mod auth;
+pub mod correlate;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod pb;
 pub mod query;

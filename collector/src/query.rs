@@ -43,8 +43,10 @@ pub struct Selection {
     pub query: ResetQuery,
     /// Host networks as parsed (kept for the live matcher).
     pub hosts: Vec<IpNet>,
-    /// Whether the verdict filter admits `pending`, the only verdict there is yet.
+    /// Whether the verdict filter admits `pending`.
     pub admits_pending: bool,
+    /// Verdict names asked for (empty: any).
+    pub verdicts: Vec<String>,
 }
 
 fn parse_host(text: &str) -> Result<IpNet, CheckError> {
@@ -123,7 +125,7 @@ pub fn check_filter(filter: &ResetFilter) -> Result<Selection, CheckError> {
         last,
         ..ResetQuery::default()
     };
-    Ok(Selection { query, hosts, admits_pending })
+    Ok(Selection { query, hosts, admits_pending, verdicts: filter.verdicts.clone() })
 }
 
 impl Selection {
@@ -199,6 +201,9 @@ impl QueryService {
     }
 }
 
+/// The response stream of `ListReports` and `FollowReports`.
+pub type ReportStream = Pin<Box<dyn Stream<Item = Result<v1::ResetReport, Status>> + Send + 'static>>;
+
 /// The response stream of `ListResets` and `FollowResets`.
 pub type ResetStream = Pin<Box<dyn Stream<Item = Result<ResetRecord, Status>> + Send + 'static>>;
 
@@ -206,6 +211,73 @@ pub type ResetStream = Pin<Box<dyn Stream<Item = Result<ResetRecord, Status>> + 
 impl v1::query_server::Query for QueryService {
     type ListResetsStream = ResetStream;
     type FollowResetsStream = ResetStream;
+    type ListReportsStream = ReportStream;
+    type FollowReportsStream = ReportStream;
+
+    async fn list_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {
+        let selection = check_filter(request.get_ref())?;
+        let hub = self.hub.clone();
+        let max = self.hub.limits.max_list;
+        let found = blocking(move || Ok::<_, crate::store::StoreError>(hub.correlation().list(&selection))).await?;
+        if found.len() > max {
+            return Err(Status::resource_exhausted(format!(
+                "more than {max} resets match; narrow the filter (--since, --host, ...) or use --last"
+            )));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(found.into_iter().map(Ok)))))
+    }
+
+    async fn follow_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {
+        let selection = check_filter(request.get_ref())?;
+        let (mut live, listed) = {
+            let mut correlation = self.hub.correlation();
+            let live = correlation.published.subscribe();
+            let mut listed = correlation.list(&selection);
+            // Pending ones are shown again once decided.
+            listed.retain(|r| r.verdict != pb::PENDING);
+            (live, listed)
+        };
+        let (tx, rx) = mpsc::channel(self.hub.limits.follow_buffer.max(1));
+        let closed = self.hub.closed();
+        tokio::spawn(async move {
+            let seen: HashSet<String> = listed.iter().map(|r| r.id.clone()).collect();
+            let run = async {
+                for r in listed {
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    match live.recv().await {
+                        Ok(r) => {
+                            if seen.contains(&r.id) || !crate::live::report_matches(&selection, &r) {
+                                continue;
+                            }
+                            if tx.send(Ok((*r).clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let _ = tx
+                                .send(Err(Status::resource_exhausted(format!(
+                                    "this follower fell {n} resets behind; list again with --since to resume"
+                                ))))
+                                .await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                () = run => {}
+                () = closed => {
+                    let _ = tx.try_send(Err(Status::unavailable("the collector is shutting down")));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn list_resets(&self, request: Request<ResetFilter>) -> Result<Response<ResetStream>, Status> {
         let selection = check_filter(request.get_ref())?;
@@ -237,15 +309,41 @@ impl v1::query_server::Query for QueryService {
         request: Request<v1::ConnectionRequest>,
     ) -> Result<Response<v1::ConnectionReply>, Status> {
         let text = request.into_inner().connection;
-        let key = text.trim().parse::<FlowKey>().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let view = self.hub.correlation().connection(&text);
         let store = self.hub.store.clone();
-        let view = blocking(move || store.connection(&key)).await?;
-        if view.flows.is_empty() && view.resets.is_empty() {
-            return Err(Status::not_found(format!("no agent reported connection {key}")));
-        }
-        let flows = view.flows.into_iter().map(|(agent, flow)| v1::AgentFlow { agent, flow: Some(flow) }).collect();
-        let resets = view.resets.into_iter().map(stored_record).collect();
-        Ok(Response::new(v1::ConnectionReply { flows, resets }))
+        let Some(view) = view else {
+            // Not (or no longer) in the correlation's memory: what the store has for the tuple.
+            let key = text.trim().parse::<FlowKey>().map_err(|e| {
+                Status::invalid_argument(format!("{e}; or give an id as printed in a reset's connection field"))
+            })?;
+            let stored = blocking(move || store.connection(&key)).await?;
+            if stored.flows.is_empty() && stored.resets.is_empty() {
+                return Err(Status::not_found(format!("no agent reported connection {key}")));
+            }
+            let flows =
+                stored.flows.into_iter().map(|(agent, flow)| v1::AgentFlow { agent, flow: Some(flow) }).collect();
+            let resets = stored.resets.into_iter().map(stored_record).collect();
+            return Ok(Response::new(v1::ConnectionReply { flows, resets, ..Default::default() }));
+        };
+        let records = view.records.clone();
+        let (flows, resets) = blocking(move || {
+            let mut flows = Vec::new();
+            let mut resets = Vec::new();
+            let mut keys: Vec<FlowKey> = records.iter().map(|r| r.1).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let stored = store.connection(&key)?;
+                let mine = |agent: &str| records.iter().any(|(a, k)| a == agent && *k == key);
+                flows.extend(stored.flows.into_iter().filter(|(a, _)| mine(a)));
+                resets.extend(stored.resets.into_iter().filter(|r| mine(&r.agent)));
+            }
+            Ok::<_, crate::store::StoreError>((flows, resets))
+        })
+        .await?;
+        let flows = flows.into_iter().map(|(agent, flow)| v1::AgentFlow { agent, flow: Some(flow) }).collect();
+        let resets = resets.into_iter().map(stored_record).collect();
+        Ok(Response::new(v1::ConnectionReply { flows, resets, reports: view.reports, ladder: view.ladder }))
     }
 
     async fn list_agents(
@@ -255,11 +353,18 @@ impl v1::query_server::Query for QueryService {
         let store = self.hub.store.clone();
         let records = blocking(move || store.agents()).await?;
         let live = self.hub.agents.snapshot();
+        let (clocks, reference) = self.hub.correlation().clocks();
         let mut agents: Vec<v1::AgentState> = records
             .into_iter()
             .map(|r| {
                 let now = live.get(&r.name).copied().unwrap_or_default();
+                let clock = clocks.get(&r.name);
                 v1::AgentState {
+                    clock_offset_ns: clock.map(|c| c.offset_ns),
+                    clock_uncertainty_ns: clock.map(|c| c.uncertainty_ns),
+                    clock_drift_ppm: clock.map(|c| c.drift_ppm),
+                    clock_samples: clock.map_or(0, |c| c.samples),
+                    clock_reference: reference.clone(),
                     connected: now.connected,
                     last_seen_ns: r.last_seen_ns.max(now.last_seen_ns),
                     name: r.name,
@@ -270,7 +375,6 @@ impl v1::query_server::Query for QueryService {
                     capture_drops: r.capture_drops,
                     events_dropped: r.events_dropped,
                     spool_backlog: 0,
-                    ..Default::default()
                 }
             })
             .collect();

@@ -19,7 +19,9 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::Status;
 
 use crate::auth::TokenCheck;
+use crate::correlate::Config;
 use crate::ingest::{IngestService, LiveAgents, LiveBatch};
+use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreError};
@@ -73,6 +75,8 @@ pub struct Hub {
     pub started: Instant,
     /// Client limits.
     pub limits: Limits,
+    /// Correlation of everything ingested (verdicts).
+    pub correlation: std::sync::Mutex<LiveCorrelation>,
     /// Becomes true when the collector stops: long-lived streams end then, so that the
     /// server's graceful shutdown does not wait for agents to hang up.
     closing: watch::Sender<bool>,
@@ -90,8 +94,15 @@ impl Hub {
             metrics: Arc::default(),
             started: Instant::now(),
             limits,
+            correlation: std::sync::Mutex::new(LiveCorrelation::new(Config::default())),
             closing: watch::channel(false).0,
         })
+    }
+
+    /// The correlation state (a poisoned lock is taken over: the engine has no invariant a
+    /// panicking reader could break half-way that matters more than serving on).
+    pub fn correlation(&self) -> std::sync::MutexGuard<'_, LiveCorrelation> {
+        self.correlation.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Ends every ingest and follow stream (with `UNAVAILABLE`, so agents reconnect later).
@@ -139,6 +150,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let limits = hub.limits.clone();
+    // Decide what became decidable, a few times a second.
+    let ticker = {
+        let hub = hub.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(CORRELATE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let closed = hub.closed();
+            tokio::pin!(closed);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = &mut closed => return,
+                }
+                let hub = hub.clone();
+                let decided = tokio::task::spawn_blocking(move || hub.correlation().tick().len()).await;
+                if let Ok(n) = decided {
+                    if n > 0 {
+                        tracing::debug!(n, "Resets decided.");
+                    }
+                }
+            }
+        })
+    };
     let token = TokenCheck::new(security.token.as_deref());
     let ingest = IngestServer::new(IngestService::new(hub.clone()))
         .max_decoding_message_size(limits.max_message_bytes)
@@ -164,8 +198,12 @@ pub async fn serve(
             hub.close_streams();
         })
         .await?;
+    ticker.abort();
     Ok(())
 }
+
+/// How often the live correlation decides.
+const CORRELATE_EVERY: Duration = Duration::from_millis(250);
 
 impl From<StoreError> for Status {
     /// Store failures as gRPC codes: the agent retries `UNAVAILABLE` and `RESOURCE_EXHAUSTED`

@@ -42,7 +42,7 @@ async fn resets_and_status_print_what_was_ingested() {
     assert_eq!(agent.send(batch(1, vec![reset(0, 50_000), reset(1, 50_001), flow(50_000)])).await.unwrap(), 1);
     let url = collector.url.as_str();
 
-    let json = rstscope(args(&["--collector", url, "resets", "-o", "json"])).await;
+    let json = rstscope(args(&["--collector", url, "resets", "--raw", "-o", "json"])).await;
     assert!(json.status.success(), "{}", stderr(&json));
     let lines: Vec<serde_json::Value> =
         stdout(&json).lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
@@ -64,14 +64,14 @@ async fn resets_and_status_print_what_was_ingested() {
     assert_eq!(first["evidence"][0]["name"], "answers-syn");
     assert!(stdout(&json).starts_with(r#"{"type":"reset","ts":1700000000.000000000,"#), "{}", stdout(&json));
 
-    let filtered = rstscope(args(&["resets", "--collector", url, "--port", "50001", "-o", "compact"])).await;
+    let filtered = rstscope(args(&["resets", "--raw", "--collector", url, "--port", "50001", "-o", "compact"])).await;
     assert!(filtered.status.success(), "{}", stderr(&filtered));
     assert_eq!(
         stdout(&filtered),
         "1700000000.001000000 edge-1 192.0.2.1:443 > 198.51.100.7:50001: RA seq 1001 ack 2000 ttl 64 refused pending\n"
     );
 
-    let table = rstscope(args(&["--collector", url, "resets", "--since", "2023-11-14T00:00:00Z"])).await;
+    let table = rstscope(args(&["--collector", url, "resets", "--raw", "--since", "2023-11-14T00:00:00Z"])).await;
     assert!(table.status.success(), "{}", stderr(&table));
     assert!(stdout(&table).starts_with("TIME "), "{}", stdout(&table));
     assert!(stdout(&table).contains("192.0.2.1:443 -> 198.51.100.7:50001"), "{}", stdout(&table));

@@ -5,3 +5,4 @@ pub mod gen;
 pub mod corpus;
 pub mod frames;
 pub mod lab;
+pub mod multigen;

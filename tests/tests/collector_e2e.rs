@@ -140,7 +140,8 @@ fn offline_resets(capture: &Path) -> Vec<Value> {
 }
 
 fn cli_resets(url: &str) -> Vec<Value> {
-    let out = Command::new(bin("rstscope")).args(["--collector", url, "resets", "-o", "json"]).output().unwrap();
+    let out =
+        Command::new(bin("rstscope")).args(["--collector", url, "resets", "--raw", "-o", "json"]).output().unwrap();
     assert!(out.status.success(), "rstscope resets failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect()
 }

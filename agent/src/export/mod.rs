@@ -200,6 +200,8 @@ struct Buffer {
     /// Latest watermark given, and the latest one put in a batch.
     watermark: Option<i64>,
     watermark_sent: Option<i64>,
+    /// Since when the capture has run without a gap (packet time; 0: unknown).
+    since_ns: i64,
 }
 
 impl Buffer {
@@ -207,7 +209,8 @@ impl Buffer {
     /// agent's capture time is.
     fn seal(&mut self, mut events: Vec<v1::Event>) -> Vec<v1::Event> {
         if let Some(ts_ns) = self.watermark {
-            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns: 0 })) });
+            let since_ns = self.since_ns;
+            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns })) });
             self.watermark_sent = Some(ts_ns);
         }
         events
@@ -452,6 +455,7 @@ impl Exporter {
                 queued: Default::default(),
                 watermark: None,
                 watermark_sent: None,
+                since_ns: 0,
             }),
             writer: Mutex::new(SpoolWriter { spool, losses: BTreeMap::new() }),
             queued: Notify::new(),
@@ -488,13 +492,17 @@ impl Exporter {
         self.shared.push(v1::Event::from(event));
     }
 
-    /// Everything up to `ts_ns` (packet time) has been pushed; sent with the following batches,
-    /// or at once as a batch of its own when no event is waiting (a quiet live capture still
-    /// tells the collector how far it has got).
-    pub fn watermark(&self, ts_ns: i64) {
+    /// Everything up to `ts_ns` (packet time) has been pushed, and the capture has run without
+    /// a gap since `since_ns` (the run's first packet, or the live capture's start; `None`:
+    /// unknown). Sent with the following batches, or at once as a batch of its own when no event
+    /// is waiting (a quiet live capture still tells the collector how far it has got).
+    pub fn watermark(&self, ts_ns: i64, since_ns: Option<i64>) {
         let mut buffer = lock(&self.shared.buffer);
         if buffer.watermark.is_none_or(|w| ts_ns > w) {
             buffer.watermark = Some(ts_ns);
+        }
+        if let Some(since_ns) = since_ns {
+            buffer.since_ns = since_ns;
         }
         if buffer.batcher.is_empty() && buffer.watermark != buffer.watermark_sent {
             buffer.cut_all();

@@ -240,6 +240,9 @@ pub(crate) mod conn_flags {
     pub const PENDING: u8 = 1 << 2;
     /// First of three bits: the record has an entry in expiry queue `n` (`QUEUED << n`).
     pub const QUEUED: u8 = 1 << 3;
+    /// The record's `ConnOpen` was emitted, or never will be (its SYN was refused). Until then a
+    /// record that started with a SYN has an entry in the tracker's unanswered-SYN side table.
+    pub const OPEN_SETTLED: u8 = 1 << 6;
     /// Always set.
     pub const LIVE: u8 = 1 << 7;
 }
@@ -338,6 +341,15 @@ impl Conn {
     /// Index of the originator's half.
     pub(crate) fn orig_dir(&self) -> usize {
         usize::from(!self.orig_is_lo())
+    }
+
+    /// The originator and the responder endpoints.
+    pub(crate) fn orig_resp(&self) -> (rstscope_proto::Endpoint, rstscope_proto::Endpoint) {
+        if self.orig_is_lo() {
+            (self.key.lo(), self.key.hi())
+        } else {
+            (self.key.hi(), self.key.lo())
+        }
     }
 
     pub(crate) fn counts(&self) -> Counts {

@@ -14,6 +14,12 @@
 //! expiry can be late by at most one timeout when re-queued entries interleave; entries left by
 //! records that ended otherwise are recognised by their age. When the table is full the
 //! oldest idle record found at the queue front is summarised, evicted and counted.
+//!
+//! A connection's identity (`ConnOpen`: both ISNs, handshake times, TCP timestamps, SYN option
+//! layout, TTLs) goes out when the responder's SYN-ACK arrives, long before the summary, so the
+//! collector can match connections across vantage points while they run. What the SYN leaves
+//! for it waits in a side table by slab slot, only while the SYN is unanswered, instead of
+//! growing every record for the whole life of the connection.
 
 pub mod classify;
 pub mod conn;
@@ -24,8 +30,8 @@ use std::hash::BuildHasher;
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use rstscope_proto::{Endpoint, FlowKey};
 
-use crate::event::{ConnId, Event, FlowEnd, FlowSummary, RstEvent};
-use crate::wire::{Checksum, Segment};
+use crate::event::{ConnId, ConnOpen, Event, FlowEnd, FlowSummary, Role, RstEvent};
+use crate::wire::{Checksum, OptionLayout, Segment};
 use conn::{conn_flags, seen, Conn};
 use zeek::{ZeekConn, ZeekSegment};
 
@@ -76,6 +82,8 @@ pub struct TrackerStats {
     pub port_reuse: u64,
     /// RST events emitted.
     pub resets: u64,
+    /// Connection Open events emitted.
+    pub opens: u64,
     /// TCP segments processed.
     pub segments: u64,
     /// Segments whose IPv4 header checksum is wrong. No receiver sees them, so (like Zeek) they
@@ -117,6 +125,20 @@ struct Lookup {
 /// Bound on the side tables used for cause evidence (SYN races, listener activity).
 const SIDE_TABLE_MAX: usize = 1 << 16;
 
+/// What an originator's SYN leaves behind for the connection's Open until the SYN-ACK answers
+/// it. Kept in a side table by slab slot rather than in every record: most of a record's life
+/// comes after the handshake, and a record is the unit of per-flow memory.
+#[derive(Clone, Copy, Default)]
+struct SynSeen {
+    isn: u32,
+    tsval: Option<u32>,
+    layout: OptionLayout,
+    ip_id: Option<u16>,
+    ttl: u8,
+    /// Wire direction of the SYN (the originator's half).
+    dir: u8,
+}
+
 #[derive(Clone, Copy, Default)]
 struct RecentSyns {
     last: (i64, u16),
@@ -135,6 +157,9 @@ pub struct Tracker {
     epoch_s: Option<i64>,
     /// RST events waiting out the settle window, by slab slot (records flagged `PENDING`).
     pending: HashMap<u32, Vec<RstEvent>>,
+    /// SYNs not answered yet, by slab slot (records that started with a SYN and are not
+    /// `OPEN_SETTLED`).
+    syns: HashMap<u32, SynSeen>,
     /// No queue entry can be due before this time (ns); `advance` does nothing until then.
     next_due_ns: i64,
     /// Bumped whenever a record is created or removed, so batched look-ups know they are stale.
@@ -159,6 +184,7 @@ impl Tracker {
             queues: Default::default(),
             epoch_s: None,
             pending: HashMap::new(),
+            syns: HashMap::new(),
             next_due_ns: i64::MIN,
             mutations: 0,
             now_ns: i64::MIN,
@@ -216,7 +242,7 @@ impl Tracker {
                 (key, hash, self.find(&key, hash))
             }
         };
-        let idx = match found {
+        let (idx, created) = match found {
             Some(idx) if self.splits(idx, seg) => {
                 let port_reuse = self.is_port_reuse(idx, seg);
                 self.finish(idx, FlowEnd::Reused, out);
@@ -225,12 +251,103 @@ impl Tracker {
                     self.stats.port_reuse += 1;
                     self.conn_mut(idx).set_flag(conn_flags::PORT_REUSE, true);
                 }
-                idx
+                (idx, true)
             }
-            Some(idx) => idx,
-            None => self.create(key, hash, seg, out),
+            Some(idx) => (idx, false),
+            None => (self.create(key, hash, seg, out), true),
         };
         self.apply(idx, seg, out);
+        if !self.conn(idx).has_flag(conn_flags::OPEN_SETTLED) {
+            self.note_open(idx, seg, created, out);
+        }
+    }
+
+    /// The connection-identity part of a packet, for records whose Open is not settled: a new
+    /// record's SYN is remembered, the responder's SYN-ACK emits the Open, a RST instead of it
+    /// means there never will be one; a record that started otherwise emits it at once.
+    fn note_open(&mut self, idx: u32, seg: &Segment, created: bool, out: &mut impl FnMut(Event)) {
+        let conn = self.conn(idx);
+        let dir = conn.dir_of(seg);
+        let syn_only = seg.flags.syn() && !seg.flags.ack() && !seg.flags.rst();
+        if created && syn_only {
+            let seen = SynSeen {
+                isn: seg.seq,
+                tsval: seg.options.timestamps.map(|(val, _)| val),
+                layout: seg.options.layout,
+                ip_id: seg.ip_id,
+                ttl: seg.ttl,
+                dir: dir as u8,
+            };
+            self.syns.insert(idx, seen);
+            return;
+        }
+        let open = if created {
+            // No SYN first: the capture began mid-connection, or at the SYN-ACK.
+            let (orig, resp) = conn.orig_resp();
+            let is_orig = conn.role_of(dir) == Role::Originator;
+            let synack = !is_orig && seg.flags.syn() && seg.flags.ack() && !seg.flags.rst();
+            ConnOpen {
+                conn_id: ConnId::new(&conn.key, conn.start_ns),
+                orig,
+                resp,
+                start_ns: conn.start_ns,
+                orig_isn: None,
+                resp_isn: synack.then_some(seg.seq),
+                syn_ns: None,
+                synack_ns: synack.then_some(seg.ts_ns),
+                syn_tsval: None,
+                synack_tsval: seg.options.timestamps.filter(|_| synack).map(|(val, _)| val),
+                syn_options: OptionLayout::default(),
+                orig_ttl: is_orig.then_some(seg.ttl),
+                resp_ttl: (!is_orig).then_some(seg.ttl),
+                syn_ip_id: None,
+                midstream: !seg.flags.syn(),
+            }
+        } else {
+            let Some(syn) = self.syns.get(&idx).copied() else {
+                // Cannot happen (unsettled records that did not start otherwise have an entry);
+                // settle rather than look again at every packet.
+                self.conn_mut(idx).set_flag(conn_flags::OPEN_SETTLED, true);
+                return;
+            };
+            if dir == usize::from(syn.dir) {
+                return;
+            }
+            if seg.flags.rst() {
+                // Refused (or reset before any SYN-ACK): such a SYN has no Open.
+                self.syns.remove(&idx);
+                self.conn_mut(idx).set_flag(conn_flags::OPEN_SETTLED, true);
+                return;
+            }
+            if !(seg.flags.syn() && seg.flags.ack()) {
+                return;
+            }
+            let (lo, hi) = (conn.key.lo(), conn.key.hi());
+            let (orig, resp) = if syn.dir == 0 { (lo, hi) } else { (hi, lo) };
+            let open = ConnOpen {
+                conn_id: ConnId::new(&conn.key, conn.start_ns),
+                orig,
+                resp,
+                start_ns: conn.start_ns,
+                orig_isn: Some(syn.isn),
+                resp_isn: Some(seg.seq),
+                // The record started with this SYN.
+                syn_ns: Some(conn.start_ns),
+                synack_ns: Some(seg.ts_ns),
+                syn_tsval: syn.tsval,
+                synack_tsval: seg.options.timestamps.map(|(val, _)| val),
+                syn_options: syn.layout,
+                orig_ttl: Some(syn.ttl),
+                resp_ttl: Some(seg.ttl),
+                syn_ip_id: syn.ip_id,
+                midstream: false,
+            };
+            self.syns.remove(&idx);
+            open
+        };
+        self.conn_mut(idx).set_flag(conn_flags::OPEN_SETTLED, true);
+        self.stats.opens += 1;
+        out(Event::Open(Box::new(open)));
     }
 
     /// Processes a batch of segments in order. Their records are looked up first, so that the
@@ -487,7 +604,7 @@ impl Tracker {
             }
         }
 
-        let is_orig = conn.role_of(dir) == crate::event::Role::Originator;
+        let is_orig = conn.role_of(dir) == Role::Originator;
         let before = conn.side(dir);
         let (next_seq, isn) = (before.next_seq, before.isn);
         conn.halves[dir].on_send(seg, next_seq, isn);
@@ -576,6 +693,9 @@ impl Tracker {
         }
         self.free.push(idx);
         self.stats.active -= 1;
+        if !conn.has_flag(conn_flags::OPEN_SETTLED) {
+            self.syns.remove(&idx);
+        }
         if conn.has_flag(conn_flags::PENDING) {
             for mut ev in self.pending.remove(&idx).unwrap_or_default() {
                 classify::finalize(&mut ev, &conn);
@@ -594,7 +714,7 @@ fn host(ep: Endpoint) -> Endpoint {
 
 fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
     let o = conn.orig_dir();
-    let (orig, resp) = if o == 0 { (conn.key.lo(), conn.key.hi()) } else { (conn.key.hi(), conn.key.lo()) };
+    let (orig, resp) = conn.orig_resp();
     FlowSummary {
         conn_id: ConnId::new(&conn.key, conn.start_ns),
         key: conn.key,
@@ -629,7 +749,7 @@ pub fn resets(events: &[Event]) -> Vec<&RstEvent> {
         .iter()
         .filter_map(|e| match e {
             Event::Reset(r) => Some(r.as_ref()),
-            Event::Flow(_) => None,
+            Event::Flow(_) | Event::Open(_) => None,
         })
         .collect()
 }
@@ -652,8 +772,9 @@ mod tests {
         }
         let segs = trace::parse(&text).unwrap();
         let events = track_all(TrackerConfig::default(), &segs);
-        assert_eq!(events.len(), 5000);
-        assert!(events.iter().all(|e| matches!(e, Event::Flow(f) if f.orig_dir.pkts == 1 && f.resp_dir.pkts == 1)));
+        let (opens, flows): (Vec<&Event>, Vec<&Event>) = events.iter().partition(|e| matches!(e, Event::Open(_)));
+        assert_eq!((opens.len(), flows.len()), (5000, 5000));
+        assert!(flows.iter().all(|e| matches!(e, Event::Flow(f) if f.orig_dir.pkts == 1 && f.resp_dir.pkts == 1)));
     }
 
     /// Regression (fuzzing): times at both ends of the clamp once overflowed `abs()` in the
@@ -701,6 +822,39 @@ mod tests {
         tracker.advance(rst_ts + 10_000_000_000, &mut |e| emitted.push(e));
         assert_eq!(resets(&emitted).len(), 1);
         assert_eq!(tracker.watermark_ns(), Some(rst_ts + 10_000_000_000));
+    }
+
+    /// What a SYN leaves behind for the Open lives only while the SYN is unanswered: answered,
+    /// refused, evicted and expired records free their entry, and a slot's next record never
+    /// sees its previous occupant's.
+    #[test]
+    fn the_unanswered_syn_table_holds_only_unanswered_syns() {
+        let trace = "
+            0ms > S  cport=1 tsval=1
+            1ms > S  cport=2 tsval=2
+            2ms > S  cport=3 tsval=3
+            3ms < SA cport=3
+            4ms < RA cport=2
+            5ms > S  cport=4 tsval=4
+        ";
+        let segs = trace::parse(trace).unwrap();
+        // Two records at most: port 3's SYN evicts port 1's record and takes its slot.
+        let mut tracker = Tracker::new(TrackerConfig { max_flows: 2, ..TrackerConfig::default() });
+        let mut opens = Vec::new();
+        let mut pending = Vec::new();
+        for seg in &segs {
+            tracker.on_segment(seg, &mut |e| {
+                if let Event::Open(o) = e {
+                    opens.push(o.syn_tsval);
+                }
+            });
+            pending.push(tracker.syns.len());
+        }
+        assert_eq!(tracker.stats().evicted, 2);
+        assert_eq!(opens, vec![Some(3)]);
+        assert_eq!(pending, vec![1, 2, 2, 1, 0, 1]);
+        tracker.advance(segs[5].ts_ns + 10_000_000_000, &mut |_| {});
+        assert!(tracker.syns.is_empty());
     }
 
     #[test]

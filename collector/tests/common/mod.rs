@@ -191,7 +191,12 @@ impl AgentStream {
 
     /// Opens a stream with a hello and returns it with the welcome's durable seq.
     pub async fn connect(collector: &TestCollector, name: &str, boot_id: &str) -> (Self, u64) {
-        let mut stream = AgentStream::open(collector, None, hello(name, boot_id)).await.unwrap();
+        Self::connect_with(collector, hello(name, boot_id)).await
+    }
+
+    /// Opens a stream with this hello and returns it with the welcome's durable seq.
+    pub async fn connect_with(collector: &TestCollector, hello: AgentMessage) -> (Self, u64) {
+        let mut stream = AgentStream::open(collector, None, hello).await.unwrap();
         match stream.next().await {
             Ok(collector_message::Kind::Welcome(welcome)) => {
                 assert_eq!(welcome.max_batch_events, 5000);

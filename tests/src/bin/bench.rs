@@ -171,6 +171,7 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
         let mut sink = |ev: Event| match ev {
             Event::Reset(_) => resets += 1,
             Event::Flow(_) => flows += 1,
+            Event::Open(_) => {}
         };
         let stop = std::sync::atomic::AtomicBool::new(false);
         rstscope_agent::pipeline::run_source(
@@ -273,6 +274,7 @@ fn memory_per_flow(path: &Path, flows: u64) -> Result<Memory> {
         let kind = match ev {
             Event::Reset(_) => "rst".to_string(),
             Event::Flow(f) => format!("flow {} {}", f.end.as_str(), f.conn_state),
+            Event::Open(o) => format!("open{}", if o.midstream { " midstream" } else { "" }),
         };
         *kinds.entry(kind).or_default() += 1;
     };

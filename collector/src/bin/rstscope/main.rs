@@ -5,7 +5,9 @@
 //! success, 1 when the collector refused the request, 2 for usage errors, 3 when the collector
 //! cannot be reached, 4 when it refused the token or certificate.
 
+mod analyze;
 mod output;
+mod report;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -76,6 +78,9 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Correlate capture files from several vantage points offline, without a collector:
+    /// rstscope analyze client=client.pcap server=server.pcap
+    Analyze(analyze::AnalyzeArgs),
     /// Show the collector's state.
     Status {
         /// Output format.
@@ -122,9 +127,17 @@ struct ResetsArgs {
     #[arg(long, help_heading = "Filters", value_name = "N")]
     last: Option<u32>,
 
-    /// Keep printing new resets as they arrive (Ctrl-C to stop).
+    /// Keep printing new resets as they are decided (Ctrl-C to stop).
     #[arg(short = 'f', long, help_heading = "Output")]
     follow: bool,
+
+    /// Each agent's stored record instead of one merged report per distinct RST.
+    #[arg(long, help_heading = "Output")]
+    raw: bool,
+
+    /// Print the evidence under each table row.
+    #[arg(short = 'v', long, help_heading = "Output")]
+    evidence: bool,
 
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "table", help_heading = "Output")]
@@ -237,7 +250,43 @@ fn print_line(out: &mut impl Write, line: &str) -> Result<(), Failure> {
     writeln!(out, "{line}").map_err(Failure::Output)
 }
 
+async fn reports(client: &mut Client, args: &ResetsArgs, collector: &str) -> Result<(), Failure> {
+    let filter = reset_filter(args)?;
+    let status = |s| Failure::from_status(s, collector);
+    let mut stream = if args.follow {
+        client.follow_reports(filter).await.map_err(status)?.into_inner()
+    } else {
+        client.list_reports(filter).await.map_err(status)?.into_inner()
+    };
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    if args.output == Format::Table {
+        print_line(&mut out, &report::report_header())?;
+    }
+    let mut printed = 0u64;
+    while let Some(r) = stream.message().await.map_err(status)? {
+        let line = match args.output {
+            Format::Table => report::report_row(&r, args.evidence),
+            Format::Json => report::report_json(&r),
+            Format::Compact => report::report_compact(&r),
+        };
+        print_line(&mut out, &line)?;
+        printed += 1;
+        if args.follow {
+            out.flush().map_err(Failure::Output)?;
+        }
+    }
+    out.flush().map_err(Failure::Output)?;
+    if printed == 0 && args.output == Format::Table {
+        eprintln!("No resets match.");
+    }
+    Ok(())
+}
+
 async fn resets(client: &mut Client, args: &ResetsArgs, collector: &str) -> Result<(), Failure> {
+    if !args.raw {
+        return reports(client, args, collector).await;
+    }
     let filter = reset_filter(args)?;
     let status = |s| Failure::from_status(s, collector);
     let mut stream = if args.follow {
@@ -279,11 +328,28 @@ async fn connection(client: &mut Client, id: &str, format: Format, collector: &s
     let mut out = io::stdout().lock();
     match format {
         Format::Json => {
+            for r in &reply.reports {
+                print_line(&mut out, &report::report_json(r))?;
+            }
+            for step in &reply.ladder {
+                print_line(&mut out, &report::step_json(step))?;
+            }
             for flow in &reply.flows {
                 print_line(&mut out, &output::flow_json(flow))?;
             }
             for reset in &reply.resets {
                 print_line(&mut out, &output::reset_json(reset))?;
+            }
+        }
+        Format::Table if !reply.ladder.is_empty() => {
+            print_line(&mut out, &format!("connection {id}\n"))?;
+            print_line(&mut out, &report::ladder_text(&reply.ladder))?;
+            print_line(&mut out, &format!("\nresets ({})", reply.reports.len()))?;
+            if !reply.reports.is_empty() {
+                print_line(&mut out, &report::report_header())?;
+            }
+            for r in &reply.reports {
+                print_line(&mut out, &report::report_row(r, true))?;
             }
         }
         Format::Table | Format::Compact => {
@@ -331,6 +397,12 @@ async fn status(client: &mut Client, format: Format, collector: &str) -> Result<
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Analyze(args) = &cli.command {
+        let stdout = io::stdout();
+        let mut out = io::BufWriter::new(stdout.lock());
+        analyze::analyze(args, &mut out)?;
+        return out.flush().map_err(Failure::Output);
+    }
     let mut client = connect(&cli.connection).await?;
     let collector = cli.connection.collector.as_str();
     match &cli.command {
@@ -338,6 +410,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Connection { id, output } => connection(&mut client, id, *output, collector).await,
         Command::Agents { output } => agents(&mut client, *output, collector).await,
         Command::Status { output } => status(&mut client, *output, collector).await,
+        Command::Analyze(_) => unreachable!("analyze runs without a collector, above"),
     }
 }
 

@@ -195,6 +195,11 @@ pub fn agent_json(agent: &v1::AgentState) -> String {
         "events": agent.events,
         "capture_drops": agent.capture_drops,
         "events_dropped": agent.events_dropped,
+        "clock_reference": agent.clock_reference,
+        "clock_offset_ns": agent.clock_offset_ns,
+        "clock_uncertainty_ns": agent.clock_uncertainty_ns,
+        "clock_drift_ppm": agent.clock_drift_ppm,
+        "clock_samples": agent.clock_samples,
     })
     .to_string()
 }
@@ -202,15 +207,15 @@ pub fn agent_json(agent: &v1::AgentState) -> String {
 /// The column header of [`agent_row`].
 pub fn agent_header() -> String {
     format!(
-        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10}",
-        "NAME", "HOST", "VERSION", "CONNECTED", "LAST SEEN", "WATERMARK", "EVENTS", "DROPS"
+        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10}  {}",
+        "NAME", "HOST", "VERSION", "CONNECTED", "LAST SEEN", "WATERMARK", "EVENTS", "DROPS", "CLOCK"
     )
 }
 
 /// One agent as a table row.
 pub fn agent_row(agent: &v1::AgentState) -> String {
     format!(
-        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10}",
+        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10}  {}",
         agent.name,
         agent.host_name,
         agent.software_version,
@@ -218,8 +223,20 @@ pub fn agent_row(agent: &v1::AgentState) -> String {
         ts_human(agent.last_seen_ns),
         ts_human(agent.watermark_ns),
         agent.events,
-        agent.capture_drops + agent.events_dropped
+        agent.capture_drops + agent.events_dropped,
+        clock_text(agent)
     )
+}
+
+/// The agent's clock against the reference: `reference`, `+4.200 s ±0.3 ms (12)` or `unknown`.
+fn clock_text(agent: &v1::AgentState) -> String {
+    match (agent.clock_offset_ns, agent.clock_uncertainty_ns) {
+        _ if agent.name == agent.clock_reference => "reference".to_string(),
+        (Some(offset), Some(unc)) => {
+            format!("{:+.3} s ±{:.1} ms ({} handshakes)", offset as f64 / 1e9, unc as f64 / 1e6, agent.clock_samples)
+        }
+        _ => "unknown".to_string(),
+    }
 }
 
 /// The collector's status as a JSON line.

@@ -1,0 +1,154 @@
+//! Live correlation: the engine of [`crate::correlate`] fed from ingest, decided on a timer.
+//!
+//! Ingest hands every durably stored batch to [`LiveCorrelation::ingest`] (after the store,
+//! so nothing is correlated that a crash could lose). A ticker calls [`LiveCorrelation::tick`]
+//! every few hundred milliseconds: what became decidable (every relevant agent's watermark
+//! passed the RST plus the settle window) is decided once, kept, and published to followers.
+//! Undecided RSTs are listed with the verdict `pending`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use rstscope_proto::v1;
+use tokio::sync::broadcast;
+
+use crate::correlate::{ClockEstimate, Config, Correlator};
+use crate::pb;
+use crate::query::Selection;
+
+/// Decided reports kept in memory for listing (the oldest are dropped beyond this).
+const MAX_KEPT: usize = 1_000_000;
+
+/// The collector's correlation state.
+pub struct LiveCorrelation {
+    engine: Correlator,
+    /// Decided reports by (time, id).
+    decided: BTreeMap<(i64, String), Arc<v1::ResetReport>>,
+    /// Newly decided reports, for followers.
+    pub published: broadcast::Sender<Arc<v1::ResetReport>>,
+    /// Records held beyond which the engine forgets old decided connections.
+    compact_at: usize,
+}
+
+/// The engine is compacted once it holds this many records...
+const COMPACT_AT: usize = 200_000;
+/// ...keeping connections active within this long of the newest watermark.
+const HORIZON_NS: i64 = 600_000_000_000;
+
+impl LiveCorrelation {
+    /// An empty engine with these settings.
+    pub fn new(cfg: Config) -> Self {
+        let (published, _) = broadcast::channel(4096);
+        LiveCorrelation { engine: Correlator::new(cfg), decided: BTreeMap::new(), published, compact_at: COMPACT_AT }
+    }
+
+    /// An agent said hello: its addresses tell which endpoints are local to it.
+    pub fn hello(&mut self, hello: &v1::AgentHello) {
+        let local: Vec<IpAddr> = hello.local_addresses.iter().filter_map(|b| pb::ip_from_bytes(b)).collect();
+        self.engine.agent(&hello.agent_name, &local);
+    }
+
+    /// Feeds a stored batch of one agent.
+    pub fn ingest(&mut self, agent: &str, events: &[v1::Event]) {
+        let a = self.engine.agent(agent, &[]);
+        for e in events {
+            self.engine.ingest(a, e);
+        }
+    }
+
+    /// Decides what can be decided; returns the new reports (also kept and published).
+    pub fn tick(&mut self) -> Vec<Arc<v1::ResetReport>> {
+        let reports: Vec<Arc<v1::ResetReport>> = self.engine.decide().into_iter().map(Arc::new).collect();
+        for r in &reports {
+            self.decided.insert((r.ts_ns, r.id.clone()), r.clone());
+            let _ = self.published.send(r.clone());
+        }
+        while self.decided.len() > MAX_KEPT {
+            self.decided.pop_first();
+        }
+        let (conns, rsts) = self.engine.records();
+        if conns + rsts > self.compact_at {
+            self.engine.compact(HORIZON_NS);
+            let (conns, rsts) = self.engine.records();
+            // Compact again only once as much again has accumulated.
+            self.compact_at = (2 * (conns + rsts)).max(COMPACT_AT);
+        }
+        reports
+    }
+
+    /// Decided and pending reports matching a selection, oldest first.
+    pub fn list(&mut self, selection: &Selection) -> Vec<v1::ResetReport> {
+        let mut out: Vec<v1::ResetReport> =
+            self.decided.values().filter(|r| report_matches(selection, r)).map(|r| (**r).clone()).collect();
+        if selection.admits_pending {
+            out.extend(self.engine.pending().into_iter().filter(|r| report_matches(selection, r)));
+        }
+        out.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        if let Some(last) = selection.query.last {
+            let cut = out.len().saturating_sub(last);
+            out.drain(..cut);
+        }
+        out
+    }
+
+    /// One connection by id (record label or tuple): its label, each agent's tuple, its
+    /// reports (decided and pending) and its ladder.
+    pub fn connection(&mut self, id: &str) -> Option<ConnectionView> {
+        let root = self.engine.find_group(id)?;
+        let (label, records) = self.engine.group_records(root);
+        let mut reports: Vec<v1::ResetReport> =
+            self.decided.values().filter(|r| r.connection == label).map(|r| (**r).clone()).collect();
+        reports.extend(self.engine.pending().into_iter().filter(|r| r.connection == label));
+        reports.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        Some(ConnectionView { label, records, reports, ladder: self.engine.ladder(root) })
+    }
+
+    /// Clock estimates by agent name, with the reference agent's name.
+    pub fn clocks(&self) -> (BTreeMap<String, ClockEstimate>, String) {
+        let estimates = self.engine.clock_estimates();
+        let names = self.engine.agents().iter().map(|a| a.name.clone());
+        let map = names.zip(estimates).filter_map(|(n, e)| e.map(|e| (n, e))).collect();
+        (map, self.engine.reference().unwrap_or("").to_string())
+    }
+}
+
+/// One connection as the correlation knows it.
+pub struct ConnectionView {
+    /// Its printable id.
+    pub label: String,
+    /// Each agent's tuple for it.
+    pub records: Vec<(String, rstscope_proto::FlowKey)>,
+    /// Its distinct RSTs.
+    pub reports: Vec<v1::ResetReport>,
+    /// What each agent saw, in corrected time order.
+    pub ladder: Vec<v1::LadderStep>,
+}
+
+fn in_nets(nets: &[IpNet], ep: Option<&v1::Endpoint>) -> bool {
+    pb::endpoint(ep).is_some_and(|e| nets.iter().any(|n| n.contains(&e.ip())))
+}
+
+fn on_port(ports: &[u16], ep: Option<&v1::Endpoint>) -> bool {
+    pb::endpoint(ep).is_some_and(|e| ports.contains(&e.port()))
+}
+
+/// Whether a report passes a filter: hosts and ports on any endpoint any agent saw, agents
+/// among the observers, verdict, cause and flags of the report.
+pub fn report_matches(selection: &Selection, r: &v1::ResetReport) -> bool {
+    let q = &selection.query;
+    let ends = || {
+        [r.claimed_sender.as_ref(), r.receiver.as_ref()]
+            .into_iter()
+            .chain(r.observations.iter().flat_map(|o| [o.src.as_ref(), o.dst.as_ref()]))
+    };
+    q.since_ns.is_none_or(|since| r.ts_ns >= since)
+        && q.until_ns.is_none_or(|until| r.ts_ns < until)
+        && (selection.hosts.is_empty() || ends().any(|e| in_nets(&selection.hosts, e)))
+        && (q.ports.is_empty() || ends().any(|e| on_port(&q.ports, e)))
+        && (q.agents.is_empty() || r.observations.iter().any(|o| q.agents.contains(&o.agent)))
+        && (selection.verdicts.is_empty() || selection.verdicts.contains(&r.verdict))
+        && (q.causes.is_empty() || q.causes.contains(&r.cause))
+        && (q.flags.is_empty() || q.flags.iter().any(|f| *f == pb::flags_text(r.flags)))
+}

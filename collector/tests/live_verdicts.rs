@@ -1,0 +1,87 @@
+//! Live correlation through the real gRPC services: two agents stream what they saw of the
+//! same connections, the collector decides, `ListReports` answers with one merged report per
+//! distinct RST and its verdict.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rstscope_proto::v1::{self, agent_message, event, AgentMessage};
+
+/// The server agent at 192.0.2.1 and the client agent at 198.51.100.7, told their addresses.
+fn hello_at(name: &str, ip: [u8; 4]) -> AgentMessage {
+    let mut message = hello(name, "boot-1");
+    if let Some(agent_message::Kind::Hello(h)) = &mut message.kind {
+        h.local_addresses = vec![ip.to_vec()];
+    }
+    message
+}
+
+/// `reset` as the client saw it: routed three hops, so TTL 61 (or forged: TTL 50).
+fn reset_seen_at_client(offset_ms: i64, port: u32, ttl: u32) -> v1::Event {
+    let mut e = reset(offset_ms, port);
+    if let Some(event::Kind::Reset(r)) = &mut e.kind {
+        r.ttl = ttl;
+        r.ts_ns += 7_000_000;
+    }
+    e
+}
+
+/// Both captures ran from a minute before T0 to 20 s after it.
+fn covered() -> v1::Event {
+    v1::Event {
+        kind: Some(event::Kind::Watermark(v1::Watermark { ts_ns: T0 + 20_000_000_000, since_ns: T0 - 60_000_000_000 })),
+    }
+}
+
+async fn reports(collector: &TestCollector) -> Vec<v1::ResetReport> {
+    let mut client = collector.query(None).await;
+    let mut stream = client.list_reports(v1::ResetFilter::default()).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        out.push(r);
+    }
+    out
+}
+
+#[tokio::test]
+async fn two_agents_get_end_to_end_and_injected_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path()).await;
+    let (mut server, _) = AgentStream::connect_with(&collector, hello_at("server", [192, 0, 2, 1])).await;
+    let (mut client, _) = AgentStream::connect_with(&collector, hello_at("client", [198, 51, 100, 7])).await;
+    // Port 50001: refused, seen at both ends. Port 50002: the client got a RST the server
+    // never sent, while the server's capture ran and recorded the connection.
+    server.send(batch(1, vec![reset(100, 50001), flow(50001), flow(50002), covered()])).await.unwrap();
+    client
+        .send(batch(
+            1,
+            vec![reset_seen_at_client(100, 50001, 61), reset_seen_at_client(300, 50002, 50), flow(50002), covered()],
+        ))
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let decided = loop {
+        let found = reports(&collector).await;
+        if found.len() == 2 && found.iter().all(|r| r.verdict != "pending") {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "still undecided: {found:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let summary: Vec<(&str, &str, usize)> =
+        decided.iter().map(|r| (r.verdict.as_str(), r.cause.as_str(), r.observations.len())).collect();
+    assert_eq!(summary, [("end-to-end", "refused", 2), ("injected", "middlebox", 1)], "{decided:#?}");
+    assert_eq!(decided[1].location, "between server and client");
+
+    // Filters apply to the merged reports.
+    let mut q = collector.query(None).await;
+    let filter = v1::ResetFilter { verdicts: vec!["injected".into()], ..Default::default() };
+    let mut stream = q.list_reports(filter).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.verdict, "injected");
+    assert!(stream.message().await.unwrap().is_none());
+    collector.stop().await;
+}
