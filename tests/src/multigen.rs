@@ -886,6 +886,7 @@ impl Builder {
                 window_scale: Some(if side == Side::Client { 7 } else { 9 }),
                 sack_permitted: true,
                 timestamps: None,
+                ..TcpOptions::default()
             }
         } else {
             TcpOptions::default()

@@ -121,6 +121,21 @@ struct Interface {
     /// Timestamp units per second is 10^exp or 2^exp.
     resolution: Resolution,
     offset_ns: i64,
+    /// First packet's time, for the start of the first loss period.
+    first_ts_ns: Option<i64>,
+    /// Time and drop total of the last statistics block.
+    stats: Option<(i64, u64)>,
+}
+
+/// Packets a pcapng file's interface statistics say the capture dropped in a period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileLoss {
+    /// From the previous statistics block (or the interface's first packet), ns.
+    pub from_ns: i64,
+    /// Until this statistics block, ns.
+    pub until_ns: i64,
+    /// Packets dropped by the interface or the OS in between (`isb_ifdrop` + `isb_osdrop`).
+    pub dropped: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +183,8 @@ pub struct FileSource {
     done: bool,
     /// Where the current record's bytes are in the window, set by `next_record`.
     record: (usize, usize),
+    /// Drops reported by pcapng interface statistics blocks so far.
+    losses: Vec<FileLoss>,
 }
 
 impl FileSource {
@@ -228,7 +245,15 @@ impl FileSource {
         if let Format::Pcap { .. } = format {
             window.consume(24);
         }
-        Ok(FileSource { name: name.to_string(), window, format, total_len, done: false, record: (0, 0) })
+        Ok(FileSource {
+            name: name.to_string(),
+            window,
+            format,
+            total_len,
+            done: false,
+            record: (0, 0),
+            losses: Vec::new(),
+        })
     }
 
     fn pcap_header(
@@ -424,7 +449,15 @@ impl FileSource {
                 return Err(CaptureError::Corrupt { source_name: self.name.clone(), offset, what });
             }
             let body = &self.window.buf[block_start + 8..block_start + block_len - 4];
-            let parsed = pcapng_block(&mut self.format, &mut self.record, endian, block_type, body, block_start + 8);
+            let parsed = pcapng_block(
+                &mut self.format,
+                &mut self.record,
+                &mut self.losses,
+                endian,
+                block_type,
+                body,
+                block_start + 8,
+            );
             self.window.consume(block_len);
             match parsed {
                 Ok(Some(packet)) => return Ok(Some(packet)),
@@ -442,6 +475,7 @@ impl FileSource {
 fn pcapng_block(
     format: &mut Format,
     record: &mut (usize, usize),
+    losses: &mut Vec<FileLoss>,
     endian: Endian,
     block_type: u32,
     body: &[u8],
@@ -460,6 +494,8 @@ fn pcapng_block(
                     snaplen: endian.u32(&body[4..8]),
                     resolution: Resolution::Decimal(6),
                     offset_ns: 0,
+                    first_ts_ns: None,
+                    stats: None,
                 };
                 for (code, value) in options(endian, &body[8..]) {
                     match (code, value.len()) {
@@ -495,6 +531,7 @@ fn pcapng_block(
                     ));
                 }
                 let ts_ns = iface.resolution.to_ns(units).saturating_add(iface.offset_ns);
+                interfaces[iface_id].first_ts_ns.get_or_insert(ts_ns);
                 *last_ts_ns = ts_ns;
                 *record = (body_start + 20, caplen);
                 Ok(Some((ts_ns, iface.link_type, orig_len)))
@@ -515,13 +552,45 @@ fn pcapng_block(
                 *record = (body_start + 4, caplen);
                 Ok(Some((*last_ts_ns, iface.link_type, orig_len)))
             }
-            // Section header (handled before), statistics, name resolution, custom, ...: nothing to do.
+            // Interface statistics: drop counters growing since the last block are a loss period.
+            0x0000_0005 => {
+                if body.len() < 12 {
+                    return Err("interface statistics block too short; ignored".into());
+                }
+                let iface_id = endian.u32(&body[0..4]) as usize;
+                let units = (u64::from(endian.u32(&body[4..8])) << 32) | u64::from(endian.u32(&body[8..12]));
+                let Some(iface) = interfaces.get_mut(iface_id) else {
+                    return Err(format!("statistics for undeclared interface {iface_id}; ignored"));
+                };
+                let ts_ns = iface.resolution.to_ns(units).saturating_add(iface.offset_ns);
+                let mut dropped: Option<u64> = None;
+                for (code, value) in options(endian, &body[12..]) {
+                    // isb_ifdrop (5) and isb_osdrop (7).
+                    if matches!(code, 5 | 7) && value.len() >= 8 {
+                        dropped = Some(dropped.unwrap_or(0).saturating_add(endian.u64(value)));
+                    }
+                }
+                if let Some(total) = dropped {
+                    let (from_ns, before) = iface.stats.unwrap_or((iface.first_ts_ns.unwrap_or(i64::MIN), 0));
+                    if total > before {
+                        losses.push(FileLoss { from_ns, until_ns: ts_ns, dropped: total - before });
+                    }
+                    iface.stats = Some((ts_ns, total));
+                }
+                Ok(None)
+            }
+            // Section header (handled before), name resolution, custom, ...: nothing to do.
             _ => Ok(None),
         }
     }
 }
 
 impl FileSource {
+    /// The loss periods the file's interface statistics reported so far (pcapng only).
+    pub fn losses(&self) -> &[FileLoss] {
+        &self.losses
+    }
+
     /// Scans forward for a block whose length at start and end agree. Returns bytes skipped.
     fn resync_pcapng(&mut self, endian: Endian) -> Option<usize> {
         for skip in (4..MAX_RESYNC_SCAN).step_by(4) {

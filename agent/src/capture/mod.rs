@@ -10,7 +10,7 @@
 mod file;
 mod live;
 
-pub use file::FileSource;
+pub use file::{FileLoss, FileSource};
 pub use live::{LiveConfig, LiveSource};
 
 use crate::wire::LinkType;

@@ -44,10 +44,33 @@ impl Correlator {
         self.index.members.get(&root).cloned().unwrap_or_else(|| vec![root])
     }
 
+    /// Whether two groups may become one: records of one agent in both must be one connection
+    /// the agent split in time (same tuple, no conflicting ISNs, one after the other), as a
+    /// sensor that sees only one direction does (Zeek splits those too).
     fn agents_disjoint(&self, a: usize, b: usize) -> bool {
         let ma = self.members(self.root(a));
         let mb = self.members(self.root(b));
-        ma.iter().all(|&x| mb.iter().all(|&y| self.conns[x].agent != self.conns[y].agent))
+        ma.iter().all(|&x| mb.iter().all(|&y| self.continuation(x, y)))
+    }
+
+    fn continuation(&self, x: usize, y: usize) -> bool {
+        let (cx, cy) = (&self.conns[x], &self.conns[y]);
+        if cx.agent != cy.agent {
+            return true;
+        }
+        let conflict = |a: Option<u32>, b: Option<u32>| matches!((a, b), (Some(a), Some(b)) if a != b);
+        // The later record must have begun mid-connection: a new SYN is a new connection.
+        let later = if cx.start_ns <= cy.start_ns { cy } else { cx };
+        let began_midstream = later.midstream
+            || later
+                .summary
+                .as_ref()
+                .is_some_and(|f| !f.history.starts_with(['S', 's', '^']) && later.orig_isn.is_none());
+        cx.key() == cy.key()
+            && !conflict(cx.orig_isn, cy.orig_isn)
+            && !conflict(cx.resp_isn, cy.resp_isn)
+            && began_midstream
+            && (cx.end_ns <= cy.start_ns || cy.end_ns <= cx.start_ns)
     }
 
     /// Joins `a` and `b`'s groups under `key`, unless that would put two records of one agent
@@ -123,7 +146,7 @@ impl Correlator {
         }
         // Same tuple: ISNs must agree where both are known; otherwise times must overlap.
         let skew = self.cfg.max_skew_ns;
-        let mut best: HashMap<usize, (i64, usize)> = HashMap::new();
+        let mut candidates: Vec<(i64, usize)> = Vec::new();
         for j in self.index.by_tuple.get(&key).cloned().unwrap_or_default() {
             if !self.joinable(i, j, i64::MAX) {
                 continue;
@@ -140,14 +163,12 @@ impl Correlator {
                 continue;
             }
             let distance = if both_isns { -1 } else { (ci.start_ns - cj.start_ns).abs() };
-            let e = best.entry(cj.agent).or_insert((distance, j));
-            if distance < e.0 {
-                *e = (distance, j);
-            }
+            candidates.push((distance, j));
         }
-        let mut picks: Vec<(usize, (i64, usize))> = best.into_iter().collect();
-        picks.sort();
-        for (_, (distance, j)) in picks {
+        // Closest first; a group refuses a second record of one agent unless it continues the
+        // first (see `continuation`).
+        candidates.sort();
+        for (distance, j) in candidates {
             self.try_union(i, j, if distance < 0 { "tuple+isn" } else { "tuple+time" });
         }
         // New handshake times on a record already in a group.

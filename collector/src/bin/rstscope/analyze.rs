@@ -103,6 +103,17 @@ fn read_capture(path: &str) -> Result<(Vec<v1::Event>, Counters), String> {
     );
     tracker.finish_all(&mut emit);
     counters.errors.extend(problems);
+    for loss in source.losses() {
+        events.push(v1::Event {
+            kind: Some(v1::event::Kind::Loss(v1::CaptureLoss {
+                from_ns: loss.from_ns,
+                until_ns: loss.until_ns,
+                capture_dropped: loss.dropped,
+                reason: "pcapng interface statistics report drops".to_string(),
+                ..Default::default()
+            })),
+        });
+    }
     // The capture vouches for the time from its first connection to its last packet.
     let first = events
         .iter()
