@@ -4,4 +4,5 @@ pub mod gen;
 
 pub mod corpus;
 pub mod frames;
+pub mod lab;
 pub mod multigen;
