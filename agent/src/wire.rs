@@ -14,7 +14,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use etherparse::{IpNumber, LaxIpSlice, LenSource, TcpOptionElement, TcpSlice};
+use etherparse::{IpNumber, LaxIpSlice, LenSource, TcpSlice};
 use rstscope_proto::Endpoint;
 
 /// A libpcap link-layer header type (`LINKTYPE_*` value as stored in capture files).
@@ -210,6 +210,66 @@ pub struct TcpOptions {
     pub layout: OptionLayout,
 }
 
+impl TcpOptions {
+    /// Reads raw TCP option bytes in one walk: the values the tracker uses and the layout.
+    ///
+    /// The values follow etherparse's reading, which the agent used before (and a property test
+    /// holds it to): they stop at the first option it does not know or finds malformed. The
+    /// layout goes on past unknown kinds with a sane length, so it can name them.
+    pub fn parse(mut bytes: &[u8]) -> Self {
+        let mut out = TcpOptions::default();
+        let mut values = true;
+        // Every option takes at least one byte, so this ends; at most 40 bytes of options.
+        while let Some(&kind) = bytes.first() {
+            let size = match kind {
+                0 | 1 => 1,
+                _ => match bytes.get(1) {
+                    Some(&n) if n >= 2 && usize::from(n) <= bytes.len() => usize::from(n),
+                    _ => break,
+                },
+            };
+            match (kind, size) {
+                (0 | 1, _) => {}
+                (2, 4) => {
+                    let mss = u16::from_be_bytes([bytes[2], bytes[3]]);
+                    if !out.layout.contains(2) {
+                        out.layout.mss = mss;
+                    }
+                    if values {
+                        out.mss = Some(mss);
+                    }
+                }
+                (3, 3) => {
+                    if !out.layout.contains(3) {
+                        out.layout.ws = bytes[2];
+                    }
+                    if values {
+                        out.window_scale = Some(bytes[2]);
+                    }
+                }
+                (4, 2) => out.sack_permitted |= values,
+                (8, 10) => {
+                    if values {
+                        let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+                        out.timestamps = Some((word(2), word(6)));
+                    }
+                }
+                // The options the layout names have a fixed size; anything else is malformed.
+                (2 | 3 | 4 | 8, _) => break,
+                // SACK blocks: etherparse knows them (and reads on) only with 1 to 4 blocks.
+                (5, 10 | 18 | 26 | 34) => {}
+                _ => values = false,
+            }
+            out.layout.push(kind);
+            if kind == 0 {
+                break;
+            }
+            bytes = &bytes[size..];
+        }
+        out
+    }
+}
+
 /// The layout of a SYN's TCP options: kinds in wire order with the MSS and window scale values,
 /// written like `M1460,S,T,N,W7` (M mss, S sack-permitted, T timestamps, N nop, W window scale,
 /// E end, K<n> any other kind n).
@@ -235,41 +295,8 @@ impl OptionLayout {
     pub const MAX_KINDS: usize = 16;
 
     /// The layout of raw TCP option bytes.
-    pub fn of(mut bytes: &[u8]) -> Self {
-        let mut layout = OptionLayout::default();
-        // Every option takes at least one byte, so this ends; at most 40 bytes of options.
-        while let Some(&kind) = bytes.first() {
-            let size = match kind {
-                0 | 1 => 1,
-                _ => match bytes.get(1) {
-                    Some(&n) if n >= 2 && usize::from(n) <= bytes.len() => usize::from(n),
-                    _ => break,
-                },
-            };
-            // The options the layout names have a fixed size; anything else is malformed.
-            let fixed_size = match kind {
-                2 => Some(4),
-                3 => Some(3),
-                4 => Some(2),
-                8 => Some(10),
-                _ => None,
-            };
-            if fixed_size.is_some_and(|n| n != size) {
-                break;
-            }
-            if kind == 2 && !layout.contains(2) {
-                layout.mss = u16::from_be_bytes([bytes[2], bytes[3]]);
-            }
-            if kind == 3 && !layout.contains(3) {
-                layout.ws = bytes[2];
-            }
-            layout.push(kind);
-            if kind == 0 {
-                break;
-            }
-            bytes = &bytes[size..];
-        }
-        layout
+    pub fn of(bytes: &[u8]) -> Self {
+        TcpOptions::parse(bytes).layout
     }
 
     fn push(&mut self, kind: u8) {
@@ -752,19 +779,7 @@ fn fold(mut acc: u64) -> u64 {
 }
 
 fn parse_options(tcp: &TcpSlice<'_>) -> TcpOptions {
-    let mut out = TcpOptions::default();
-    // The iterator stops at the first malformed option; what was read before stays valid.
-    for option in tcp.options_iterator().take(40).flatten() {
-        match option {
-            TcpOptionElement::MaximumSegmentSize(mss) => out.mss = Some(mss),
-            TcpOptionElement::WindowScale(shift) => out.window_scale = Some(shift),
-            TcpOptionElement::SelectiveAcknowledgementPermitted => out.sack_permitted = true,
-            TcpOptionElement::Timestamp(val, ecr) => out.timestamps = Some((val, ecr)),
-            _ => {}
-        }
-    }
-    out.layout = OptionLayout::of(tcp.options());
-    out
+    TcpOptions::parse(tcp.options())
 }
 
 #[cfg(test)]

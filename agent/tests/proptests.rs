@@ -605,3 +605,67 @@ fn extreme_timestamps_do_not_overflow() {
     let (events, _) = run(TrackerConfig::default(), &segments);
     assert_eq!(counts(&events).0, 2);
 }
+
+/// TCP option bytes that look like real ones often: known kinds with right and wrong lengths,
+/// unknown kinds, NOP runs, end-of-list, truncation.
+fn option_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let option = prop_oneof![
+        Just(vec![0u8]),
+        Just(vec![1u8]),
+        any::<u16>().prop_map(|mss| vec![2, 4, (mss >> 8) as u8, mss as u8]),
+        any::<u8>().prop_map(|ws| vec![3, 3, ws]),
+        Just(vec![4u8, 2]),
+        (any::<u32>(), any::<u32>()).prop_map(|(a, b)| {
+            let mut v = vec![8, 10];
+            v.extend(a.to_be_bytes());
+            v.extend(b.to_be_bytes());
+            v
+        }),
+        (1..=4usize).prop_map(|blocks| {
+            let mut v = vec![5, (2 + 8 * blocks) as u8];
+            v.resize(2 + 8 * blocks, 7);
+            v
+        }),
+        // Any kind with any length byte and a few bytes after it.
+        (any::<u8>(), any::<u8>(), proptest::collection::vec(any::<u8>(), 0..6)).prop_map(|(k, n, rest)| {
+            let mut v = vec![k, n];
+            v.extend(rest);
+            v
+        }),
+    ];
+    proptest::collection::vec(option, 0..8).prop_map(|opts| {
+        let mut bytes: Vec<u8> = opts.concat();
+        bytes.truncate(40);
+        bytes
+    })
+}
+
+/// What etherparse's option iterator reads: the values the agent took from it before it walked
+/// the options itself.
+/// (The layout is left empty: etherparse has none.)
+fn etherparse_values(bytes: &[u8]) -> TcpOptions {
+    use etherparse::{TcpOptionElement, TcpOptionsIterator};
+    let mut out = TcpOptions::default();
+    for option in TcpOptionsIterator::from_slice(bytes).take(40).flatten() {
+        match option {
+            TcpOptionElement::MaximumSegmentSize(v) => out.mss = Some(v),
+            TcpOptionElement::WindowScale(v) => out.window_scale = Some(v),
+            TcpOptionElement::SelectiveAcknowledgementPermitted => out.sack_permitted = true,
+            TcpOptionElement::Timestamp(a, b) => out.timestamps = Some((a, b)),
+            _ => {}
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(cases(2048))]
+
+    /// The agent's own option walk reads exactly the values etherparse's iterator read, so
+    /// window scaling (and with it conn_state/history) cannot change with it.
+    #[test]
+    fn option_walk_reads_what_etherparse_read(bytes in option_bytes()) {
+        let values = TcpOptions { layout: Default::default(), ..TcpOptions::parse(&bytes) };
+        prop_assert_eq!(values, etherparse_values(&bytes));
+    }
+}

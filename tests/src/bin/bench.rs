@@ -1,14 +1,21 @@
-//! Throughput and memory benchmark of the agent's capture → parse → track pipeline.
+//! Throughput and memory benchmark of the agent against the tools people would use instead.
 //!
-//! `cargo run --release -p rstscope-tests --bin bench -- [--packets N] [--flows-for-memory N]
-//! [--runs N] [--out FILE.md] [--smoke]`
+//! `cargo run --release -p rstscope-tests --bin bench -- [--packets 1000000,10000000]
+//! [--snaplens 0,128] [--runs N] [--quick] [--smoke] [--out BENCHMARKS.md]`
 //!
-//! Generates deterministic captures (see `rstscope_tests::gen`) into a temporary directory and
-//! measures, as the median of `--runs`: (a) a bare libpcap read loop, the floor; (b) the agent's
-//! own file reader plus `wire::parse`; (c) (b) plus the flow tracker; (d) argus and a tcpdump RST
-//! filter as external processes; and (e) heap bytes per tracked flow with a counting global
-//! allocator, cross-checked with the process's peak RSS. Prints a markdown report and writes it
-//! to `--out`. Never fails on a missed target: the numbers are for people to read.
+//! One run generates deterministic captures (see `rstscope_tests::gen`: many concurrent
+//! connections, handshakes, data, FIN and RST endings, retransmissions, IPv4/IPv6, VLAN) for
+//! every packet count and snaplen asked for, and measures on each, interleaved run by run so
+//! that drift hits every stage alike, the median of `--runs` of: (a) a bare libpcap read loop,
+//! the floor; (b) the agent's own file reader plus `wire::parse`; (c) (b) plus the flow tracker,
+//! i.e. full tracking and RST extraction; (d) `tcpdump` with a RST filter and `argus` as external
+//! processes on the same file. Then (e) peak memory per tracked flow with 1M concurrent
+//! connections (peak RSS growth, cross-checked with a counting global allocator).
+//!
+//! Every stage gets wall time (what the targets are about) and CPU time (user + system of the
+//! process or the child): the machine may be shared, and CPU time shows what a stage costs
+//! when wall time mostly shows the neighbours. Writes a markdown report (`BENCHMARKS.md` by
+//! default). Never fails on a missed target: the numbers are for people to read.
 
 // A global allocator has to implement an unsafe trait; it only forwards to `System`.
 #![allow(unsafe_code)]
@@ -79,32 +86,32 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// rstscope pipeline benchmark.
+/// rstscope agent benchmark: throughput against libpcap, tcpdump and argus; memory per flow.
 #[derive(Parser, Debug)]
 #[command(about)]
 struct Args {
-    /// Packets in the throughput capture.
-    #[arg(long, default_value_t = 1_000_000)]
-    packets: u64,
-    /// Concurrently open connections in the throughput capture.
+    /// Packets per generated capture; one capture per count (and per snaplen).
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000_000u64, 10_000_000])]
+    packets: Vec<u64>,
+    /// Capture lengths per record, one capture each (0 = whole frames).
+    #[arg(long, value_delimiter = ',', default_values_t = [0u32, 128])]
+    snaplens: Vec<u32>,
+    /// Concurrently open connections in the throughput captures.
     #[arg(long, default_value_t = 10_000)]
     concurrent: usize,
     /// Never-closed connections fed to the tracker for the memory measurement (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     flows_for_memory: u64,
     /// Repetitions of each throughput measurement; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Capture length per record (0 = whole frames).
-    #[arg(long, default_value_t = 0)]
-    snaplen: u32,
     /// Generator seed.
     #[arg(long, default_value_t = GenConfig::default().seed)]
     seed: u64,
-    /// Also write the markdown report here.
+    /// Write the markdown report here (default: BENCHMARKS.md, none with --smoke).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Benchmark this capture instead of generating one (external tools see it too).
+    /// Benchmark this capture instead of generating them (external tools see it too).
     #[arg(long)]
     capture: Option<PathBuf>,
     /// Only these stages, comma-separated, of a (libpcap), b (parse), c (track), d (external
@@ -117,7 +124,10 @@ struct Args {
     /// Keep the generated captures.
     #[arg(long)]
     keep: bool,
-    /// Tiny sizes (10k packets, 10k flows, one run) for CI.
+    /// Only the 1M-packet captures, three runs each.
+    #[arg(long)]
+    quick: bool,
+    /// Tiny sizes (10k packets, 10k flows, one run, no report file), to check that it works.
     #[arg(long)]
     smoke: bool,
 }
@@ -215,8 +225,38 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
     Ok(c)
 }
 
+/// CPU time (user + system) from `/proc/self/stat`: this process's (all threads) and that of
+/// its waited-for children. Clock ticks are 1/100 s on Linux (`_SC_CLK_TCK`).
+fn cpu_times() -> (Duration, Duration) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at field 3, `state`.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    let ticks = |i: usize| fields.get(i - 3).copied().unwrap_or(0);
+    let d = |t: u64| Duration::from_millis(t * 10);
+    (d(ticks(14) + ticks(15)), d(ticks(16) + ticks(17)))
+}
+
+/// Wall and CPU time of one measurement.
+#[derive(Clone, Copy, Debug)]
+struct Took {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// Runs `f` in this process, timing it.
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Took)> {
+    let (cpu0, _) = cpu_times();
+    let start = Instant::now();
+    let out = f()?;
+    let wall = start.elapsed();
+    let (cpu1, _) = cpu_times();
+    Ok((out, Took { wall, cpu: cpu1.saturating_sub(cpu0) }))
+}
+
 /// Runs an external command; `None` when it is not installed.
-fn external(program: &str, args: &[&str]) -> Result<Option<Duration>> {
+fn external(program: &str, args: &[&str]) -> Result<Option<Took>> {
+    let (_, children0) = cpu_times();
     let start = Instant::now();
     let out = match Command::new(program)
         .args(args)
@@ -229,11 +269,18 @@ fn external(program: &str, args: &[&str]) -> Result<Option<Duration>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("running {program}")),
     };
-    let took = start.elapsed();
+    let wall = start.elapsed();
+    let (_, children1) = cpu_times();
     if !out.status.success() {
         bail!("{program} {}: {}: {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(Some(took))
+    Ok(Some(Took { wall, cpu: children1.saturating_sub(children0) }))
+}
+
+fn proc_meminfo_kib(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn proc_status_kib(field: &str) -> Option<u64> {
@@ -354,65 +401,138 @@ fn describe(stats: &GenStats) -> String {
     )
 }
 
+/// The runs of one stage on one capture.
+#[derive(Default)]
+struct Stage {
+    runs: Vec<Took>,
+    /// Why it did not run, or what it counted.
+    note: String,
+}
+
+impl Stage {
+    fn wall(&self) -> Option<Duration> {
+        (!self.runs.is_empty()).then(|| median(self.runs.iter().map(|t| t.wall).collect()))
+    }
+
+    fn cpu(&self) -> Option<Duration> {
+        (!self.runs.is_empty()).then(|| median(self.runs.iter().map(|t| t.cpu).collect()))
+    }
+}
+
+/// One capture and what every stage measured on it.
+struct Scenario {
+    description: String,
+    label: String,
+    packets: u64,
+    libpcap: Stage,
+    parse: Stage,
+    track: Stage,
+    tcpdump: Stage,
+    argus: Stage,
+}
+
+/// Measures stages a to d on `capture`, interleaved run by run.
+fn measure(capture: &Path, runs: usize, stage: &dyn Fn(&str) -> bool) -> Result<[Stage; 5]> {
+    let cap = capture.to_str().context("capture path is not UTF-8")?.to_string();
+    let [mut libpcap, mut parse, mut track, mut tcpdump, mut argus] = <[Stage; 5]>::default();
+    let mut tool_failed = [false; 2];
+    for run in 0..runs {
+        eprintln!("  run {}/{runs}", run + 1);
+        if stage("a") {
+            let (n, took) = timed(|| bare_libpcap(capture))?;
+            libpcap.runs.push(took);
+            libpcap.note = format!("{n} records");
+        }
+        if stage("b") {
+            let (c, took) = timed(|| agent_pipeline(capture, false))?;
+            parse.runs.push(took);
+            parse.note = format!("{} segments, {} skipped, {} read errors", c.segments, c.skipped, c.errors);
+        }
+        if stage("c") {
+            let (c, took) = timed(|| agent_pipeline(capture, true))?;
+            track.runs.push(took);
+            track.note = format!("{} RST events, {} flow summaries, {} records", c.resets, c.flows, c.records);
+        }
+        if stage("d") {
+            let filter = "tcp[tcpflags] & tcp-rst != 0";
+            let tools: [(&str, Vec<&str>, &mut Stage, &str); 2] = [
+                ("tcpdump", vec!["-r", &cap, "-w", "/dev/null", filter], &mut tcpdump, "tcpdump"),
+                ("argus", vec!["-r", &cap, "-w", "/dev/null"], &mut argus, "argus-server"),
+            ];
+            for (i, (program, tool_args, into, package)) in tools.into_iter().enumerate() {
+                if tool_failed[i] {
+                    continue;
+                }
+                match external(program, &tool_args) {
+                    Ok(Some(took)) => into.runs.push(took),
+                    Ok(None) => {
+                        into.note = format!("not installed (`apt-get install -y {package}`)");
+                        tool_failed[i] = true;
+                    }
+                    Err(e) => {
+                        into.note = format!("failed: {e:#}");
+                        tool_failed[i] = true;
+                    }
+                }
+            }
+        }
+    }
+    Ok([libpcap, parse, track, tcpdump, argus])
+}
+
+fn percent(floor: Option<Duration>, d: Option<Duration>) -> String {
+    match (floor, d) {
+        (Some(f), Some(d)) => format!("{:.0}%", 100.0 * f.as_secs_f64() / d.as_secs_f64().max(1e-9)),
+        _ => "–".into(),
+    }
+}
+
+fn times(slow: Option<Duration>, fast: Option<Duration>) -> String {
+    match (slow, fast) {
+        (Some(s), Some(f)) => format!("{:.1}×", s.as_secs_f64() / f.as_secs_f64().max(1e-9)),
+        _ => "–".into(),
+    }
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("n/a".into(), |d| format!("{:.3} s", d.as_secs_f64()))
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    command_output(program, args).and_then(|s| s.lines().next().map(str::to_string)).unwrap_or_else(|| "n/a".into())
+}
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
+    if args.quick {
+        args.packets = vec![1_000_000];
+        args.runs = args.runs.min(3);
+    }
     if args.smoke {
-        args.packets = args.packets.min(10_000);
+        args.packets = vec![10_000];
         args.flows_for_memory = args.flows_for_memory.min(10_000);
         args.concurrent = args.concurrent.min(1_000);
-        args.runs = args.runs.min(1);
+        args.runs = 1;
     }
+    let out = match (&args.out, args.smoke) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(PathBuf::from("BENCHMARKS.md")),
+        (None, true) => None,
+    };
     let runs = args.runs.max(1);
-    let stage = |s: &str| args.only.split(',').any(|x| x.trim() == s);
+    let only = args.only.clone();
+    let stage = move |s: &str| only.split(',').any(|x| x.trim() == s);
 
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("rstscope-bench-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-
-    let mut report = String::new();
-    let mut line = |s: String| {
-        println!("{s}");
-        report.push_str(&s);
-        report.push('\n');
+    let loadavg = || {
+        let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     };
-
-    let rustc = command_output("rustc", &["--version"]).unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cmdline: Vec<String> = std::env::args().skip(1).collect();
-    line("## rstscope pipeline benchmark".into());
-    line(String::new());
-    line(format!("- machine: {nproc} CPUs ({}), {rustc}, release profile", cpu_model()));
-    line(format!("- command: `cargo run --release -p rstscope-tests --bin bench -- {}`", cmdline.join(" ")));
-
-    // Captures.
-    let (capture, gen_stats) = match &args.capture {
-        Some(p) => (p.clone(), None),
-        None => {
-            let p = dir.join("mixed.pcap");
-            let cfg = GenConfig {
-                seed: args.seed,
-                packets: args.packets,
-                concurrent: args.concurrent,
-                snaplen: args.snaplen,
-                ..GenConfig::default()
-            };
-            let t = Instant::now();
-            let s = gen::write_capture_file(&cfg, &p)?;
-            eprintln!("generated {} in {:.2?}", p.display(), t.elapsed());
-            (p, Some(s))
-        }
-    };
-    match &gen_stats {
-        Some(s) => line(format!(
-            "- capture: generated, {} concurrent, snaplen {}: {}",
-            args.concurrent,
-            if args.snaplen == 0 { "full".to_string() } else { args.snaplen.to_string() },
-            describe(s)
-        )),
-        None => line(format!("- capture: {}", capture.display())),
-    }
+    let load_before = loadavg();
 
     // (e) first, while the heap and RSS are still small.
     let memory = if stage("e") && args.flows_for_memory > 0 {
@@ -431,151 +551,181 @@ fn main() -> Result<()> {
         None
     };
 
-    // (a)–(d), interleaved run by run so drift hits every stage alike.
-    let cap = capture.to_str().context("capture path is not UTF-8")?.to_string();
-    let mut t_pcap = Vec::new();
-    let mut t_parse = Vec::new();
-    let mut t_track = Vec::new();
-    let mut t_argus = Vec::new();
-    let mut t_tcpdump = Vec::new();
-    let mut argus_note = None;
-    let mut tcpdump_note = None;
-    let (mut n_pcap, mut parse_counts, mut track_counts) = (0, Counts::default(), Counts::default());
-    for run in 0..runs {
-        eprintln!("run {}/{runs}", run + 1);
-        if stage("a") {
-            let t = Instant::now();
-            n_pcap = bare_libpcap(&capture)?;
-            t_pcap.push(t.elapsed());
-        }
-        if stage("b") {
-            let t = Instant::now();
-            parse_counts = agent_pipeline(&capture, false)?;
-            t_parse.push(t.elapsed());
-        }
-        if stage("c") {
-            let t = Instant::now();
-            track_counts = agent_pipeline(&capture, true)?;
-            t_track.push(t.elapsed());
-        }
-        if stage("d") {
-            if argus_note.is_none() {
-                match external("argus", &["-r", &cap, "-w", "/dev/null"]) {
-                    Ok(Some(d)) => t_argus.push(d),
-                    Ok(None) => argus_note = Some("not installed (`apt-get install -y argus-server`)".to_string()),
-                    Err(e) => argus_note = Some(format!("failed: {e:#}")),
-                }
-            }
-            if tcpdump_note.is_none() {
-                let filter = "tcp[tcpflags] & tcp-rst != 0";
-                match external("tcpdump", &["-r", &cap, "-w", "/dev/null", filter]) {
-                    Ok(Some(d)) => t_tcpdump.push(d),
-                    Ok(None) => tcpdump_note = Some("not installed (`apt-get install -y tcpdump`)".to_string()),
-                    Err(e) => tcpdump_note = Some(format!("failed: {e:#}")),
-                }
-            }
-        }
-    }
-    let packets = gen_stats.as_ref().map_or(n_pcap.max(parse_counts.packets).max(track_counts.packets), |s| s.packets);
-    let med = |v: &Vec<Duration>| (!v.is_empty()).then(|| median(v.clone()));
-    let (m_pcap, m_parse, m_track) = (med(&t_pcap), med(&t_parse), med(&t_track));
-    let (m_argus, m_tcpdump) = (med(&t_argus), med(&t_tcpdump));
-
-    line(format!("- runs: {runs} per stage, median reported; input file in the page cache"));
-    line(String::new());
-    line("| stage | median time | packets/s | vs bare libpcap | notes |".into());
-    line("|---|---:|---:|---:|---|".into());
-    let mut row = |name: &str, m: Option<Duration>, note: String| {
-        let (time, pps, vs) = match m {
-            Some(d) => (
-                format!("{:.3} s", d.as_secs_f64()),
-                fmt_rate(rate(packets, d)),
-                m_pcap.map_or("–".into(), |p| format!("{:.0}%", 100.0 * p.as_secs_f64() / d.as_secs_f64())),
-            ),
-            None => ("n/a".into(), "n/a".into(), "–".into()),
-        };
-        line(format!("| {name} | {time} | {pps} | {vs} | {note} |"));
+    // (a)–(d), one capture at a time (the 10M full-frame file alone is several GB).
+    let mut scenarios = Vec::new();
+    let plan: Vec<(u64, u32)> = match &args.capture {
+        Some(_) => vec![(0, 0)],
+        None => args.packets.iter().flat_map(|&p| args.snaplens.iter().map(move |&s| (p, s))).collect(),
     };
-    row("a. bare libpcap loop (`pcap` crate, `next_packet`)", m_pcap, format!("{n_pcap} records"));
-    row(
-        "b. parse only (`FileSource` + `wire::parse`)",
-        m_parse,
-        format!(
-            "{} segments, {} skipped, {} read errors",
-            parse_counts.segments, parse_counts.skipped, parse_counts.errors
-        ),
-    );
-    row(
-        "c. full tracking (b + `flow::Tracker`)",
-        m_track,
-        format!(
-            "{} RST events{}, {} flow summaries, {} records created",
-            track_counts.resets,
-            gen_stats.as_ref().map_or(String::new(), |s| format!(" (capture has {} RST packets)", s.rst_packets)),
-            track_counts.flows,
-            track_counts.records
-        ),
-    );
-    row("d. `argus -r FILE -w /dev/null`", m_argus, argus_note.clone().unwrap_or_default());
-    row(
-        "d. `tcpdump -r FILE -w /dev/null 'tcp[tcpflags] & tcp-rst != 0'`",
-        m_tcpdump,
-        tcpdump_note.clone().unwrap_or_default(),
-    );
-    line(String::new());
-
-    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    if let (Some(t), Some(p)) = (m_track, m_pcap) {
-        let share = p.as_secs_f64() / t.as_secs_f64();
-        line(format!(
-            "- full tracking vs bare libpcap: {:.0}% of its packets/s (target ≥ 60%: {})",
-            100.0 * share,
-            verdict(share >= 0.6)
-        ));
+    for (packets, snaplen) in plan {
+        let snap = if snaplen == 0 { "full frames".to_string() } else { format!("snaplen {snaplen}") };
+        let (capture, description, label) = match &args.capture {
+            Some(p) => (p.clone(), format!("`{}`", p.display()), p.display().to_string()),
+            None => {
+                let p = dir.join(format!("mixed-{packets}-{snaplen}.pcap"));
+                let cfg = GenConfig {
+                    seed: args.seed,
+                    packets,
+                    concurrent: args.concurrent,
+                    snaplen,
+                    ..GenConfig::default()
+                };
+                let t = Instant::now();
+                let s = gen::write_capture_file(&cfg, &p)?;
+                eprintln!("generated {} in {:.2?}", p.display(), t.elapsed());
+                let label = format!("{:.0}M packets, {snap}", packets as f64 / 1e6);
+                let label = if packets < 1_000_000 { format!("{packets} packets, {snap}") } else { label };
+                (p, format!("{} concurrent, {snap}: {}", args.concurrent, describe(&s)), label)
+            }
+        };
+        eprintln!("measuring {label}");
+        let [libpcap, parse, track, tcpdump, argus] = measure(&capture, runs, &stage)?;
+        let n = if packets > 0 {
+            packets
+        } else {
+            libpcap.note.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+        };
+        scenarios.push(Scenario { description, label, packets: n, libpcap, parse, track, tcpdump, argus });
+        if !args.keep && args.capture.is_none() {
+            let _ = std::fs::remove_file(&capture);
+        }
     }
-    match (m_track, m_argus) {
-        (Some(t), Some(a)) => {
-            let x = a.as_secs_f64() / t.as_secs_f64();
-            line(format!("- full tracking vs argus: {x:.1}× its packets/s (target ≥ 5×: {})", verdict(x >= 5.0)));
-        }
-        (Some(_), None) => {
-            line(format!("- full tracking vs argus: n/a, argus {}", argus_note.unwrap_or_else(|| "not run".into())))
-        }
-        _ => {}
+    let load_after = loadavg();
+
+    let mut report = String::new();
+    let mut line = |s: String| {
+        println!("{s}");
+        report.push_str(&s);
+        report.push('\n');
+    };
+    let cmdline: Vec<String> = std::env::args().skip(1).collect();
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_total = proc_meminfo_kib("MemTotal:").map_or("?".into(), |k| format!("{:.0} GiB", k as f64 / 1048576.0));
+    line("# rstscope agent benchmarks".into());
+    line(String::new());
+    line("Written by `tests/src/bin/bench.rs`; rerun it to refresh this file. Benchmarks are not part of the".into());
+    line("test suite and nothing asserts their numbers.".into());
+    line(String::new());
+    line("## Machine and command".into());
+    line(String::new());
+    line(format!("- machine: {nproc} CPUs ({}), {mem_total} RAM, Linux {}", cpu_model(), first_line("uname", &["-r"])));
+    line(format!("- load average (1, 5, 15 min) before / after: {load_before} / {load_after}"));
+    line(format!("- toolchain: {}, release profile (thin LTO)", first_line("rustc", &["--version"])));
+    line(format!("- tools: {}; {}", first_line("tcpdump", &["--version"]), first_line("argus", &["-h"])));
+    line(format!(
+        "- command: `cargo run --release -p rstscope-tests --bin bench{}{}`",
+        if cmdline.is_empty() { "" } else { " -- " },
+        cmdline.join(" ")
+    ));
+    line(format!(
+        "- {runs} runs per stage and capture, interleaved; medians. Input files are in the page cache \
+         (each stage reads the same file right after the others). Wall time is what the targets are \
+         about; CPU time (user + system, all threads or the child process) is what a stage costs, \
+         and is the steadier number when the machine is shared."
+    ));
+    line(String::new());
+    line("## Targets".into());
+    line(String::new());
+    line(
+        "| capture | full tracking vs bare libpcap (target ≥ 67%) | vs argus (target ≥ 6×) | same in CPU time |".into(),
+    );
+    line("|---|---:|---:|---:|".into());
+    for s in &scenarios {
+        let (pw, tw, aw) = (s.libpcap.wall(), s.track.wall(), s.argus.wall());
+        let (pc, tc, ac) = (s.libpcap.cpu(), s.track.cpu(), s.argus.cpu());
+        let verdict = |ok: Option<bool>| match ok {
+            Some(true) => " (met)",
+            Some(false) => " (missed)",
+            None => "",
+        };
+        let share = pw.zip(tw).map(|(p, t)| p.as_secs_f64() / t.as_secs_f64().max(1e-9));
+        let x = aw.zip(tw).map(|(a, t)| a.as_secs_f64() / t.as_secs_f64().max(1e-9));
+        line(format!(
+            "| {} | {}{} | {}{} | {} of libpcap, {} argus |",
+            s.label,
+            percent(pw, tw),
+            verdict(share.map(|v| v >= 0.67)),
+            times(aw, tw),
+            verdict(x.map(|v| v >= 6.0)),
+            percent(pc, tc),
+            times(ac, tc),
+        ));
     }
     if let Some(m) = &memory {
         let per = |b: f64| b / m.flows.max(1) as f64;
+        let rss = m.hwm_delta_kib.map(|k| per(k as f64 * 1024.0));
         line(format!(
-            "- memory: {} never-closed connections ({} tracked) in {:.2} s; heap peak {:.1} MB = \
-             {:.0} B/flow (target < 300: {}); heap after {:.0} B/flow; peak RSS growth {}",
+            "| memory, {} concurrent connections | peak RSS growth {} B/flow (target ≤ 200{}) | | heap peak {:.0} B/flow |",
+            m.flows,
+            rss.map_or("n/a".into(), |b| format!("{b:.0}")),
+            match rss {
+                Some(b) if b <= 200.0 => ", met",
+                Some(_) => ", missed",
+                None => "",
+            },
+            per(m.peak_heap as f64),
+        ));
+    }
+    line(String::new());
+    line("## Throughput".into());
+    for s in &scenarios {
+        line(String::new());
+        line(format!("### {}", s.label));
+        line(String::new());
+        line(format!("Capture: {}.", s.description));
+        line(String::new());
+        line("| stage | wall (median) | packets/s | vs bare libpcap | CPU (median) | CPU vs libpcap | notes |".into());
+        line("|---|---:|---:|---:|---:|---:|---|".into());
+        let (pw, pc) = (s.libpcap.wall(), s.libpcap.cpu());
+        let rows: [(&str, &Stage); 5] = [
+            ("a. bare libpcap loop (`pcap` crate, `next_packet`)", &s.libpcap),
+            ("b. parse only (`FileSource` + `wire::parse`)", &s.parse),
+            ("c. full tracking and RST extraction (b + `flow::Tracker`, the agent's two-thread loop)", &s.track),
+            ("d. `tcpdump -r FILE -w /dev/null 'tcp[tcpflags] & tcp-rst != 0'`", &s.tcpdump),
+            ("d. `argus -r FILE -w /dev/null`", &s.argus),
+        ];
+        for (name, st) in rows {
+            let pps = st.wall().map_or("n/a".into(), |d| fmt_rate(rate(s.packets, d)));
+            line(format!(
+                "| {name} | {} | {pps} | {} | {} | {} | {} |",
+                secs(st.wall()),
+                percent(pw, st.wall()),
+                secs(st.cpu()),
+                percent(pc, st.cpu()),
+                st.note
+            ));
+        }
+    }
+    if let Some(m) = &memory {
+        let per = |b: f64| b / m.flows.max(1) as f64;
+        line(String::new());
+        line("## Memory per tracked flow".into());
+        line(String::new());
+        line(format!(
+            "{} handshakes that never close, fed to one tracker ({} tracked at the end) in {:.2} s: peak RSS \
+             growth {}; heap (counting allocator) peak {:.1} MB = {:.0} B/flow, after {:.0} B/flow.",
             m.flows,
             m.tracked,
             m.took.as_secs_f64(),
-            m.peak_heap as f64 / 1e6,
-            per(m.peak_heap as f64),
-            verdict(per(m.peak_heap as f64) < 300.0),
-            per(m.steady_heap as f64),
             m.hwm_delta_kib.map_or("n/a".into(), |k| format!(
                 "{:.1} MB = {:.0} B/flow",
                 k as f64 * 1024.0 / 1e6,
                 per(k as f64 * 1024.0)
             )),
+            m.peak_heap as f64 / 1e6,
+            per(m.peak_heap as f64),
+            per(m.steady_heap as f64),
         ));
     }
 
-    if let Some(out) = &args.out {
+    if let Some(out) = &out {
         std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
     if args.keep {
         eprintln!("kept captures in {}", dir.display());
-    } else {
-        if args.capture.is_none() {
-            let _ = std::fs::remove_file(&capture);
-        }
-        if args.dir.is_none() {
-            let _ = std::fs::remove_dir(&dir);
-        }
+    } else if args.dir.is_none() {
+        let _ = std::fs::remove_dir(&dir);
     }
     Ok(())
 }
