@@ -117,7 +117,13 @@ fn segments(u: &mut Unstructured<'_>) -> arbitrary::Result<(TrackerConfig, Vec<S
                 1 => Checksum::Bad,
                 _ => Checksum::Unverified,
             },
-            options: TcpOptions { mss: r.mss, window_scale: r.ws, sack_permitted: r.ws.is_some(), timestamps: None },
+            options: TcpOptions {
+                mss: r.mss,
+                window_scale: r.ws,
+                sack_permitted: r.ws.is_some(),
+                timestamps: None,
+                ..TcpOptions::default()
+            },
             vlan: None,
             ip_header_ok: r.ip_header_ok,
         });
@@ -133,6 +139,7 @@ fuzz_target!(|data: &[u8]| {
     let mut count = |e: Event| match e {
         Event::Reset(_) => resets += 1,
         Event::Flow(_) => flows += 1,
+        Event::Open(_) => {}
     };
     for seg in &segs {
         tracker.on_segment(seg, &mut count);
