@@ -18,7 +18,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::Stream;
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
 use rstscope_proto::v1::{
     self, agent_message, collector_message, event, AgentHello, AgentMessage, Batch, CollectorMessage,
 };
@@ -31,7 +32,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::service::Hub;
-use crate::store::Appended;
+use crate::store::{Appended, Pending};
 
 /// Earliest time accepted in any event: 1990-01-01T00:00:00Z, ns since the epoch.
 pub const MIN_TIME_NS: i64 = 631_152_000 * 1_000_000_000;
@@ -194,6 +195,38 @@ pub fn check_flow(flow: &v1::FlowSummary) -> Result<(), CheckError> {
     check_direction("resp_dir", flow.resp_dir.as_ref())
 }
 
+fn check_optional_time(field: &str, ns: Option<i64>) -> Result<(), CheckError> {
+    ns.map_or(Ok(()), |ns| check_time(field, ns))
+}
+
+/// One connection opening: endpoints, sane times, header fields within their bit widths,
+/// bounded option text.
+pub fn check_open(open: &v1::ConnectionOpen) -> Result<(), CheckError> {
+    check_endpoint("orig", open.orig.as_ref())?;
+    check_endpoint("resp", open.resp.as_ref())?;
+    check_time("start_ns", open.start_ns)?;
+    check_optional_time("syn_ns", open.syn_ns)?;
+    check_optional_time("synack_ns", open.synack_ns)?;
+    check_max("orig_ttl", open.orig_ttl, 255)?;
+    check_max("resp_ttl", open.resp_ttl, 255)?;
+    if let Some(ip_id) = open.syn_ip_id {
+        check_max("syn_ip_id", ip_id, 65_535)?;
+    }
+    check_text("syn_options", &open.syn_options, MAX_SHORT_TEXT)
+}
+
+/// A watermark: a sane time, and `since_ns` either 0 (unknown) or a sane time not after it.
+pub fn check_watermark(mark: &v1::Watermark) -> Result<(), CheckError> {
+    check_time("ts_ns", mark.ts_ns)?;
+    if mark.since_ns != 0 {
+        check_time("since_ns", mark.since_ns)?;
+        if mark.since_ns > mark.ts_ns {
+            return fail(format!("since_ns {} is after ts_ns {}", mark.since_ns, mark.ts_ns));
+        }
+    }
+    Ok(())
+}
+
 /// One capture-loss report: a period in order, sane times, bounded reason.
 pub fn check_loss(loss: &v1::CaptureLoss) -> Result<(), CheckError> {
     check_time("from_ns", loss.from_ns)?;
@@ -210,8 +243,8 @@ pub fn check_event(event: &v1::Event) -> Result<(), CheckError> {
         Some(event::Kind::Reset(reset)) => within(|| "reset".into(), check_reset(reset)),
         Some(event::Kind::Flow(flow)) => within(|| "flow".into(), check_flow(flow)),
         Some(event::Kind::Loss(loss)) => within(|| "loss".into(), check_loss(loss)),
-        Some(event::Kind::Watermark(mark)) => within(|| "watermark".into(), check_time("ts_ns", mark.ts_ns)),
-        Some(event::Kind::Open(open)) => within(|| "open".into(), check_time("start_ns", open.start_ns)),
+        Some(event::Kind::Watermark(mark)) => within(|| "watermark".into(), check_watermark(mark)),
+        Some(event::Kind::Open(open)) => within(|| "open".into(), check_open(open)),
         None => fail("the event has no kind (reset, flow, open, loss or watermark)"),
     }
 }
@@ -430,6 +463,13 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
     .await
 }
 
+/// Batches of one stream written but not yet acknowledged: the next batch is read and written
+/// while earlier ones wait for their flush (acknowledgements still go out in order).
+const MAX_IN_FLIGHT: usize = 8;
+
+/// What one batch ends in: the sequence number to acknowledge, or the error ending the stream.
+type Outcome = Pin<Box<dyn std::future::Future<Output = Result<u64, Status>> + Send>>;
+
 async fn serve_batches(
     hub: &Arc<Hub>,
     inbound: &mut Streaming<AgentMessage>,
@@ -440,45 +480,85 @@ async fn serve_batches(
 ) -> Result<(), Status> {
     let closed = hub.closed();
     tokio::pin!(closed);
+    let mut in_flight: FuturesOrdered<Outcome> = FuturesOrdered::new();
+    // No more batches are read once the agent closed its side or a batch failed: the failure
+    // ends the stream after the acknowledgements of the batches before it.
+    let mut reading = true;
     loop {
-        let message = tokio::select! {
-            message = inbound.message() => message?,
-            () = &mut closed => return Err(Status::unavailable("the collector is shutting down; reconnect later")),
-        };
-        let Some(message) = message else { return Ok(()) };
-        session.seen(now_ns());
-        let batch = match message.kind {
-            Some(agent_message::Kind::Batch(batch)) => batch,
-            Some(agent_message::Kind::Hello(_)) => {
-                return Err(Status::invalid_argument("hello was already sent on this stream"))
+        if !reading && in_flight.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            biased;
+            Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
+                let seq = outcome.inspect_err(|_| Metrics::bump(&hub.metrics.batches_rejected, 1))?;
+                send(tx, collector_message::Kind::Ack(v1::Ack { seq })).await?;
             }
-            None => return Err(Status::invalid_argument("a message with neither hello nor batch")),
-        };
-        let ack = store_batch(hub, batch, agent, boot_id).await.inspect_err(|_| {
-            Metrics::bump(&hub.metrics.batches_rejected, 1);
-        })?;
-        send(tx, collector_message::Kind::Ack(v1::Ack { seq: ack })).await?;
+            message = inbound.message(), if reading && in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(message) = message? else {
+                    reading = false;
+                    continue;
+                };
+                session.seen(now_ns());
+                let batch = match message.kind {
+                    Some(agent_message::Kind::Batch(batch)) => batch,
+                    Some(agent_message::Kind::Hello(_)) => {
+                        return Err(Status::invalid_argument("hello was already sent on this stream"))
+                    }
+                    None => return Err(Status::invalid_argument("a message with neither hello nor batch")),
+                };
+                let outcome = write_batch(hub, batch, agent, boot_id).await;
+                reading = outcome.is_ok();
+                in_flight.push_back(match outcome {
+                    Ok(written) => Box::pin(acknowledge(hub.clone(), agent.clone(), written)),
+                    Err(status) => Box::pin(std::future::ready(Err(status))),
+                });
+            }
+            () = &mut closed => return Err(Status::unavailable("the collector is shutting down; reconnect later")),
+        }
     }
 }
 
-/// Checks, stores and publishes one batch; returns the sequence number to acknowledge.
-async fn store_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &str) -> Result<u64, Status> {
+/// A batch written to the store, waiting to be made durable.
+struct Written {
+    order: u64,
+    batch: Batch,
+    pending: Pending,
+}
+
+/// Checks and writes one batch (not yet durable); a gap is refused here.
+async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &str) -> Result<Written, Status> {
     check_batch(&batch, hub.limits.max_batch_events)?;
     let order = hub.next_order.fetch_add(1, Ordering::SeqCst) + 1;
     let store = hub.store.clone();
     let (agent_name, boot) = (agent.to_string(), boot_id.to_string());
-    let (appended, batch) = blocking(move || {
-        let appended = store.append_batch(&agent_name, &boot, &batch, now_ns());
-        appended.map(|a| (a, batch))
+    let (pending, batch) = blocking(move || {
+        let pending = store.write_batch(&agent_name, &boot, &batch, now_ns());
+        pending.map(|p| (p, batch))
     })
     .await?;
+    if let Appended::Gap { durable_seq } = pending.outcome() {
+        return Err(Status::failed_precondition(format!(
+            "batch {} does not follow the last durable batch {durable_seq}: expected batch {}",
+            batch.seq,
+            durable_seq + 1
+        )));
+    }
+    Ok(Written { order, batch, pending })
+}
+
+/// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
+async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
+    let Written { order, batch, pending } = written;
+    let store = hub.store.clone();
+    let appended = blocking(move || store.make_durable(pending)).await?;
     match appended {
         Appended::Stored { durable_seq } => {
             Metrics::bump(&hub.metrics.batches, 1);
             Metrics::bump(&hub.metrics.events_in, batch.events.len() as u64);
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
-            hub.correlation().ingest(agent, &batch.events);
-            publish(hub, order, agent, batch);
+            hub.correlation().ingest(&agent, &batch.events);
+            publish(&hub, order, &agent, batch);
             Ok(durable_seq)
         }
         Appended::Duplicate { durable_seq } => {
@@ -486,9 +566,8 @@ async fn store_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
             Ok(durable_seq)
         }
         Appended::Gap { durable_seq } => Err(Status::failed_precondition(format!(
-            "batch {} does not follow the last durable batch {durable_seq}: expected batch {}",
-            batch.seq,
-            durable_seq + 1
+            "batch {} does not follow the last durable batch {durable_seq}",
+            batch.seq
         ))),
     }
 }
@@ -582,6 +661,59 @@ mod tests {
             spoil(&mut r);
             assert_eq!(error_of(check_batch(&batch_of(r), 5000)), expected);
         }
+    }
+
+    fn open() -> v1::ConnectionOpen {
+        v1::ConnectionOpen {
+            orig: endpoint(&[198, 51, 100, 7], 50_000),
+            resp: endpoint(&[192, 0, 2, 1], 443),
+            start_ns: 1_700_000_000_000_000_000,
+            syn_ns: Some(1_700_000_000_000_000_000),
+            synack_ns: Some(1_700_000_000_001_000_000),
+            syn_options: "M1460,S,T,N,W7".into(),
+            orig_ttl: 64,
+            resp_ttl: 57,
+            syn_ip_id: Some(4711),
+            ..Default::default()
+        }
+    }
+
+    fn check_one(kind: event::Kind) -> Result<(), CheckError> {
+        check_batch(&Batch { seq: 1, events: vec![v1::Event { kind: Some(kind) }] }, 5000)
+    }
+
+    #[test]
+    fn bad_opens_and_watermarks_are_named_precisely() {
+        assert_eq!(check_one(event::Kind::Open(open())), Ok(()));
+        type Spoil = fn(&mut v1::ConnectionOpen);
+        let cases: [(Spoil, &str); 6] = [
+            (|o| o.orig = None, "batch 1, event 0: open: orig is missing"),
+            (
+                |o| o.resp = endpoint(&[1, 2, 3, 4, 5], 1),
+                "batch 1, event 0: open: resp.ip has 5 bytes; an address has 4 (IPv4) or 16 (IPv6)",
+            ),
+            (|o| o.start_ns = -5, "batch 1, event 0: open: start_ns = -5 ns is not between 1990 and 2100"),
+            (|o| o.synack_ns = Some(1), "batch 1, event 0: open: synack_ns = 1 ns is not between 1990 and 2100"),
+            (|o| o.resp_ttl = 300, "batch 1, event 0: open: resp_ttl = 300 is above 255"),
+            (|o| o.syn_ip_id = Some(70_000), "batch 1, event 0: open: syn_ip_id = 70000 is above 65535"),
+        ];
+        for (spoil, expected) in cases {
+            let mut o = open();
+            spoil(&mut o);
+            assert_eq!(error_of(check_one(event::Kind::Open(o))), expected);
+        }
+        let t = 1_700_000_000_000_000_000;
+        let mark = |ts_ns, since_ns| event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ended: false });
+        assert_eq!(check_one(mark(t, 0)), Ok(()), "since unknown");
+        assert_eq!(check_one(mark(t, t - 1)), Ok(()));
+        assert_eq!(
+            error_of(check_one(mark(t, t + 1))),
+            format!("batch 1, event 0: watermark: since_ns {} is after ts_ns {t}", t + 1)
+        );
+        assert_eq!(
+            error_of(check_one(mark(t, 7))),
+            "batch 1, event 0: watermark: since_ns = 7 ns is not between 1990 and 2100"
+        );
     }
 
     #[test]

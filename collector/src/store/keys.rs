@@ -8,8 +8,12 @@ use rstscope_proto::{v1, FlowKey};
 
 /// Length of a record key ([`StoreSeq::to_bytes`]).
 pub(crate) const RECORD_KEY_LEN: usize = 28;
-/// Length of a connection index key: flow key, kind, record key.
-pub(crate) const CONN_KEY_LEN: usize = 36 + 1 + RECORD_KEY_LEN;
+/// Length of a connection index key: hour, flow key, kind, record key.
+pub(crate) const CONN_KEY_LEN: usize = 4 + 36 + 1 + RECORD_KEY_LEN;
+/// Offset of the kind byte in a connection index key.
+pub(crate) const CONN_KIND_AT: usize = 4 + 36;
+/// Width of the connection index's time buckets: one hour of event time.
+const CONN_BUCKET_NS: u64 = 3_600_000_000_000;
 /// Length of the header in front of every stored reset or flow value.
 pub(crate) const HEADER_LEN: usize = 40;
 /// Version byte of the value header; bump when the layout changes.
@@ -19,9 +23,69 @@ const VALUE_VERSION: u8 = 1;
 pub(crate) const KIND_FLOW: u8 = 0;
 /// Kind byte in the connection index for resets.
 pub(crate) const KIND_RESET: u8 = 1;
+/// Kind byte in the connection index for connection openings.
+pub(crate) const KIND_OPEN: u8 = 2;
+/// Kind byte of capture-loss records (never in the connection index: they have no flow).
+pub(crate) const KIND_LOSS: u8 = 3;
+
+/// The smallest record key: event times before 1970 are refused, so every record key starts
+/// with a byte >= 0x80 and everything below is free for the trees' reserved keys (tallies).
+pub(crate) const FIRST_RECORD_KEY: [u8; 8] = ts_bytes(0);
+
+/// Reserved key of a record tree holding its record count (kept in the same atomic batch as
+/// the records, so the count can never disagree with the tree after a crash).
+pub(crate) const TALLY_TOTAL_KEY: [u8; 2] = [0x00, b'n'];
+
+/// Reserved key of a record tree holding one agent's [`Tally`].
+pub(crate) fn tally_key(agent_id: u32) -> [u8; 6] {
+    let id = agent_id.to_be_bytes();
+    [0x00, b'a', id[0], id[1], id[2], id[3]]
+}
+
+/// Prefix of every per-agent tally key.
+pub(crate) const TALLY_AGENT_PREFIX: [u8; 2] = [0x00, b'a'];
+
+/// What one record tree holds of one agent: the count, the newest record time (so that events
+/// newer than it skip the duplicate check), and for capture losses the summed drop counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub(crate) records: u64,
+    /// Newest key time stored for the agent (never lowered by retention); `i64::MIN`: none.
+    pub(crate) newest_ns: i64,
+    pub(crate) capture_dropped: u64,
+    pub(crate) events_dropped: u64,
+}
+
+impl Tally {
+    pub(crate) const EMPTY: Tally = Tally { records: 0, newest_ns: i64::MIN, capture_dropped: 0, events_dropped: 0 };
+
+    pub(crate) fn to_bytes(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[0..8].copy_from_slice(&self.records.to_be_bytes());
+        out[8..16].copy_from_slice(&self.newest_ns.to_be_bytes());
+        out[16..24].copy_from_slice(&self.capture_dropped.to_be_bytes());
+        out[24..32].copy_from_slice(&self.events_dropped.to_be_bytes());
+        out
+    }
+
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Tally> {
+        let b: &[u8; 32] = bytes.try_into().ok()?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            w
+        };
+        Some(Tally {
+            records: u64::from_be_bytes(word(0)),
+            newest_ns: i64::from_be_bytes(word(8)),
+            capture_dropped: u64::from_be_bytes(word(16)),
+            events_dropped: u64::from_be_bytes(word(24)),
+        })
+    }
+}
 
 /// A nanosecond timestamp as 8 bytes that sort like the signed value (sign bit flipped).
-pub(crate) fn ts_bytes(ts_ns: i64) -> [u8; 8] {
+pub(crate) const fn ts_bytes(ts_ns: i64) -> [u8; 8] {
     ((ts_ns as u64) ^ (1 << 63)).to_be_bytes()
 }
 
@@ -145,6 +209,27 @@ pub(crate) fn flow_id(flow: &v1::FlowSummary) -> u128 {
     h.0
 }
 
+/// Identity of a connection opening within its agent and start time: the endpoints and the
+/// agent's record id (one record per 4-tuple and start).
+pub(crate) fn open_id(open: &v1::ConnectionOpen) -> u128 {
+    let mut h = Fnv128::new(KIND_OPEN);
+    h.endpoint(open.orig.as_ref());
+    h.endpoint(open.resp.as_ref());
+    h.bytes(&open.start_ns.to_be_bytes());
+    h.bytes(&open.conn_id.to_be_bytes());
+    h.0
+}
+
+/// Identity of a capture-loss report within its agent and end time: everything in it.
+pub(crate) fn loss_id(loss: &v1::CaptureLoss) -> u128 {
+    let mut h = Fnv128::new(KIND_LOSS);
+    for value in [loss.from_ns as u64, loss.capture_dropped, loss.interface_dropped, loss.events_dropped] {
+        h.bytes(&value.to_be_bytes());
+    }
+    h.field(loss.reason.as_bytes());
+    h.0
+}
+
 /// A text that is not a [`StoreSeq`] cursor.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a store cursor (expected ts.agent.id): {0:?}")]
@@ -169,12 +254,22 @@ impl FromStr for StoreSeq {
     }
 }
 
-/// Connection index key: `flow key ++ kind ++ record key`; the value is empty.
+/// The hour bucket of an event time (hours since -2^63 ns, so that it sorts like the time).
+pub(crate) fn conn_bucket(ts_ns: i64) -> u32 {
+    u32::try_from(u64::from_be_bytes(ts_bytes(ts_ns)) / CONN_BUCKET_NS).unwrap_or(u32::MAX)
+}
+
+/// Connection index key: `hour ++ flow key ++ kind ++ record key`; the value is empty.
+///
+/// The hour in front keeps ingest's inserts inside the current hour's part of the index (the
+/// flow keys themselves are random, and random inserts all over a large index page it in
+/// from disk); a connection look-up pays one prefix scan per stored hour instead.
 pub(crate) fn conn_key(key: &FlowKey, kind: u8, seq: &StoreSeq) -> [u8; CONN_KEY_LEN] {
     let mut out = [0u8; CONN_KEY_LEN];
-    out[..36].copy_from_slice(&key.to_bytes());
-    out[36] = kind;
-    out[37..].copy_from_slice(&seq.to_bytes());
+    out[..4].copy_from_slice(&conn_bucket(seq.ts_ns).to_be_bytes());
+    out[4..40].copy_from_slice(&key.to_bytes());
+    out[CONN_KIND_AT] = kind;
+    out[CONN_KIND_AT + 1..].copy_from_slice(&seq.to_bytes());
     out
 }
 
@@ -187,29 +282,62 @@ pub(crate) fn session_key(agent: &str, boot_id: &str) -> Vec<u8> {
     out
 }
 
-/// A session value: the session's number and its durable batch number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A session value: the session's number, its durable batch number, and its latest watermark
+/// with the watermark's `since_ns` (0 when none came yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct SessionValue {
     pub(crate) session_id: u32,
     pub(crate) durable_seq: u64,
+    pub(crate) watermark_ns: i64,
+    pub(crate) since_ns: i64,
 }
 
 impl SessionValue {
-    pub(crate) fn to_bytes(self) -> [u8; 12] {
-        let mut out = [0u8; 12];
+    pub(crate) fn to_bytes(self) -> [u8; 28] {
+        let mut out = [0u8; 28];
         out[..4].copy_from_slice(&self.session_id.to_be_bytes());
-        out[4..].copy_from_slice(&self.durable_seq.to_be_bytes());
+        out[4..12].copy_from_slice(&self.durable_seq.to_be_bytes());
+        out[12..20].copy_from_slice(&self.watermark_ns.to_be_bytes());
+        out[20..28].copy_from_slice(&self.since_ns.to_be_bytes());
         out
     }
 
+    /// Reads the 28-byte form, and the 12-byte form of earlier versions (no watermark).
     pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let b: &[u8; 12] = bytes.try_into().ok()?;
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&b[4..]);
-        Some(SessionValue {
-            session_id: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-            durable_seq: u64::from_be_bytes(seq),
-        })
+        if bytes.len() != 12 && bytes.len() != 28 {
+            return None;
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i..i + 8]);
+            w
+        };
+        let mut value = SessionValue {
+            session_id: u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            durable_seq: u64::from_be_bytes(word(4)),
+            ..SessionValue::default()
+        };
+        if bytes.len() == 28 {
+            value.watermark_ns = i64::from_be_bytes(word(12));
+            value.since_ns = i64::from_be_bytes(word(20));
+        }
+        Some(value)
+    }
+}
+
+/// The value of a record without a flow (capture losses): version byte, then the message.
+pub(crate) fn encode_plain(message: &impl prost::Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + message.encoded_len());
+    out.push(VALUE_VERSION);
+    message.encode_raw(&mut out);
+    out
+}
+
+/// The message bytes of a value written by [`encode_plain`].
+pub(crate) fn decode_plain(value: &[u8]) -> Option<&[u8]> {
+    match value.split_first() {
+        Some((&VALUE_VERSION, body)) => Some(body),
+        _ => None,
     }
 }
 
@@ -270,6 +398,38 @@ mod tests {
         #[test]
         fn timestamps_sort_like_i64(a in any::<i64>(), b in any::<i64>()) {
             prop_assert_eq!(a.cmp(&b), ts_bytes(a).cmp(&ts_bytes(b)));
+        }
+    }
+
+    #[test]
+    fn reserved_keys_sort_before_every_record() {
+        let first = StoreSeq { ts_ns: 0, agent_id: 0, id: 0 }.to_bytes();
+        assert!(first.as_slice() >= FIRST_RECORD_KEY.as_slice());
+        assert!(TALLY_TOTAL_KEY.as_slice() < FIRST_RECORD_KEY.as_slice());
+        assert!(tally_key(u32::MAX).as_slice() < FIRST_RECORD_KEY.as_slice());
+    }
+
+    #[test]
+    fn tallies_and_sessions_round_trip() {
+        let tally = Tally { records: 7, newest_ns: -3, capture_dropped: 1 << 40, events_dropped: 9 };
+        assert_eq!(Tally::from_bytes(&tally.to_bytes()), Some(tally));
+        let session = SessionValue { session_id: 3, durable_seq: 99, watermark_ns: 5, since_ns: -1 };
+        assert_eq!(SessionValue::from_bytes(&session.to_bytes()), Some(session));
+        // The 12-byte form of earlier versions.
+        let old = SessionValue::from_bytes(&session.to_bytes()[..12]);
+        assert_eq!(old, Some(SessionValue { session_id: 3, durable_seq: 99, ..SessionValue::default() }));
+        assert_eq!(SessionValue::from_bytes(&[0; 13]), None);
+    }
+
+    #[test]
+    fn connection_buckets_follow_time() {
+        let hour = 3_600_000_000_000;
+        let times = [-hour, -1, 0, 1, hour - 1, hour, 5 * hour, 1_700_000_000_000_000_000];
+        for pair in times.windows(2) {
+            assert!(conn_bucket(pair[0]) <= conn_bucket(pair[1]), "{pair:?}");
+        }
+        for t in times {
+            assert_eq!(conn_bucket(t + hour) - conn_bucket(t), 1, "{t}");
         }
     }
 

@@ -1,7 +1,8 @@
-//! Durable storage of what agents report: the only module that knows sled.
+//! Durable storage of what agents report, and of the correlator's merged reports: the only
+//! module that knows sled.
 //!
 //! # Why sled
-//! An embedded, ordered key-value store with multi-tree transactions and an explicit `flush`
+//! An embedded, ordered key-value store with atomic single-tree batches and an explicit `flush`
 //! (fsync) is all the collector needs: no server to run, range scans in key order, and a clear
 //! point after which an acknowledgement survives `kill -9`.
 //!
@@ -10,11 +11,18 @@
 //! |---|---|---|
 //! | `resets` | ts (i64, sign bit flipped) 8 · agent id 4 · event identity digest 16 | header · prost `RstEvent` |
 //! | `flows` | the same, with the flow's `end_ns` as ts | header · prost `FlowSummary` |
-//! | `conn` | `FlowKey::to_bytes()` 36 · kind 1 (0 flow, 1 reset) · record key 28 | empty |
-//! | `sessions` | len(agent) 4 · agent · boot id | session id 4 · durable batch seq 8 |
+//! | `opens` | the same, with the connection's `start_ns` as ts | header · prost `ConnectionOpen` |
+//! | `losses` | the same, with the loss period's `until_ns` as ts | version · prost `CaptureLoss` |
+//! | `conn` | hour 4 · `FlowKey::to_bytes()` 36 · kind 1 (0 flow, 1 reset, 2 open) · record key 28 | empty |
+//! | `sessions` | len(agent) 4 · agent · boot id | session id 4 · durable batch seq 8 · watermark 8 · since 8 |
 //! | `agent_ids` | agent name | agent id 4 |
 //! | `agents` | agent name | JSON [`AgentRecord`] |
-//! | `meta` | `resets`, `flows` | counters 8 |
+//! | `meta` | `size_cap_records`, `m:` + name ([`Store::set_meta`]) | bytes |
+//! | `reports`, `report_ids`, `report_buckets` | see `reports.rs` | |
+//!
+//! The four record trees also hold reserved keys below every record key (`0x00 n`: the count,
+//! `0x00 a` agent id: that agent's [`keys::Tally`]), written in the *same* atomic batch as the
+//! records they count, so counts are exact after any crash without a transaction.
 //!
 //! The record key ([`StoreSeq`]) starts with time, so a `since`/`until` query is one short range
 //! scan, `last N` is the same scan backwards, and retention by age deletes a key prefix range.
@@ -26,23 +34,31 @@
 //! The rest of the key is a digest of the event's identity (for a reset: its header fields and
 //! the connection's packet counts; for a flow: endpoints and start, see `keys::reset_id`), not of
 //! the batch it came in. An agent restarted in the middle of a capture file reads it again from
-//! the start and sends events the collector already has, in new batches; they land on their
-//! existing keys and are neither stored nor counted twice. Records written by versions that keyed
-//! by (session, batch, index) stay readable; only a re-send across that upgrade could duplicate.
+//! the start and sends events the collector already has, in new batches; they are found on
+//! their existing keys and are neither stored nor counted twice. The look-up is skipped for
+//! events newer than anything stored of that agent (the tally's newest time), which is almost
+//! every event of a live agent.
 //!
 //! The `conn` index exists because the question "what did every vantage point see of this
-//! connection" must not scan time: its keys start with the direction-free flow key, so one
-//! prefix scan finds every flow and reset of a 4-tuple from every agent.
+//! connection" must not scan time: under each hour its keys start with the direction-free flow
+//! key, so one prefix scan per stored hour finds every open, flow and reset of a 4-tuple from
+//! every agent.
 //!
-//! # Durability
-//! A batch's records, the index entries, the counters, the agent record and the session's new
-//! durable batch number are written in one sled transaction, then `Db::flush` fsyncs before
-//! [`Appended::Stored`] is returned. Keys are deterministic (derived from the events), so even a
-//! retry of a batch whose transaction never committed writes the same keys.
-//! Writers are serialised by a mutex: ingest is bounded by fsync, not by the transaction.
+//! # Durability without transactions
+//! A batch is written as one atomic sled batch per tree, in an order that keeps every crash
+//! state consistent: first the `conn` index entries (an entry whose record is missing is
+//! skipped by readers), then each record tree together with its tallies, then the agent record
+//! and last the session's durable batch number. A crash anywhere before the last step leaves the
+//! batch unacknowledged; the agent resends it, the records already written are recognised by
+//! their keys (and were already counted), the rest is written. `Db::flush` (fsync) runs once
+//! for all batches written meanwhile by any agent (group commit), and every acknowledgement
+//! waits for a flush that began after its batch was written. Writers are serialised by a mutex.
 
+mod append;
 mod keys;
 mod query;
+mod replay;
+mod reports;
 mod retention;
 #[cfg(test)]
 mod tests;
@@ -54,32 +70,42 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use rstscope_proto::{v1, Endpoint, FlowKey};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
+use rstscope_proto::{v1, Endpoint};
 
+pub use append::Pending;
 pub use keys::{ParseStoreSeqError, StoreSeq};
 pub use query::{cause_name, flag_letters, parse_flag_letters, ConnectionView, ResetQuery, StoredReset, CAUSE_NAMES};
+pub use replay::EventsSince;
 pub use retention::RetentionReport;
 
-use keys::{conn_key, session_key, SessionValue, ValueHeader, KIND_FLOW, KIND_RESET};
+use keys::{
+    session_key, SessionValue, Tally, FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET,
+    TALLY_AGENT_PREFIX, TALLY_TOTAL_KEY,
+};
 
 /// Where and how much to store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     /// Directory of the sled database (created if missing).
     pub dir: PathBuf,
-    /// Resets and flows older than this (event time against `now`) are removed. Default 7 days.
+    /// Records and reports older than this (event time against `now`) are removed. Default 7 days.
     pub retention: Duration,
     /// When the database grows past this many bytes on disk, the oldest records are removed.
     /// Default 20 GiB.
     pub max_bytes: u64,
+    /// Bytes of sled's page cache. Default 1 GiB.
+    pub cache_bytes: u64,
 }
 
 impl StoreConfig {
-    /// Defaults (7 days, 20 GiB) for a database in `dir`.
+    /// Defaults (7 days, 20 GiB, 1 GiB of cache) for a database in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        StoreConfig { dir: dir.into(), retention: Duration::from_secs(7 * 24 * 3600), max_bytes: 20 << 30 }
+        StoreConfig {
+            dir: dir.into(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 20 << 30,
+            cache_bytes: 1 << 30,
+        }
     }
 }
 
@@ -109,13 +135,6 @@ impl StoreError {
         match error {
             sled::Error::Io(io) if is_disk_full(&io) => StoreError::DiskFull(io),
             other => StoreError::Sled(other),
-        }
-    }
-
-    fn from_transaction(error: TransactionError<StoreError>) -> StoreError {
-        match error {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::from_sled(e),
         }
     }
 }
@@ -164,17 +183,35 @@ pub struct AgentRecord {
     pub last_seen_ns: i64,
     /// Highest watermark it reported (agent clock); 0 if none.
     pub watermark_ns: i64,
-    /// Resets and flows of it currently stored.
+    /// The `since_ns` of that watermark: its capture ran without a gap from then (0: unknown).
+    #[serde(default)]
+    pub watermark_since_ns: i64,
+    /// Resets, flows and connection openings of it currently stored.
     pub events: u64,
-    /// Packets its capture or interface dropped (sum of its loss reports).
+    /// Packets its capture or interface dropped (sum of its stored loss reports).
     pub capture_drops: u64,
-    /// Events it dropped because its spool was full (sum of its loss reports).
+    /// Events it dropped because its spool was full (sum of its stored loss reports).
     pub events_dropped: u64,
     /// Durable batch number of its latest session.
     pub durable_seq: u64,
     /// The host's addresses from its hello (to tell local from remote endpoints).
     #[serde(default)]
     pub local_addresses: Vec<IpAddr>,
+}
+
+/// One agent session (agent name and boot id) as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The agent.
+    pub agent: String,
+    /// The boot id of the session.
+    pub boot_id: String,
+    /// Its durable batch number.
+    pub durable_seq: u64,
+    /// Its latest watermark (agent clock); 0 if none.
+    pub watermark_ns: i64,
+    /// That watermark's `since_ns`; 0 if none or unknown.
+    pub since_ns: i64,
 }
 
 /// Size of the store.
@@ -184,6 +221,12 @@ pub struct StoreStatus {
     pub resets: u64,
     /// Stored flow summaries.
     pub flows: u64,
+    /// Stored connection openings.
+    pub opens: u64,
+    /// Stored capture-loss reports.
+    pub losses: u64,
+    /// Stored merged reset reports.
+    pub reports: u64,
     /// Bytes on disk.
     pub bytes: u64,
     /// Known agents.
@@ -198,20 +241,28 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// The record trees, indexed by kind (`KIND_FLOW`, `KIND_RESET`, `KIND_OPEN`, `KIND_LOSS`).
+const KINDS: [u8; 4] = [KIND_FLOW, KIND_RESET, KIND_OPEN, KIND_LOSS];
+const TREE_NAMES: [&str; 4] = ["flows", "resets", "opens", "losses"];
+
 struct Inner {
     config: StoreConfig,
     db: sled::Db,
-    resets: sled::Tree,
-    flows: sled::Tree,
+    /// By kind, see [`KINDS`].
+    records: [sled::Tree; 4],
     conn: sled::Tree,
     sessions: sled::Tree,
     agent_ids: sled::Tree,
     agents: sled::Tree,
     meta: sled::Tree,
-    /// Serialises writers; holds the next session id.
+    reports: reports::ReportTrees,
+    /// Serialises writers; holds the tallies.
     writer: Mutex<Writer>,
+    /// Record counts by kind (copies of the tallies' totals, for lock-free status).
+    totals: [AtomicU64; 4],
     names: RwLock<AgentNames>,
     corrupt_skipped: AtomicU64,
+    durability: append::Durability,
     /// New durable resets, one message per batch, for followers.
     new_resets: tokio::sync::broadcast::Sender<Arc<[StoredReset]>>,
 }
@@ -219,8 +270,11 @@ struct Inner {
 /// Batches a follower may fall behind by before it is told it lagged.
 const FOLLOW_CAPACITY: usize = 1024;
 
+/// State only writers touch (under the writer lock).
 struct Writer {
     next_session_id: u32,
+    /// Per (kind, agent id): what the record tree holds of the agent; mirrors its reserved keys.
+    tallies: HashMap<(u8, u32), Tally>,
 }
 
 /// Interned agent names, loaded at open.
@@ -241,38 +295,20 @@ impl AgentNames {
     }
 }
 
-const META_RESETS: &[u8] = b"resets";
-const META_FLOWS: &[u8] = b"flows";
-
-/// One event of a batch, checked and encoded, waiting for its key.
-struct Prepared {
-    /// Identity digest (part of the key, so an event sent again writes the same key).
-    id: u128,
-    kind: u8,
-    ts_ns: i64,
-    key: FlowKey,
-    value: Vec<u8>,
-}
-
-/// Everything a batch changes besides its records.
-#[derive(Default)]
-struct BatchEffects {
-    resets: u64,
-    flows: u64,
-    watermark_ns: Option<i64>,
-    capture_drops: u64,
-    events_dropped: u64,
-}
-
 impl Store {
     /// Opens (or creates) the database in `config.dir`.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(&config.dir)?;
-        let db = sled::Config::new().path(&config.dir).open().map_err(StoreError::from_sled)?;
+        let db = sled::Config::new()
+            .path(&config.dir)
+            .cache_capacity(config.cache_bytes)
+            .open()
+            .map_err(StoreError::from_sled)?;
         let tree = |name: &str| db.open_tree(name).map_err(StoreError::from_sled);
-        let (resets, flows, conn) = (tree("resets")?, tree("flows")?, tree("conn")?);
-        let (sessions, agent_ids, agents, meta) =
-            (tree("sessions")?, tree("agent_ids")?, tree("agents")?, tree("meta")?);
+        let records = [tree(TREE_NAMES[0])?, tree(TREE_NAMES[1])?, tree(TREE_NAMES[2])?, tree(TREE_NAMES[3])?];
+        let (conn, sessions, agent_ids, agents, meta) =
+            (tree("conn")?, tree("sessions")?, tree("agent_ids")?, tree("agents")?, tree("meta")?);
+        let reports = reports::ReportTrees::open(&db)?;
 
         let mut names = AgentNames::default();
         for item in agent_ids.iter() {
@@ -291,28 +327,91 @@ impl Store {
                 SessionValue::from_bytes(&v).ok_or_else(|| StoreError::Corrupt(format!("session entry {k:?}")))?;
             next_session_id = next_session_id.max(session.session_id.saturating_add(1));
         }
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 config,
                 db,
-                resets,
-                flows,
+                records,
                 conn,
                 sessions,
                 agent_ids,
                 agents,
                 meta,
-                writer: Mutex::new(Writer { next_session_id }),
+                reports,
+                writer: Mutex::new(Writer { next_session_id, tallies: HashMap::new() }),
+                totals: Default::default(),
                 names: RwLock::new(names),
                 corrupt_skipped: AtomicU64::new(0),
+                durability: append::Durability::default(),
                 new_resets: tokio::sync::broadcast::channel(FOLLOW_CAPACITY).0,
             }),
-        })
+        };
+        store.load_tallies()?;
+        store.upgrade_conn_index()?;
+        Ok(store)
     }
 
     /// The configuration the store was opened with.
     pub fn config(&self) -> &StoreConfig {
         &self.inner.config
+    }
+
+    fn tree(&self, kind: u8) -> &sled::Tree {
+        &self.inner.records[usize::from(kind)]
+    }
+
+    /// Reads every record tree's tallies into memory; rebuilds them (one scan) for a tree
+    /// written by a version without tallies.
+    fn load_tallies(&self) -> Result<(), StoreError> {
+        let mut writer = self.writer();
+        for kind in KINDS {
+            let tree = self.tree(kind);
+            let total = tree.get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+            let has_records = tree.range(FIRST_RECORD_KEY..).next().transpose()?.is_some();
+            if total.is_none() && has_records {
+                tracing::info!(tree = TREE_NAMES[usize::from(kind)], "Counting the records of an older store once.");
+                self.rebuild_tally(kind)?;
+            }
+            let total = tree.get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+            self.inner.totals[usize::from(kind)].store(total.map_or(0, u64::from_be_bytes), Ordering::Relaxed);
+            for item in tree.scan_prefix(TALLY_AGENT_PREFIX) {
+                let (k, v) = item?;
+                let (Some(id), Some(tally)) = (k.get(2..6), Tally::from_bytes(&v)) else {
+                    return Err(StoreError::Corrupt(format!("tally {k:?} of {}", TREE_NAMES[usize::from(kind)])));
+                };
+                let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+                writer.tallies.insert((kind, id), tally);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a record tree and writes its tallies (upgrade from a version without them).
+    fn rebuild_tally(&self, kind: u8) -> Result<(), StoreError> {
+        let tree = self.tree(kind);
+        let mut per_agent: HashMap<u32, Tally> = HashMap::new();
+        let mut total = 0u64;
+        for item in tree.range(FIRST_RECORD_KEY..) {
+            let (k, v) = item?;
+            let Some(seq) = StoreSeq::from_bytes(&k) else { continue };
+            let tally = per_agent.entry(seq.agent_id).or_insert(Tally::EMPTY);
+            tally.records += 1;
+            tally.newest_ns = tally.newest_ns.max(seq.ts_ns);
+            if kind == KIND_LOSS {
+                if let Some(loss) = replay::decode_loss(&v) {
+                    tally.capture_dropped += loss.capture_dropped.saturating_add(loss.interface_dropped);
+                    tally.events_dropped += loss.events_dropped;
+                }
+            }
+            total += 1;
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(&TALLY_TOTAL_KEY[..], &total.to_be_bytes()[..]);
+        for (id, tally) in per_agent {
+            batch.insert(&keys::tally_key(id)[..], &tally.to_bytes()[..]);
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
     }
 
     /// Records an agent's hello (creates or updates its record) and returns the durable batch
@@ -341,107 +440,12 @@ impl Store {
             .agents
             .insert(hello.agent_name.as_bytes(), encode_record(&record)?)
             .map_err(StoreError::from_sled)?;
+        let generation = self.inner.durability.written();
         drop(writer);
-        // The number may come from a batch another stream committed but has not flushed yet;
+        // The number may come from a batch another stream wrote but has not flushed yet;
         // the agent discards its spool up to it, so it must be durable first.
-        self.flush()?;
+        self.inner.durability.wait(&self.inner.db, generation)?;
         Ok(durable_seq)
-    }
-
-    /// Stores the batch `batch.seq` of the session `(agent, boot_id)` if it is the next one,
-    /// durably (fsync) before returning [`Appended::Stored`].
-    ///
-    /// A batch at or below the durable number is a [`Appended::Duplicate`], one beyond the next
-    /// a [`Appended::Gap`]; neither writes anything. An event with an endpoint that is not 4 or 16
-    /// bytes rejects the whole batch with [`StoreError::Invalid`]. Resets and flows already stored
-    /// for the agent (same time and identity, see the module notes) are skipped, not counted again.
-    pub fn append_batch(
-        &self,
-        agent: &str,
-        boot_id: &str,
-        batch: &v1::Batch,
-        now_ns: i64,
-    ) -> Result<Appended, StoreError> {
-        let (prepared, mut effects) = prepare(batch)?;
-        let mut writer = self.writer();
-        let session = self.session(agent, boot_id)?;
-        let durable_seq = session.map_or(0, |s| s.durable_seq);
-        if batch.seq <= durable_seq {
-            drop(writer);
-            // The earlier Stored may still be flushing in another thread: an ack must be durable.
-            self.flush()?;
-            return Ok(Appended::Duplicate { durable_seq });
-        }
-        if batch.seq != durable_seq + 1 {
-            return Ok(Appended::Gap { durable_seq });
-        }
-        let agent_id = self.intern_agent(agent)?;
-        let session_id = match session {
-            Some(s) => s.session_id,
-            None => new_session_id(&mut writer)?,
-        };
-
-        let mut record_batch = [sled::Batch::default(), sled::Batch::default()];
-        let mut conn_batch = sled::Batch::default();
-        // Writers are serialised, so what is stored cannot change between this check and the
-        // transaction; `seen` catches an event repeated within the batch itself.
-        let mut seen = std::collections::HashSet::with_capacity(prepared.len());
-        for p in &prepared {
-            let seq = StoreSeq { ts_ns: p.ts_ns, agent_id, id: p.id };
-            let record_key = seq.to_bytes();
-            let tree = if p.kind == KIND_RESET { &self.inner.resets } else { &self.inner.flows };
-            if !seen.insert((p.kind, record_key)) || tree.contains_key(record_key)? {
-                if p.kind == KIND_RESET {
-                    effects.resets -= 1;
-                } else {
-                    effects.flows -= 1;
-                }
-                continue;
-            }
-            record_batch[usize::from(p.kind)].insert(&record_key[..], p.value.as_slice());
-            conn_batch.insert(&conn_key(&p.key, p.kind, &seq)[..], &[][..]);
-        }
-        let [flow_batch, reset_batch] = record_batch;
-        let session_value = SessionValue { session_id, durable_seq: batch.seq }.to_bytes();
-        let session_key = session_key(agent, boot_id);
-        let i = &self.inner;
-        (&i.resets, &i.flows, &i.conn, &i.sessions, &i.agents, &i.meta)
-            .transaction(|(t_resets, t_flows, t_conn, t_sessions, t_agents, t_meta)| {
-                t_resets.apply_batch(&reset_batch)?;
-                t_flows.apply_batch(&flow_batch)?;
-                t_conn.apply_batch(&conn_batch)?;
-                t_sessions.insert(session_key.as_slice(), &session_value[..])?;
-                add_counter(t_meta, META_RESETS, effects.resets as i64)?;
-                add_counter(t_meta, META_FLOWS, effects.flows as i64)?;
-                let fresh = || AgentRecord { name: agent.to_string(), first_seen_ns: now_ns, ..AgentRecord::default() };
-                let mut record = match t_agents.get(agent.as_bytes())? {
-                    // A damaged record must not block the agent's ingest: start it afresh.
-                    Some(bytes) => decode_record(agent, &bytes).unwrap_or_else(|_| {
-                        self.corrupt("agents", agent.as_bytes(), "undecodable agent record");
-                        fresh()
-                    }),
-                    None => fresh(),
-                };
-                record.boot_id = boot_id.to_string();
-                record.durable_seq = batch.seq;
-                record.last_seen_ns = now_ns;
-                record.events = record.events.saturating_add(effects.resets + effects.flows);
-                record.capture_drops = record.capture_drops.saturating_add(effects.capture_drops);
-                record.events_dropped = record.events_dropped.saturating_add(effects.events_dropped);
-                if let Some(w) = effects.watermark_ns {
-                    record.watermark_ns = record.watermark_ns.max(w);
-                }
-                let bytes = encode_record(&record).map_err(ConflictableTransactionError::Abort)?;
-                t_agents.insert(agent.as_bytes(), bytes)?;
-                Ok(())
-            })
-            .map_err(StoreError::from_transaction)?;
-        drop(writer);
-        self.flush()?;
-        if self.inner.new_resets.receiver_count() > 0 && effects.resets > 0 {
-            self.publish(agent, agent_id, batch);
-        }
-        Ok(Appended::Stored { durable_seq: batch.seq })
     }
 
     /// New resets as they become durable, one message per stored batch (time order within
@@ -455,27 +459,6 @@ impl Store {
         self.inner.new_resets.subscribe()
     }
 
-    fn publish(&self, agent: &str, agent_id: u32, batch: &v1::Batch) {
-        let mut resets: Vec<StoredReset> = batch
-            .events
-            .iter()
-            .filter_map(|event| match &event.kind {
-                Some(v1::event::Kind::Reset(rst)) => {
-                    let key = FlowKey::new(
-                        endpoint(rst.src.as_ref(), 0, "src").ok()?,
-                        endpoint(rst.dst.as_ref(), 0, "dst").ok()?,
-                    );
-                    let seq = StoreSeq { ts_ns: rst.ts_ns, agent_id, id: keys::reset_id(rst) };
-                    Some(StoredReset { agent: agent.to_string(), key, event: rst.clone(), seq })
-                }
-                _ => None,
-            })
-            .collect();
-        resets.sort_by_key(|r| r.seq);
-        // An error only means every follower left meanwhile.
-        let _ = self.inner.new_resets.send(resets.into());
-    }
-
     /// Every known agent, in name order.
     pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
         let mut out = Vec::new();
@@ -486,14 +469,56 @@ impl Store {
                 Err(_) => self.corrupt("agents", &k, "undecodable agent record"),
             }
         }
+        // Counts come from the tallies, which are exact (kept with the records).
+        let names = self.names();
+        let writer = self.writer();
+        for record in &mut out {
+            let Some(id) = names.id(&record.name) else { continue };
+            let tally = |kind: u8| writer.tallies.get(&(kind, id)).copied().unwrap_or(Tally::EMPTY);
+            record.events = tally(KIND_RESET).records + tally(KIND_FLOW).records + tally(KIND_OPEN).records;
+            record.capture_drops = tally(KIND_LOSS).capture_dropped;
+            record.events_dropped = tally(KIND_LOSS).events_dropped;
+        }
         Ok(out)
     }
 
-    /// Counts and size. Cheap: counters are kept, not counted.
+    /// Every session of every agent (agent, then boot id, in byte order), with its durable
+    /// batch number and latest watermark: what the correlator needs to know which times each
+    /// capture can vouch for.
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.sessions.iter() {
+            let (k, v) = item?;
+            let value = SessionValue::from_bytes(&v);
+            let parsed = k.get(..4).and_then(|len| {
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                let agent = std::str::from_utf8(k.get(4..4 + len)?).ok()?;
+                let boot = std::str::from_utf8(k.get(4 + len..)?).ok()?;
+                Some((agent.to_string(), boot.to_string()))
+            });
+            match (parsed, value) {
+                (Some((agent, boot_id)), Some(v)) => out.push(SessionRecord {
+                    agent,
+                    boot_id,
+                    durable_seq: v.durable_seq,
+                    watermark_ns: v.watermark_ns,
+                    since_ns: v.since_ns,
+                }),
+                _ => self.corrupt("sessions", &k, "malformed session"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts and size. Cheap: counts are kept, not counted.
     pub fn status(&self) -> Result<StoreStatus, StoreError> {
+        let total = |kind: u8| self.inner.totals[usize::from(kind)].load(Ordering::Relaxed);
         Ok(StoreStatus {
-            resets: read_counter(&self.inner.meta, META_RESETS)?,
-            flows: read_counter(&self.inner.meta, META_FLOWS)?,
+            resets: total(KIND_RESET),
+            flows: total(KIND_FLOW),
+            opens: total(KIND_OPEN),
+            losses: total(KIND_LOSS),
+            reports: self.inner.reports.count(),
             bytes: self.inner.db.size_on_disk().map_err(StoreError::from_sled)?,
             agents: u32::try_from(self.inner.agents.len()).unwrap_or(u32::MAX),
             corrupt_skipped: self.inner.corrupt_skipped.load(Ordering::Relaxed),
@@ -502,13 +527,26 @@ impl Store {
 
     /// Makes everything written so far durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush().map_err(StoreError::from_sled)?;
+        self.inner.durability.flush_now(&self.inner.db)
+    }
+
+    /// Stores a small named value (e.g. the correlator's "decided until" time), replacing any
+    /// earlier one. Not flushed: it becomes durable with the next flush, and never before
+    /// anything written earlier (sled recovers a prefix of its log).
+    pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.meta.insert(meta_key(name), value).map_err(StoreError::from_sled)?;
+        self.inner.durability.bump();
         Ok(())
     }
 
+    /// The value [`Store::set_meta`] stored under `name`, if any.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.meta.get(meta_key(name))?.map(|v| v.to_vec()))
+    }
+
     fn writer(&self) -> MutexGuard<'_, Writer> {
-        // A panic while holding the lock cannot leave sled half-written (transactions), so the
-        // lock stays usable.
+        // Every write is ordered to be consistent at any point, so a panic while holding the
+        // lock leaves nothing half-done that the next writer could trip over.
         self.inner.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -561,67 +599,10 @@ impl Store {
     }
 }
 
-/// Takes a fresh session id (needs the writer lock).
-fn new_session_id(writer: &mut Writer) -> Result<u32, StoreError> {
-    let id = writer.next_session_id;
-    writer.next_session_id =
-        id.checked_add(1).ok_or_else(|| StoreError::Corrupt("session ids exhausted".to_string()))?;
-    Ok(id)
-}
-
-/// Checks and encodes a batch's events; nothing is written if any is invalid.
-fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, BatchEffects), StoreError> {
-    use v1::event::Kind;
-    let mut prepared = Vec::with_capacity(batch.events.len());
-    let mut effects = BatchEffects::default();
-    for (i, event) in batch.events.iter().enumerate() {
-        match &event.kind {
-            Some(Kind::Reset(rst)) => {
-                let src = endpoint(rst.src.as_ref(), i, "src")?;
-                let dst = endpoint(rst.dst.as_ref(), i, "dst")?;
-                let key = FlowKey::new(src, dst);
-                let header = ValueHeader {
-                    key,
-                    cause: u8::try_from(rst.cause).unwrap_or(u8::MAX),
-                    flags: (rst.flags & 0xfff) as u16,
-                };
-                prepared.push(Prepared {
-                    id: keys::reset_id(rst),
-                    kind: KIND_RESET,
-                    ts_ns: rst.ts_ns,
-                    key,
-                    value: header.encode_with(rst),
-                });
-                effects.resets += 1;
-            }
-            Some(Kind::Flow(flow)) => {
-                let orig = endpoint(flow.orig.as_ref(), i, "orig")?;
-                let resp = endpoint(flow.resp.as_ref(), i, "resp")?;
-                let key = FlowKey::new(orig, resp);
-                let header = ValueHeader { key, cause: 0, flags: 0 };
-                prepared.push(Prepared {
-                    id: keys::flow_id(flow),
-                    kind: KIND_FLOW,
-                    ts_ns: flow.end_ns,
-                    key,
-                    value: header.encode_with(flow),
-                });
-                effects.flows += 1;
-            }
-            Some(Kind::Loss(loss)) => {
-                effects.capture_drops =
-                    effects.capture_drops.saturating_add(loss.capture_dropped).saturating_add(loss.interface_dropped);
-                effects.events_dropped = effects.events_dropped.saturating_add(loss.events_dropped);
-            }
-            Some(Kind::Watermark(w)) => {
-                effects.watermark_ns = Some(effects.watermark_ns.map_or(w.ts_ns, |m| m.max(w.ts_ns)));
-            }
-            // Connection identities are not stored yet (correlation, issue 4).
-            Some(Kind::Open(_)) => {}
-            None => return Err(StoreError::Invalid(format!("event {i} of the batch is empty"))),
-        }
-    }
-    Ok((prepared, effects))
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut key = b"m:".to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
@@ -650,23 +631,4 @@ fn encode_record(record: &AgentRecord) -> Result<Vec<u8>, StoreError> {
 
 fn decode_record(name: &str, bytes: &[u8]) -> Result<AgentRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("agent record of {name:?}: {e}")))
-}
-
-fn read_counter(meta: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
-    Ok(meta.get(key)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map_or(0, u64::from_be_bytes))
-}
-
-/// Adds `delta` (saturating at 0) to a counter inside a transaction.
-fn add_counter(
-    meta: &TransactionalTree,
-    key: &[u8],
-    delta: i64,
-) -> Result<(), ConflictableTransactionError<StoreError>> {
-    if delta == 0 {
-        return Ok(());
-    }
-    let old = meta.get(key)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map_or(0, u64::from_be_bytes);
-    let new = old.saturating_add_signed(delta);
-    meta.insert(key, &new.to_be_bytes())?;
-    Ok(())
 }

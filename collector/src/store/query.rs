@@ -7,7 +7,9 @@ use std::ops::Bound;
 use prost::Message;
 use rstscope_proto::{v1, FlowKey};
 
-use super::keys::{ts_bytes, StoreSeq, ValueHeader, CONN_KEY_LEN, KIND_FLOW, KIND_RESET};
+use super::keys::{
+    ts_bytes, StoreSeq, ValueHeader, CONN_KEY_LEN, CONN_KIND_AT, FIRST_RECORD_KEY, KIND_FLOW, KIND_OPEN, KIND_RESET,
+};
 use super::{Store, StoreError};
 
 /// Selects stored resets. `Default` selects everything, oldest first.
@@ -27,6 +29,10 @@ pub struct ResetQuery {
     pub causes: Vec<String>,
     /// With exactly one of these flag sets, as letters (`R`, `RA`; any order).
     pub flags: Vec<String>,
+    /// With one of these verdicts (`end-to-end`, `injected`, ...). Only merged reports
+    /// ([`Store::reports`]) have verdicts; [`Store::resets`] ignores this, its caller decides
+    /// what a raw record's verdict is.
+    pub verdicts: Vec<String>,
     /// Only the newest N matches (still returned oldest first).
     pub last: Option<usize>,
     /// At most this many results (with `last`, the newest of them).
@@ -55,6 +61,8 @@ pub struct ConnectionView {
     pub flows: Vec<(String, v1::FlowSummary)>,
     /// Resets from every agent, in time order.
     pub resets: Vec<StoredReset>,
+    /// Connection openings with the reporting agent, ordered by their start time.
+    pub opens: Vec<(String, v1::ConnectionOpen)>,
 }
 
 /// Cause vocabulary (shared/docs/reset-causes.md, section 2), indexed by the `v1::Cause` value;
@@ -91,7 +99,7 @@ const FLAG_LETTERS: [(char, u16); 9] = [
     ('N', 0x100),
 ];
 /// The bits the letters cover; the reserved bits 9..11 never take part in a comparison.
-const FLAG_MASK: u16 = 0x1ff;
+pub(super) const FLAG_MASK: u16 = 0x1ff;
 
 /// Flag bits as the agent prints them (`S F R P A U E C N` order), e.g. 0x14 → "RA".
 pub fn flag_letters(flags: u32) -> String {
@@ -132,16 +140,16 @@ impl ResetQuery {
 }
 
 /// A query compiled against the store: names resolved to ids and bits.
-struct Compiled {
-    agent_ids: Option<HashSet<u32>>,
-    causes: Option<HashSet<u8>>,
-    flags: Option<HashSet<u16>>,
-    hosts: Vec<ipnet::IpNet>,
-    ports: Vec<u16>,
+pub(super) struct Compiled {
+    pub(super) agent_ids: Option<HashSet<u32>>,
+    pub(super) causes: Option<HashSet<u8>>,
+    pub(super) flags: Option<HashSet<u16>>,
+    pub(super) hosts: Vec<ipnet::IpNet>,
+    pub(super) ports: Vec<u16>,
 }
 
 impl Compiled {
-    fn new(store: &Store, q: &ResetQuery) -> Result<Compiled, StoreError> {
+    pub(super) fn new(store: &Store, q: &ResetQuery) -> Result<Compiled, StoreError> {
         let agent_ids = (!q.agents.is_empty()).then(|| {
             let names = store.names();
             q.agents.iter().filter_map(|name| names.id(name)).collect::<HashSet<u32>>()
@@ -209,10 +217,9 @@ impl Store {
         if cap == 0 {
             return Ok(Vec::new());
         }
-        let mut start: Bound<Vec<u8>> = match q.since_ns {
-            Some(since) => Bound::Included(ts_bytes(since).to_vec()),
-            None => Bound::Unbounded,
-        };
+        // Never below the first record key: the tallies live there.
+        let since = ts_bytes(q.since_ns.unwrap_or(0)).max(FIRST_RECORD_KEY);
+        let mut start: Bound<Vec<u8>> = Bound::Included(since.to_vec());
         if let Some(after) = q.after {
             let after = after.to_bytes().to_vec();
             let later = match &start {
@@ -233,7 +240,7 @@ impl Store {
             }
         }
         let names = self.names();
-        let range = self.inner.resets.range::<Vec<u8>, _>((start, end));
+        let range = self.tree(KIND_RESET).range::<Vec<u8>, _>((start, end));
         let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             if q.last.is_some() { Box::new(range.rev()) } else { Box::new(range) };
         let mut out = Vec::new();
@@ -272,45 +279,65 @@ impl Store {
     }
 
     /// Everything every agent reported of the connection `key`: one prefix scan of the
-    /// connection index, then a point read per record.
+    /// connection index per stored hour, then a point read per record.
     pub fn connection(&self, key: &FlowKey) -> Result<ConnectionView, StoreError> {
         let names = self.names();
         let mut view = ConnectionView::default();
-        for item in self.inner.conn.scan_prefix(key.to_bytes()) {
-            let (k, _) = item?;
-            if k.len() != CONN_KEY_LEN {
-                self.corrupt("conn", &k, "malformed index key");
-                continue;
-            }
-            let record_key = &k[37..];
-            let Some(seq) = StoreSeq::from_bytes(record_key) else { continue };
-            let tree = match k[36] {
-                KIND_FLOW => &self.inner.flows,
-                KIND_RESET => &self.inner.resets,
-                _ => {
+        let (mut flows, mut opens) = (Vec::new(), Vec::new());
+        let flow_key = key.to_bytes();
+        let mut next_hour = Some(0u32);
+        while let Some(hour) = next_hour {
+            // The first stored hour at or after `hour`, then this connection's entries in it.
+            let Some((first, _)) = self.inner.conn.range(hour.to_be_bytes()..).next().transpose()? else { break };
+            let Some(found) = first.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])) else {
+                self.corrupt("conn", &first, "malformed index key");
+                break;
+            };
+            next_hour = found.checked_add(1);
+            let mut prefix = found.to_be_bytes().to_vec();
+            prefix.extend_from_slice(&flow_key);
+            for item in self.inner.conn.scan_prefix(&prefix) {
+                let (k, _) = item?;
+                if k.len() != CONN_KEY_LEN {
+                    self.corrupt("conn", &k, "malformed index key");
+                    continue;
+                }
+                let kind = k[CONN_KIND_AT];
+                let record_key = &k[CONN_KIND_AT + 1..];
+                let Some(seq) = StoreSeq::from_bytes(record_key) else { continue };
+                if !matches!(kind, KIND_FLOW | KIND_RESET | KIND_OPEN) {
                     self.corrupt("conn", &k, "unknown record kind");
                     continue;
                 }
-            };
-            // A missing record is a retention run interrupted between its two steps: skip it.
-            let Some(value) = tree.get(record_key)? else { continue };
-            let Some((header, body)) = ValueHeader::decode(&value) else {
-                self.corrupt("conn", &k, "malformed value header");
-                continue;
-            };
-            let agent = names.name(seq.agent_id);
-            if k[36] == KIND_FLOW {
-                match v1::FlowSummary::decode(body) {
-                    Ok(flow) => view.flows.push((agent, flow)),
-                    Err(_) => self.corrupt("flows", record_key, "undecodable FlowSummary"),
-                }
-            } else {
-                match v1::RstEvent::decode(body) {
-                    Ok(event) => view.resets.push(StoredReset { agent, key: header.key, event, seq }),
-                    Err(_) => self.corrupt("resets", record_key, "undecodable RstEvent"),
+                // A missing record: a batch interrupted between the index and its records (it
+                // is resent), or a retention run interrupted between its steps. Skip it.
+                let Some(value) = self.tree(kind).get(record_key)? else { continue };
+                let Some((header, body)) = ValueHeader::decode(&value) else {
+                    self.corrupt("conn", &k, "malformed value header");
+                    continue;
+                };
+                let agent = names.name(seq.agent_id);
+                match kind {
+                    KIND_FLOW => match v1::FlowSummary::decode(body) {
+                        Ok(flow) => flows.push((seq, agent, flow)),
+                        Err(_) => self.corrupt("flows", record_key, "undecodable FlowSummary"),
+                    },
+                    KIND_OPEN => match v1::ConnectionOpen::decode(body) {
+                        Ok(open) => opens.push((seq, agent, open)),
+                        Err(_) => self.corrupt("opens", record_key, "undecodable ConnectionOpen"),
+                    },
+                    _ => match v1::RstEvent::decode(body) {
+                        Ok(event) => view.resets.push(StoredReset { agent, key: header.key, event, seq }),
+                        Err(_) => self.corrupt("resets", record_key, "undecodable RstEvent"),
+                    },
                 }
             }
         }
+        flows.sort_by_key(|(seq, _, _)| *seq);
+        opens.sort_by_key(|(seq, _, _)| *seq);
+        view.resets.sort_by_key(|r| r.seq);
+        view.flows = flows.into_iter().map(|(_, agent, flow)| (agent, flow)).collect();
+        view.opens = opens.into_iter().map(|(_, agent, open)| (agent, open)).collect();
         Ok(view)
     }
 }

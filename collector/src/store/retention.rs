@@ -1,17 +1,22 @@
 //! Forgetting: by age (a key range below `now - retention`) and by size (the oldest records,
-//! an estimated number at a time). Removal happens in chunks, each one transaction that deletes
-//! the records, their connection index entries and adjusts the counters, so the index never
-//! points at more than it should and ingest is not blocked for long.
+//! an estimated number at a time), over the four record trees and the correlator's reports.
+//!
+//! Removal happens in chunks so that ingest is not blocked for long. Each chunk first removes
+//! the connection index entries of its records, then, per record tree, the records together
+//! with the tallies that count them (one atomic batch), so a crash between the steps leaves at
+//! most records whose index entries are gone, which the next run removes anyway.
 
 use std::collections::HashMap;
 use std::ops::Bound;
+use std::sync::atomic::Ordering;
 
-use sled::Transactional;
+use super::keys::{
+    conn_key, tally_key, ts_bytes, ts_from_bytes, StoreSeq, Tally, ValueHeader, FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS,
+    KIND_RESET, TALLY_TOTAL_KEY,
+};
+use super::{replay, Store, StoreError, KINDS, TREE_NAMES};
 
-use super::keys::{conn_key, ts_bytes, StoreSeq, ValueHeader, KIND_FLOW, KIND_RESET};
-use super::{add_counter, decode_record, encode_record, Store, StoreError, META_FLOWS, META_RESETS};
-
-/// Records removed per transaction (about 70 ms of holding the writer lock on a 10M store).
+/// Records removed per chunk.
 const CHUNK: usize = 1_000;
 /// Meta key: the record count the size pass settled on while the disk is over its limit.
 const META_SIZE_CAP: &[u8] = b"size_cap_records";
@@ -49,9 +54,15 @@ pub struct RetentionReport {
     pub resets_removed: u64,
     /// Flow summaries removed.
     pub flows_removed: u64,
-    /// Of those, removed for being older than the retention.
+    /// Connection openings removed.
+    pub opens_removed: u64,
+    /// Capture-loss reports removed.
+    pub losses_removed: u64,
+    /// Merged reports removed.
+    pub reports_removed: u64,
+    /// Of the records (not reports), removed for being older than the retention.
     pub removed_by_age: u64,
-    /// Of those, removed because the store was over its size.
+    /// Of the records (not reports), removed because the store was over its size.
     pub removed_by_size: u64,
     /// Bytes on disk before the run.
     pub bytes_before: u64,
@@ -59,22 +70,35 @@ pub struct RetentionReport {
     pub bytes_after: u64,
 }
 
+impl RetentionReport {
+    fn count(&mut self, kind: u8, n: u64) {
+        match kind {
+            KIND_RESET => self.resets_removed += n,
+            KIND_FLOW => self.flows_removed += n,
+            KIND_LOSS => self.losses_removed += n,
+            _ => self.opens_removed += n,
+        }
+    }
+}
+
 /// One record chosen for removal.
 struct Victim {
     kind: u8,
     key: sled::IVec,
-    seq: StoreSeq,
+    seq: Option<StoreSeq>,
     flow_key: Option<rstscope_proto::FlowKey>,
+    /// For losses: (capture + interface drops, events dropped).
+    drops: (u64, u64),
 }
 
 impl Store {
-    /// Time of the newest stored reset or flow (event time), if any.
+    /// Time of the newest stored record (event time), if any.
     fn newest_event_ns(&self) -> Result<Option<i64>, StoreError> {
         let mut newest: Option<i64> = None;
-        for tree in [&self.inner.resets, &self.inner.flows] {
-            if let Some((key, _)) = tree.last()? {
+        for kind in KINDS {
+            if let Some((key, _)) = self.tree(kind).last()? {
                 if let Some(head) = key.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-                    let ts = super::keys::ts_from_bytes(head);
+                    let ts = ts_from_bytes(head);
                     newest = Some(newest.map_or(ts, |n| n.max(ts)));
                 }
             }
@@ -82,11 +106,10 @@ impl Store {
         Ok(newest)
     }
 
-    /// Removes resets and flows older than the retention (counted back from the newest stored
-    /// event, or `now_ns` if that is earlier), then, if the database is larger
-    /// than `max_bytes`, the oldest records until the estimated size fits. Meant to run every
-    /// minute or so; each chunk is its own transaction, so an interrupted run is simply resumed
-    /// by the next one.
+    /// Removes records and reports older than the retention (counted back from the newest
+    /// stored record, or `now_ns` if that is earlier), then, if the database is larger than
+    /// `max_bytes`, the oldest records (and the reports older than them) until the estimated
+    /// size fits. Meant to run every minute or so; an interrupted run is resumed by the next.
     ///
     /// sled frees disk space lazily, so the size pass works from an estimated record cap
     /// (see `size_pass`) rather than looping on `size_on_disk`, which would delete everything.
@@ -97,23 +120,23 @@ impl Store {
         // days after they were taken are kept for the full retention (they are what the admin
         // is looking at), while a bogus future timestamp cannot push everything out.
         let newest = self.newest_event_ns()?.map_or(now_ns, |newest| newest.min(now_ns));
-        let cutoff = ts_bytes(newest.saturating_sub(retention_ns));
-        for kind in [KIND_RESET, KIND_FLOW] {
+        let cutoff_ns = newest.saturating_sub(retention_ns);
+        let cutoff = ts_bytes(cutoff_ns);
+        for kind in KINDS {
             loop {
-                let removed =
-                    self.remove_chunk(CHUNK, Some(&cutoff), kind == KIND_RESET, kind == KIND_FLOW, &mut report)?;
+                let (removed, _) = self.remove_chunk(CHUNK, Some(&cutoff), &[kind], &mut report)?;
                 report.removed_by_age += removed;
                 if removed < CHUNK as u64 {
                     break;
                 }
             }
         }
+        report.reports_removed += self.remove_reports_before(cutoff_ns)?;
 
         let bytes = self.inner.db.size_on_disk()?;
-        let status = self.status()?;
+        let records: u64 = self.inner.totals.iter().map(|t| t.load(Ordering::Relaxed)).sum();
         let cap = self.inner.meta.get(META_SIZE_CAP)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
-        let pass =
-            size_pass(bytes, self.inner.config.max_bytes, status.resets + status.flows, cap.map(u64::from_be_bytes));
+        let pass = size_pass(bytes, self.inner.config.max_bytes, records, cap.map(u64::from_be_bytes));
         match pass.cap {
             Some(cap) => self.inner.meta.insert(META_SIZE_CAP, &cap.to_be_bytes())?,
             None => self.inner.meta.remove(META_SIZE_CAP)?,
@@ -122,20 +145,31 @@ impl Store {
         if to_remove > 0 {
             tracing::info!(bytes, to_remove, "Store is over its size limit; removing the oldest records.");
         }
+        let mut newest_removed: Option<i64> = None;
         while to_remove > 0 {
             let chunk = usize::try_from(to_remove).unwrap_or(CHUNK).min(CHUNK);
-            let removed = self.remove_chunk(chunk, None, true, true, &mut report)?;
+            let (removed, newest) = self.remove_chunk(chunk, None, &KINDS, &mut report)?;
             report.removed_by_size += removed;
+            newest_removed = newest_removed.max(newest);
             if removed == 0 {
                 break;
             }
             to_remove = to_remove.saturating_sub(removed);
         }
+        if let Some(newest) = newest_removed {
+            // Reports are derived from records: none may outlive the records they merge.
+            report.reports_removed += self.remove_reports_before(newest.saturating_add(1))?;
+        }
         report.bytes_after = self.inner.db.size_on_disk()?;
-        if report.resets_removed + report.flows_removed > 0 {
+        let records_removed =
+            report.resets_removed + report.flows_removed + report.opens_removed + report.losses_removed;
+        if records_removed + report.reports_removed > 0 {
             tracing::info!(
                 resets = report.resets_removed,
                 flows = report.flows_removed,
+                opens = report.opens_removed,
+                losses = report.losses_removed,
+                reports = report.reports_removed,
                 by_age = report.removed_by_age,
                 by_size = report.removed_by_size,
                 "Retention removed old records."
@@ -144,99 +178,105 @@ impl Store {
         Ok(report)
     }
 
-    /// Removes up to `max` of the oldest records (of resets, flows or both merged by key)
-    /// below `end`, in one transaction. Returns how many.
+    /// Removes up to `max` of the oldest records of the trees of `kinds` (merged by key) below
+    /// `end`. Returns how many, and the newest event time among them.
     fn remove_chunk(
         &self,
         max: usize,
         end: Option<&[u8]>,
-        resets: bool,
-        flows: bool,
+        kinds: &[u8],
         report: &mut RetentionReport,
-    ) -> Result<u64, StoreError> {
-        let _writer = self.writer();
-        let i = &self.inner;
-        let range = |tree: &sled::Tree, on: bool| {
-            let end = end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec()));
-            on.then(|| tree.range::<Vec<u8>, _>((Bound::Unbounded, end)).peekable())
-        };
-        let (mut r, mut f) = (range(&i.resets, resets), range(&i.flows, flows));
+    ) -> Result<(u64, Option<i64>), StoreError> {
+        let mut writer = self.writer();
+        let mut iters: Vec<(u8, std::iter::Peekable<sled::Iter>)> = kinds
+            .iter()
+            .map(|&kind| {
+                let end = end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec()));
+                let start = Bound::Included(FIRST_RECORD_KEY.to_vec());
+                (kind, self.tree(kind).range::<Vec<u8>, _>((start, end)).peekable())
+            })
+            .collect();
         let mut victims = Vec::with_capacity(max.min(CHUNK));
         while victims.len() < max {
-            // Take from whichever tree has the older next key.
-            let peek_key = |it: &mut Option<std::iter::Peekable<sled::Iter>>| match it.as_mut().and_then(|it| it.peek())
-            {
-                Some(Ok((k, _))) => Some(k.clone()),
-                Some(Err(_)) => Some(sled::IVec::default()),
-                None => None,
-            };
-            let (rk, fk) = (peek_key(&mut r), peek_key(&mut f));
-            let (kind, it) = match (rk, fk) {
-                (None, None) => break,
-                (Some(_), None) => (KIND_RESET, &mut r),
-                (None, Some(_)) => (KIND_FLOW, &mut f),
-                (Some(a), Some(b)) if a <= b => (KIND_RESET, &mut r),
-                _ => (KIND_FLOW, &mut f),
-            };
-            let Some(Some(item)) = it.as_mut().map(Iterator::next) else { break };
+            // Take from whichever tree has the oldest next key.
+            let mut best: Option<(usize, sled::IVec)> = None;
+            for (i, (_, it)) in iters.iter_mut().enumerate() {
+                let key = match it.peek() {
+                    Some(Ok((k, _))) => k.clone(),
+                    Some(Err(_)) => sled::IVec::default(),
+                    None => continue,
+                };
+                if best.as_ref().is_none_or(|(_, b)| key < *b) {
+                    best = Some((i, key));
+                }
+            }
+            let Some((i, _)) = best else { break };
+            let kind = iters[i].0;
+            let Some(item) = iters[i].1.next() else { break };
             let (key, value) = item?;
-            let Some(seq) = StoreSeq::from_bytes(&key) else {
+            let seq = StoreSeq::from_bytes(&key);
+            if seq.is_none() {
                 // Not ours; remove it anyway, it can be in no index.
-                self.corrupt(if kind == KIND_RESET { "resets" } else { "flows" }, &key, "malformed key");
-                victims.push(Victim { kind, key, seq: StoreSeq::default(), flow_key: None });
-                continue;
+                self.corrupt(TREE_NAMES[usize::from(kind)], &key, "malformed key");
+            }
+            let flow_key = (kind != KIND_LOSS).then(|| ValueHeader::decode(&value).map(|(h, _)| h.key)).flatten();
+            let drops = match (kind, replay::decode_loss(&value)) {
+                (KIND_LOSS, Some(loss)) => {
+                    (loss.capture_dropped.saturating_add(loss.interface_dropped), loss.events_dropped)
+                }
+                _ => (0, 0),
             };
-            let flow_key = ValueHeader::decode(&value).map(|(h, _)| h.key);
-            victims.push(Victim { kind, key, seq, flow_key });
+            victims.push(Victim { kind, key, seq, flow_key, drops });
         }
+        drop(iters);
         if victims.is_empty() {
-            return Ok(0);
+            return Ok((0, None));
         }
 
-        let mut reset_batch = sled::Batch::default();
-        let mut flow_batch = sled::Batch::default();
+        // 1. The index entries.
         let mut conn_batch = sled::Batch::default();
-        let (mut n_resets, mut n_flows) = (0i64, 0i64);
-        let mut per_agent: HashMap<u32, u64> = HashMap::new();
         for v in &victims {
-            if v.kind == KIND_RESET {
-                reset_batch.remove(v.key.clone());
-                n_resets += 1;
-            } else {
-                flow_batch.remove(v.key.clone());
-                n_flows += 1;
+            if let (Some(flow_key), Some(seq)) = (&v.flow_key, &v.seq) {
+                conn_batch.remove(&conn_key(flow_key, v.kind, seq)[..]);
             }
-            if let Some(flow_key) = &v.flow_key {
-                conn_batch.remove(&conn_key(flow_key, v.kind, &v.seq)[..]);
-            }
-            *per_agent.entry(v.seq.agent_id).or_default() += 1;
         }
-        let names: Vec<(String, u64)> = {
-            let names = self.names();
-            per_agent.iter().filter_map(|(id, n)| names.by_id.get(id).map(|name| (name.clone(), *n))).collect()
-        };
-        (&i.resets, &i.flows, &i.conn, &i.agents, &i.meta)
-            .transaction(|(t_resets, t_flows, t_conn, t_agents, t_meta)| {
-                t_resets.apply_batch(&reset_batch)?;
-                t_flows.apply_batch(&flow_batch)?;
-                t_conn.apply_batch(&conn_batch)?;
-                add_counter(t_meta, META_RESETS, -n_resets)?;
-                add_counter(t_meta, META_FLOWS, -n_flows)?;
-                for (name, n) in &names {
-                    let Some(bytes) = t_agents.get(name.as_bytes())? else { continue };
-                    // A damaged agent record is not worth failing retention for.
-                    let Ok(mut record) = decode_record(name, &bytes) else { continue };
-                    record.events = record.events.saturating_sub(*n);
-                    let bytes =
-                        encode_record(&record).map_err(sled::transaction::ConflictableTransactionError::Abort)?;
-                    t_agents.insert(name.as_bytes(), bytes)?;
-                }
-                Ok(())
-            })
-            .map_err(StoreError::from_transaction)?;
-        report.resets_removed += n_resets as u64;
-        report.flows_removed += n_flows as u64;
-        Ok(victims.len() as u64)
+        self.inner.conn.apply_batch(conn_batch)?;
+        // 2. Per tree, the records with their tallies.
+        let mut newest: Option<i64> = None;
+        for &kind in kinds {
+            let k = usize::from(kind);
+            let mut batch = sled::Batch::default();
+            let mut per_agent: HashMap<u32, Tally> = HashMap::new();
+            let mut n = 0u64;
+            for v in victims.iter().filter(|v| v.kind == kind) {
+                batch.remove(v.key.clone());
+                n += 1;
+                let Some(seq) = v.seq else { continue };
+                newest = newest.max(Some(seq.ts_ns));
+                let tally = per_agent
+                    .entry(seq.agent_id)
+                    .or_insert_with(|| writer.tallies.get(&(kind, seq.agent_id)).copied().unwrap_or(Tally::EMPTY));
+                tally.records = tally.records.saturating_sub(1);
+                tally.capture_dropped = tally.capture_dropped.saturating_sub(v.drops.0);
+                tally.events_dropped = tally.events_dropped.saturating_sub(v.drops.1);
+            }
+            if n == 0 {
+                continue;
+            }
+            let total = self.inner.totals[k].load(Ordering::Relaxed).saturating_sub(n);
+            batch.insert(&TALLY_TOTAL_KEY[..], &total.to_be_bytes()[..]);
+            for (id, tally) in &per_agent {
+                batch.insert(&tally_key(*id)[..], &tally.to_bytes()[..]);
+            }
+            self.tree(kind).apply_batch(batch)?;
+            self.inner.totals[k].store(total, Ordering::Relaxed);
+            for (id, tally) in per_agent {
+                writer.tallies.insert((kind, id), tally);
+            }
+            report.count(kind, n);
+        }
+        self.inner.durability.bump();
+        Ok((victims.len() as u64, newest))
     }
 }
 

@@ -106,15 +106,37 @@ fn times(store: &Store, q: &ResetQuery) -> Vec<i64> {
     store.resets(q).expect("query").iter().map(|r| (r.event.ts_ns - T0_NS) / 1_000_000).collect()
 }
 
-/// Every record has exactly one index entry and the counters agree with the trees.
+/// Records in a record tree (its reserved tally keys left out).
+fn records_in(store: &Store, kind: u8) -> u64 {
+    store.tree(kind).range(keys::FIRST_RECORD_KEY..).count() as u64
+}
+
+/// Every record has exactly one index entry and the counters agree with the trees, also after
+/// reopening (the tallies on disk, not only in memory).
 fn assert_consistent(store: &Store) {
-    let i = &store.inner;
+    use keys::{KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET};
     let status = store.status().expect("status");
-    assert_eq!(status.resets, i.resets.len() as u64, "reset counter");
-    assert_eq!(status.flows, i.flows.len() as u64, "flow counter");
-    assert_eq!(i.conn.len(), i.resets.len() + i.flows.len(), "one index entry per record");
+    assert_eq!(status.resets, records_in(store, KIND_RESET), "reset counter");
+    assert_eq!(status.flows, records_in(store, KIND_FLOW), "flow counter");
+    assert_eq!(status.opens, records_in(store, KIND_OPEN), "open counter");
+    assert_eq!(status.losses, records_in(store, KIND_LOSS), "loss counter");
+    assert_eq!(
+        store.inner.conn.len() as u64,
+        status.resets + status.flows + status.opens,
+        "one index entry per record"
+    );
     let per_agent: u64 = store.agents().expect("agents").iter().map(|a| a.events).sum();
-    assert_eq!(per_agent, status.resets + status.flows, "agent event counts");
+    assert_eq!(per_agent, status.resets + status.flows + status.opens, "agent event counts");
+    let mut on_disk = std::collections::HashMap::new();
+    for kind in KINDS {
+        for item in store.tree(kind).scan_prefix(keys::TALLY_AGENT_PREFIX) {
+            let (k, v) = item.expect("tally");
+            let id = u32::from_be_bytes([k[2], k[3], k[4], k[5]]);
+            on_disk.insert((kind, id), keys::Tally::from_bytes(&v).expect("tally value"));
+        }
+    }
+    let in_memory = store.writer().tallies.clone();
+    assert_eq!(on_disk, in_memory, "tallies on disk");
 }
 
 #[test]
@@ -338,6 +360,7 @@ fn agent_records_track_watermarks_losses_and_counts() {
             first_seen_ns: ns(1),
             last_seen_ns: ns(3),
             watermark_ns: ns(150),
+            watermark_since_ns: 0,
             events: 2,
             capture_drops: 8,
             events_dropped: 4,
@@ -396,13 +419,14 @@ fn corrupt_values_are_skipped_and_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = filter_fixture(&dir);
     let mut garbage_header = StoreSeq { ts_ns: ns(12), agent_id: 1, id: 9 };
-    store.inner.resets.insert(garbage_header.to_bytes(), &b"not a value"[..]).expect("insert");
+    let resets = store.tree(keys::KIND_RESET);
+    resets.insert(garbage_header.to_bytes(), &b"not a value"[..]).expect("insert");
     garbage_header.id = 10;
     let mut bad_body = vec![0u8; 40];
     bad_body[0] = 1; // valid version, all-zero flow key, then an undecodable body
     bad_body.extend_from_slice(&[0xff, 0xff, 0xff]);
-    store.inner.resets.insert(garbage_header.to_bytes(), bad_body).expect("insert");
-    store.inner.resets.insert(&b"short key"[..], &b""[..]).expect("insert");
+    resets.insert(garbage_header.to_bytes(), bad_body).expect("insert");
+    resets.insert(&b"\xffshort key"[..], &b""[..]).expect("insert");
     assert_eq!(times(&store, &ResetQuery::default()), [10, 15, 20, 30, 40, 50]);
     assert_eq!(store.status().expect("status").corrupt_skipped, 3);
 }
@@ -615,9 +639,23 @@ fn acknowledged_batches_survive_kill_9() {
     let store = open(&dir);
     let durable = store.hello(&hello("a", "boot"), 0).expect("hello");
     assert!(durable >= acked, "acknowledged {acked}, durable {durable}");
+    // The batch after the durable one may be partly written (trees are written one after
+    // the other, the session last): never less than the durable batches, and counted exactly.
     let status = store.status().expect("status");
-    assert_eq!(status.resets, durable * 50, "whole batches only");
-    assert_eq!(store.resets(&ResetQuery::default()).expect("resets").len() as u64, durable * 50);
+    assert!(
+        (durable * 50..=(durable + 1) * 50).contains(&status.resets),
+        "{} resets, durable {durable}",
+        status.resets
+    );
+    assert_eq!(store.resets(&ResetQuery::default()).expect("resets").len() as u64, status.resets);
+    assert_consistent(&store);
+    // The agent resends it: stored once.
+    let next = durable + 1;
+    assert_eq!(
+        store.append_batch("a", "boot", &batch(next, events(next)), 0).expect("resend"),
+        Appended::Stored { durable_seq: next }
+    );
+    assert_eq!(store.status().expect("status").resets, next * 50);
     assert_consistent(&store);
 }
 
@@ -634,4 +672,355 @@ fn a_damaged_agent_record_does_not_block_ingest() {
     assert_eq!(store.agents().expect("agents")[0].events, 1);
     assert_eq!(store.hello(&hello("a", "b"), 0).expect("hello"), 1);
     assert!(store.status().expect("status").corrupt_skipped >= 1);
+}
+
+fn open_event(start_ms: i64, path: &str, conn_id: u64) -> v1::Event {
+    let (orig, resp) = pair(path);
+    let open = v1::ConnectionOpen {
+        conn_id,
+        orig: Some(orig),
+        resp: Some(resp),
+        start_ns: ns(start_ms),
+        syn_ns: Some(ns(start_ms)),
+        synack_ns: Some(ns(start_ms) + 300_000),
+        orig_isn: Some(1000),
+        resp_isn: Some(9000),
+        syn_options: "M1460,S,T,N,W7".into(),
+        orig_ttl: 64,
+        resp_ttl: 57,
+        ..Default::default()
+    };
+    v1::Event { kind: Some(Kind::Open(open)) }
+}
+
+fn loss_between(from_ms: i64, until_ms: i64, capture: u64) -> v1::Event {
+    v1::Event {
+        kind: Some(Kind::Loss(v1::CaptureLoss {
+            from_ns: ns(from_ms),
+            until_ns: ns(until_ms),
+            capture_dropped: capture,
+            reason: "libpcap drops".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn mark(ms: i64, since_ms: i64) -> v1::Event {
+    v1::Event { kind: Some(Kind::Watermark(v1::Watermark { ts_ns: ns(ms), since_ns: ns(since_ms), ended: false })) }
+}
+
+/// A one-letter description of a replayed event and its time in ms, e.g. `("a", 'R', 10)`.
+fn describe(agent: &str, event: &v1::Event) -> (String, char, i64) {
+    let (letter, ts) = match &event.kind {
+        Some(Kind::Reset(r)) => ('R', r.ts_ns),
+        Some(Kind::Flow(f)) => ('F', f.end_ns),
+        Some(Kind::Open(o)) => ('O', o.start_ns),
+        Some(Kind::Loss(l)) => ('L', l.until_ns),
+        _ => ('?', 0),
+    };
+    (agent.to_string(), letter, (ts - T0_NS) / 1_000_000)
+}
+
+#[test]
+fn opens_losses_and_watermarks_are_stored_and_replayed_in_time_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let a = vec![
+        open_event(5, "10.0.0.1:1000 > 10.0.0.2:80", 1),
+        rst(10, "10.0.0.2:80 > 10.0.0.1:1000", "RA", Cause::AppAbort),
+        loss_between(2, 12, 7),
+        flow(20, "10.0.0.1:1000 > 10.0.0.2:80"),
+        mark(30, 1),
+    ];
+    let b = vec![
+        open_event(6, "10.0.0.1:1000 > 10.0.0.2:80", 77),
+        rst(11, "10.0.0.2:80 > 10.0.0.1:1000", "RA", Cause::AppAbort),
+        mark(25, 3),
+    ];
+    store.append_batch("a", "boot", &batch(1, a.clone()), 0).expect("append a");
+    store.append_batch("b", "boot", &batch(1, b), 0).expect("append b");
+    // Sent again in a new batch: nothing new, losses not summed twice.
+    store.append_batch("a", "boot", &batch(2, a), 0).expect("append a again");
+
+    let replayed: Vec<(String, char, i64)> = store
+        .events_since(ns(0))
+        .map(|item| item.map(|(agent, event)| describe(&agent, &event)))
+        .collect::<Result<_, _>>()
+        .expect("replay");
+    let expected = [("a", 'O', 5), ("b", 'O', 6), ("a", 'R', 10), ("b", 'R', 11), ("a", 'L', 12), ("a", 'F', 20)];
+    let expected: Vec<(String, char, i64)> = expected.iter().map(|(a, k, t)| (a.to_string(), *k, *t)).collect();
+    assert_eq!(replayed, expected);
+    let later: Vec<char> = store
+        .events_since(ns(11))
+        .map(|item| item.map(|(agent, event)| describe(&agent, &event).1).expect("item"))
+        .collect();
+    assert_eq!(later, ['R', 'L', 'F']);
+
+    let view = store.connection(&flow_key("10.0.0.2:80 > 10.0.0.1:1000")).expect("connection");
+    let opens: Vec<(&str, u64)> = view.opens.iter().map(|(agent, o)| (agent.as_str(), o.conn_id)).collect();
+    assert_eq!(opens, [("a", 1), ("b", 77)]);
+    assert_eq!((view.flows.len(), view.resets.len()), (1, 2));
+    let by_time: Vec<u64> = store.opens(ns(6), ns(100)).expect("opens").iter().map(|(_, o)| o.conn_id).collect();
+    assert_eq!(by_time, [77]);
+    let losses = store.losses(ns(0), ns(100)).expect("losses");
+    assert_eq!(losses.len(), 1);
+    assert_eq!((losses[0].0.as_str(), losses[0].1.from_ns, losses[0].1.capture_dropped), ("a", ns(2), 7));
+
+    let agents = store.agents().expect("agents");
+    let summary: Vec<(&str, u64, u64, i64, i64)> = agents
+        .iter()
+        .map(|r| (r.name.as_str(), r.events, r.capture_drops, r.watermark_ns, r.watermark_since_ns))
+        .collect();
+    assert_eq!(summary, [("a", 3, 7, ns(30), ns(1)), ("b", 2, 0, ns(25), ns(3))]);
+    let sessions: Vec<(String, u64, i64, i64)> = store
+        .sessions()
+        .expect("sessions")
+        .into_iter()
+        .map(|s| (s.agent, s.durable_seq, s.watermark_ns, s.since_ns))
+        .collect();
+    assert_eq!(sessions, [("a".to_string(), 2, ns(30), ns(1)), ("b".to_string(), 1, ns(25), ns(3))]);
+    let status = store.status().expect("status");
+    assert_eq!((status.resets, status.flows, status.opens, status.losses), (2, 1, 2, 1));
+    assert_consistent(&store);
+    drop(store);
+    let store = open(&dir);
+    assert_consistent(&store);
+    assert_eq!(store.agents().expect("agents")[0].capture_drops, 7, "tallies survive reopening");
+}
+
+#[test]
+fn a_batch_interrupted_before_its_session_step_is_stored_once_when_resent() {
+    // The state a crash between the record trees and the session leaves: records and their
+    // tallies written, the session still at the batch before.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let events = vec![
+        rst(1, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone),
+        flow(2, "10.0.0.1:1 > 10.0.0.2:2"),
+        open_event(0, "10.0.0.1:1 > 10.0.0.2:2", 5),
+        loss_between(0, 3, 2),
+    ];
+    store.append_batch("a", "boot", &batch(1, events.clone()), 0).expect("append");
+    let key = keys::session_key("a", "boot");
+    let mut session = keys::SessionValue::from_bytes(&store.inner.sessions.get(&key).expect("get").expect("session"))
+        .expect("session value");
+    session.durable_seq = 0;
+    store.inner.sessions.insert(key, &session.to_bytes()[..]).expect("rewind");
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.hello(&hello("a", "boot"), 0).expect("hello"), 0, "the batch is not acknowledged");
+    assert_eq!(
+        store.append_batch("a", "boot", &batch(1, events), 0).expect("resend"),
+        Appended::Stored { durable_seq: 1 }
+    );
+    let status = store.status().expect("status");
+    assert_eq!((status.resets, status.flows, status.opens, status.losses), (1, 1, 1, 1));
+    assert_eq!(store.agents().expect("agents")[0].capture_drops, 2);
+    assert_consistent(&store);
+}
+
+#[test]
+fn concurrent_writers_share_flushes_and_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    std::thread::scope(|scope| {
+        for agent in 0..4 {
+            let store = store.clone();
+            scope.spawn(move || {
+                for seq in 1..=20u64 {
+                    let events: Vec<v1::Event> = (0..10)
+                        .map(|i| {
+                            let path = format!("10.{agent}.0.1:{} > 10.9.9.9:443", 1000 + i);
+                            rst(seq as i64 * 10 + i, &path, "R", Cause::Lone)
+                        })
+                        .collect();
+                    let name = format!("agent-{agent}");
+                    let pending = store.write_batch(&name, "boot", &batch(seq, events), 0).expect("write");
+                    assert_eq!(store.make_durable(pending).expect("durable"), Appended::Stored { durable_seq: seq });
+                }
+            });
+        }
+    });
+    assert_eq!(store.status().expect("status").resets, 4 * 20 * 10);
+    assert_consistent(&store);
+}
+
+#[test]
+fn retention_covers_openings_and_losses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = StoreConfig::new(dir.path());
+    config.retention = Duration::from_millis(25);
+    let store = Store::open(config).expect("open");
+    let events = vec![
+        open_event(1, "10.0.0.1:1 > 10.0.0.2:2", 1),
+        loss_between(0, 2, 4),
+        loss_between(20, 40, 6),
+        open_event(30, "10.0.0.1:3 > 10.0.0.2:2", 2),
+        rst(50, "10.0.0.1:3 > 10.0.0.2:2", "R", Cause::Lone),
+    ];
+    store.append_batch("a", "boot", &batch(1, events), 0).expect("append");
+    let report = store.enforce_retention(ns(50)).expect("retention");
+    assert_eq!((report.opens_removed, report.losses_removed, report.removed_by_age), (1, 1, 2));
+    assert_eq!(store.agents().expect("agents")[0].capture_drops, 6, "the removed loss no longer counts");
+    assert_consistent(&store);
+}
+
+#[test]
+fn meta_values_survive_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    assert_eq!(store.meta("decided_until").expect("meta"), None);
+    store.set_meta("decided_until", &42i64.to_be_bytes()).expect("set");
+    store.set_meta("decided_until", &43i64.to_be_bytes()).expect("set again");
+    store.flush().expect("flush");
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.meta("decided_until").expect("meta"), Some(43i64.to_be_bytes().to_vec()));
+    // Names never clash with the store's own meta keys.
+    assert_eq!(store.meta("size_cap_records").expect("meta"), None);
+}
+
+/// A merged report: `(agent, "src > dst")` per observation.
+fn report(id: &str, ms: i64, verdict: &str, cause: &str, flags: &str, seen: &[(&str, &str)]) -> v1::ResetReport {
+    let observations = seen
+        .iter()
+        .map(|(agent, path)| {
+            let (src, dst) = pair(path);
+            v1::Observation {
+                agent: agent.to_string(),
+                ts_ns: ns(ms),
+                corrected_ns: ns(ms),
+                src: Some(src),
+                dst: Some(dst),
+                flags: u32::from(parse_flag_letters(flags).expect("flags")),
+                ..Default::default()
+            }
+        })
+        .collect();
+    v1::ResetReport {
+        id: id.to_string(),
+        ts_ns: ns(ms),
+        verdict: verdict.to_string(),
+        cause: cause.to_string(),
+        flags: u32::from(parse_flag_letters(flags).expect("flags")),
+        observations,
+        ..Default::default()
+    }
+}
+
+fn report_fixture(store: &Store) {
+    let reports = [
+        report(
+            "r1",
+            10,
+            "end-to-end",
+            "refused",
+            "RA",
+            &[("alpha", "10.0.0.2:80 > 10.0.0.1:1000"), ("beta", "10.0.0.2:80 > 10.0.0.1:1000")],
+        ),
+        // NAT: beta sees the client behind 192.168.1.5.
+        report(
+            "r2",
+            20,
+            "injected",
+            "middlebox",
+            "R",
+            &[("alpha", "10.0.0.9:443 > 10.0.0.1:1001"), ("beta", "10.0.0.9:443 > 192.168.1.5:2001")],
+        ),
+        report("r3", 30, "pending", "", "R", &[("gamma", "[2001:db8::2]:22 > [2001:db8::1]:5000")]),
+        // 15 s later: another bucket.
+        report("r4", 15_000, "lost", "app-abort", "RA", &[("beta", "172.16.0.9:8080 > 10.0.0.3:3333")]),
+        report("r5", 25_000, "end-to-end", "app-abort", "RPA", &[("alpha", "10.0.0.1:1002 > 10.0.0.2:80")]),
+    ];
+    store.put_reports(&reports).expect("put");
+}
+
+/// Ids of the reports a query returns, in returned order.
+fn report_ids(store: &Store, q: &ResetQuery) -> Vec<String> {
+    store.reports(q).expect("reports").into_iter().map(|r| r.id).collect()
+}
+
+#[test]
+fn every_report_filter_selects_what_it_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    report_fixture(&store);
+    let net = |s: &str| s.parse::<ipnet::IpNet>().expect("net");
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let q = ResetQuery::default;
+    let cases: Vec<(&str, ResetQuery, &[&str])> = vec![
+        ("everything", q(), &["r1", "r2", "r3", "r4", "r5"]),
+        ("since inclusive", ResetQuery { since_ns: Some(ns(20)), ..q() }, &["r2", "r3", "r4", "r5"]),
+        ("until exclusive, inside a bucket", ResetQuery { until_ns: Some(ns(30)), ..q() }, &["r1", "r2"]),
+        (
+            "window across buckets",
+            ResetQuery { since_ns: Some(ns(25)), until_ns: Some(ns(20_000)), ..q() },
+            &["r3", "r4"],
+        ),
+        ("host on any observation (NAT)", ResetQuery { hosts: vec![net("192.168.0.0/16")], ..q() }, &["r2"]),
+        ("host exact", ResetQuery { hosts: vec![net("10.0.0.2/32")], ..q() }, &["r1", "r5"]),
+        ("host v6", ResetQuery { hosts: vec![net("2001:db8::/32")], ..q() }, &["r3"]),
+        ("port either end", ResetQuery { ports: vec![80], ..q() }, &["r1", "r5"]),
+        ("port seen by one agent only", ResetQuery { ports: vec![2001], ..q() }, &["r2"]),
+        ("agent on any observation", ResetQuery { agents: strings(&["beta"]), ..q() }, &["r1", "r2", "r4"]),
+        ("unknown agent", ResetQuery { agents: strings(&["delta"]), ..q() }, &[]),
+        ("verdict", ResetQuery { verdicts: strings(&["end-to-end"]), ..q() }, &["r1", "r5"]),
+        ("verdicts any of", ResetQuery { verdicts: strings(&["injected", "lost"]), ..q() }, &["r2", "r4"]),
+        ("cause", ResetQuery { causes: strings(&["app-abort"]), ..q() }, &["r4", "r5"]),
+        ("no cause reads as unknown", ResetQuery { causes: strings(&["unknown"]), ..q() }, &["r3"]),
+        ("flags exact", ResetQuery { flags: strings(&["ar"]), ..q() }, &["r1", "r4"]),
+        ("last 2", ResetQuery { last: Some(2), ..q() }, &["r4", "r5"]),
+        ("last with filter", ResetQuery { last: Some(1), flags: strings(&["R"]), ..q() }, &["r3"]),
+        ("limit", ResetQuery { limit: Some(2), ..q() }, &["r1", "r2"]),
+        (
+            "combined",
+            ResetQuery { agents: strings(&["alpha"]), verdicts: strings(&["end-to-end"]), ports: vec![1002], ..q() },
+            &["r5"],
+        ),
+    ];
+    for (name, query, expected) in cases {
+        assert_eq!(report_ids(&store, &query), expected, "{name}");
+    }
+    for (name, query) in [
+        ("bad cause", ResetQuery { causes: strings(&["forged"]), ..q() }),
+        ("bad flag", ResetQuery { flags: strings(&["RX"]), ..q() }),
+        ("raw cursor", ResetQuery { after: Some(StoreSeq::default()), ..q() }),
+    ] {
+        assert!(matches!(store.reports(&query), Err(StoreError::Invalid(_))), "{name}");
+    }
+}
+
+#[test]
+fn reports_are_replaced_by_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    report_fixture(&store);
+    report_fixture(&store);
+    assert_eq!(store.status().expect("status").reports, 5, "putting again changes nothing");
+    // A decision: r3 becomes injected; r1 moves to another time (a better clock estimate).
+    let decided = report("r3", 30, "injected", "middlebox", "R", &[("gamma", "[2001:db8::2]:22 > [2001:db8::1]:5000")]);
+    let moved = report("r1", 40_000, "end-to-end", "refused", "RA", &[("alpha", "10.0.0.2:80 > 10.0.0.1:1000")]);
+    store.put_reports(&[decided, moved]).expect("put");
+    let q = ResetQuery::default;
+    assert_eq!(report_ids(&store, &q()), ["r2", "r3", "r4", "r5", "r1"]);
+    assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["injected".into()], ..q() }), ["r2", "r3"]);
+    assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["pending".into()], ..q() }), Vec::<String>::new());
+    assert_eq!(report_ids(&store, &ResetQuery { agents: vec!["beta".into()], ..q() }), ["r2", "r4"]);
+    assert_eq!(store.report("r1").expect("report").map(|r| r.ts_ns), Some(ns(40_000)));
+    assert_eq!(store.report("nope").expect("report"), None);
+    assert_eq!(store.status().expect("status").reports, 5);
+    assert!(matches!(store.put_reports(&[report("", 1, "lost", "", "R", &[])]), Err(StoreError::Invalid(_))));
+    // Reports age out like records.
+    drop(store);
+    let mut config = StoreConfig::new(dir.path());
+    config.retention = Duration::from_secs(20);
+    let store = Store::open(config).expect("open");
+    assert_eq!(store.status().expect("status").reports, 5, "the count survives reopening");
+    store
+        .append_batch("a", "boot", &batch(1, vec![rst(40_000, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone)]), 0)
+        .expect("append");
+    let report = store.enforce_retention(ns(40_000)).expect("retention");
+    assert_eq!(report.reports_removed, 3);
+    assert_eq!(report_ids(&store, &q()), ["r5", "r1"]);
+    assert_eq!(store.report("r2").expect("report"), None);
 }
