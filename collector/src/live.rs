@@ -34,6 +34,9 @@ pub struct LiveCorrelation {
     compact_at: usize,
 }
 
+/// A replay starts this long before the oldest undecided RST (connection openings before it).
+const REPLAY_CONTEXT_NS: i64 = 600_000_000_000;
+
 /// The engine is compacted once it holds this many records...
 const COMPACT_AT: usize = 200_000;
 /// ...keeping connections active within this long of the newest watermark.
@@ -92,19 +95,37 @@ impl LiveCorrelation {
         reports
     }
 
-    /// Decided and pending reports matching a selection, oldest first.
-    pub fn list(&mut self, selection: &Selection) -> Vec<v1::ResetReport> {
-        let mut out: Vec<v1::ResetReport> =
-            self.decided.values().filter(|r| report_matches(selection, r)).map(|r| (**r).clone()).collect();
-        if selection.admits_pending {
-            out.extend(self.engine.pending().into_iter().filter(|r| report_matches(selection, r)));
+    /// Pending reports matching a selection (the decided ones are in the store).
+    pub fn pending(&mut self, selection: &Selection) -> Vec<v1::ResetReport> {
+        if !selection.admits_pending {
+            return Vec::new();
         }
-        out.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
-        if let Some(last) = selection.query.last {
-            let cut = out.len().saturating_sub(last);
-            out.drain(..cut);
+        self.engine.pending().into_iter().filter(|r| report_matches(selection, r)).collect()
+    }
+
+    /// Feeds what the store kept of the time before a restart: every agent's events since
+    /// `since_ns` and each agent's last watermark, so undecided RSTs get decided and decided
+    /// ones are decided again identically (same ids: the store keeps one copy).
+    pub fn replay(&mut self, store: &crate::store::Store, since_ns: i64) -> Result<u64, crate::store::StoreError> {
+        let mut n = 0u64;
+        for item in store.events_since(since_ns) {
+            let (agent, event) = item?;
+            self.ingest(&agent, std::slice::from_ref(&event));
+            n += 1;
         }
-        out
+        for agent in store.agents()? {
+            let mark = v1::Watermark { ts_ns: agent.watermark_ns, since_ns: agent.watermark_since_ns, ended: false };
+            self.ingest(&agent.name, &[v1::Event { kind: Some(v1::event::Kind::Watermark(mark)) }]);
+        }
+        Ok(n)
+    }
+
+    /// Where a replay after a restart must start: early enough for every undecided RST and the
+    /// openings of their connections (reference clock, ns).
+    pub fn resume_point(&mut self) -> Option<i64> {
+        let oldest_pending = self.engine.pending().iter().map(|r| r.ts_ns).min();
+        let newest = self.engine.newest_watermark();
+        oldest_pending.or(newest).map(|t| t.saturating_sub(REPLAY_CONTEXT_NS))
     }
 
     /// One connection by id (record label or tuple): its label, each agent's tuple, its

@@ -181,6 +181,29 @@ impl QueryService {
         QueryService { hub }
     }
 
+    /// Decided reports from the store and pending ones from the correlation, oldest first.
+    async fn reports(&self, selection: &Selection) -> Result<Vec<v1::ResetReport>, Status> {
+        let mut query = selection.query.clone();
+        query.verdicts = selection.verdicts.clone();
+        query.limit = Some(self.hub.limits.max_list + 1);
+        let last = query.last;
+        let store = self.hub.store.clone();
+        let mut found = blocking(move || store.reports(&query)).await?;
+        let hub = self.hub.clone();
+        let selection = selection.clone();
+        let pending = tokio::task::spawn_blocking(move || hub.correlation().pending(&selection))
+            .await
+            .map_err(|e| Status::internal(format!("correlation: {e}")))?;
+        let decided: std::collections::HashSet<String> = found.iter().map(|r| r.id.clone()).collect();
+        found.extend(pending.into_iter().filter(|r| !decided.contains(&r.id)));
+        found.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        if let Some(last) = last {
+            let cut = found.len().saturating_sub(last);
+            found.drain(..cut);
+        }
+        Ok(found)
+    }
+
     /// The stored resets a selection picks, oldest first. Refuses (rather than truncates) an
     /// answer larger than the configured limit.
     async fn list(&self, selection: &Selection) -> Result<Vec<StoredReset>, Status> {
@@ -216,9 +239,8 @@ impl v1::query_server::Query for QueryService {
 
     async fn list_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {
         let selection = check_filter(request.get_ref())?;
-        let hub = self.hub.clone();
+        let found = self.reports(&selection).await?;
         let max = self.hub.limits.max_list;
-        let found = blocking(move || Ok::<_, crate::store::StoreError>(hub.correlation().list(&selection))).await?;
         if found.len() > max {
             return Err(Status::resource_exhausted(format!(
                 "more than {max} resets match; narrow the filter (--since, --host, ...) or use --last"
@@ -229,14 +251,10 @@ impl v1::query_server::Query for QueryService {
 
     async fn follow_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {
         let selection = check_filter(request.get_ref())?;
-        let (mut live, listed) = {
-            let mut correlation = self.hub.correlation();
-            let live = correlation.published.subscribe();
-            let mut listed = correlation.list(&selection);
-            // Pending ones are shown again once decided.
-            listed.retain(|r| r.verdict != pb::PENDING);
-            (live, listed)
-        };
+        let mut live = self.hub.correlation().published.subscribe();
+        let mut listed = self.reports(&selection).await?;
+        // Pending ones are shown again once decided.
+        listed.retain(|r| r.verdict != pb::PENDING);
         let (tx, rx) = mpsc::channel(self.hub.limits.follow_buffer.max(1));
         let closed = self.hub.closed();
         tokio::spawn(async move {

@@ -25,6 +25,7 @@ use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreError};
+use rstscope_proto::v1;
 
 /// Bounds on what clients may ask of the collector.
 #[derive(Clone, Debug)]
@@ -150,6 +151,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let limits = hub.limits.clone();
+    // After a restart: what was not decided yet, and the context it needs, from the store.
+    {
+        let hub = hub.clone();
+        let replayed = tokio::task::spawn_blocking(move || {
+            let Some(bytes) = hub.store.meta(RESUME_META)? else { return Ok(0) };
+            let Ok(raw) = <[u8; 8]>::try_from(bytes.as_slice()) else { return Ok(0) };
+            hub.correlation().replay(&hub.store, i64::from_be_bytes(raw))
+        })
+        .await;
+        match replayed {
+            Ok(Ok(n)) if n > 0 => tracing::info!(events = n, "Correlation resumed from the store."),
+            Ok(Err(error)) => tracing::warn!(%error, "Cannot replay stored events into the correlation."),
+            _ => {}
+        }
+    }
     // Decide what became decidable, a few times a second.
     let ticker = {
         let hub = hub.clone();
@@ -164,11 +180,28 @@ pub async fn serve(
                     () = &mut closed => return,
                 }
                 let hub = hub.clone();
-                let decided = tokio::task::spawn_blocking(move || hub.correlation().tick().len()).await;
-                if let Ok(n) = decided {
-                    if n > 0 {
-                        tracing::debug!(n, "Resets decided.");
+                let done = tokio::task::spawn_blocking(move || {
+                    let (reports, resume) = {
+                        let mut correlation = hub.correlation();
+                        let reports = correlation.tick();
+                        (reports, correlation.resume_point())
+                    };
+                    if !reports.is_empty() {
+                        let owned: Vec<v1::ResetReport> = reports.iter().map(|r| (**r).clone()).collect();
+                        hub.store.put_reports(&owned)?;
                     }
+                    if let Some(resume) = resume {
+                        // Written after the reports: sled keeps a prefix of its log, so a
+                        // durable resume point implies the reports before it are durable too.
+                        hub.store.set_meta(RESUME_META, &resume.to_be_bytes())?;
+                    }
+                    Ok::<usize, StoreError>(reports.len())
+                })
+                .await;
+                match done {
+                    Ok(Ok(n)) if n > 0 => tracing::debug!(n, "Resets decided."),
+                    Ok(Err(error)) => tracing::warn!(%error, "Cannot store decided resets; will retry."),
+                    _ => {}
                 }
             }
         })
@@ -201,6 +234,9 @@ pub async fn serve(
     ticker.abort();
     Ok(())
 }
+
+/// The store's meta key for where a correlation replay starts after a restart.
+const RESUME_META: &str = "correlation.resume_ns";
 
 /// How often the live correlation decides.
 const CORRELATE_EVERY: Duration = Duration::from_millis(250);

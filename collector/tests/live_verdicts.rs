@@ -89,3 +89,60 @@ async fn two_agents_get_end_to_end_and_injected_verdicts() {
     assert!(stream.message().await.unwrap().is_none());
     collector.stop().await;
 }
+
+/// A watermark at `T0 + ms`, the capture running since a minute before T0.
+fn mark_at(ms: i64) -> v1::Event {
+    v1::Event {
+        kind: Some(event::Kind::Watermark(v1::Watermark {
+            ts_ns: T0 + ms * 1_000_000,
+            since_ns: T0 - 60_000_000_000,
+            ended: false,
+        })),
+    }
+}
+
+async fn until_decided(collector: &TestCollector, n: usize) -> Vec<v1::ResetReport> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = reports(collector).await;
+        if found.len() == n && found.iter().all(|r| r.verdict != "pending") {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "not decided: {found:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn verdicts_survive_a_restart_and_undecided_resets_are_decided_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path()).await;
+    let (mut server, _) = AgentStream::connect_with(&collector, hello_at("server", [192, 0, 2, 1])).await;
+    let (mut client, _) = AgentStream::connect_with(&collector, hello_at("client", [198, 51, 100, 7])).await;
+    // 50001 at +0.1 s is decidable now; 50003 at +30 s waits for the client's watermark.
+    server.send(batch(1, vec![reset(100, 50001), flow(50001), reset(30_000, 50003), mark_at(45_000)])).await.unwrap();
+    client.send(batch(1, vec![reset_seen_at_client(100, 50001, 61), mark_at(20_000)])).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = reports(&collector).await;
+        if found.iter().any(|r| r.verdict == "end-to-end") {
+            assert!(found.iter().any(|r| r.verdict == "pending"), "{found:#?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not decided: {found:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give the ticker a moment to store the decision and its resume point, then restart.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop((server, client));
+    collector.stop().await;
+
+    let collector = start(dir.path()).await;
+    let (mut client, durable) = AgentStream::connect_with(&collector, hello_at("client", [198, 51, 100, 7])).await;
+    assert_eq!(durable, 1);
+    client.send(batch(2, vec![reset_seen_at_client(30_000, 50003, 61), mark_at(50_000)])).await.unwrap();
+    let decided = until_decided(&collector, 2).await;
+    let summary: Vec<(&str, usize)> = decided.iter().map(|r| (r.verdict.as_str(), r.observations.len())).collect();
+    assert_eq!(summary, [("end-to-end", 2), ("end-to-end", 2)], "{decided:#?}");
+    collector.stop().await;
+}

@@ -355,6 +355,16 @@ impl Correlator {
         steps
     }
 
+    /// The newest watermark of any agent, on the reference clock.
+    pub fn newest_watermark(&self) -> Option<i64> {
+        let clocks = self.clock_estimates();
+        self.agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.coverage.watermark_ns().map(|w| w - clocks[i].map_or(0, |c| c.offset_at(w))))
+            .max()
+    }
+
     /// Connection records and RSTs held.
     pub fn records(&self) -> (usize, usize) {
         (self.conns.len(), self.rsts.len())
