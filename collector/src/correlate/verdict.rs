@@ -504,7 +504,7 @@ impl Correlator {
         }
         for r in roles.iter().filter(|r| r.rst.is_some()) {
             if let Some(c) = cx.clocks.get(r.agent).copied().flatten() {
-                if c.offset_ns != 0 {
+                if c.offset_ns.abs() >= 1_000_000 {
                     evidence.push(ev(
                         "clock-offset",
                         format!(

@@ -454,12 +454,16 @@ fn record_demo(dir: &Path) -> Result<()> {
         lab.labhost(Host::Client, &["connect", "--to", &format!("{server}:8000"), "--send", "GET /\n", "--shutdown"])?;
     c.finish(Duration::from_secs(10))?;
     s.finish(Duration::from_secs(10))?;
+    // The correlation vouches for a capture only from its first packet on (plus a margin for
+    // the clocks): leave a second between the scenes.
+    std::thread::sleep(Duration::from_secs(1));
     // 2. A genuine app-abort: the server answers, then closes with SO_LINGER 0.
     let mut s = lab.labhost(Host::Server, &["serve", "--listen", &format!("{server}:8001"), "--mode", "abort"])?;
     s.expect_line("listening", Duration::from_secs(5))?;
     let c = lab.labhost(Host::Client, &["connect", "--to", &format!("{server}:8001"), "--send", "GET /status\n"])?;
     c.finish(Duration::from_secs(10))?;
     s.finish(Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(1));
     // 3. The router's nftables resets the client when it asks for /blocked (injected); the
     //    server never hears of it and keeps waiting (stopped before it gives up).
     let mut s = lab.labhost(
@@ -469,6 +473,15 @@ fn record_demo(dir: &Path) -> Result<()> {
     s.expect_line("listening", Duration::from_secs(5))?;
     let c = lab.labhost(Host::Client, &["connect", "--to", &format!("{server}:8080"), "--send", "GET /blocked\n"])?;
     let (_, outcome) = c.finish(Duration::from_secs(10))?;
+    // 4. Two seconds later, one more clean request: both captures visibly run on well past the
+    //    forged reset, so the server's silence about it counts (its capture covered that time).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut s2 = lab.labhost(Host::Server, &["serve", "--listen", &format!("{server}:8002"), "--mode", "clean"])?;
+    s2.expect_line("listening", Duration::from_secs(5))?;
+    let c =
+        lab.labhost(Host::Client, &["connect", "--to", &format!("{server}:8002"), "--send", "GET /\n", "--shutdown"])?;
+    c.finish(Duration::from_secs(10))?;
+    s2.finish(Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(500));
     for dump in [&client_dump, &server_dump] {
         dump.signal("INT");
