@@ -330,3 +330,127 @@ fn bad_checksum_is_reported() {
         "#]],
     );
 }
+
+#[test]
+fn no_connection_answering_fin_after_injected_reset() {
+    // A router drops the request and forges a RST to the client (TTL of a router's own stack,
+    // IP ID 0); the server never heard of it and closes 1.5 s later; the client, whose socket
+    // the forged RST killed, answers the FIN with seq = the FIN's ack. Its next seq counts the
+    // dropped request, so the RST is not in sequence with what it sent.
+    check(
+        "
+        0ms     > S
+        1ms     < SA  ttl=62
+        2ms     > A
+        3ms     > PA  len=24
+        3.1ms   < R   seq=5001 ttl=64 id=0
+        1503ms  < FA  ack=1001 ttl=62
+        1503.1ms > R  seq=1001 id=0
+        ",
+        expect![[r#"
+            RST     3.100ms resp R   cause=app-abort phase=established rel=exact [in-sequence after-peer-data ip-id-zero stage-after-first-data race-after-rst]
+            RST  1503.100ms orig R   cause=no-connection phase=half-closed rel=exact [answers-segment]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADrfR
+        "#]],
+    );
+}
+
+#[test]
+fn no_connection_answering_fin_in_a_new_record_after_injected_reset() {
+    // As above, but the server closes only after the reset record was summarised (linger 5 s):
+    // the FIN starts a new, midstream record.
+    check(
+        "
+        0ms     > S
+        1ms     < SA  ttl=62
+        2ms     > A
+        3ms     > PA  len=24
+        3.1ms   < R   seq=5001 ttl=64 id=0
+        8s      < FA  ack=1001 ttl=62
+        8.0001s > R   seq=1001 id=0
+        ",
+        expect![[r#"
+            RST     3.100ms resp R   cause=app-abort phase=established rel=exact [in-sequence after-peer-data ip-id-zero stage-after-first-data]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADr
+            RST  8000.100ms orig R   cause=no-connection phase=half-closed rel=exact [answers-segment]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTO ^fR
+        "#]],
+    );
+}
+
+#[test]
+fn kernel_reset_with_ip_id_zero_is_not_an_injection_sign() {
+    // After a NAT or firewall timeout the server's stack no longer knows the connection and
+    // answers statelessly; Linux sends such RSTs with IP ID 0 (and DF). That is the genuine
+    // packet, so no `ip-id-zero`, although the server's earlier IDs were non-zero.
+    check(
+        "
+        0ms      > S
+        1ms      < SA  id=4711
+        2ms      > A
+        120s     > PA  len=10
+        120.001s < R   id=0
+        ",
+        expect![[r#"
+            RST  120001.000ms resp R   cause=no-connection phase=established rel=exact [answers-segment stage-after-first-data]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTR ShADr
+        "#]],
+    );
+}
+
+#[test]
+fn no_connection_after_own_reset_keeps_quiet_about_ip_id_zero() {
+    // The client aborts, the server's data still in flight arrives, and the client's stack,
+    // without a socket now, answers it (IP ID 0) while its live socket's RST had a real ID.
+    check(
+        "
+        0ms    > S
+        1ms    < SA
+        2ms    > A
+        3ms    > PA  len=10
+        4ms    > RA
+        5ms    < PA  len=100
+        5.1ms  > R   id=0
+        ",
+        expect![[r#"
+            RST     4.000ms orig RA  cause=app-abort phase=established rel=exact [in-sequence]
+            RST     5.100ms orig R   cause=no-connection phase=reset rel=exact [answers-segment]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTO ShADRd
+        "#]],
+    );
+}
+
+#[test]
+fn answers_segment_names_why() {
+    let segments = trace::parse(
+        "
+        0ms     > S
+        1ms     < SA  ttl=62
+        2ms     > A
+        3ms     > PA  len=24
+        3.1ms   < R   seq=5001 ttl=64 id=0
+        1503ms  < FA  ack=1001 ttl=62
+        1503.1ms > R  seq=1001 id=0
+        ",
+    )
+    .expect("valid trace");
+    let events = track_all(TrackerConfig::default(), &segments);
+    let details: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reset(r) => Some(r.evidence.iter().map(|e| format!("{}: {}", e.name, e.detail)).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    expect![[r#"
+        [
+            "in-sequence: seq 5001 is the sender's next sequence number",
+            "after-peer-data: 100.0us after 24 bytes from the peer",
+            "ip-id-zero: IP ID 0 where the sender's last was 200",
+            "stage-after-first-data: RST right after the originator's first data segment",
+            "race-after-rst: the resetting sender kept sending 1.500s after its RST",
+            "answers-segment: seq = the answered segment's ack (1001); the sender received a RST from the peer and has sent nothing since (its last packet 1.500s before), so its socket is gone; the peer kept sending after that RST (its next seq was 1025: 24 bytes of sequence space it sent were never acknowledged)",
+        ]
+    "#]].assert_debug_eq(&details);
+}

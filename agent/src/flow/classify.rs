@@ -7,6 +7,16 @@
 //! sender still arriving, a burst of RSTs, a challenge ACK); [`observe_after`] adds those while the
 //! event waits out the settle window in its connection. Rule of the house: prefer a missed
 //! injection to a false accusation, and say `unknown` rather than guess.
+//!
+//! `ip-id-zero` is a sign only for RSTs sent by a live socket (`app-abort`,
+//! `retransmission-timeout`, `duplicate-syn-cancel`, `unknown`): such a socket numbers its
+//! packets, so an IP ID of 0 among non-zero ones points at another sender. A stack that answers a
+//! segment it holds no socket for (`refused`, `no-connection`, `port-reuse`, the TIME-WAIT
+//! answers of `after-close`) replies statelessly, and Linux sends those replies with DF set and
+//! IP ID 0 (its per-namespace control socket has no ID counter for the peer). There a 0 is what
+//! the genuine RST looks like, so the sign is not raised; the raw `ip_id_delta` is still
+//! reported. Other stacks number such replies like any packet, so nothing is lost for them.
+//! (DF would not tell the two apart: nftables' `reject with tcp reset` also sends DF and ID 0.)
 
 use super::conn::{seen, Conn, SeqNumber, Side};
 use crate::event::{Answered, Cause, Evidence, Phase, Role, RstEvent, SeqRelation};
@@ -187,15 +197,36 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
         ));
         Cause::RetransmissionTimeout
     } else if answers.is_some_and(|a| a.flags.ack() && seg.seq == a.ack)
-        && (phase == Phase::Reset || !sender.has(seen::ANY) || seg.ts_ns - sender.last_ts > SILENT_NS)
+        && (phase == Phase::Reset
+            || sender.has(seen::RESET_IN)
+            || !sender.has(seen::ANY)
+            || seg.ts_ns - sender.last_ts > SILENT_NS)
     {
-        let why = if phase == Phase::Reset {
+        let mut why = if sender.has(seen::RST) {
+            "the sender had already reset the connection".to_string()
+        } else if sender.has(seen::RESET_IN) {
+            // The peer may have kept talking after its RST (a forged RST kills only the
+            // receiver's socket), which moves the phase on; the sender's socket stays gone.
+            format!(
+                "the sender received a RST from the peer and has sent nothing since (its last packet {} before), \
+                 so its socket is gone{}",
+                fmt_ns(seg.ts_ns - sender.last_ts),
+                if phase == Phase::Reset { "" } else { "; the peer kept sending after that RST" }
+            )
+        } else if phase == Phase::Reset {
             "the connection had already been reset".to_string()
         } else if !sender.has(seen::ANY) {
-            "the sender had not sent anything on this connection".to_string()
+            "the sender had not sent anything on this connection record".to_string()
         } else {
             format!("the sender was silent for {}", fmt_ns(seg.ts_ns - sender.last_ts))
         };
+        if sender.has(seen::ANY) && seg.seq != sender.next_seq.0 {
+            why += &format!(
+                " (its next seq was {}: {} bytes of sequence space it sent were never acknowledged)",
+                sender.next_seq.0,
+                sender.next_seq.delta(SeqNumber(seg.seq))
+            );
+        }
         evidence
             .push(Evidence::new("answers-segment", format!("seq = the answered segment's ack ({}); {why}", seg.seq)));
         Cause::NoConnection
@@ -227,8 +258,12 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
             ));
         }
     }
+    // Stateless answers carry IP ID 0 on Linux (module docs): no `ip-id-zero` for them.
+    let stateless_answer = matches!(cause, Cause::Refused | Cause::NoConnection | Cause::PortReuse | Cause::AfterClose);
     if let (Some(id), true) = (seg.ip_id, sender.has(seen::IP_ID)) {
-        if id == 0 && sender.ip_id_last != 0 {
+        if id == 0 && stateless_answer {
+            // Not a sign: see the module docs.
+        } else if id == 0 && sender.ip_id_last != 0 {
             evidence.push(Evidence::new(
                 "ip-id-zero",
                 format!("IP ID 0 where the sender's last was {}", sender.ip_id_last),
@@ -314,6 +349,14 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
         cause,
         evidence,
     }
+}
+
+/// Whether the receiver of the RST `event` describes would accept it and drop its connection:
+/// its seq is the expected one (or cannot be checked) and no checksum makes it undeliverable.
+pub(crate) fn acceptable(event: &RstEvent) -> bool {
+    matches!(event.seq_relation, SeqRelation::Exact | SeqRelation::Unknown)
+        && event.checksum != Checksum::Bad
+        && !event.evidence.iter().any(|e| e.name == "bad-ip-checksum")
 }
 
 /// The RST's seq is where the retransmitting sender stood.

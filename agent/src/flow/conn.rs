@@ -37,6 +37,10 @@ pub(crate) mod seen {
     pub const ACK: u8 = 1 << 4;
     pub const IP_ID: u8 = 1 << 5;
     pub const DATA: u8 = 1 << 6;
+    /// A RST from the peer that this side could accept arrived, and this side has sent nothing
+    /// but RSTs since: its stack most likely holds no socket for the connection any more, even
+    /// if the peer kept talking (a forged RST kills only the receiver's socket).
+    pub const RESET_IN: u8 = 1 << 7;
 }
 
 /// What one direction of a connection has sent, as seen at this vantage point.
@@ -158,8 +162,9 @@ impl Half {
             self.rsts = self.rsts.saturating_add(1);
         } else {
             // A sender that keeps talking after its RST was not reset (the RST was forged or
-            // ignored): the connection is alive again from its side.
-            self.seen &= !seen::RST;
+            // ignored): the connection is alive again from its side. Likewise after a RST it
+            // received: it still has its socket.
+            self.seen &= !(seen::RST | seen::RESET_IN);
         }
         if seg.flags.ack() {
             self.seen |= seen::ACK;
@@ -184,6 +189,11 @@ impl Half {
         self.last_us = seg.ts_ns.div_euclid(1000) as u32;
         self.pkts = self.pkts.saturating_add(1);
         rexmit
+    }
+
+    /// The peer sent a RST this side's stack would accept (see [`seen::RESET_IN`]).
+    pub(crate) fn on_peer_rst(&mut self) {
+        self.seen |= seen::RESET_IN;
     }
 
     /// The peer acknowledged new data of this side: a retransmission run is over.

@@ -618,6 +618,9 @@ impl Tracker {
         if seg.flags.ack() {
             conn.halves[1 - dir].on_peer_ack(seg.ack);
         }
+        if event.as_ref().is_some_and(classify::acceptable) {
+            conn.halves[1 - dir].on_peer_rst();
+        }
         let zeek_sees_it = seg.ip_header_ok || ignore_checksums;
         if zeek_sees_it {
             conn.zeek.on_segment_captured(
