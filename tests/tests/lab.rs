@@ -639,14 +639,8 @@ fn netns_lab_every_rst_gets_its_exact_verdict_and_cause() {
             vec![P_KEYWORD],
             Box::new(move |l| scenario::held(l, v4, P_KEYWORD, Some("GET /blocked HTTP/1.0\n\n"), "1500")),
             // The server never hears of it; when it gives up and closes, the client's stack
-            // answers the FIN with a genuine RST.
-            // The client's agent alone says `unknown`: the server's FIN after the RST moves the
-            // phase from reset to half-closed, and the RST's seq (the FIN's ack) is not the
-            // client's next seq, since its data never got through.
-            vec![
-                one(Role::Server, INJECTED, "middlebox"),
-                Expect { local_cause: Some("unknown"), ..one(Role::Client, E2E, "no-connection") },
-            ],
+            // answers the FIN with a genuine RST (no-connection: its socket is gone).
+            vec![one(Role::Server, INJECTED, "middlebox"), one(Role::Client, E2E, "no-connection")],
         ),
         (
             "router drops server RST",
