@@ -469,12 +469,13 @@ impl Store {
                 Err(_) => self.corrupt("agents", &k, "undecodable agent record"),
             }
         }
-        // Counts come from the tallies, which are exact (kept with the records).
+        // Counts come from the tallies, which are exact (kept with the records). The writer
+        // lock is released before the names are read: writers take it first, then the names.
+        let tallies = self.writer().tallies.clone();
         let names = self.names();
-        let writer = self.writer();
         for record in &mut out {
             let Some(id) = names.id(&record.name) else { continue };
-            let tally = |kind: u8| writer.tallies.get(&(kind, id)).copied().unwrap_or(Tally::EMPTY);
+            let tally = |kind: u8| tallies.get(&(kind, id)).copied().unwrap_or(Tally::EMPTY);
             record.events = tally(KIND_RESET).records + tally(KIND_FLOW).records + tally(KIND_OPEN).records;
             record.capture_drops = tally(KIND_LOSS).capture_dropped;
             record.events_dropped = tally(KIND_LOSS).events_dropped;

@@ -1180,7 +1180,7 @@ fn query_part(rt: &tokio::runtime::Runtime, exe: &Path, cli: &Path, dir: &Path, 
             _ => drop(store),
         }
     }
-    let (mut store, mut fill) = match reused {
+    let (store, mut fill) = match reused {
         Some(found) => found,
         None => {
             let _ = std::fs::remove_dir_all(&data);
@@ -1199,29 +1199,9 @@ fn query_part(rt: &tokio::runtime::Runtime, exe: &Path, cli: &Path, dir: &Path, 
             (Store::open(StoreConfig::new(&data))?, fill)
         }
     };
-    let records_bytes = dir_bytes(&data);
-    let have = store.status()?.reports;
-    let reports_fill = if have >= args.query_events {
-        eprintln!("reusing {have} reports");
-        (have, Duration::ZERO)
-    } else {
-        eprintln!("filling {} reports", args.query_events);
-        let filled = fill_reports(&store, args, fill.end_ns)?;
-        eprintln!(
-            "filled {} reports in {:.1?}: {} reports/s",
-            filled.0,
-            filled.1,
-            fmt_rate(filled.0 as f64 / filled.1.as_secs_f64())
-        );
-        // Timed like the collector will see it: freshly opened.
-        drop(store);
-        store = Store::open(StoreConfig::new(&data))?;
-        filled
-    };
     let since_ns = fill.end_ns - 3_600_000_000_000;
     let specs = query_specs(since_ns);
     let mut store_times = Vec::new();
-    let mut report_times = Vec::new();
     for spec in &specs {
         let mut times = Vec::new();
         let mut rows = 0;
@@ -1232,26 +1212,14 @@ fn query_part(rt: &tokio::runtime::Runtime, exe: &Path, cli: &Path, dir: &Path, 
         }
         eprintln!("store only: {} → {rows} rows, median {}", spec.label, ms(median(times.clone())));
         store_times.push((rows, median(times)));
-        let mut times = Vec::new();
-        let mut rows = None;
-        for _ in 0..runs {
-            let t = Instant::now();
-            rows = report_query(&store, spec)?;
-            times.push(t.elapsed());
-        }
-        if let Some(rows) = rows {
-            eprintln!("reports: {} → {rows} rows, median {}", spec.label, ms(median(times.clone())));
-        }
-        report_times.push(rows.map(|rows| (rows, median(times))));
     }
     drop(store);
-    fill.disk_bytes = records_bytes;
-    fill.reports_bytes = dir_bytes(&data).saturating_sub(records_bytes);
+    fill.disk_bytes = dir_bytes(&data);
 
     let collector = Collector::start(exe, &data, args.batch)?;
     eprintln!("collector ready on the filled store after {:.1?}", collector.ready_after);
     let mut results = Vec::new();
-    for ((spec, (store_rows, store_median)), reports) in specs.iter().zip(store_times).zip(report_times) {
+    for (spec, (store_rows, store_median)) in specs.iter().zip(store_times) {
         let mut times = Vec::new();
         let mut rows = 0;
         rt.block_on(async {
@@ -1287,13 +1255,53 @@ fn query_part(rt: &tokio::runtime::Runtime, exe: &Path, cli: &Path, dir: &Path, 
             median: median(times),
             cli: cli_time,
             filtered: spec.filtered,
-            reports,
+            reports: None,
         });
     }
     let ready_after = collector.ready_after;
     drop(collector);
     if !args.keep && args.query_store.is_none() {
         let _ = std::fs::remove_dir_all(&data);
+    }
+
+    // The reports in a store of their own (the disk may not hold both at 10M).
+    let reports_dir = data.with_extension("reports");
+    let mut store = Store::open(StoreConfig::new(&reports_dir))?;
+    let have = store.status()?.reports;
+    let reports_fill = if have >= args.query_events {
+        eprintln!("reusing {have} reports in {}", reports_dir.display());
+        (have, Duration::ZERO)
+    } else {
+        eprintln!("filling {} with {} reports", reports_dir.display(), args.query_events);
+        let filled = fill_reports(&store, args, fill.end_ns)?;
+        eprintln!(
+            "filled {} reports in {:.1?}: {} reports/s",
+            filled.0,
+            filled.1,
+            fmt_rate(filled.0 as f64 / filled.1.as_secs_f64())
+        );
+        // Timed like the collector will see it: freshly opened.
+        drop(store);
+        store = Store::open(StoreConfig::new(&reports_dir))?;
+        filled
+    };
+    for (spec, result) in specs.iter().zip(&mut results) {
+        let mut times = Vec::new();
+        let mut rows = None;
+        for _ in 0..runs {
+            let t = Instant::now();
+            rows = report_query(&store, spec)?;
+            times.push(t.elapsed());
+        }
+        if let Some(rows) = rows {
+            eprintln!("reports: {} → {rows} rows, median {}", spec.label, ms(median(times.clone())));
+        }
+        result.reports = rows.map(|rows| (rows, median(times)));
+    }
+    drop(store);
+    fill.reports_bytes = dir_bytes(&reports_dir);
+    if !args.keep && args.query_store.is_none() {
+        let _ = std::fs::remove_dir_all(&reports_dir);
     }
     Ok(QueryPart { fill, reports_fill, ready_after, results, runs })
 }
