@@ -123,7 +123,8 @@ impl LiveCorrelation {
     /// Where a replay after a restart must start: early enough for every undecided RST and the
     /// openings of their connections (reference clock, ns).
     pub fn resume_point(&mut self) -> Option<i64> {
-        let oldest_pending = self.engine.pending().iter().map(|r| r.ts_ns).min();
+        // Agent clocks, not corrected: the context margin is far wider than any skew.
+        let oldest_pending = self.engine.oldest_undecided_ns();
         let newest = self.engine.newest_watermark();
         oldest_pending.or(newest).map(|t| t.saturating_sub(REPLAY_CONTEXT_NS))
     }

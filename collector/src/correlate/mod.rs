@@ -355,6 +355,11 @@ impl Correlator {
         steps
     }
 
+    /// The earliest time (its agent's clock) of an RST not decided yet.
+    pub fn oldest_undecided_ns(&self) -> Option<i64> {
+        self.undecided.iter().map(|&r| self.rsts[r].event.ts_ns).min()
+    }
+
     /// The newest watermark of any agent, on the reference clock.
     pub fn newest_watermark(&self) -> Option<i64> {
         let clocks = self.clock_estimates();
