@@ -107,6 +107,55 @@ struct Due {
     idx: u32,
 }
 
+/// A FIFO of [`Due`] entries stored as 4 bytes each: the slab slots, and their deadlines
+/// run-length encoded. Entries are queued in packet-time order with one timeout per queue, so
+/// consecutive entries share their deadline second and a run covers thousands of them; with a
+/// million records queued this halves the queue's memory.
+#[derive(Default)]
+struct DueQueue {
+    idx: std::collections::VecDeque<u32>,
+    /// `(deadline_s, entries)` runs covering `idx`, front to back; no run is empty.
+    runs: std::collections::VecDeque<(u32, u32)>,
+}
+
+impl DueQueue {
+    fn front(&self) -> Option<Due> {
+        Some(Due { deadline_s: self.runs.front()?.0, idx: *self.idx.front()? })
+    }
+
+    fn pop_front(&mut self) -> Option<Due> {
+        let idx = self.idx.pop_front()?;
+        let run = self.runs.front_mut().expect("runs cover the entries");
+        let deadline_s = run.0;
+        run.1 -= 1;
+        if run.1 == 0 {
+            self.runs.pop_front();
+        }
+        Some(Due { deadline_s, idx })
+    }
+
+    fn push_back(&mut self, due: Due) {
+        self.idx.push_back(due.idx);
+        match self.runs.back_mut() {
+            Some(run) if run.0 == due.deadline_s && run.1 < u32::MAX => run.1 += 1,
+            _ => self.runs.push_back((due.deadline_s, 1)),
+        }
+    }
+
+    fn push_front(&mut self, due: Due) {
+        self.idx.push_front(due.idx);
+        match self.runs.front_mut() {
+            Some(run) if run.0 == due.deadline_s && run.1 < u32::MAX => run.1 += 1,
+            _ => self.runs.push_front((due.deadline_s, 1)),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.idx.clear();
+        self.runs.clear();
+    }
+}
+
 /// Largest timestamp magnitude the tracker works with (ns); see `Tracker::process`.
 pub const TS_LIMIT: i64 = (1 << 62) - 1;
 
@@ -152,7 +201,7 @@ pub struct Tracker {
     free: Vec<u32>,
     table: HashTable<u32>,
     hasher: DefaultHashBuilder,
-    queues: [std::collections::VecDeque<Due>; 3],
+    queues: [DueQueue; 3],
     /// Whole seconds of the first packet minus one: queue deadlines count from here.
     epoch_s: Option<i64>,
     /// RST events waiting out the settle window, by slab slot (records flagged `PENDING`).
@@ -399,7 +448,7 @@ impl Tracker {
         self.next_due_ns = i64::MAX;
         let now_s = self.rel_s(now_ns);
         for queue in [ATTEMPT, DONE, OPEN] {
-            while let Some(&due) = self.queues[queue].front() {
+            while let Some(due) = self.queues[queue].front() {
                 if due.deadline_s > now_s {
                     break;
                 }
