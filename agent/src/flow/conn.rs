@@ -223,8 +223,11 @@ pub struct Conn {
     pub start_ns: i64,
     /// Last packet time, either direction.
     pub last_ns: i64,
-    /// Payload bytes per wire direction, retransmissions included.
-    pub bytes: [u64; 2],
+    /// Payload bytes per wire direction, retransmissions included: low 32 bits (see
+    /// [`Conn::bytes`]).
+    bytes_lo: [u32; 2],
+    /// Bits 32..40 of the payload byte totals: a direction counts up to 1 TiB, then saturates.
+    bytes_hi: [u8; 2],
     /// `conn_flags::*` bits. Never zero (`LIVE` is always set), so `Option<Conn>` in the slab
     /// costs no extra byte.
     pub(crate) flags: std::num::NonZeroU8,
@@ -276,9 +279,27 @@ impl Conn {
             zeek,
             start_ns,
             last_ns: start_ns,
-            bytes: [0; 2],
+            bytes_lo: [0; 2],
+            bytes_hi: [0; 2],
             flags: std::num::NonZeroU8::new(conn_flags::LIVE | if orig_is_lo { conn_flags::ORIG_IS_LO } else { 0 })
                 .expect("LIVE is set"),
+        }
+    }
+
+    /// Payload bytes sent in direction `dir`, retransmissions included (saturating at 2^40 - 1).
+    pub fn bytes(&self, dir: usize) -> u64 {
+        u64::from(self.bytes_hi[dir]) << 32 | u64::from(self.bytes_lo[dir])
+    }
+
+    /// Counts `n` more payload bytes in direction `dir`.
+    pub(crate) fn add_bytes(&mut self, dir: usize, n: u32) {
+        let (lo, carry) = self.bytes_lo[dir].overflowing_add(n);
+        if !carry {
+            self.bytes_lo[dir] = lo;
+        } else if let Some(hi) = self.bytes_hi[dir].checked_add(1) {
+            (self.bytes_lo[dir], self.bytes_hi[dir]) = (lo, hi);
+        } else {
+            self.bytes_lo[dir] = u32::MAX;
         }
     }
 
@@ -320,7 +341,7 @@ impl Conn {
             isn: half.has(seen::SYN).then_some(endpoint.start_seq),
             next_seq: SeqNumber(endpoint.last_seq),
             last_ts: self.last_ts(dir),
-            bytes: self.bytes[dir],
+            bytes: self.bytes(dir),
         }
     }
 
@@ -356,9 +377,9 @@ impl Conn {
         let (o, r) = (self.orig_dir(), 1 - self.orig_dir());
         Counts {
             orig_pkts: u64::from(self.halves[o].pkts),
-            orig_bytes: self.bytes[o],
+            orig_bytes: self.bytes(o),
             resp_pkts: u64::from(self.halves[r].pkts),
-            resp_bytes: self.bytes[r],
+            resp_bytes: self.bytes(r),
         }
     }
 

@@ -663,7 +663,7 @@ impl Tracker {
         let before = conn.side(dir);
         let (next_seq, isn) = (before.next_seq, before.isn);
         conn.halves[dir].on_send(seg, next_seq, isn);
-        conn.bytes[dir] = conn.bytes[dir].saturating_add(u64::from(seg.payload_len));
+        conn.add_bytes(dir, seg.payload_len);
         if seg.flags.ack() {
             conn.halves[1 - dir].on_peer_ack(seg.ack);
         }
@@ -779,8 +779,8 @@ fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
         end_ns: conn.last_ns,
         conn_state: conn.zeek.conn_state().as_str(),
         history: conn.zeek.history().to_string(),
-        orig_dir: conn.halves[o].summary(conn.bytes[o], conn.zeek.orig_bytes()),
-        resp_dir: conn.halves[1 - o].summary(conn.bytes[1 - o], conn.zeek.resp_bytes()),
+        orig_dir: conn.halves[o].summary(conn.bytes(o), conn.zeek.orig_bytes()),
+        resp_dir: conn.halves[1 - o].summary(conn.bytes(1 - o), conn.zeek.resp_bytes()),
         port_reuse: conn.port_reuse(),
         end,
     }
