@@ -3,7 +3,7 @@
 //! Halves are indexed by wire direction (`0`: sent by the key's `lo` endpoint, `1`: by `hi`), not
 //! by role, so a role flip decided later by the Zeek rules costs nothing: only `orig_is_lo` changes.
 
-use rstscope_proto::FlowKey;
+use rstscope_proto::{Endpoint, FlowKey};
 
 use super::zeek::ZeekConn;
 use crate::event::{Counts, DirectionSummary, Phase, Role, TtlRange};
@@ -46,7 +46,7 @@ pub(crate) mod seen {
 /// What one direction of a connection has sent, as seen at this vantage point.
 ///
 /// Only what the Zeek state machine does not already keep: the ISN and the highest sequence
-/// number sent come from [`ZeekConn`] (see [`Conn::side`]), payload byte totals live in the
+/// number sent come from [`ZeekConn`] (see [`Record::side`]), payload byte totals live in the
 /// record, and the last packet's time is kept as microseconds modulo 2^32 next to the record's
 /// exact last-packet time. That keeps a half at 44 bytes.
 #[derive(Clone, Debug, Default)]
@@ -57,7 +57,7 @@ pub struct Half {
     pub last_ack: u32,
     /// Payload length of the last packet.
     pub last_len: u32,
-    /// Time of the last packet: microseconds since the epoch, modulo 2^32 (see [`Conn::last_ts`]).
+    /// Time of the last packet: microseconds since the epoch, modulo 2^32 (see [`Record::last_ts`]).
     pub last_us: u32,
     /// Packets.
     pub pkts: u32,
@@ -221,10 +221,84 @@ impl Half {
     }
 }
 
-/// One connection record.
-pub struct Conn {
-    /// Direction-free identity.
-    pub key: FlowKey,
+/// A [`FlowKey`] as a record stores it, in 12 bytes: for IPv4 (both endpoints IPv4 or
+/// IPv4-mapped) the two addresses and ports; otherwise the ports and the slot of the two addresses
+/// in the tracker's IPv6 table (see [`SlotKey::v6_slot`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct SlotKey {
+    /// IPv4: the `lo` and `hi` addresses as big-endian numbers, so `addrs[0] <= addrs[1]` (the
+    /// key's canonical order). IPv6: `[u32::MAX, slot]` with `slot < u32::MAX`, an order no IPv4
+    /// key has.
+    addrs: [u32; 2],
+    ports: [u16; 2],
+}
+
+/// An endpoint's address as [`FlowKey::to_bytes`] writes it, IPv4 as IPv4-mapped IPv6.
+pub(crate) type Addr = [u8; 16];
+
+const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+impl SlotKey {
+    /// Splits `key` into its compact form, or, when it is not IPv4, its ports and addresses
+    /// (`Err`), to be stored in the IPv6 table.
+    pub(crate) fn of(key: &FlowKey) -> Result<SlotKey, ([u16; 2], [Addr; 2])> {
+        let b = key.to_bytes();
+        let ports = [u16::from_be_bytes([b[16], b[17]]), u16::from_be_bytes([b[34], b[35]])];
+        if b[..12] == V4_MAPPED && b[18..30] == V4_MAPPED {
+            let lo = u32::from_be_bytes([b[12], b[13], b[14], b[15]]);
+            let hi = u32::from_be_bytes([b[30], b[31], b[32], b[33]]);
+            Ok(SlotKey { addrs: [lo, hi], ports })
+        } else {
+            let mut addrs = [[0u8; 16]; 2];
+            addrs[0].copy_from_slice(&b[..16]);
+            addrs[1].copy_from_slice(&b[18..34]);
+            Err((ports, addrs))
+        }
+    }
+
+    /// The compact form of a non-IPv4 key whose addresses are in slot `slot` (< `u32::MAX`) of
+    /// the IPv6 table.
+    pub(crate) fn v6(ports: [u16; 2], slot: u32) -> SlotKey {
+        debug_assert!(slot < u32::MAX);
+        SlotKey { addrs: [u32::MAX, slot], ports }
+    }
+
+    /// Slot of the addresses in the IPv6 table, for a non-IPv4 key.
+    pub(crate) fn v6_slot(&self) -> Option<u32> {
+        (self.addrs[0] > self.addrs[1]).then_some(self.addrs[1])
+    }
+
+    /// The ports, `[lo, hi]`.
+    pub(crate) fn ports(&self) -> [u16; 2] {
+        self.ports
+    }
+
+    /// The full key; `v6` is the IPv6 table.
+    pub(crate) fn key(&self, v6: &[[Addr; 2]]) -> FlowKey {
+        let addrs = match self.v6_slot() {
+            Some(slot) => v6[slot as usize],
+            None => self.addrs.map(|a| {
+                let mut addr = [0u8; 16];
+                addr[..12].copy_from_slice(&V4_MAPPED);
+                addr[12..].copy_from_slice(&a.to_be_bytes());
+                addr
+            }),
+        };
+        let endpoint = |addr: Addr, port: u16| {
+            let mut bytes = [0u8; 18];
+            bytes[..16].copy_from_slice(&addr);
+            bytes[16..].copy_from_slice(&port.to_be_bytes());
+            Endpoint::from_bytes(bytes)
+        };
+        FlowKey::new(endpoint(addrs[0], self.ports[0]), endpoint(addrs[1], self.ports[1]))
+    }
+}
+
+/// One connection record, as the tracker's slab holds it. Its key is compact (see [`SlotKey`]):
+/// [`Conn`] shows it with the full key.
+pub struct Record {
+    /// Direction-free identity, compact.
+    pub(crate) key: SlotKey,
     /// Halves by wire direction: `[lo sends, hi sends]`.
     pub halves: [Half; 2],
     /// Zeek's view: conn_state and history.
@@ -233,14 +307,47 @@ pub struct Conn {
     pub start_ns: i64,
     /// Last packet time, either direction.
     pub last_ns: i64,
-    /// Payload bytes per wire direction, retransmissions included.
-    pub bytes: [u64; 2],
+    /// Payload bytes per wire direction, retransmissions included: low 32 bits (see
+    /// [`Record::bytes`]).
+    bytes_lo: [u32; 2],
+    /// Bits 32..40 of the payload byte totals: a direction counts up to 1 TiB, then saturates.
+    bytes_hi: [u8; 2],
     /// `conn_flags::*` bits. Never zero (`LIVE` is always set), so `Option<Conn>` in the slab
     /// costs no extra byte.
     pub(crate) flags: std::num::NonZeroU8,
 }
 
-/// Bits of [`Conn::flags`].
+/// A record with its full key: what classification and summaries read. Dereferences to the
+/// [`Record`].
+pub struct Conn<'a> {
+    /// Direction-free identity.
+    pub key: FlowKey,
+    rec: &'a Record,
+}
+
+impl<'a> Conn<'a> {
+    pub(crate) fn new(key: FlowKey, rec: &'a Record) -> Self {
+        Conn { key, rec }
+    }
+
+    /// The originator and the responder endpoints.
+    pub(crate) fn orig_resp(&self) -> (Endpoint, Endpoint) {
+        if self.orig_is_lo() {
+            (self.key.lo(), self.key.hi())
+        } else {
+            (self.key.hi(), self.key.lo())
+        }
+    }
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Record;
+    fn deref(&self) -> &Record {
+        self.rec
+    }
+}
+
+/// Bits of [`Record::flags`].
 pub(crate) mod conn_flags {
     /// The originator is the key's `lo` endpoint.
     pub const ORIG_IS_LO: u8 = 1 << 0;
@@ -278,17 +385,35 @@ impl std::ops::Deref for Side<'_> {
     }
 }
 
-impl Conn {
-    pub(crate) fn new(key: FlowKey, zeek: ZeekConn, orig_is_lo: bool, start_ns: i64) -> Self {
-        Conn {
+impl Record {
+    pub(crate) fn new(key: SlotKey, zeek: ZeekConn, orig_is_lo: bool, start_ns: i64) -> Self {
+        Record {
             key,
             halves: [Half::default(), Half::default()],
             zeek,
             start_ns,
             last_ns: start_ns,
-            bytes: [0; 2],
+            bytes_lo: [0; 2],
+            bytes_hi: [0; 2],
             flags: std::num::NonZeroU8::new(conn_flags::LIVE | if orig_is_lo { conn_flags::ORIG_IS_LO } else { 0 })
                 .expect("LIVE is set"),
+        }
+    }
+
+    /// Payload bytes sent in direction `dir`, retransmissions included (saturating at 2^40 - 1).
+    pub fn bytes(&self, dir: usize) -> u64 {
+        u64::from(self.bytes_hi[dir]) << 32 | u64::from(self.bytes_lo[dir])
+    }
+
+    /// Counts `n` more payload bytes in direction `dir`.
+    pub(crate) fn add_bytes(&mut self, dir: usize, n: u32) {
+        let (lo, carry) = self.bytes_lo[dir].overflowing_add(n);
+        if !carry {
+            self.bytes_lo[dir] = lo;
+        } else if let Some(hi) = self.bytes_hi[dir].checked_add(1) {
+            (self.bytes_lo[dir], self.bytes_hi[dir]) = (lo, hi);
+        } else {
+            self.bytes_lo[dir] = u32::MAX;
         }
     }
 
@@ -330,13 +455,13 @@ impl Conn {
             isn: half.has(seen::SYN).then_some(endpoint.start_seq),
             next_seq: SeqNumber(endpoint.last_seq),
             last_ts: self.last_ts(dir),
-            bytes: self.bytes[dir],
+            bytes: self.bytes(dir),
         }
     }
 
-    /// Index of the half that `seg`'s sender fills.
-    pub(crate) fn dir_of(&self, seg: &Segment) -> usize {
-        usize::from(!self.key.is_lo_to_hi(&seg.src))
+    /// Index of the half that `seg`'s sender fills, for a record with key `key`.
+    pub(crate) fn dir_of(key: &FlowKey, seg: &Segment) -> usize {
+        usize::from(!key.is_lo_to_hi(&seg.src))
     }
 
     /// Role of the sender of direction `dir`.
@@ -353,22 +478,13 @@ impl Conn {
         usize::from(!self.orig_is_lo())
     }
 
-    /// The originator and the responder endpoints.
-    pub(crate) fn orig_resp(&self) -> (rstscope_proto::Endpoint, rstscope_proto::Endpoint) {
-        if self.orig_is_lo() {
-            (self.key.lo(), self.key.hi())
-        } else {
-            (self.key.hi(), self.key.lo())
-        }
-    }
-
     pub(crate) fn counts(&self) -> Counts {
         let (o, r) = (self.orig_dir(), 1 - self.orig_dir());
         Counts {
             orig_pkts: u64::from(self.halves[o].pkts),
-            orig_bytes: self.bytes[o],
+            orig_bytes: self.bytes(o),
             resp_pkts: u64::from(self.halves[r].pkts),
-            resp_bytes: self.bytes[r],
+            resp_bytes: self.bytes(r),
         }
     }
 

@@ -4,8 +4,8 @@
 //! packet being processed, so replaying a capture gives exactly what live capture gave.
 //!
 //! Memory and cache misses shape this module. A busy link carries millions of connections, so a
-//! record is a fixed-size struct in a slab (`Vec<Option<Conn>>`) and the hash table holds only
-//! 4-byte slab indices. Expiry must not touch other records on every packet (an intrusive LRU
+//! record is a fixed-size struct in a slab (`Vec<Option<Record>>`), its key compact (IPv4 inline,
+//! other addresses in a side table by slot), and the hash table holds only 4-byte slab indices. Expiry must not touch other records on every packet (an intrusive LRU
 //! list costs three random cache misses per packet once the table outgrows the cache), so it
 //! is lazy: each record has at most one entry in a FIFO queue per timeout class (open, and
 //! finished-and-lingering), holding the deadline computed when it was queued. When an entry
@@ -32,7 +32,7 @@ use rstscope_proto::{Endpoint, FlowKey};
 
 use crate::event::{ConnId, ConnOpen, Event, FlowEnd, FlowSummary, Role, RstEvent};
 use crate::wire::{Checksum, OptionLayout, Segment};
-use conn::{conn_flags, seen, Conn};
+use conn::{conn_flags, seen, Addr, Conn, Record, SlotKey};
 use zeek::{ZeekConn, ZeekSegment};
 
 /// Tracker settings. Defaults follow Zeek's (`tcp_inactivity_timeout`, `tcp_close_delay`,
@@ -107,6 +107,55 @@ struct Due {
     idx: u32,
 }
 
+/// A FIFO of [`Due`] entries stored as 4 bytes each: the slab slots, and their deadlines
+/// run-length encoded. Entries are queued in packet-time order with one timeout per queue, so
+/// consecutive entries share their deadline second and a run covers thousands of them; with a
+/// million records queued this halves the queue's memory.
+#[derive(Default)]
+struct DueQueue {
+    idx: std::collections::VecDeque<u32>,
+    /// `(deadline_s, entries)` runs covering `idx`, front to back; no run is empty.
+    runs: std::collections::VecDeque<(u32, u32)>,
+}
+
+impl DueQueue {
+    fn front(&self) -> Option<Due> {
+        Some(Due { deadline_s: self.runs.front()?.0, idx: *self.idx.front()? })
+    }
+
+    fn pop_front(&mut self) -> Option<Due> {
+        let idx = self.idx.pop_front()?;
+        let run = self.runs.front_mut().expect("runs cover the entries");
+        let deadline_s = run.0;
+        run.1 -= 1;
+        if run.1 == 0 {
+            self.runs.pop_front();
+        }
+        Some(Due { deadline_s, idx })
+    }
+
+    fn push_back(&mut self, due: Due) {
+        self.idx.push_back(due.idx);
+        match self.runs.back_mut() {
+            Some(run) if run.0 == due.deadline_s && run.1 < u32::MAX => run.1 += 1,
+            _ => self.runs.push_back((due.deadline_s, 1)),
+        }
+    }
+
+    fn push_front(&mut self, due: Due) {
+        self.idx.push_front(due.idx);
+        match self.runs.front_mut() {
+            Some(run) if run.0 == due.deadline_s && run.1 < u32::MAX => run.1 += 1,
+            _ => self.runs.push_front((due.deadline_s, 1)),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.idx.clear();
+        self.runs.clear();
+    }
+}
+
 /// Largest timestamp magnitude the tracker works with (ns); see `Tracker::process`.
 pub const TS_LIMIT: i64 = (1 << 62) - 1;
 
@@ -148,11 +197,15 @@ struct RecentSyns {
 /// Tracks every TCP connection of one vantage point.
 pub struct Tracker {
     config: TrackerConfig,
-    slab: Vec<Option<Conn>>,
+    slab: Vec<Option<Record>>,
+    /// Addresses of the records whose key is not IPv4, by the slot their [`SlotKey`] names;
+    /// free slots are listed in `v6_free`.
+    v6_addrs: Vec<[Addr; 2]>,
+    v6_free: Vec<u32>,
     free: Vec<u32>,
     table: HashTable<u32>,
     hasher: DefaultHashBuilder,
-    queues: [std::collections::VecDeque<Due>; 3],
+    queues: [DueQueue; 3],
     /// Whole seconds of the first packet minus one: queue deadlines count from here.
     epoch_s: Option<i64>,
     /// RST events waiting out the settle window, by slab slot (records flagged `PENDING`).
@@ -178,6 +231,8 @@ impl Tracker {
         Tracker {
             config,
             slab: Vec::new(),
+            v6_addrs: Vec::new(),
+            v6_free: Vec::new(),
             free: Vec::new(),
             table: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
@@ -250,9 +305,9 @@ impl Tracker {
         };
         let (idx, created) = match found {
             Some(idx) if self.splits(idx, seg) => {
-                let port_reuse = self.is_port_reuse(idx, seg);
+                let port_reuse = self.is_port_reuse(idx, &key, seg);
                 self.finish(idx, FlowEnd::Reused, out);
-                let idx = self.create(key, hash, seg, out);
+                let idx = self.create(&key, hash, seg, out);
                 if port_reuse {
                     self.stats.port_reuse += 1;
                     self.conn_mut(idx).set_flag(conn_flags::PORT_REUSE, true);
@@ -260,20 +315,20 @@ impl Tracker {
                 (idx, true)
             }
             Some(idx) => (idx, false),
-            None => (self.create(key, hash, seg, out), true),
+            None => (self.create(&key, hash, seg, out), true),
         };
-        self.apply(idx, seg, out);
+        self.apply(idx, &key, seg, out);
         if !self.conn(idx).has_flag(conn_flags::OPEN_SETTLED) {
-            self.note_open(idx, seg, created, out);
+            self.note_open(idx, &key, seg, created, out);
         }
     }
 
     /// The connection-identity part of a packet, for records whose Open is not settled: a new
     /// record's SYN is remembered, the responder's SYN-ACK emits the Open, a RST instead of it
     /// means there never will be one; a record that started otherwise emits it at once.
-    fn note_open(&mut self, idx: u32, seg: &Segment, created: bool, out: &mut impl FnMut(Event)) {
-        let conn = self.conn(idx);
-        let dir = conn.dir_of(seg);
+    fn note_open(&mut self, idx: u32, key: &FlowKey, seg: &Segment, created: bool, out: &mut impl FnMut(Event)) {
+        let conn = Conn::new(*key, self.conn(idx));
+        let dir = Record::dir_of(key, seg);
         let syn_only = seg.flags.syn() && !seg.flags.ack() && !seg.flags.rst();
         if created && syn_only {
             let seen = SynSeen {
@@ -328,7 +383,7 @@ impl Tracker {
             if !(seg.flags.syn() && seg.flags.ack()) {
                 return;
             }
-            let (lo, hi) = (conn.key.lo(), conn.key.hi());
+            let (lo, hi) = (key.lo(), key.hi());
             let (orig, resp) = if syn.dir == 0 { (lo, hi) } else { (hi, lo) };
             let open = ConnOpen {
                 conn_id: ConnId::new(&conn.key, conn.start_ns),
@@ -383,7 +438,18 @@ impl Tracker {
 
     fn find(&self, key: &FlowKey, hash: u64) -> Option<u32> {
         let slab = &self.slab;
-        self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == *key)).copied()
+        match SlotKey::of(key) {
+            Ok(k) => self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == k)),
+            Err((ports, addrs)) => {
+                let v6 = &self.v6_addrs;
+                self.table.find(hash, |&i| {
+                    slab[i as usize].as_ref().is_some_and(|c| {
+                        c.key.ports() == ports && c.key.v6_slot().is_some_and(|s| v6[s as usize] == addrs)
+                    })
+                })
+            }
+        }
+        .copied()
     }
 
     /// Moves time forward to `now_ns` (a packet timestamp) and expires what timed out. Live
@@ -399,7 +465,7 @@ impl Tracker {
         self.next_due_ns = i64::MAX;
         let now_s = self.rel_s(now_ns);
         for queue in [ATTEMPT, DONE, OPEN] {
-            while let Some(&due) = self.queues[queue].front() {
+            while let Some(due) = self.queues[queue].front() {
                 if due.deadline_s > now_s {
                     break;
                 }
@@ -519,11 +585,11 @@ impl Tracker {
         self.slab.iter().position(|c| c.is_some()).map(|i| i as u32)
     }
 
-    fn conn(&self, idx: u32) -> &Conn {
+    fn conn(&self, idx: u32) -> &Record {
         self.slab[idx as usize].as_ref().expect("listed index refers to a live record")
     }
 
-    fn conn_mut(&mut self, idx: u32) -> &mut Conn {
+    fn conn_mut(&mut self, idx: u32) -> &mut Record {
         self.slab[idx as usize].as_mut().expect("listed index refers to a live record")
     }
 
@@ -536,16 +602,16 @@ impl Tracker {
 
     /// A split that is port reuse in the vocabulary's sense: a new SYN (new ISN) on a tuple whose
     /// previous connection had closed or been reset, rather than a retry of the same attempt.
-    fn is_port_reuse(&self, idx: u32, seg: &Segment) -> bool {
+    fn is_port_reuse(&self, idx: u32, key: &FlowKey, seg: &Segment) -> bool {
         if !seg.flags.syn() || seg.flags.ack() || seg.flags.rst() {
             return false;
         }
         let conn = self.conn(idx);
         let closed = conn.halves.iter().any(|h| h.rsts > 0 || h.has(seen::FIN));
-        closed && conn.side(conn.dir_of(seg)).isn != Some(seg.seq)
+        closed && conn.side(Record::dir_of(key, seg)).isn != Some(seg.seq)
     }
 
-    fn create(&mut self, key: FlowKey, hash: u64, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
+    fn create(&mut self, key: &FlowKey, hash: u64, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
         if self.stats.active as usize >= self.config.max_flows.max(1) {
             if let Some(victim) = self.eviction_victim() {
                 self.stats.evicted += 1;
@@ -554,7 +620,20 @@ impl Tracker {
         }
         let (zeek, sender_is_orig) = ZeekConn::start(seg.flags.byte(), seg.src.port(), seg.dst.port());
         let sender_is_lo = key.is_lo_to_hi(&seg.src);
-        let conn = Conn::new(key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
+        let slot_key = match SlotKey::of(key) {
+            Ok(k) => k,
+            Err((ports, addrs)) => match self.v6_free.pop() {
+                Some(slot) => {
+                    self.v6_addrs[slot as usize] = addrs;
+                    SlotKey::v6(ports, slot)
+                }
+                None => {
+                    self.v6_addrs.push(addrs);
+                    SlotKey::v6(ports, (self.v6_addrs.len() - 1) as u32)
+                }
+            },
+        };
+        let conn = Record::new(slot_key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
         let idx = match self.free.pop() {
             Some(i) => {
                 self.slab[i as usize] = Some(conn);
@@ -566,11 +645,11 @@ impl Tracker {
             }
         };
         self.mutations += 1;
-        let slab = &self.slab;
-        let hasher = &self.hasher;
+        let (slab, v6, hasher) = (&self.slab, &self.v6_addrs, &self.hasher);
         // Rehashing must hash exactly what lookups hash: the bare key.
-        self.table
-            .insert_unique(hash, idx, |&i| hasher.hash_one(slab[i as usize].as_ref().expect("indexed record").key));
+        self.table.insert_unique(hash, idx, |&i| {
+            hasher.hash_one(slab[i as usize].as_ref().expect("indexed record").key.key(v6))
+        });
         let deadline = seg.ts_ns.saturating_add(self.config.inactivity_timeout_ns);
         self.schedule(OPEN, idx, deadline);
         if seg.flags.syn() && !seg.flags.ack() {
@@ -582,24 +661,25 @@ impl Tracker {
         idx
     }
 
-    fn apply(&mut self, idx: u32, seg: &Segment, out: &mut impl FnMut(Event)) {
+    fn apply(&mut self, idx: u32, key: &FlowKey, seg: &Segment, out: &mut impl FnMut(Event)) {
         let settle = self.config.settle_ns.min(self.config.linger_ns);
         let ignore_checksums = self.config.ignore_checksums;
-        let ctx = if seg.flags.rst() { self.context(idx, seg) } else { classify::Context::default() };
+        let ctx = if seg.flags.rst() { self.context(idx, key, seg) } else { classify::Context::default() };
         if seg.flags.syn() {
             self.note_syn(idx, seg);
         }
         let conn = self.slab[idx as usize].as_mut().expect("live record");
-        let dir = conn.dir_of(seg);
+        let dir = Record::dir_of(key, seg);
 
-        let mut event = seg.flags.rst().then(|| classify::build(conn, dir, seg, &ctx));
+        let mut event = seg.flags.rst().then(|| classify::build(&Conn::new(*key, conn), dir, seg, &ctx));
         // Later packets add evidence to RSTs still settling; settled ones are emitted.
         if conn.has_flag(conn_flags::PENDING) {
+            let view = Conn::new(*key, conn);
             let pending = self.pending.get_mut(&idx).expect("flagged records have pending events");
-            classify::observe_after(pending, event.as_mut(), conn, dir, seg);
+            classify::observe_after(pending, event.as_mut(), &view, dir, seg);
             let mut n_out = 0;
             for mut ev in pending.extract_if(.., |ev| seg.ts_ns - ev.ts_ns > settle) {
-                classify::finalize(&mut ev, conn);
+                classify::finalize(&mut ev, &view);
                 out(Event::Reset(Box::new(ev)));
                 n_out += 1;
             }
@@ -614,7 +694,7 @@ impl Tracker {
         let before = conn.side(dir);
         let (next_seq, isn) = (before.next_seq, before.isn);
         conn.halves[dir].on_send(seg, next_seq, isn);
-        conn.bytes[dir] = conn.bytes[dir].saturating_add(u64::from(seg.payload_len));
+        conn.add_bytes(dir, seg.payload_len);
         if seg.flags.ack() {
             conn.halves[1 - dir].on_peer_ack(seg.ack);
         }
@@ -652,11 +732,10 @@ impl Tracker {
         }
     }
 
-    fn context(&self, idx: u32, seg: &Segment) -> classify::Context {
+    fn context(&self, idx: u32, key: &FlowKey, seg: &Segment) -> classify::Context {
         let conn = self.conn(idx);
         let orig_dir = conn.orig_dir();
-        let (client, server) =
-            if orig_dir == 0 { (conn.key.lo(), conn.key.hi()) } else { (conn.key.hi(), conn.key.lo()) };
+        let (client, server) = if orig_dir == 0 { (key.lo(), key.hi()) } else { (key.hi(), key.lo()) };
         let racing_syn_gap_ns = self.recent_syns.get(&(host(client), host(server))).and_then(|r| {
             [r.last, r.prev]
                 .into_iter()
@@ -694,8 +773,12 @@ impl Tracker {
 
     /// Emits what a record still holds (settling RSTs, then its summary) and frees it.
     fn finish(&mut self, idx: u32, end: FlowEnd, out: &mut impl FnMut(Event)) {
-        let conn = self.slab[idx as usize].take().expect("live record");
+        let rec = self.slab[idx as usize].take().expect("live record");
         self.mutations += 1;
+        let conn = Conn::new(rec.key.key(&self.v6_addrs), &rec);
+        if let Some(slot) = rec.key.v6_slot() {
+            self.v6_free.push(slot);
+        }
         let hash = self.hasher.hash_one(conn.key);
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
             entry.remove();
@@ -733,8 +816,8 @@ fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
         end_ns: conn.last_ns,
         conn_state: conn.zeek.conn_state().as_str(),
         history: conn.zeek.history().to_string(),
-        orig_dir: conn.halves[o].summary(conn.bytes[o], conn.zeek.orig_bytes()),
-        resp_dir: conn.halves[1 - o].summary(conn.bytes[1 - o], conn.zeek.resp_bytes()),
+        orig_dir: conn.halves[o].summary(conn.bytes(o), conn.zeek.orig_bytes()),
+        resp_dir: conn.halves[1 - o].summary(conn.bytes(1 - o), conn.zeek.resp_bytes()),
         port_reuse: conn.port_reuse(),
         end,
     }
@@ -920,12 +1003,48 @@ mod tests {
 }
 #[cfg(test)]
 mod record_size {
-    /// The per-flow memory budget (under 300 bytes including table and queue overhead) rests on
-    /// this size; growing a record is a decision, not an accident.
+    /// The per-flow memory budget (at most 200 bytes including table and queue overhead is the
+    /// goal) rests on this size; growing a record is a decision, not an accident.
     #[test]
     fn connection_record_stays_within_budget() {
         assert_eq!(std::mem::size_of::<super::conn::Half>(), 36);
-        assert!(std::mem::size_of::<super::Conn>() <= 240, "Conn is {} bytes", std::mem::size_of::<super::Conn>());
-        assert_eq!(std::mem::size_of::<Option<super::Conn>>(), std::mem::size_of::<super::Conn>());
+        assert_eq!(std::mem::size_of::<super::Record>(), 200);
+        assert_eq!(std::mem::size_of::<Option<super::Record>>(), std::mem::size_of::<super::Record>());
+    }
+}
+
+#[cfg(test)]
+mod slot_key {
+    use super::conn::{Addr, SlotKey};
+    use rstscope_proto::FlowKey;
+
+    /// Every key comes back from its compact form: IPv4 inline (including the all-ones address,
+    /// whose order could be mistaken for the IPv6 marker), anything else through the IPv6 table.
+    #[test]
+    fn keys_round_trip_through_the_compact_form() {
+        let mut v6: Vec<[Addr; 2]> = Vec::new();
+        for text in [
+            "198.51.100.1:40000-203.0.113.5:443",
+            "255.255.255.255:1-255.255.255.255:2",
+            "0.0.0.0:0-255.255.255.255:65535",
+            "10.0.0.1:80-10.0.0.1:80",
+            "[2001:db8::1]:443-[2001:db8::2]:5000",
+            "[::ffff:198.51.100.1]:1-[2001:db8::2]:2",
+            "[::]:0-[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+        ] {
+            let key: FlowKey = text.parse().unwrap();
+            let compact = match SlotKey::of(&key) {
+                Ok(k) => {
+                    assert!(k.v6_slot().is_none(), "{text}");
+                    k
+                }
+                Err((ports, addrs)) => {
+                    v6.push(addrs);
+                    SlotKey::v6(ports, (v6.len() - 1) as u32)
+                }
+            };
+            assert_eq!(compact.key(&v6), key, "{text}");
+            assert_eq!(SlotKey::of(&key).is_ok(), key.lo().is_ipv4() && key.hi().is_ipv4(), "{text}");
+        }
     }
 }

@@ -82,6 +82,71 @@ pub fn is_likely_server_port(port: u16) -> bool {
 /// Letters the history buffer holds; longer histories are cut there (Zeek's own are unbounded).
 pub const HISTORY_CAP: usize = 20;
 
+/// Every letter a history can hold; a letter is stored as its position here plus one, in 5 bits
+/// (0 ends the history), so [`HISTORY_CAP`] letters take [`HIST_BYTES`] bytes.
+const HIST_ALPHABET: &[u8; 25] = b"^SHADFRCTWGIQshadfrctwgiq";
+const HIST_BITS: usize = 5;
+const HIST_BYTES: usize = (HISTORY_CAP * HIST_BITS).div_ceil(8);
+
+/// 5-bit codes by ASCII letter (0 for a letter outside [`HIST_ALPHABET`], which the state machine
+/// never writes).
+const HIST_CODES: [u8; 128] = {
+    let mut codes = [0u8; 128];
+    let mut i = 0;
+    while i < HIST_ALPHABET.len() {
+        codes[HIST_ALPHABET[i] as usize] = i as u8 + 1;
+        i += 1;
+    }
+    codes
+};
+
+fn hist_code(letter: u8) -> u128 {
+    u128::from(HIST_CODES[usize::from(letter & 0x7f)])
+}
+
+/// A connection's history, decoded from its packed form: Zeek's `history` string.
+#[derive(Clone, Copy)]
+pub struct History {
+    letters: [u8; HISTORY_CAP],
+    len: u8,
+}
+
+impl History {
+    /// The letters as text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.letters[..usize::from(self.len)]
+    }
+}
+
+impl std::ops::Deref for History {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<&str> for History {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// Zeek's `TOO_LARGE_SEQ_DELTA`: SYN/RST sequence jumps beyond this are not trusted.
 const TOO_LARGE_SEQ_DELTA: i32 = 1_048_576;
 
@@ -288,8 +353,8 @@ pub struct ZeekConn {
     /// Connection's `hist_seen`, per *role* (Zeek does not flip it).
     hist_seen: [u8; 2],
     flags: u8,
-    hist_len: u8,
-    hist: [u8; HISTORY_CAP],
+    /// History letters, 5 bits each (see [`HIST_ALPHABET`]), up to the first 0.
+    hist: [u8; HIST_BYTES],
 }
 
 #[inline]
@@ -340,8 +405,7 @@ impl ZeekConn {
             ep_flags: [0; 2],
             hist_seen: [0; 2],
             flags: 0,
-            hist_len: 0,
-            hist: [0; HISTORY_CAP],
+            hist: [0; HIST_BYTES],
         };
         let mut flip = false;
         if tcp_flags & SYN == 0 || tcp_flags & ACK != 0 {
@@ -381,7 +445,7 @@ impl ZeekConn {
 
         // Zeek PR #2191: a connection that began with an unflipped SYN-ACK is turned around once an ACK or
         // data follows (stealth scans only ever elicit RSTs or silence), as if it had been flipped at start.
-        if self.history_bytes() == b"H"
+        if self.history_is_just(b'H')
             && self.state_of(0) == EndpointState::SynAckSent
             && self.state_of(1) == EndpointState::Inactive
             && !syn
@@ -525,7 +589,7 @@ impl ZeekConn {
 
     /// Reads one word from each cache line of this state, so a batch can load it ahead of use.
     pub fn touch(&self) -> u32 {
-        self.start[0] ^ self.hist_rst[1] ^ u32::from(self.hist[HISTORY_CAP - 1])
+        self.start[0] ^ self.hist_rst[1] ^ u32::from(self.hist[HIST_BYTES - 1])
     }
 
     /// Either side was reported closed (Zeek's `IsClosed`).
@@ -555,7 +619,7 @@ impl ZeekConn {
             }
         } else if os == S::Reset {
             if r_inactive {
-                if history_is_syn_then_rst(self.history_bytes()) {
+                if history_is_syn_then_rst(self.history().as_bytes()) {
                     ConnState::RSTOS0
                 } else {
                     ConnState::OTH
@@ -587,8 +651,19 @@ impl ZeekConn {
     }
 
     /// Exactly Zeek's history string (up to [`HISTORY_CAP`] letters).
-    pub fn history(&self) -> &str {
-        std::str::from_utf8(self.history_bytes()).unwrap_or("")
+    pub fn history(&self) -> History {
+        let mut h = History { letters: [0; HISTORY_CAP], len: 0 };
+        let mut bits = self.hist_bits();
+        for letter in h.letters.iter_mut() {
+            let code = (bits & 0x1f) as usize;
+            if code == 0 {
+                break;
+            }
+            *letter = HIST_ALPHABET[code - 1];
+            h.len += 1;
+            bits >>= HIST_BITS;
+        }
+        h
     }
 
     /// True if letters were dropped because the history outgrew [`HISTORY_CAP`].
@@ -668,17 +743,36 @@ impl ZeekConn {
         self.last[e].wrapping_sub(self.start[e])
     }
 
-    fn history_bytes(&self) -> &[u8] {
-        let n = (self.hist_len as usize).min(HISTORY_CAP);
-        &self.hist[..n]
+    /// The packed history: letter `i` in bits `5 * i ..= 5 * i + 4`.
+    fn hist_bits(&self) -> u128 {
+        let mut bytes = [0u8; 16];
+        bytes[..HIST_BYTES].copy_from_slice(&self.hist);
+        u128::from_le_bytes(bytes)
+    }
+
+    fn set_hist_at(&mut self, i: usize, code: u128) {
+        let shift = i * HIST_BITS;
+        let bits = (self.hist_bits() & !(0x1f << shift)) | (code << shift);
+        self.hist.copy_from_slice(&bits.to_le_bytes()[..HIST_BYTES]);
+    }
+
+    /// Number of history letters: every letter's code is non-zero, so the highest set bit is in
+    /// the last letter.
+    fn hist_len(&self) -> usize {
+        (128 - self.hist_bits().leading_zeros() as usize).div_ceil(HIST_BITS)
+    }
+
+    /// The history is exactly the one letter `c` (checked on every packet, so without decoding).
+    fn history_is_just(&self, c: u8) -> bool {
+        let first_two = u16::from(self.hist[0]) | (u16::from(self.hist[1]) << 8);
+        u128::from(first_two & 0x3ff) == hist_code(c)
     }
 
     /// Connection::AddHistory.
     fn add_history(&mut self, c: u8) {
-        let n = self.hist_len as usize;
+        let n = self.hist_len();
         if n < HISTORY_CAP {
-            self.hist[n] = c;
-            self.hist_len += 1;
+            self.set_hist_at(n, hist_code(c));
         } else {
             self.flags |= F_HIST_OVERFLOW;
         }
@@ -742,20 +836,20 @@ impl ZeekConn {
     fn flip_as_if_at_start(&mut self) {
         self.swap_endpoints();
         self.hist_seen.swap(0, 1);
-        let n = (self.hist_len as usize).min(HISTORY_CAP);
+        let old = self.history();
+        let n = usize::from(old.len);
         let mut i = n;
         while i > 0 {
-            let c = self.hist[i - 1];
+            let c = old.letters[i - 1];
             let swapped = if c.is_ascii_uppercase() { c.to_ascii_lowercase() } else { c.to_ascii_uppercase() };
             if i < HISTORY_CAP {
-                self.hist[i] = swapped;
+                self.set_hist_at(i, hist_code(swapped));
             } else {
                 self.flags |= F_HIST_OVERFLOW;
             }
             i -= 1;
         }
-        self.hist[0] = b'^';
-        self.hist_len = (n + 1).min(HISTORY_CAP) as u8;
+        self.set_hist_at(0, hist_code(b'^'));
         self.state[1] = EndpointState::Established as u8; // prev_state Inactive
                                                           // The SYN-ACK would have been the responder's first packet: not partial (SetPartialStatus).
         self.flags &= !(F_PARTIAL | F_SEEN_ORIG);
@@ -1285,7 +1379,7 @@ mod tests {
 
     fn check_ports(sport: u16, dport: u16, trace: &[&str], history: &str, state: &str) {
         let c = run(sport, dport, trace);
-        assert_eq!((c.history(), c.conn_state().as_str()), (history, state), "trace {trace:?}");
+        assert_eq!((c.history().as_str(), c.conn_state().as_str()), (history, state), "trace {trace:?}");
     }
 
     const HANDSHAKE: [&str; 3] = ["> S 100", "< SA 300 101", "> A 101 301"];
@@ -1296,7 +1390,7 @@ mod tests {
 
     #[test]
     fn size_is_compact() {
-        assert_eq!(std::mem::size_of::<ZeekConn>(), 96);
+        assert_eq!(std::mem::size_of::<ZeekConn>(), 88);
     }
 
     #[test]
@@ -1364,7 +1458,7 @@ mod tests {
                 "< A 4263588548 2779767247",
             ],
         );
-        assert_eq!((c.history(), c.conn_state().as_str()), ("^hADadFf", "SF"));
+        assert_eq!((c.history().as_str(), c.conn_state().as_str()), ("^hADadFf", "SF"));
         assert_eq!((c.orig_bytes(), c.resp_bytes()), (136, 5007));
     }
 
@@ -1386,7 +1480,7 @@ mod tests {
                 "< A 4263588548 2779762340",
             ],
         );
-        assert_eq!((c.history(), c.conn_state().as_str()), ("Hs^ADadFf", "SF"));
+        assert_eq!((c.history().as_str(), c.conn_state().as_str()), ("Hs^ADadFf", "SF"));
         assert!(c.roles_swapped());
     }
 

@@ -543,6 +543,14 @@ fn main() -> Result<()> {
         gen::write_open_flows_file(&cfg, &p)?;
         eprintln!("generated {} in {:.2?}", p.display(), t.elapsed());
         let m = memory_per_flow(&p, args.flows_for_memory)?;
+        let per = |b: f64| b / m.flows.max(1) as f64;
+        eprintln!(
+            "memory: {} flows, peak RSS growth {} B/flow, heap peak {:.1} B/flow, after {:.1} B/flow",
+            m.flows,
+            m.hwm_delta_kib.map_or("n/a".into(), |k| format!("{:.1}", per(k as f64 * 1024.0))),
+            per(m.peak_heap as f64),
+            per(m.steady_heap as f64),
+        );
         if !args.keep {
             let _ = std::fs::remove_file(&p);
         }
@@ -553,7 +561,10 @@ fn main() -> Result<()> {
 
     // (a)–(d), one capture at a time (the 10M full-frame file alone is several GB).
     let mut scenarios = Vec::new();
+    // `--only e` measures memory alone: no throughput captures (the 10M one is several GB).
+    let throughput = ["a", "b", "c", "d"].iter().any(|s| stage(s));
     let plan: Vec<(u64, u32)> = match &args.capture {
+        _ if !throughput => Vec::new(),
         Some(_) => vec![(0, 0)],
         None => args.packets.iter().flat_map(|&p| args.snaplens.iter().map(move |&s| (p, s))).collect(),
     };
