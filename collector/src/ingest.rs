@@ -448,7 +448,16 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
         let store = hub.store.clone();
         let now = now_ns();
         hub.correlation().hello(&hello);
-        let durable_seq = blocking(move || store.hello(&hello, now)).await?;
+        let durable_seq = blocking(move || {
+            // The correlation needs the agent's addresses again after a collector restart,
+            // before the agent says hello anew.
+            store.set_meta(
+                &crate::live::local_meta_key(&hello.agent_name),
+                &crate::live::join_addresses(&hello.local_addresses),
+            )?;
+            store.hello(&hello, now)
+        })
+        .await?;
         info!(durable_seq, "Agent connected.");
         let max_batch_events = u32::try_from(hub.limits.max_batch_events).unwrap_or(u32::MAX);
         send(tx, collector_message::Kind::Welcome(v1::Welcome { durable_seq, max_batch_events })).await?;

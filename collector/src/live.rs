@@ -108,6 +108,17 @@ impl LiveCorrelation {
     /// ones are decided again identically (same ids: the store keeps one copy).
     pub fn replay(&mut self, store: &crate::store::Store, since_ns: i64) -> Result<u64, crate::store::StoreError> {
         let mut n = 0u64;
+        // Agents' own addresses first, as their last hello gave them.
+        for agent in store.agents()? {
+            if let Some(bytes) = store.meta(&local_meta_key(&agent.name))? {
+                let hello = v1::AgentHello {
+                    agent_name: agent.name.clone(),
+                    local_addresses: split_addresses(&bytes),
+                    ..Default::default()
+                };
+                self.hello(&hello);
+            }
+        }
         for item in store.events_since(since_ns) {
             let (agent, event) = item?;
             self.ingest(&agent, std::slice::from_ref(&event));
@@ -148,6 +159,36 @@ impl LiveCorrelation {
         let map = names.zip(estimates).filter_map(|(n, e)| e.map(|e| (n, e))).collect();
         (map, self.engine.reference().unwrap_or("").to_string())
     }
+}
+
+/// The store's meta key for an agent's addresses from its last hello.
+pub fn local_meta_key(agent: &str) -> String {
+    format!("agent.local.{agent}")
+}
+
+/// Addresses stored one after the other, each after a byte giving its length (4 or 16).
+fn split_addresses(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len);
+        if tail.len() < len {
+            break;
+        }
+        out.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    out
+}
+
+/// The stored form of an agent's addresses (see [`split_addresses`]).
+pub fn join_addresses(addresses: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for a in addresses.iter().filter(|a| a.len() <= 255) {
+        out.push(a.len() as u8);
+        out.extend_from_slice(a);
+    }
+    out
 }
 
 /// One connection as the correlation knows it.

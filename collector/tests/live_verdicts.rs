@@ -138,6 +138,12 @@ async fn verdicts_survive_a_restart_and_undecided_resets_are_decided_after_it() 
     collector.stop().await;
 
     let collector = start(dir.path()).await;
+    // Before any agent is back, the replayed correlation decides again from what the store
+    // kept (the agents' addresses included): what was decided must stay as it was.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before_hello = reports(&collector).await;
+    let first = before_hello.iter().find(|r| r.verdict != "pending").expect("the decided report is kept");
+    assert_eq!((first.verdict.as_str(), first.observations.len()), ("end-to-end", 2), "{before_hello:#?}");
     let (mut client, durable) = AgentStream::connect_with(&collector, hello_at("client", [198, 51, 100, 7])).await;
     assert_eq!(durable, 1);
     client.send(batch(2, vec![reset_seen_at_client(30_000, 50003, 61), mark_at(50_000)])).await.unwrap();
