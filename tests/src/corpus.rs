@@ -461,44 +461,7 @@ impl Agent {
         if let Some(exe) = std::env::var_os("RSTSCOPE_AGENT") {
             return Agent { exe: PathBuf::from(exe) };
         }
-        // <target>/<profile>/deps/<test-binary>
-        let test_exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = test_exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps")
-            .to_path_buf();
-        let exe = profile_dir.join(format!("rstscope-agent{}", std::env::consts::EXE_SUFFIX));
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let newest_source = ["agent", "proto"].iter().filter_map(|d| newest_mtime(&workspace.join(d))).max();
-        let built = std::fs::metadata(&exe).and_then(|m| m.modified()).ok();
-        let stale = match (built, newest_source) {
-            (None, _) => true,
-            (Some(b), Some(s)) => s > b,
-            (Some(_), None) => false,
-        };
-        if stale {
-            let target_dir = profile_dir.parent().expect("<target>").to_path_buf();
-            let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(&workspace)
-                .args(["build", "-p", "rstscope-agent", "--bin", "rstscope-agent"])
-                .arg("--target-dir")
-                .arg(&target_dir);
-            match profile {
-                "debug" => {}
-                "release" => {
-                    cmd.arg("--release");
-                }
-                other => {
-                    cmd.args(["--profile", other]);
-                }
-            }
-            eprintln!("building the agent: {cmd:?}");
-            let status = cmd.status().expect("run cargo to build rstscope-agent");
-            assert!(status.success(), "`cargo build -p rstscope-agent` failed ({status})");
-        }
+        let exe = workspace_binary("rstscope-agent", "rstscope-agent", &["agent", "proto"]);
         assert!(exe.is_file(), "agent binary not found at {}", exe.display());
         Agent { exe }
     }
@@ -542,6 +505,46 @@ impl Agent {
         run.flows.sort_by_key(|f| f.ts);
         run
     }
+}
+
+/// A binary of another workspace package, next to the running test binary's target directory
+/// (`<target>/<profile>/<bin>`), built with `cargo build -p PACKAGE --bin BIN` in the same
+/// profile when it is missing or older than any file under the workspace folders `sources`.
+/// `cargo test -p rstscope-tests` does not build other packages' binaries, hence this.
+pub fn workspace_binary(package: &str, bin: &str, sources: &[&str]) -> PathBuf {
+    // <target>/<profile>/deps/<test-binary>
+    let test_exe = std::env::current_exe().expect("current_exe");
+    let profile_dir =
+        test_exe.parent().and_then(Path::parent).expect("test binary lives in <target>/<profile>/deps").to_path_buf();
+    let exe = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let newest_source = sources.iter().filter_map(|d| newest_mtime(&workspace.join(d))).max();
+    let built = std::fs::metadata(&exe).and_then(|m| m.modified()).ok();
+    let stale = match (built, newest_source) {
+        (None, _) => true,
+        (Some(b), Some(s)) => s > b,
+        (Some(_), None) => false,
+    };
+    if stale {
+        let target_dir = profile_dir.parent().expect("<target>").to_path_buf();
+        let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&workspace).args(["build", "-p", package, "--bin", bin]).arg("--target-dir").arg(&target_dir);
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        eprintln!("building {bin}: {cmd:?}");
+        let status = cmd.status().expect("run cargo");
+        assert!(status.success(), "`cargo build -p {package} --bin {bin}` failed ({status})");
+    }
+    exe
 }
 
 fn newest_mtime(dir: &Path) -> Option<SystemTime> {

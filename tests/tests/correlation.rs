@@ -18,7 +18,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::SystemTime;
 
 use rstscope_tests::corpus::{parallel_map, raw_number_field, Agent, Corpus, Nanos};
 use rstscope_tests::multigen::{scenarios, Scenario, Sighting};
@@ -192,57 +191,13 @@ fn each_vantage_alone_shows_its_rsts_with_the_local_cause() {
 // ---------------------------------------------------------------------------------------------
 // All vantages together, through `rstscope analyze`
 
-fn newest_mtime(dir: &Path) -> Option<SystemTime> {
-    let mut newest = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-                newest = newest.max(Some(t));
-            }
-        }
-    }
-    newest
-}
-
 /// The `rstscope` CLI next to this test binary, built (same profile) when missing or older than
 /// the sources it depends on; `RSTSCOPE_CLI` overrides. `None` when it has no `analyze` yet.
 fn rstscope_cli() -> Option<PathBuf> {
     let exe = match std::env::var_os("RSTSCOPE_CLI") {
         Some(exe) => PathBuf::from(exe),
         None => {
-            let test_exe = std::env::current_exe().expect("current_exe");
-            let profile_dir = test_exe.parent().and_then(Path::parent).expect("<target>/<profile>").to_path_buf();
-            let exe = profile_dir.join(format!("rstscope{}", std::env::consts::EXE_SUFFIX));
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let newest = ["collector", "agent", "proto"].iter().filter_map(|d| newest_mtime(&workspace.join(d))).max();
-            let built = std::fs::metadata(&exe).and_then(|m| m.modified()).ok();
-            if built.is_none() || newest > built {
-                let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let mut cmd = Command::new(cargo);
-                cmd.current_dir(&workspace)
-                    .args(["build", "-p", "rstscope-collector", "--bin", "rstscope", "--target-dir"])
-                    .arg(profile_dir.parent().expect("<target>"));
-                match profile {
-                    "debug" => {}
-                    "release" => {
-                        cmd.arg("--release");
-                    }
-                    other => {
-                        cmd.args(["--profile", other]);
-                    }
-                }
-                eprintln!("building the CLI: {cmd:?}");
-                assert!(cmd.status().expect("run cargo").success(), "building rstscope failed");
-            }
-            exe
+            rstscope_tests::corpus::workspace_binary("rstscope-collector", "rstscope", &["collector", "agent", "proto"])
         }
     };
     let help = Command::new(&exe).args(["analyze", "--help"]).output().expect("run rstscope");

@@ -362,7 +362,11 @@ impl Correlator {
 
     /// The newest watermark of any agent, on the reference clock.
     pub fn newest_watermark(&self) -> Option<i64> {
-        let clocks = self.clock_estimates();
+        self.newest_watermark_with(&self.clock_estimates())
+    }
+
+    /// [`Correlator::newest_watermark`] with the clock estimates already at hand.
+    pub(crate) fn newest_watermark_with(&self, clocks: &[Option<ClockEstimate>]) -> Option<i64> {
         self.agents
             .iter()
             .enumerate()
@@ -382,13 +386,7 @@ impl Correlator {
         let clocks = self.clock_estimates();
         let corrected =
             |agent: usize, ts: i64| ts - clocks.get(agent).copied().flatten().map_or(0, |c| c.offset_at(ts));
-        let newest = self
-            .agents
-            .iter()
-            .enumerate()
-            .filter_map(|(i, a)| a.coverage.watermark_ns().map(|w| corrected(i, w)))
-            .max()
-            .unwrap_or(i64::MIN);
+        let newest = self.newest_watermark_with(&clocks).unwrap_or(i64::MIN);
         let cutoff = newest.saturating_sub(horizon_ns);
         let mut keep_root: HashMap<usize, bool> = HashMap::new();
         for i in 0..self.conns.len() {

@@ -86,13 +86,7 @@ impl Correlator {
     pub(crate) fn context(&self) -> Context {
         let clocks = self.clock_estimates();
         let locals = (0..self.agents.len()).map(|a| self.local_addresses(a).0).collect();
-        let newest_ns = self
-            .agents
-            .iter()
-            .enumerate()
-            .filter_map(|(i, a)| a.coverage.watermark_ns().map(|w| w - clocks[i].map_or(0, |c| c.offset_at(w))))
-            .max()
-            .unwrap_or(i64::MIN);
+        let newest_ns = self.newest_watermark_with(&clocks).unwrap_or(i64::MIN);
         Context { clocks, locals, newest_ns }
     }
 
