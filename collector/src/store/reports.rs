@@ -1,29 +1,38 @@
 //! The correlator's output: merged reset reports (one per distinct RST, across agents), their
 //! filtered listing, and small named values ([`Store::set_meta`] lives in the store's root).
 //!
-//! # Why buckets
-//! A listing like `--since 1h --cause refused` over millions of reports must not visit every
-//! report of the hour: sled costs about a microsecond per key visited, so 400k keys alone take
-//! 400 ms. Besides the reports themselves (`reports`: ts 8 · id → version · prost
-//! `ResetReport`, one key per report, and `report_ids`: id → ts 8, to find a report's key when
-//! it is rewritten with another time), every 10 s of report time has one `report_buckets` value
-//! listing its reports' keys with what the filters look at: verdict, cause, flags, the agents,
-//! addresses and ports of every observation. A listing reads one value per 10 s (360 for an
-//! hour), filters the entries in memory, and reads only the reports that match.
+//! # Why buckets and pages
+//! A listing like `--since 1h --cause refused` over millions of reports must neither visit every
+//! report of the hour nor fetch each match on its own: sled costs about a microsecond per key
+//! visited and several per point look-up, so 400k keys alone take 400 ms, and 40k single
+//! fetches another 300 ms. Reports are therefore kept per 10 s of report time, in two trees:
 //!
-//! The price is paid by [`Store::put_reports`]: each call rewrites the bucket values it touches
-//! (a few kB to some 100 kB), so the correlator should store its decisions in batches rather
+//! - `report_buckets`: bucket start (ts 8) → one value listing the bucket's reports, in key
+//!   order, with what the filters look at: verdict, cause, flags, the agents, addresses and
+//!   ports of every observation (a few dozen bytes each).
+//! - `report_pages`: bucket start (ts 8) · page (u16) → the bucket's encoded reports, in the same
+//!   key order, cut into pages of about 32 kB (sled keeps bigger values in files of their own).
+//!
+//! A listing reads one bucket value per 10 s (360 for an hour), filters the entries in memory,
+//! and then reads the pages of only the buckets that hold a match, decoding only the matches.
+//! `report_ids` (id → ts 8) finds a report's bucket when it is rewritten with another time or
+//! fetched by id. The report key (ts 8 · id) orders reports within a bucket.
+//!
+//! The price is paid by [`Store::put_reports`]: each call rewrites the buckets and pages it
+//! touches (a few kB to some 100 kB), so the correlator stores its decisions in batches rather
 //! than one report per call.
 //!
 //! # Crash safety
-//! `put_reports` writes the buckets first, then the reports (with their count, atomically),
-//! then the id map. A crash in between can leave a bucket entry whose report is missing or
-//! stale (skipped when listed) until the same reports are put again, which the correlator does
-//! when it replays from its last durable "decided until" time.
+//! `put_reports` writes, per bucket, the pages first (atomically with the report count), then
+//! the bucket's entries, and last the id map. A crash in between leaves an entry whose report
+//! is missing or stale in the pages (skipped when listed), or a report in the pages without an
+//! entry (not listed), until the same reports are put again, which the correlator does when it
+//! replays from its last durable "decided until" time. Every rewrite of a bucket keeps only
+//! reports that have both, so such leftovers do not outlive the next write to their bucket.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::ops::Bound;
+use std::ops::{Bound, Range};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
@@ -35,17 +44,17 @@ use super::{ip_from_bytes, ResetQuery, Store, StoreError};
 
 /// Width of a bucket of report time.
 const BUCKET_NS: i64 = 10_000_000_000;
-/// Version byte in front of report values and bucket values.
+/// Version byte in front of bucket values and pages.
 const REPORT_VERSION: u8 = 1;
 /// Longest report id (its key is ts 8 + id, length-prefixed in bucket entries by one byte).
 pub const MAX_REPORT_ID: usize = 200;
-/// Reports removed per retention chunk.
-const CHUNK: usize = 1_000;
+/// A page is closed once it holds this many bytes.
+const PAGE_BYTES: usize = 32 * 1024;
 
-/// The three trees of reports.
+/// The trees of reports.
 pub(super) struct ReportTrees {
-    reports: sled::Tree,
-    ids: sled::Tree,
+    pub(super) pages: sled::Tree,
+    pub(super) ids: sled::Tree,
     buckets: sled::Tree,
     count: AtomicU64,
 }
@@ -53,18 +62,151 @@ pub(super) struct ReportTrees {
 impl ReportTrees {
     pub(super) fn open(db: &sled::Db) -> Result<ReportTrees, StoreError> {
         let tree = |name: &str| db.open_tree(name).map_err(StoreError::from_sled);
-        let reports = tree("reports")?;
-        let count = reports.get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
-        Ok(ReportTrees {
-            reports,
+        let pages = tree("report_pages")?;
+        let count = pages.get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+        let trees = ReportTrees {
+            pages,
             ids: tree("report_ids")?,
             buckets: tree("report_buckets")?,
             count: AtomicU64::new(count.map_or(0, u64::from_be_bytes)),
-        })
+        };
+        trees.migrate_one_value_per_report(db)?;
+        Ok(trees)
     }
 
     pub(super) fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Stores written before pages kept one value per report in a `reports` tree; moves them
+    /// into pages (bucket entries are the same) and drops that tree.
+    fn migrate_one_value_per_report(&self, db: &sled::Db) -> Result<(), StoreError> {
+        if !db.tree_names().iter().any(|n| n.as_ref() == b"reports") {
+            return Ok(());
+        }
+        let old = db.open_tree("reports")?;
+        let mut count = self.count();
+        for item in self.buckets.iter() {
+            let (bucket, value) = item?;
+            let Ok(start) = <[u8; 8]>::try_from(bucket.as_ref()) else { continue };
+            let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            for (entry, _) in Entries::new(&value) {
+                if let Some(v) = old.get(entry.key)? {
+                    if let Some((&REPORT_VERSION, body)) = v.split_first() {
+                        records.push((entry.key.to_vec(), body.to_vec()));
+                    }
+                }
+            }
+            count += records.len() as u64;
+            let mut batch =
+                page_batch(ts_from_bytes(start), records.iter().map(|(k, b)| (k.as_slice(), b.as_slice())), 0);
+            batch.insert(&TALLY_TOTAL_KEY[..], &count.to_be_bytes()[..]);
+            self.pages.apply_batch(batch)?;
+        }
+        self.count.store(count, Ordering::Relaxed);
+        db.flush()?;
+        db.drop_tree("reports")?;
+        tracing::info!(reports = count, "Moved stored reports into pages (store layout of this version).");
+        Ok(())
+    }
+
+    /// The records of one bucket's pages, in key order (report key, page, where the encoded
+    /// report lies in the page), and how many pages it has.
+    #[allow(clippy::type_complexity)]
+    fn page_records(&self, start: i64) -> Result<(Vec<(Vec<u8>, sled::IVec, Range<usize>)>, usize), StoreError> {
+        let (mut out, mut pages) = (Vec::new(), 0);
+        for item in self.pages.scan_prefix(ts_bytes(start)) {
+            let (_, page) = item?;
+            pages += 1;
+            for (key, body) in PageRecords::new(&page) {
+                out.push((key.to_vec(), page.clone(), offset_in(&page, body)));
+            }
+        }
+        Ok((out, pages))
+    }
+}
+
+/// Where `part` (a subslice of `whole`) lies in `whole`.
+fn offset_in(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn page_key(start: i64, page: u16) -> [u8; 10] {
+    let mut key = [0u8; 10];
+    key[..8].copy_from_slice(&ts_bytes(start));
+    key[8..].copy_from_slice(&page.to_be_bytes());
+    key
+}
+
+/// A batch writing `records` (sorted by key) as the pages of bucket `start`, and removing the
+/// pages numbered from there up to `old_pages` that are no longer needed.
+fn page_batch<'a>(
+    start: i64,
+    records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    old_pages: usize,
+) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    let mut page = vec![REPORT_VERSION];
+    let mut n: u16 = 0;
+    for (key, body) in records {
+        push_short(&mut page, key);
+        page.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        page.extend_from_slice(body);
+        if page.len() >= PAGE_BYTES {
+            batch.insert(&page_key(start, n)[..], std::mem::replace(&mut page, vec![REPORT_VERSION]));
+            n = n.saturating_add(1);
+        }
+    }
+    if page.len() > 1 {
+        batch.insert(&page_key(start, n)[..], page);
+        n = n.saturating_add(1);
+    }
+    for stale in usize::from(n)..old_pages {
+        batch.remove(&page_key(start, stale as u16)[..]);
+    }
+    batch
+}
+
+/// The records of one page (for tests that build old layouts).
+#[cfg(test)]
+pub(super) fn page_records_of(page: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    PageRecords::new(page)
+}
+
+/// Reads a page's records one after another; stops at the first malformed one.
+struct PageRecords<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> PageRecords<'a> {
+    fn new(page: &'a [u8]) -> PageRecords<'a> {
+        match page.split_first() {
+            Some((&REPORT_VERSION, rest)) => PageRecords { rest },
+            _ => PageRecords { rest: &[] },
+        }
+    }
+
+    fn record(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+        let (&len, rest) = self.rest.split_first()?;
+        let key = rest.get(..usize::from(len))?;
+        let rest = &rest[usize::from(len)..];
+        let body_len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let body = rest.get(4..4 + body_len)?;
+        self.rest = &rest[4 + body_len..];
+        Some((key, body))
+    }
+}
+
+impl<'a> Iterator for PageRecords<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let found = self.record();
+        if found.is_none() {
+            self.rest = &[];
+        }
+        found
     }
 }
 
@@ -216,8 +358,12 @@ fn encode_entry(key: &[u8], report: &v1::ResetReport, agent_ids: &[u32]) -> Vec<
     out
 }
 
-/// A report key and its encoded bucket entry.
-type KeyedEntry = (Vec<u8>, Vec<u8>);
+/// A report to add to a bucket: its key, bucket entry and encoded report.
+struct NewReport {
+    key: Vec<u8>,
+    entry: Vec<u8>,
+    body: Vec<u8>,
+}
 
 /// A report filter compiled for bucket entries.
 struct ReportFilter {
@@ -273,26 +419,17 @@ impl Store {
         }
         let _writer = self.writer();
         let t = &self.inner.reports;
-        let mut report_batch = sled::Batch::default();
         let mut id_batch = sled::Batch::default();
-        // Per bucket: keys whose entries go, and new entries.
-        let mut removed: BTreeMap<i64, HashSet<Vec<u8>>> = BTreeMap::new();
-        let mut added: BTreeMap<i64, Vec<KeyedEntry>> = BTreeMap::new();
-        let mut new_reports = 0u64;
+        // Per bucket: keys whose reports go (an earlier version, here or elsewhere), and new ones.
+        let mut gone: BTreeMap<i64, HashSet<Vec<u8>>> = BTreeMap::new();
+        let mut added: BTreeMap<i64, Vec<NewReport>> = BTreeMap::new();
         for (id, r) in latest {
             let key = report_key(r.ts_ns, id);
-            match t.ids.get(id.as_bytes())? {
-                Some(old) => {
-                    if let Ok(old_ts) = <[u8; 8]>::try_from(old.as_ref()) {
-                        let old_ts = ts_from_bytes(old_ts);
-                        let old_key = report_key(old_ts, id);
-                        if old_key != key {
-                            report_batch.remove(old_key.clone());
-                        }
-                        removed.entry(bucket_start(old_ts)).or_default().insert(old_key);
-                    }
+            if let Some(old) = t.ids.get(id.as_bytes())? {
+                if let Ok(old_ts) = <[u8; 8]>::try_from(old.as_ref()) {
+                    let old_ts = ts_from_bytes(old_ts);
+                    gone.entry(bucket_start(old_ts)).or_default().insert(report_key(old_ts, id));
                 }
-                None => new_reports += 1,
             }
             let mut agent_ids: Vec<u32> = Vec::new();
             for o in &r.observations {
@@ -301,48 +438,73 @@ impl Store {
                     agent_ids.push(id);
                 }
             }
-            let mut value = vec![REPORT_VERSION];
-            r.encode_raw(&mut value);
-            report_batch.insert(key.as_slice(), value);
+            let mut body = Vec::with_capacity(r.encoded_len());
+            r.encode_raw(&mut body);
             id_batch.insert(id.as_bytes(), &ts_bytes(r.ts_ns)[..]);
             let entry = encode_entry(&key, r, &agent_ids);
-            removed.entry(bucket_start(r.ts_ns)).or_default().insert(key.clone());
-            added.entry(bucket_start(r.ts_ns)).or_default().push((key, entry));
+            gone.entry(bucket_start(r.ts_ns)).or_default().insert(key.clone());
+            added.entry(bucket_start(r.ts_ns)).or_default().push(NewReport { key, entry, body });
         }
-
-        // 1. Buckets.
-        let mut bucket_batch = sled::Batch::default();
-        for (start, gone) in &removed {
-            let bucket_key = ts_bytes(*start);
-            let old = t.buckets.get(bucket_key)?;
-            let mut entries: Vec<(&[u8], &[u8])> = old
-                .as_deref()
-                .map(|v| Entries::new(v).filter(|(e, _)| !gone.contains(e.key)).map(|(e, w)| (e.key, w)).collect())
-                .unwrap_or_default();
-            if let Some(new) = added.get(start) {
-                entries.extend(new.iter().map(|(k, e)| (k.as_slice(), e.as_slice())));
-            }
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            if entries.is_empty() {
-                bucket_batch.remove(&bucket_key[..]);
-                continue;
-            }
-            let mut value = Vec::with_capacity(1 + entries.iter().map(|(_, e)| e.len()).sum::<usize>());
-            value.push(REPORT_VERSION);
-            for (_, entry) in entries {
-                value.extend_from_slice(entry);
-            }
-            bucket_batch.insert(&bucket_key[..], value);
+        for (start, gone_keys) in &gone {
+            let new = added.remove(start).unwrap_or_default();
+            self.rewrite_bucket(*start, |key| gone_keys.contains(key), new)?;
         }
-        t.buckets.apply_batch(bucket_batch)?;
-        // 2. The reports with their count, 3. the id map.
-        let count = t.count.load(Ordering::Relaxed) + new_reports;
-        report_batch.insert(&TALLY_TOTAL_KEY[..], &count.to_be_bytes()[..]);
-        t.reports.apply_batch(report_batch)?;
-        t.count.store(count, Ordering::Relaxed);
         t.ids.apply_batch(id_batch)?;
         self.inner.durability.bump();
         Ok(())
+    }
+
+    /// Rewrites bucket `start` (the writer lock held): drops the reports `drop` selects, adds
+    /// `new` (replacing same keys), and keeps only reports that have both an entry and a page
+    /// record. Pages with the count first, then the entries. Returns the keys of the reports
+    /// that were in the pages and are not any more.
+    fn rewrite_bucket(
+        &self,
+        start: i64,
+        drop: impl Fn(&[u8]) -> bool,
+        new: Vec<NewReport>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let t = &self.inner.reports;
+        let bucket_key = ts_bytes(start);
+        let old_entries = t.buckets.get(bucket_key)?;
+        let (old_records, old_pages) = t.page_records(start)?;
+        let bodies: HashMap<&[u8], &[u8]> =
+            old_records.iter().map(|(key, page, range)| (key.as_slice(), &page[range.clone()])).collect();
+        // Key → (entry, report).
+        let mut merged: BTreeMap<Vec<u8>, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
+        if let Some(value) = old_entries.as_deref() {
+            for (entry, whole) in Entries::new(value) {
+                if drop(entry.key) {
+                    continue;
+                }
+                if let Some(body) = bodies.get(entry.key) {
+                    merged.insert(entry.key.to_vec(), (whole.to_vec(), body.to_vec()));
+                }
+            }
+        }
+        for n in new {
+            merged.insert(n.key, (n.entry, n.body));
+        }
+        let dropped: Vec<Vec<u8>> =
+            old_records.iter().filter(|(key, _, _)| !merged.contains_key(key)).map(|(key, _, _)| key.clone()).collect();
+
+        let count = (t.count.load(Ordering::Relaxed) + merged.len() as u64).saturating_sub(old_records.len() as u64);
+        let mut batch =
+            page_batch(start, merged.iter().map(|(k, (_, body))| (k.as_slice(), body.as_slice())), old_pages);
+        batch.insert(&TALLY_TOTAL_KEY[..], &count.to_be_bytes()[..]);
+        t.pages.apply_batch(batch)?;
+        t.count.store(count, Ordering::Relaxed);
+        if merged.is_empty() {
+            t.buckets.remove(bucket_key)?;
+        } else {
+            let mut value = Vec::with_capacity(1 + merged.values().map(|(e, _)| e.len()).sum::<usize>());
+            value.push(REPORT_VERSION);
+            for (entry, _) in merged.values() {
+                value.extend_from_slice(entry);
+            }
+            t.buckets.insert(bucket_key, value)?;
+        }
+        Ok(dropped)
     }
 
     /// Stored reports matching `q`, oldest first (with `last`, the newest N, still oldest
@@ -379,48 +541,74 @@ impl Store {
         let end = q.until_ns.map_or(Bound::Unbounded, |u| Bound::Excluded(ts_bytes(u).to_vec()));
         let t = &self.inner.reports;
         let range = t.buckets.range::<Vec<u8>, _>((Bound::Included(start), end));
-        let mut keys: Vec<Vec<u8>> = Vec::new();
         let backwards = q.last.is_some();
         let buckets: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             if backwards { Box::new(range.rev()) } else { Box::new(range) };
-        'buckets: for item in buckets {
+        // 1. The matching keys, per bucket in ascending key order.
+        let mut selected: Vec<(i64, Vec<Vec<u8>>)> = Vec::new();
+        let mut total = 0usize;
+        for item in buckets {
             let (bucket, value) = item?;
-            let mut matching: Vec<&[u8]> = Vec::new();
+            let Ok(start) = <[u8; 8]>::try_from(bucket.as_ref()) else {
+                self.corrupt("report_buckets", &bucket, "key is not a bucket time");
+                continue;
+            };
             let mut entries = Entries::new(&value);
-            for (entry, _) in entries.by_ref() {
-                if filter.matches(&entry) {
-                    matching.push(entry.key);
-                }
-            }
+            let mut matching: Vec<&[u8]> =
+                entries.by_ref().filter(|(e, _)| filter.matches(e)).map(|(e, _)| e.key).collect();
             if value.len() > 1 && !entries.rest.is_empty() {
                 self.corrupt("report_buckets", &bucket, "malformed entry");
             }
-            if backwards {
-                matching.reverse();
-            }
-            for key in matching {
-                keys.push(key.to_vec());
-                if keys.len() >= cap {
-                    break 'buckets;
+            let room = cap - total;
+            if matching.len() > room {
+                if backwards {
+                    matching.drain(..matching.len() - room);
+                } else {
+                    matching.truncate(room);
                 }
+            }
+            if !matching.is_empty() {
+                total += matching.len();
+                selected.push((ts_from_bytes(start), matching.into_iter().map(<[u8]>::to_vec).collect()));
+            }
+            if total >= cap {
+                break;
             }
         }
         if backwards {
-            keys.reverse();
+            selected.reverse();
         }
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            // Missing: a put or a retention run interrupted between its steps; skip it.
-            let Some(value) = t.reports.get(&key)? else { continue };
-            match value.split_first() {
-                Some((&REPORT_VERSION, body)) => match v1::ResetReport::decode(body) {
-                    Ok(report) => out.push(report),
-                    Err(_) => self.corrupt("reports", &key, "undecodable ResetReport"),
-                },
-                _ => self.corrupt("reports", &key, "unknown report version"),
-            }
+        // 2. Their reports, from the pages of those buckets only.
+        let mut out = Vec::with_capacity(total);
+        for (start, keys) in selected {
+            self.read_reports(start, &keys, &mut out)?;
         }
         Ok(out)
+    }
+
+    /// Decodes the reports of bucket `start` with these keys (ascending) into `out`, in key
+    /// order. A key without a report (a write interrupted between its steps) is skipped.
+    fn read_reports(&self, start: i64, keys: &[Vec<u8>], out: &mut Vec<v1::ResetReport>) -> Result<(), StoreError> {
+        let mut wanted = keys.iter().peekable();
+        for item in self.inner.reports.pages.scan_prefix(ts_bytes(start)) {
+            let (page_key, page) = item?;
+            let mut records = PageRecords::new(&page);
+            for (key, body) in records.by_ref() {
+                while wanted.next_if(|w| w.as_slice() < key).is_some() {}
+                let Some(w) = wanted.peek() else { return Ok(()) };
+                if w.as_slice() == key {
+                    match v1::ResetReport::decode(body) {
+                        Ok(report) => out.push(report),
+                        Err(_) => self.corrupt("report_pages", &page_key, "undecodable ResetReport"),
+                    }
+                    wanted.next();
+                }
+            }
+            if !records.rest.is_empty() || page.first() != Some(&REPORT_VERSION) {
+                self.corrupt("report_pages", &page_key, "malformed page");
+            }
+        }
+        Ok(())
     }
 
     /// The stored report with this id, if any.
@@ -428,48 +616,55 @@ impl Store {
         let t = &self.inner.reports;
         let Some(ts) = t.ids.get(id.as_bytes())? else { return Ok(None) };
         let Ok(ts) = <[u8; 8]>::try_from(ts.as_ref()) else { return Ok(None) };
-        let Some(value) = t.reports.get(report_key(ts_from_bytes(ts), id))? else { return Ok(None) };
-        match value.split_first() {
-            Some((&REPORT_VERSION, body)) => Ok(v1::ResetReport::decode(body).ok()),
-            _ => Ok(None),
-        }
+        let ts = ts_from_bytes(ts);
+        let mut out = Vec::with_capacity(1);
+        self.read_reports(bucket_start(ts), &[report_key(ts, id)], &mut out)?;
+        Ok(out.pop())
     }
 
-    /// Removes reports older than `cutoff_ns` with their ids and whole buckets; returns how
+    /// Removes reports older than `cutoff_ns` with their ids and emptied buckets; returns how
     /// many reports.
     pub(super) fn remove_reports_before(&self, cutoff_ns: i64) -> Result<u64, StoreError> {
         let t = &self.inner.reports;
-        let end = ts_bytes(cutoff_ns);
+        let last = bucket_start(cutoff_ns);
+        // Buckets with entries or pages (pages alone: a write interrupted between its steps).
+        let mut starts: Vec<i64> = Vec::new();
+        for key in t.buckets.range(..=ts_bytes(last)).keys() {
+            if let Ok(start) = <[u8; 8]>::try_from(key?.as_ref()) {
+                starts.push(ts_from_bytes(start));
+            }
+        }
+        let (first, last_page) = (FIRST_RECORD_KEY.to_vec(), page_key(last, u16::MAX).to_vec());
+        for key in t.pages.range(first..=last_page).keys() {
+            if let Some(start) = key?.get(..8).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
+                starts.push(ts_from_bytes(start));
+            }
+        }
+        starts.sort_unstable();
+        starts.dedup();
         let mut removed = 0u64;
-        loop {
+        for start in starts {
             let _writer = self.writer();
-            let keys: Vec<sled::IVec> =
-                t.reports.range(FIRST_RECORD_KEY..end).keys().take(CHUNK).collect::<Result<_, _>>()?;
-            if keys.is_empty() {
-                break;
-            }
-            let mut batch = sled::Batch::default();
+            let dropped = self.rewrite_bucket(
+                start,
+                |key| {
+                    key.get(..8)
+                        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                        .is_some_and(|ts| ts_from_bytes(ts) < cutoff_ns)
+                },
+                Vec::new(),
+            )?;
             let mut ids = sled::Batch::default();
-            for key in &keys {
-                batch.remove(key.clone());
-                ids.remove(&key[8.min(key.len())..]);
+            for key in &dropped {
+                let id = &key[8.min(key.len())..];
+                // Only if the id still points here (not to a newer version elsewhere).
+                if t.ids.get(id)?.is_some_and(|ts| ts.as_ref() == &key[..8.min(key.len())]) {
+                    ids.remove(id);
+                }
             }
-            let count = t.count.load(Ordering::Relaxed).saturating_sub(keys.len() as u64);
-            batch.insert(&TALLY_TOTAL_KEY[..], &count.to_be_bytes()[..]);
-            t.reports.apply_batch(batch)?;
-            t.count.store(count, Ordering::Relaxed);
             t.ids.apply_batch(ids)?;
-            removed += keys.len() as u64;
+            removed += dropped.len() as u64;
         }
-        // Buckets that end at or before the cutoff; a bucket across it keeps entries whose
-        // reports are gone (skipped when listed) until it ages out too.
-        let last_whole = ts_bytes(bucket_start(cutoff_ns));
-        let _writer = self.writer();
-        let mut batch = sled::Batch::default();
-        for key in t.buckets.range(..last_whole).keys() {
-            batch.remove(key?);
-        }
-        t.buckets.apply_batch(batch)?;
         self.inner.durability.bump();
         Ok(removed)
     }

@@ -1024,3 +1024,92 @@ fn reports_are_replaced_by_id() {
     assert_eq!(report_ids(&store, &q()), ["r5", "r1"]);
     assert_eq!(store.report("r2").expect("report"), None);
 }
+
+/// `n` reports 1 ms apart from `first_ms`, ids `p00000…`, every third one injected.
+fn many_reports(first_ms: i64, n: usize) -> Vec<v1::ResetReport> {
+    (0..n)
+        .map(|i| {
+            let verdict = if i % 3 == 0 { "injected" } else { "end-to-end" };
+            let path = format!("10.0.{}.{}:{} > 10.1.0.1:443", i / 250, i % 250, 1000 + i);
+            report(&format!("p{i:05}"), first_ms + i as i64, verdict, "refused", "RA", &[("alpha", path.as_str())])
+        })
+        .collect()
+}
+
+#[test]
+fn a_bucket_of_many_reports_spans_pages_and_stays_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    // 5,000 reports within one 10-s bucket: well over one 32-kB page.
+    store.put_reports(&many_reports(1_000, 5_000)).expect("put");
+    let pages = store.inner.reports.pages.range(keys::FIRST_RECORD_KEY..).count();
+    assert!(pages > 3, "{pages} pages");
+    let q = || ResetQuery { since_ns: Some(0), ..Default::default() };
+    let all = report_ids(&store, &q());
+    assert_eq!(all.len(), 5_000);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "oldest first");
+    let injected = report_ids(&store, &ResetQuery { verdicts: vec!["injected".into()], ..q() });
+    assert_eq!(injected.len(), 1_667);
+    assert_eq!(report_ids(&store, &ResetQuery { last: Some(2), ..q() }), ["p04998", "p04999"]);
+    assert_eq!(report_ids(&store, &ResetQuery { last: Some(1), verdicts: vec!["injected".into()], ..q() }), ["p04998"]);
+    assert_eq!(report_ids(&store, &ResetQuery { hosts: vec!["10.0.19.0/24".parse().expect("net")], ..q() }).len(), 250);
+    assert_eq!(store.report("p02500").expect("report").map(|r| r.verdict), Some("end-to-end".to_string()));
+
+    // One decided again (same bucket), one moved to the next bucket: still 5,000, no duplicate.
+    let mut redecided = many_reports(1_000, 5_000).swap_remove(2_500);
+    redecided.verdict = "lost".into();
+    let mut moved = many_reports(1_000, 5_000).swap_remove(10);
+    moved.ts_ns = ns(12_000);
+    store.put_reports(&[redecided, moved]).expect("put");
+    assert_eq!(store.status().expect("status").reports, 5_000);
+    let all = report_ids(&store, &q());
+    assert_eq!(all.len(), 5_000);
+    assert_eq!(all.last().map(String::as_str), Some("p00010"));
+    assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["lost".into()], ..q() }), ["p02500"]);
+    assert_eq!(store.report("p00010").expect("report").map(|r| r.ts_ns), Some(ns(12_000)));
+
+    // Retention inside the bucket: reports before 3.5 s go, pages shrink, ids go with them.
+    drop(store);
+    let mut config = StoreConfig::new(dir.path());
+    config.retention = Duration::from_secs(10);
+    let store = Store::open(config).expect("open");
+    store
+        .append_batch("a", "boot", &batch(1, vec![rst(13_500, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone)]), 0)
+        .expect("append");
+    let removed = store.enforce_retention(ns(13_500)).expect("retention").reports_removed;
+    assert_eq!(removed, 2_499, "1.000 s up to 3.499 s, less p00010 which moved");
+    assert_eq!(store.status().expect("status").reports, 5_000 - 2_499);
+    assert_eq!(report_ids(&store, &q()).first().map(String::as_str), Some("p02500"));
+    assert_eq!(store.report("p00011").expect("report"), None);
+    assert!(store.inner.reports.ids.get("p00011").expect("get").is_none());
+    let pages_after = store.inner.reports.pages.range(keys::FIRST_RECORD_KEY..).count();
+    assert!(pages_after < pages, "{pages_after} pages of {pages}");
+}
+
+#[test]
+fn a_store_with_one_value_per_report_is_moved_into_pages_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    report_fixture(&store);
+    drop(store);
+    // Rebuild the layout of earlier versions: reports in a `reports` tree (version byte and
+    // the encoded report under the report key, the count under the total key), no pages.
+    {
+        let db = sled::open(dir.path()).expect("sled");
+        let pages = db.open_tree("report_pages").expect("tree");
+        let old = db.open_tree("reports").expect("tree");
+        for item in pages.range(keys::FIRST_RECORD_KEY..) {
+            let (_, page) = item.expect("page");
+            for (key, body) in reports::page_records_of(&page) {
+                old.insert(key, [&[1u8][..], body].concat()).expect("insert");
+            }
+        }
+        old.insert(keys::TALLY_TOTAL_KEY, &5u64.to_be_bytes()[..]).expect("insert");
+        db.drop_tree("report_pages").expect("drop");
+        db.flush().expect("flush");
+    }
+    let store = open(&dir);
+    assert_eq!(store.status().expect("status").reports, 5);
+    assert_eq!(report_ids(&store, &ResetQuery::default()), ["r1", "r2", "r3", "r4", "r5"]);
+    assert!(!store.inner.db.tree_names().iter().any(|n| n.as_ref() == b"reports"));
+}
