@@ -111,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         let batch = v1::Batch {
             seq: seqs[agent],
             events: (base..base + n).map(|i| event(first + i, start_ts + i as i64 * STEP_NS)).collect(),
+            spooled_seq: 0,
         };
         let t = Instant::now();
         store.append_batch(&format!("agent-{agent}"), &boot, &batch, 0)?;

@@ -258,6 +258,9 @@ pub fn check_batch(batch: &Batch, max_events: usize) -> Result<(), CheckError> {
     if batch.events.len() > max_events {
         return within(place, fail(format!("{} events; the limit is {max_events}", batch.events.len())));
     }
+    if batch.spooled_seq != 0 && batch.spooled_seq < batch.seq {
+        return within(place, fail(format!("spooled_seq {} is below the batch's own number", batch.spooled_seq)));
+    }
     for (i, event) in batch.events.iter().enumerate() {
         within(|| format!("batch {}, event {i}", batch.seq), check_event(event))?;
     }
@@ -290,6 +293,17 @@ pub struct LiveAgent {
     pub connected: bool,
     /// Last message, ns since the epoch (collector clock).
     pub last_seen_ns: i64,
+    /// The highest batch number the agent last said its spool holds.
+    pub spooled_seq: u64,
+    /// The highest batch number acknowledged to it.
+    pub acked_seq: u64,
+}
+
+impl LiveAgent {
+    /// Batches in the agent's spool that are not durable here yet, as far as it told.
+    pub fn spool_backlog(&self) -> u64 {
+        self.spooled_seq.saturating_sub(self.acked_seq)
+    }
 }
 
 /// The agents seen since the collector started, by name.
@@ -334,7 +348,7 @@ impl LiveAgents {
         if by_name.values().filter(|a| a.connected).count() >= max_connected {
             return Err(ClaimError::TooMany(max_connected));
         }
-        by_name.insert(name.to_string(), LiveAgent { connected: true, last_seen_ns: now_ns });
+        by_name.insert(name.to_string(), LiveAgent { connected: true, last_seen_ns: now_ns, ..LiveAgent::default() });
         Ok(Session { agents: self.clone(), name: name.to_string() })
     }
 
@@ -361,6 +375,20 @@ impl Session {
     pub fn seen(&self, now_ns: i64) {
         if let Some(agent) = self.agents.lock().get_mut(&self.name) {
             agent.last_seen_ns = now_ns;
+        }
+    }
+
+    /// Records the agent's spool position told with a batch.
+    pub fn spooled(&self, spooled_seq: u64) {
+        if let Some(agent) = self.agents.lock().get_mut(&self.name) {
+            agent.spooled_seq = agent.spooled_seq.max(spooled_seq);
+        }
+    }
+
+    /// Records the highest batch acknowledged to the agent (also the durable one at hello).
+    pub fn acked(&self, seq: u64) {
+        if let Some(agent) = self.agents.lock().get_mut(&self.name) {
+            agent.acked_seq = agent.acked_seq.max(seq);
         }
     }
 }
@@ -459,6 +487,7 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
         })
         .await?;
         info!(durable_seq, "Agent connected.");
+        session.acked(durable_seq);
         let max_batch_events = u32::try_from(hub.limits.max_batch_events).unwrap_or(u32::MAX);
         send(tx, collector_message::Kind::Welcome(v1::Welcome { durable_seq, max_batch_events })).await?;
         let result = serve_batches(hub, &mut inbound, tx, &session, &agent, &boot_id).await;
@@ -502,6 +531,7 @@ async fn serve_batches(
             Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
                 let seq = outcome.inspect_err(|_| Metrics::bump(&hub.metrics.batches_rejected, 1))?;
                 send(tx, collector_message::Kind::Ack(v1::Ack { seq })).await?;
+                session.acked(seq);
             }
             message = inbound.message(), if reading && in_flight.len() < MAX_IN_FLIGHT => {
                 let Some(message) = message? else {
@@ -510,7 +540,12 @@ async fn serve_batches(
                 };
                 session.seen(now_ns());
                 let batch = match message.kind {
-                    Some(agent_message::Kind::Batch(batch)) => batch,
+                    Some(agent_message::Kind::Batch(batch)) => {
+                        if batch.spooled_seq >= batch.seq {
+                            session.spooled(batch.spooled_seq);
+                        }
+                        batch
+                    }
                     Some(agent_message::Kind::Hello(_)) => {
                         return Err(Status::invalid_argument("hello was already sent on this stream"))
                     }
@@ -629,7 +664,7 @@ mod tests {
     }
 
     fn batch_of(reset: v1::RstEvent) -> Batch {
-        Batch { seq: 1, events: vec![v1::Event { kind: Some(event::Kind::Reset(reset)) }] }
+        Batch { seq: 1, events: vec![v1::Event { kind: Some(event::Kind::Reset(reset)) }], spooled_seq: 0 }
     }
 
     fn error_of(result: Result<(), CheckError>) -> String {
@@ -688,7 +723,7 @@ mod tests {
     }
 
     fn check_one(kind: event::Kind) -> Result<(), CheckError> {
-        check_batch(&Batch { seq: 1, events: vec![v1::Event { kind: Some(kind) }] }, 5000)
+        check_batch(&Batch { seq: 1, events: vec![v1::Event { kind: Some(kind) }], spooled_seq: 0 }, 5000)
     }
 
     #[test]
@@ -732,7 +767,7 @@ mod tests {
         assert_eq!(error_of(check_batch(&batch, 2)), "batch 1: 3 events; the limit is 2");
         batch.seq = 0;
         assert!(check_batch(&batch, 5000).is_err());
-        let empty = Batch { seq: 1, events: vec![v1::Event { kind: None }] };
+        let empty = Batch { seq: 1, events: vec![v1::Event { kind: None }], spooled_seq: 0 };
         assert!(check_batch(&empty, 5000).is_err());
     }
 

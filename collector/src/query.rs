@@ -392,7 +392,7 @@ impl v1::query_server::Query for QueryService {
                     events: r.events,
                     capture_drops: r.capture_drops,
                     events_dropped: r.events_dropped,
-                    spool_backlog: 0,
+                    spool_backlog: now.spool_backlog(),
                 }
             })
             .collect();

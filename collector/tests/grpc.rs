@@ -73,6 +73,35 @@ async fn ingested_resets_come_back_exactly_once() {
 }
 
 #[tokio::test]
+async fn agents_show_the_spool_backlog_they_last_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path()).await;
+    let (mut agent, _) = AgentStream::connect(&collector, "edge-1", "boot-a").await;
+    let spooled = |seq: u64, spooled_seq: u64, port: u32| v1::AgentMessage {
+        kind: Some(v1::agent_message::Kind::Batch(v1::Batch { seq, events: vec![reset(0, port)], spooled_seq })),
+    };
+    let query = collector.query(None).await;
+    let backlog = || {
+        let mut query = query.clone();
+        async move { query.list_agents(v1::ListAgentsRequest {}).await.unwrap().into_inner().agents[0].spool_backlog }
+    };
+    // Batch 1 of 4 spooled, acknowledged: 3 still wait.
+    assert_eq!(agent.send(spooled(1, 4, 50_000)).await.unwrap(), 1);
+    assert_eq!(backlog().await, 3);
+    assert_eq!(agent.send(spooled(2, 4, 50_001)).await.unwrap(), 2);
+    assert_eq!(backlog().await, 2);
+    // More spooled meanwhile.
+    assert_eq!(agent.send(spooled(3, 9, 50_002)).await.unwrap(), 3);
+    assert_eq!(backlog().await, 6);
+    // A number below the batch's own is refused.
+    let refused = agent.send(spooled(4, 2, 50_003)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("spooled_seq 2"), "{}", refused.message());
+    drop(query);
+    collector.stop().await;
+}
+
+#[tokio::test]
 async fn a_resent_batch_is_acknowledged_not_stored_twice() {
     let dir = tempfile::tempdir().unwrap();
     let collector = start(dir.path()).await;

@@ -233,8 +233,12 @@ async fn session(
         tokio::select! {
             permit = tx.reserve(), if can_send => {
                 let permit = permit.map_err(|_| SessionError::Protocol("the request stream closed"))?;
-                let batch = lock(&shared.writer).spool.read(next)?;
-                if let Some(batch) = batch {
+                let (batch, spooled_seq) = {
+                    let writer = lock(&shared.writer);
+                    (writer.spool.read(next)?, writer.spool.last_seq())
+                };
+                if let Some(mut batch) = batch {
+                    batch.spooled_seq = spooled_seq.max(batch.seq);
                     tracing::trace!(seq = batch.seq, events = batch.events.len(), "Sending a batch.");
                     permit.send(v1::AgentMessage { kind: Some(v1::agent_message::Kind::Batch(batch)) });
                 }

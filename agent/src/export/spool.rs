@@ -490,7 +490,7 @@ fn parse_state(text: &str) -> Result<(String, u64), String> {
 /// The batch sent in place of one whose record was corrupt.
 fn lost_batch(seq: u64) -> v1::Batch {
     let loss = v1::CaptureLoss { reason: CORRUPT_REASON.to_string(), ..Default::default() };
-    v1::Batch { seq, events: vec![v1::Event { kind: Some(v1::event::Kind::Loss(loss)) }] }
+    v1::Batch { seq, events: vec![v1::Event { kind: Some(v1::event::Kind::Loss(loss)) }], spooled_seq: 0 }
 }
 
 /// A fresh, practically unique id: wall-clock time, process id and the randomly keyed std hasher.
@@ -705,7 +705,7 @@ mod tests {
     #[test]
     fn hand_encoded_batch_matches_prost() {
         let events = vec![reset_event(1), reset_event(-2)];
-        assert_eq!(encode_batch(9, &events), v1::Batch { seq: 9, events }.encode_to_vec());
+        assert_eq!(encode_batch(9, &events), v1::Batch { seq: 9, events, spooled_seq: 0 }.encode_to_vec());
     }
 
     #[test]

@@ -87,7 +87,7 @@ fn loss(capture: u64, interface: u64, events: u64) -> v1::Event {
 }
 
 fn batch(seq: u64, events: Vec<v1::Event>) -> v1::Batch {
-    v1::Batch { seq, events }
+    v1::Batch { seq, events, spooled_seq: 0 }
 }
 
 fn hello(agent: &str, boot: &str) -> v1::AgentHello {

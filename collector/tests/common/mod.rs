@@ -126,7 +126,7 @@ pub fn hello(name: &str, boot_id: &str) -> AgentMessage {
 }
 
 pub fn batch(seq: u64, events: Vec<v1::Event>) -> AgentMessage {
-    AgentMessage { kind: Some(agent_message::Kind::Batch(v1::Batch { seq, events })) }
+    AgentMessage { kind: Some(agent_message::Kind::Batch(v1::Batch { seq, events, spooled_seq: 0 })) }
 }
 
 pub fn endpoint(ip: [u8; 4], port: u32) -> Option<v1::Endpoint> {

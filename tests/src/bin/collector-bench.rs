@@ -373,7 +373,11 @@ impl Traffic {
         let mut left = n;
         while left > 0 {
             let k = left.min(size as u64);
-            out.push(v1::Batch { seq: out.len() as u64 + 1, events: (0..k).map(|_| self.next_event()).collect() });
+            out.push(v1::Batch {
+                seq: out.len() as u64 + 1,
+                events: (0..k).map(|_| self.next_event()).collect(),
+                spooled_seq: 0,
+            });
             left -= k;
         }
         out
@@ -873,7 +877,7 @@ fn fill(store: &Store, args: &Args) -> Result<Fill> {
                 flows += 1;
                 probed[agent] = true;
             }
-            if tx.send((agent, v1::Batch { seq: seqs[agent], events })).is_err() {
+            if tx.send((agent, v1::Batch { seq: seqs[agent], events, spooled_seq: 0 })).is_err() {
                 break;
             }
             b += 1;

@@ -195,6 +195,7 @@ pub fn agent_json(agent: &v1::AgentState) -> String {
         "events": agent.events,
         "capture_drops": agent.capture_drops,
         "events_dropped": agent.events_dropped,
+        "spool_backlog": agent.spool_backlog,
         "clock_reference": agent.clock_reference,
         "clock_offset_ns": agent.clock_offset_ns,
         "clock_uncertainty_ns": agent.clock_uncertainty_ns,
@@ -207,15 +208,15 @@ pub fn agent_json(agent: &v1::AgentState) -> String {
 /// The column header of [`agent_row`].
 pub fn agent_header() -> String {
     format!(
-        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10}  {}",
-        "NAME", "HOST", "VERSION", "CONNECTED", "LAST SEEN", "WATERMARK", "EVENTS", "DROPS", "CLOCK"
+        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10} {:>8}  {}",
+        "NAME", "HOST", "VERSION", "CONNECTED", "LAST SEEN", "WATERMARK", "EVENTS", "DROPS", "BACKLOG", "CLOCK"
     )
 }
 
 /// One agent as a table row.
 pub fn agent_row(agent: &v1::AgentState) -> String {
     format!(
-        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10}  {}",
+        "{:<16} {:<20} {:<10} {:<9} {:<24} {:<24} {:>10} {:>10} {:>8}  {}",
         agent.name,
         agent.host_name,
         agent.software_version,
@@ -224,6 +225,7 @@ pub fn agent_row(agent: &v1::AgentState) -> String {
         ts_human(agent.watermark_ns),
         agent.events,
         agent.capture_drops + agent.events_dropped,
+        agent.spool_backlog,
         clock_text(agent)
     )
 }
