@@ -76,6 +76,14 @@ impl TokenCheck {
         TokenCheck { expected: token.map(|t| Arc::from(t.as_bytes())) }
     }
 
+    /// The same check on a request's HTTP headers (for calls served outside an interceptor).
+    pub fn check_headers(&self, headers: &http::HeaderMap) -> Result<(), Status> {
+        if self.expected.is_none() {
+            return Ok(());
+        }
+        self.check(&MetadataMap::from_headers(headers.clone()))
+    }
+
     fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
         let Some(expected) = &self.expected else { return Ok(()) };
         let header = metadata.get(AUTHORIZATION).map(|v| v.as_bytes());

@@ -4,8 +4,10 @@
 //! only this layer knows: verdicts). The same selection filters the store's answer and the live
 //! resets of `FollowResets`, so a followed stream shows exactly what a later `ListResets` would.
 //!
-//! Every verdict is `pending` for now: correlation across vantage points is the next issue. A
-//! filter on another verdict therefore matches nothing yet.
+//! `ListReports` / `FollowReports` give the correlator's merged reports (decided ones from the
+//! store, pending ones from the live engine); `ListResets` / `FollowResets` each agent's own
+//! records, whose verdict is always `pending`. `ListReports` is answered from the stored
+//! encodings, see [`crate::raw_reports`].
 //!
 //! `FollowResets` subscribes to the live resets *before* it lists the store, so nothing stored
 //! in between is missed; duplicates of that overlap are skipped by identity. A follower too slow
@@ -19,8 +21,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::Stream;
 use ipnet::IpNet;
+use prost::Message;
 use rstscope_proto::v1::{self, ResetFilter, ResetRecord};
 use rstscope_proto::FlowKey;
 use tokio::sync::{broadcast, mpsc};
@@ -31,7 +35,7 @@ use tracing::debug;
 use crate::ingest::{blocking, check_agent_name, CheckError, LiveBatch};
 use crate::pb;
 use crate::service::Hub;
-use crate::store::{ResetQuery, StoredReset};
+use crate::store::{EncodedReport, ResetQuery, StoredReset};
 
 /// Most hosts, ports, agents, ... one filter may name.
 const MAX_FILTER_ITEMS: usize = 256;
@@ -181,6 +185,40 @@ impl QueryService {
         QueryService { hub }
     }
 
+    /// What `ListReports` answers, each report encoded: decided ones as the store keeps them,
+    /// pending ones from the correlation, oldest first. Refuses more than the configured limit.
+    pub(crate) async fn encoded_listing(&self, filter: &ResetFilter) -> Result<Vec<Bytes>, Status> {
+        let selection = check_filter(filter)?;
+        let mut query = selection.query.clone();
+        query.verdicts = selection.verdicts.clone();
+        query.limit = Some(self.hub.limits.max_list + 1);
+        let last = query.last;
+        let store = self.hub.store.clone();
+        let mut found = blocking(move || store.encoded_reports(&query)).await?;
+        let hub = self.hub.clone();
+        let pending = tokio::task::spawn_blocking(move || hub.correlation().pending(&selection))
+            .await
+            .map_err(|e| Status::internal(format!("correlation: {e}")))?;
+        let decided: HashSet<String> = found.iter().map(|r| r.id.clone()).collect();
+        found.extend(pending.into_iter().filter(|r| !decided.contains(&r.id)).map(|r| EncodedReport {
+            ts_ns: r.ts_ns,
+            bytes: Bytes::from(r.encode_to_vec()),
+            id: r.id,
+        }));
+        found.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        if let Some(last) = last {
+            let cut = found.len().saturating_sub(last);
+            found.drain(..cut);
+        }
+        let max = self.hub.limits.max_list;
+        if found.len() > max {
+            return Err(Status::resource_exhausted(format!(
+                "more than {max} resets match; narrow the filter (--since, --host, ...) or use --last"
+            )));
+        }
+        Ok(found.into_iter().map(|r| r.bytes).collect())
+    }
+
     /// Decided reports from the store and pending ones from the correlation, oldest first.
     async fn reports(&self, selection: &Selection) -> Result<Vec<v1::ResetReport>, Status> {
         let mut query = selection.query.clone();
@@ -237,16 +275,15 @@ impl v1::query_server::Query for QueryService {
     type ListReportsStream = ReportStream;
     type FollowReportsStream = ReportStream;
 
+    /// Served by [`crate::raw_reports::QueryRouter`] without decoding; this path (the generated
+    /// service alone) gives the same answer, decoded.
     async fn list_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {
-        let selection = check_filter(request.get_ref())?;
-        let found = self.reports(&selection).await?;
-        let max = self.hub.limits.max_list;
-        if found.len() > max {
-            return Err(Status::resource_exhausted(format!(
-                "more than {max} resets match; narrow the filter (--since, --host, ...) or use --last"
-            )));
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(found.into_iter().map(Ok)))))
+        let found = self.encoded_listing(request.get_ref()).await?;
+        let decoded: Result<Vec<v1::ResetReport>, Status> = found
+            .iter()
+            .map(|b| v1::ResetReport::decode(b.as_ref()).map_err(|e| Status::internal(format!("stored report: {e}"))))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(decoded?.into_iter().map(Ok)))))
     }
 
     async fn follow_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {

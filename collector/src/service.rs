@@ -14,6 +14,8 @@ use rstscope_proto::v1::query_server::QueryServer;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tonic::service::interceptor::InterceptedService;
+
+use crate::raw_reports::QueryRouter;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tonic::Status;
@@ -223,7 +225,7 @@ pub async fn serve(
     }
     builder
         .add_service(InterceptedService::new(ingest, token.clone()))
-        .add_service(InterceptedService::new(query, token))
+        .add_service(QueryRouter::new(query, QueryService::new(hub.clone()), token, limits.max_message_bytes))
         // tonic ignores `tcp_nodelay` for a listener of our own: without it, Nagle's algorithm
         // holds a small answer (an ack, a short ListResets) until the client's delayed ACK, 40 ms.
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {

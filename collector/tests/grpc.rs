@@ -188,8 +188,14 @@ async fn a_wrong_or_missing_token_is_refused_and_stores_nothing() {
         assert_eq!(refused.code(), Code::Unauthenticated, "token {token:?}");
         let query = collector.query(token).await.status(v1::StatusRequest {}).await.unwrap_err();
         assert_eq!(query.code(), Code::Unauthenticated);
+        // ListReports is served beside the generated service (from stored encodings): the
+        // same check applies.
+        let listing = collector.query(token).await.list_reports(v1::ResetFilter::default()).await.unwrap_err();
+        assert_eq!(listing.code(), Code::Unauthenticated, "token {token:?}");
     }
     let mut query = collector.query(Some("s3cret")).await;
+    let mut listing = query.list_reports(v1::ResetFilter::default()).await.unwrap().into_inner();
+    assert!(listing.message().await.unwrap().is_none(), "no reports yet");
     let status = query.status(v1::StatusRequest {}).await.unwrap().into_inner();
     assert_eq!((status.resets, status.agents), (0, 0), "nothing stored from refused clients");
 

@@ -76,6 +76,7 @@ pub use append::Pending;
 pub use keys::{ParseStoreSeqError, StoreSeq};
 pub use query::{cause_name, flag_letters, parse_flag_letters, ConnectionView, ResetQuery, StoredReset, CAUSE_NAMES};
 pub use replay::EventsSince;
+pub use reports::EncodedReport;
 pub use retention::RetentionReport;
 
 use keys::{

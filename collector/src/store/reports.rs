@@ -35,12 +35,27 @@ use std::net::IpAddr;
 use std::ops::{Bound, Range};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use prost::Message;
 use rstscope_proto::v1;
 
 use super::keys::{ts_bytes, ts_from_bytes, FIRST_RECORD_KEY, TALLY_TOTAL_KEY};
 use super::query::{parse_flag_letters, Compiled, FLAG_MASK};
 use super::{ip_from_bytes, ResetQuery, Store, StoreError};
+
+/// A stored report as its protobuf encoding, with what orders it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedReport {
+    /// The report's time.
+    pub ts_ns: i64,
+    /// The report's id.
+    pub id: String,
+    /// `ResetReport`, encoded.
+    pub bytes: Bytes,
+}
+
+/// A bucket's start and the report keys chosen in it (ascending).
+type BucketKeys = (i64, Vec<Vec<u8>>);
 
 /// Width of a bucket of report time.
 const BUCKET_NS: i64 = 10_000_000_000;
@@ -513,6 +528,35 @@ impl Store {
     /// (a report without a cause reads as "unknown"); flags exactly. `after` is refused (it is
     /// a raw-record cursor).
     pub fn reports(&self, q: &ResetQuery) -> Result<Vec<v1::ResetReport>, StoreError> {
+        let selected = self.select_reports(q)?;
+        let mut out = Vec::with_capacity(selected.iter().map(|(_, keys)| keys.len()).sum());
+        for (start, keys) in selected {
+            self.read_reports(start, &keys, |key, body| match v1::ResetReport::decode(body) {
+                Ok(report) => out.push(report),
+                Err(_) => self.corrupt("report_pages", key, "undecodable ResetReport"),
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// The same as [`Store::reports`], each report as stored: its protobuf encoding, for a
+    /// server that passes it on without decoding and encoding it again.
+    pub fn encoded_reports(&self, q: &ResetQuery) -> Result<Vec<EncodedReport>, StoreError> {
+        let selected = self.select_reports(q)?;
+        let mut out = Vec::with_capacity(selected.iter().map(|(_, keys)| keys.len()).sum());
+        for (start, keys) in selected {
+            self.read_reports(start, &keys, |key, body| {
+                let (ts, id) = key.split_at(8);
+                let ts_ns = ts_from_bytes(ts.try_into().unwrap_or_default());
+                let id = String::from_utf8_lossy(id).into_owned();
+                out.push(EncodedReport { ts_ns, id, bytes: Bytes::copy_from_slice(body) });
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// The keys of the reports `q` selects, per bucket (ascending), buckets ascending.
+    fn select_reports(&self, q: &ResetQuery) -> Result<Vec<BucketKeys>, StoreError> {
         if q.after.is_some() {
             return Err(StoreError::Invalid("`after` is a cursor of raw resets, not of reports".into()));
         }
@@ -544,8 +588,7 @@ impl Store {
         let backwards = q.last.is_some();
         let buckets: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             if backwards { Box::new(range.rev()) } else { Box::new(range) };
-        // 1. The matching keys, per bucket in ascending key order.
-        let mut selected: Vec<(i64, Vec<Vec<u8>>)> = Vec::new();
+        let mut selected: Vec<BucketKeys> = Vec::new();
         let mut total = 0usize;
         for item in buckets {
             let (bucket, value) = item?;
@@ -578,17 +621,18 @@ impl Store {
         if backwards {
             selected.reverse();
         }
-        // 2. Their reports, from the pages of those buckets only.
-        let mut out = Vec::with_capacity(total);
-        for (start, keys) in selected {
-            self.read_reports(start, &keys, &mut out)?;
-        }
-        Ok(out)
+        Ok(selected)
     }
 
-    /// Decodes the reports of bucket `start` with these keys (ascending) into `out`, in key
-    /// order. A key without a report (a write interrupted between its steps) is skipped.
-    fn read_reports(&self, start: i64, keys: &[Vec<u8>], out: &mut Vec<v1::ResetReport>) -> Result<(), StoreError> {
+    /// Hands the reports of bucket `start` with these keys (ascending) to `found` (key, encoded
+    /// report), in key order, reading only that bucket's pages. A key without a report (a write
+    /// interrupted between its steps) is skipped.
+    fn read_reports(
+        &self,
+        start: i64,
+        keys: &[Vec<u8>],
+        mut found: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
         let mut wanted = keys.iter().peekable();
         for item in self.inner.reports.pages.scan_prefix(ts_bytes(start)) {
             let (page_key, page) = item?;
@@ -597,10 +641,7 @@ impl Store {
                 while wanted.next_if(|w| w.as_slice() < key).is_some() {}
                 let Some(w) = wanted.peek() else { return Ok(()) };
                 if w.as_slice() == key {
-                    match v1::ResetReport::decode(body) {
-                        Ok(report) => out.push(report),
-                        Err(_) => self.corrupt("report_pages", &page_key, "undecodable ResetReport"),
-                    }
+                    found(key, body);
                     wanted.next();
                 }
             }
@@ -617,9 +658,11 @@ impl Store {
         let Some(ts) = t.ids.get(id.as_bytes())? else { return Ok(None) };
         let Ok(ts) = <[u8; 8]>::try_from(ts.as_ref()) else { return Ok(None) };
         let ts = ts_from_bytes(ts);
-        let mut out = Vec::with_capacity(1);
-        self.read_reports(bucket_start(ts), &[report_key(ts, id)], &mut out)?;
-        Ok(out.pop())
+        let mut out = None;
+        self.read_reports(bucket_start(ts), &[report_key(ts, id)], |_, body| {
+            out = v1::ResetReport::decode(body).ok();
+        })?;
+        Ok(out)
     }
 
     /// Removes reports older than `cutoff_ns` with their ids and emptied buckets; returns how
