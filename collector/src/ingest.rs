@@ -468,12 +468,16 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
         return Err(Status::invalid_argument("the first message of a stream must be hello"));
     };
     check_hello(&hello)?;
+    // An agent comes back after its batches were refused: if that was a storage failure that
+    // left the store unable to write (a full disk, since freed), reopen it first.
+    let reopen = hub.clone();
+    let _ = tokio::task::spawn_blocking(move || reopen.reopen_store_if_broken()).await;
     let session = hub.agents.claim(&hello.agent_name, now_ns(), hub.limits.max_agents)?;
     let agent: Arc<str> = Arc::from(hello.agent_name.as_str());
     let boot_id = hello.boot_id.clone();
     let span = tracing::info_span!("agent", agent = %agent, boot_id = %boot_id);
     async move {
-        let store = hub.store.clone();
+        let store = hub.store()?;
         let now = now_ns();
         hub.correlation().hello(&hello);
         let durable_seq = blocking(move || {
@@ -574,7 +578,7 @@ struct Written {
 async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &str) -> Result<Written, Status> {
     check_batch(&batch, hub.limits.max_batch_events)?;
     let order = hub.next_order.fetch_add(1, Ordering::SeqCst) + 1;
-    let store = hub.store.clone();
+    let store = hub.store()?;
     let (agent_name, boot) = (agent.to_string(), boot_id.to_string());
     let (pending, batch) = blocking(move || {
         let pending = store.write_batch(&agent_name, &boot, &batch, now_ns());
@@ -594,7 +598,7 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
 /// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
 async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
     let Written { order, batch, pending } = written;
-    let store = hub.store.clone();
+    let store = hub.store()?;
     let appended = blocking(move || store.make_durable(pending)).await?;
     match appended {
         Appended::Stored { durable_seq } => {

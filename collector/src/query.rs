@@ -193,7 +193,7 @@ impl QueryService {
         query.verdicts = selection.verdicts.clone();
         query.limit = Some(self.hub.limits.max_list + 1);
         let last = query.last;
-        let store = self.hub.store.clone();
+        let store = self.hub.store()?;
         let mut found = blocking(move || store.encoded_reports(&query)).await?;
         let hub = self.hub.clone();
         let pending = tokio::task::spawn_blocking(move || hub.correlation().pending(&selection))
@@ -225,7 +225,7 @@ impl QueryService {
         query.verdicts = selection.verdicts.clone();
         query.limit = Some(self.hub.limits.max_list + 1);
         let last = query.last;
-        let store = self.hub.store.clone();
+        let store = self.hub.store()?;
         let mut found = blocking(move || store.reports(&query)).await?;
         let hub = self.hub.clone();
         let selection = selection.clone();
@@ -251,7 +251,7 @@ impl QueryService {
         let max = self.hub.limits.max_list;
         let mut query = selection.query.clone();
         query.limit = Some(max + 1);
-        let store = self.hub.store.clone();
+        let store = self.hub.store()?;
         let found = blocking(move || store.resets(&query)).await?;
         if found.len() > max {
             return Err(Status::resource_exhausted(format!(
@@ -365,7 +365,7 @@ impl v1::query_server::Query for QueryService {
     ) -> Result<Response<v1::ConnectionReply>, Status> {
         let text = request.into_inner().connection;
         let view = self.hub.correlation().connection(&text);
-        let store = self.hub.store.clone();
+        let store = self.hub.store()?;
         let Some(view) = view else {
             // Not (or no longer) in the correlation's memory: what the store has for the tuple.
             let key = text.trim().parse::<FlowKey>().map_err(|e| {
@@ -405,7 +405,7 @@ impl v1::query_server::Query for QueryService {
         &self,
         _request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsReply>, Status> {
-        let store = self.hub.store.clone();
+        let store = self.hub.store()?;
         let records = blocking(move || store.agents()).await?;
         let live = self.hub.agents.snapshot();
         let (clocks, reference) = self.hub.correlation().clocks();
@@ -438,7 +438,7 @@ impl v1::query_server::Query for QueryService {
     }
 
     async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
-        let store = self.hub.store.clone();
+        let store = self.hub.store()?;
         let status = blocking(move || store.status()).await?;
         Ok(Response::new(v1::StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -26,7 +26,7 @@ use crate::ingest::{IngestService, LiveAgents, LiveBatch};
 use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreConfig, StoreError};
 use rstscope_proto::v1;
 
 /// Bounds on what clients may ask of the collector.
@@ -64,8 +64,12 @@ impl Default for Limits {
 
 /// State shared by the ingest and query services.
 pub struct Hub {
-    /// The durable store.
-    pub store: Store,
+    /// The durable store (`None` while it is reopened); see [`Hub::store`].
+    store: std::sync::RwLock<Option<Store>>,
+    /// Where to reopen it from.
+    store_config: StoreConfig,
+    /// One reopening at a time, and when the last one was tried.
+    reopening: std::sync::Mutex<Option<Instant>>,
     /// Who is connected now.
     pub agents: Arc<LiveAgents>,
     /// Newly stored resets, for followers.
@@ -90,7 +94,9 @@ impl Hub {
     pub fn new(store: Store, limits: Limits) -> Arc<Self> {
         let (live, _) = broadcast::channel(limits.live_buffer.max(1));
         Arc::new(Hub {
-            store,
+            store_config: store.config().clone(),
+            store: std::sync::RwLock::new(Some(store)),
+            reopening: std::sync::Mutex::new(None),
             agents: Arc::default(),
             live,
             next_order: AtomicU64::new(0),
@@ -100,6 +106,63 @@ impl Hub {
             correlation: std::sync::Mutex::new(LiveCorrelation::new(Config::default())),
             closing: watch::channel(false).0,
         })
+    }
+
+    /// The durable store. Take a clone per use rather than keeping one: after a storage
+    /// failure the store is closed and reopened (see [`Hub::reopen_store_if_broken`]), which
+    /// waits until every clone of the old one is gone.
+    pub fn store(&self) -> Result<Store, StoreError> {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::Reopening)
+    }
+
+    /// After a failed store call: if the store cannot write (sled refuses every write after an
+    /// I/O error such as a full disk, also once there is room again), closes and reopens it,
+    /// at most once per 5 s. Reopening recovers like a restart after `kill -9`: everything
+    /// acknowledged is there. Blocking (fsync, waiting for the old store's last users): call
+    /// off the async threads. Returns whether the store can write now.
+    pub fn reopen_store_if_broken(&self) -> bool {
+        let mut last_try = self.reopening.lock().unwrap_or_else(|p| p.into_inner());
+        let writable = |store: &Option<Store>| store.as_ref().is_some_and(|s| s.flush().is_ok());
+        if writable(&self.store.read().unwrap_or_else(|p| p.into_inner())) {
+            return true;
+        }
+        if last_try.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            return false;
+        }
+        *last_try = Some(Instant::now());
+        // Reopen only once sled has room to write again, so the store keeps answering queries
+        // while the disk is still full.
+        let probe = self.store_config.dir.join(".space-probe");
+        let room = std::fs::write(&probe, vec![0u8; 4 << 20]);
+        let _ = std::fs::remove_file(&probe);
+        if let Err(error) = room {
+            tracing::warn!(%error, "The store cannot write and there is no room yet; not reopening it.");
+            return false;
+        }
+        tracing::warn!("The store cannot write; closing and reopening it.");
+        let old = self.store.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(old);
+        // Calls that took a clone before finish (or fail) within moments; `Store::open` waits
+        // for sled's lock to be released, and is retried here for up to 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::open(self.store_config.clone()) {
+                Ok(store) => {
+                    let ok = store.flush().is_ok();
+                    *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
+                    tracing::info!(writable = ok, "Store reopened.");
+                    return ok;
+                }
+                Err(error) if Instant::now() < deadline => {
+                    tracing::debug!(%error, "Store not reopened yet; retrying.");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "Cannot reopen the store; retrying on the next failure.");
+                    return false;
+                }
+            }
+        }
     }
 
     /// The correlation state (a poisoned lock is taken over: the engine has no invariant a
@@ -125,7 +188,7 @@ impl Hub {
     pub fn gauges(&self) -> Gauges {
         Gauges {
             agents_connected: self.agents.connected() as u64,
-            store_bytes: self.store.status().map(|s| s.bytes).unwrap_or(0),
+            store_bytes: self.store().and_then(|s| s.status()).map(|s| s.bytes).unwrap_or(0),
         }
     }
 }
@@ -157,9 +220,10 @@ pub async fn serve(
     {
         let hub = hub.clone();
         let replayed = tokio::task::spawn_blocking(move || {
-            let Some(bytes) = hub.store.meta(RESUME_META)? else { return Ok(0) };
+            let store = hub.store()?;
+            let Some(bytes) = store.meta(RESUME_META)? else { return Ok(0) };
             let Ok(raw) = <[u8; 8]>::try_from(bytes.as_slice()) else { return Ok(0) };
-            hub.correlation().replay(&hub.store, i64::from_be_bytes(raw))
+            hub.correlation().replay(&store, i64::from_be_bytes(raw))
         })
         .await;
         match replayed {
@@ -181,28 +245,34 @@ pub async fn serve(
                     _ = every.tick() => {}
                     () = &mut closed => return,
                 }
-                let hub = hub.clone();
+                let worker = hub.clone();
                 let done = tokio::task::spawn_blocking(move || {
                     let (reports, resume) = {
-                        let mut correlation = hub.correlation();
+                        let mut correlation = worker.correlation();
                         let reports = correlation.tick();
                         (reports, correlation.resume_point())
                     };
                     if !reports.is_empty() {
                         let owned: Vec<v1::ResetReport> = reports.iter().map(|r| (**r).clone()).collect();
-                        hub.store.put_reports(&owned)?;
+                        worker.store()?.put_reports(&owned)?;
                     }
                     if let Some(resume) = resume {
                         // Written after the reports: sled keeps a prefix of its log, so a
                         // durable resume point implies the reports before it are durable too.
-                        hub.store.set_meta(RESUME_META, &resume.to_be_bytes())?;
+                        worker.store()?.set_meta(RESUME_META, &resume.to_be_bytes())?;
                     }
                     Ok::<usize, StoreError>(reports.len())
                 })
                 .await;
                 match done {
                     Ok(Ok(n)) if n > 0 => tracing::debug!(n, "Resets decided."),
-                    Ok(Err(error)) => tracing::warn!(%error, "Cannot store decided resets; will retry."),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "Cannot store decided resets; will retry.");
+                        if error.needs_reopen() {
+                            let hub = hub.clone();
+                            let _ = tokio::task::spawn_blocking(move || hub.reopen_store_if_broken()).await;
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -249,7 +319,7 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         let message = error.to_string();
         match error {
-            StoreError::Sled(_) | StoreError::Io(_) => Status::unavailable(message),
+            StoreError::Sled(_) | StoreError::Io(_) | StoreError::Reopening => Status::unavailable(message),
             StoreError::DiskFull(_) => Status::resource_exhausted(message),
             StoreError::Corrupt(_) => Status::data_loss(message),
             StoreError::Invalid(_) => Status::invalid_argument(message),

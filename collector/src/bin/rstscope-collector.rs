@@ -128,15 +128,17 @@ async fn stop_signal() {
     let _ = ctrl_c.await;
 }
 
-async fn enforce_retention(store: Store, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn enforce_retention(hub: Arc<Hub>, every: Duration, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.enforce_retention(now_ns())).await {
+        // A clone per run: the hub reopens the store after a storage failure once no clone of
+        // the old one is left.
+        let hub = hub.clone();
+        match tokio::task::spawn_blocking(move || hub.store()?.enforce_retention(now_ns())).await {
             Ok(Ok(report)) if report.resets_removed + report.flows_removed > 0 => {
                 info!(?report, "Old events removed.");
             }
@@ -169,7 +171,7 @@ async fn main() -> Result<()> {
     let store = tokio::task::spawn_blocking(move || Store::open(config))
         .await?
         .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
-    let hub = Hub::new(store.clone(), limits);
+    let hub = Hub::new(store, limits);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -177,7 +179,7 @@ async fn main() -> Result<()> {
         let _ = rx.changed().await;
     };
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(enforce_retention(store.clone(), args.retention_interval.max(Duration::from_secs(1)), stop_rx.clone()));
+    tasks.spawn(enforce_retention(hub.clone(), args.retention_interval.max(Duration::from_secs(1)), stop_rx.clone()));
     if let Some(addr) = args.metrics {
         let metrics_listener =
             TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
@@ -200,14 +202,14 @@ async fn main() -> Result<()> {
     }
 
     info!(listen = %args.listen, data_dir = %args.data_dir.display(), tls = security.tls.is_some(), token = security.token.is_some(), "Collector listening.");
-    let served = service::serve(hub, listener, security, async {
+    let served = service::serve(hub.clone(), listener, security, async {
         stop_signal().await;
         info!("Stopping: no new streams; waiting for open ones to end.");
     })
     .await;
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
-    let flushed = tokio::task::spawn_blocking(move || store.flush()).await?;
+    let flushed = tokio::task::spawn_blocking(move || hub.store()?.flush()).await?;
     served?;
     flushed.context("cannot flush the store")?;
     info!("Collector stopped.");

@@ -115,10 +115,10 @@ impl StoreConfig {
 pub enum StoreError {
     /// sled failed (I/O, corruption detected by sled, unsupported use).
     #[error("storage error: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
     /// The file system failed outside sled.
     #[error("storage I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The disk (or quota) is full; the write was not made durable.
     #[error("storage is full; nothing was stored (free space or lower the retention): {0}")]
     DiskFull(std::io::Error),
@@ -128,6 +128,17 @@ pub enum StoreError {
     /// The caller passed something the store refuses to keep (a bad endpoint, an unknown cause).
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The store is closed for reopening after a storage failure; retry shortly.
+    #[error("the store is being reopened after a storage failure; retry shortly")]
+    Reopening,
+}
+
+impl StoreError {
+    /// Whether the database may be unusable until it is reopened: sled stops every later write
+    /// with the same error after an I/O failure (a full disk, say), even once there is room.
+    pub fn needs_reopen(&self) -> bool {
+        matches!(self, StoreError::Sled(_) | StoreError::Io(_) | StoreError::DiskFull(_))
+    }
 }
 
 impl StoreError {
@@ -140,9 +151,27 @@ impl StoreError {
     }
 }
 
-/// ENOSPC or EDQUOT; `ErrorKind::StorageFull` needs a newer Rust than our MSRV.
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> StoreError {
+        StoreError::from_sled(error)
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(error: std::io::Error) -> StoreError {
+        if is_disk_full(&error) {
+            StoreError::DiskFull(error)
+        } else {
+            StoreError::Io(error)
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT. By kind as well as by number: sled hands out copies of an I/O error it
+/// met earlier (in its background flush), and its copies keep only the kind.
 fn is_disk_full(error: &std::io::Error) -> bool {
     matches!(error.raw_os_error(), Some(28 | 122))
+        || matches!(error.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
 /// The outcome of [`Store::append_batch`]. Each carries the session's durable batch number

@@ -71,7 +71,7 @@ impl TestCollector {
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(WAIT, &mut self.task).await.expect("server stops in time").unwrap().unwrap();
-        let store = self.hub.store.clone();
+        let store = self.hub.store().unwrap();
         tokio::task::spawn_blocking(move || store.flush()).await.unwrap().unwrap();
     }
 
