@@ -15,8 +15,9 @@ const CHUNK: usize = 1 << CHUNK_BITS;
 
 /// A growable array stored in chunks of [`CHUNK`] elements (see the module docs).
 pub(crate) struct Chunked<T> {
-    /// Every chunk but the last is full; each was allocated with capacity [`CHUNK`] exactly.
-    chunks: Vec<Vec<T>>,
+    /// Every chunk but the last is full; the last holds defaults beyond `len`. Fixed-size chunks
+    /// let indexing within a chunk go without a bounds check.
+    chunks: Vec<Box<[T; CHUNK]>>,
     len: usize,
 }
 
@@ -26,25 +27,29 @@ impl<T> Default for Chunked<T> {
     }
 }
 
-impl<T> Chunked<T> {
+impl<T: Default> Chunked<T> {
     /// Appends `value`; returns its index.
     pub(crate) fn push(&mut self, value: T) -> usize {
-        if self.len & (CHUNK - 1) == 0 {
-            self.chunks.push(Vec::with_capacity(CHUNK));
+        if self.len == self.chunks.len() * CHUNK {
+            let chunk: Box<[T]> = (0..CHUNK).map(|_| T::default()).collect();
+            self.chunks.push(chunk.try_into().unwrap_or_else(|_| unreachable!("a chunk has CHUNK elements")));
         }
-        self.chunks.last_mut().expect("a chunk with room").push(value);
+        let index = self.len;
+        self[index] = value;
         self.len += 1;
-        self.len - 1
+        index
     }
+}
 
+impl<T> Chunked<T> {
     /// The element at `index`, if there is one.
     pub(crate) fn get(&self, index: usize) -> Option<&T> {
-        self.chunks.get(index >> CHUNK_BITS)?.get(index & (CHUNK - 1))
+        (index < self.len).then(|| &self[index])
     }
 
     /// Every element, in index order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
-        self.chunks.iter().flatten()
+        self.chunks.iter().flat_map(|chunk| chunk.iter()).take(self.len)
     }
 }
 
@@ -81,6 +86,6 @@ mod tests {
         assert!(c.iter().enumerate().all(|(i, &v)| v == if i == CHUNK { 1 } else { i * 3 }));
         // Growing allocates one chunk at a time, never more.
         assert_eq!(c.chunks.len(), 4);
-        assert!(c.chunks.iter().all(|chunk| chunk.capacity() == CHUNK));
+        assert!(c.chunks.iter().all(|chunk| chunk.len() == CHUNK));
     }
 }

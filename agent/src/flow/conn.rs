@@ -236,6 +236,10 @@ pub(crate) struct SlotKey {
     ports: [u16; 2],
 }
 
+/// A key as look-ups compare it with records and the index hashes it: the compact form of an
+/// IPv4 key, or the ports and addresses of any other (see [`SlotKey::of`]).
+pub(crate) type Compact = Result<SlotKey, ([u16; 2], [Addr; 2])>;
+
 /// An endpoint's address as [`FlowKey::to_bytes`] writes it, IPv4 as IPv4-mapped IPv6.
 pub(crate) type Addr = [u8; 16];
 
@@ -244,7 +248,7 @@ const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 impl SlotKey {
     /// Splits `key` into its compact form, or, when it is not IPv4, its ports and addresses
     /// (`Err`), to be stored in the IPv6 table.
-    pub(crate) fn of(key: &FlowKey) -> Result<SlotKey, ([u16; 2], [Addr; 2])> {
+    pub(crate) fn of(key: &FlowKey) -> Compact {
         let b = key.to_bytes();
         let ports = [u16::from_be_bytes([b[16], b[17]]), u16::from_be_bytes([b[34], b[35]])];
         if b[..12] == V4_MAPPED && b[18..30] == V4_MAPPED {
@@ -269,6 +273,14 @@ impl SlotKey {
     /// Slot of the addresses in the IPv6 table, for a non-IPv4 key.
     pub(crate) fn v6_slot(&self) -> Option<u32> {
         (self.addrs[0] > self.addrs[1]).then_some(self.addrs[1])
+    }
+
+    /// All of an IPv4 key in one number, for hashing.
+    pub(crate) fn packed(&self) -> u128 {
+        u128::from(self.addrs[0]) << 64
+            | u128::from(self.addrs[1]) << 32
+            | u128::from(self.ports[0]) << 16
+            | u128::from(self.ports[1])
     }
 
     /// The ports, `[lo, hi]`.

@@ -34,7 +34,7 @@ use rstscope_proto::{Endpoint, FlowKey};
 use crate::event::{ConnId, ConnOpen, Event, FlowEnd, FlowSummary, Role, RstEvent};
 use crate::wire::{Checksum, OptionLayout, Segment};
 use chunked::Chunked;
-use conn::{conn_flags, seen, Addr, Conn, Record, SlotKey};
+use conn::{conn_flags, seen, Addr, Compact, Conn, Record, SlotKey};
 use zeek::{ZeekConn, ZeekSegment};
 
 /// Tracker settings. Defaults follow Zeek's (`tcp_inactivity_timeout`, `tcp_close_delay`,
@@ -164,13 +164,32 @@ pub const TS_LIMIT: i64 = (1 << 62) - 1;
 /// Segments looked up together by `on_segments`.
 const LOOKAHEAD: usize = 16;
 
-/// A record look-up done ahead of processing (see `Tracker::on_segments`).
-#[derive(Clone, Copy, Default)]
+/// A record look-up (see `Tracker::on_segments`): the key in its two forms, its hash, and
+/// what the index held for it when `Tracker::mutations` was `mutations`.
+#[derive(Clone, Copy)]
 struct Lookup {
     key: FlowKey,
+    compact: Compact,
     hash: u64,
     found: Option<u32>,
     mutations: u64,
+}
+
+/// The index's hash of a key, from its compact form, so that rehashing can hash a record's own
+/// fields instead of rebuilding its full key (see [`record_hash`]).
+fn index_hash(hasher: &DefaultHashBuilder, compact: &Compact) -> u64 {
+    match compact {
+        Ok(k) => hasher.hash_one(k.packed()),
+        Err((ports, addrs)) => hasher.hash_one((ports, addrs)),
+    }
+}
+
+/// [`index_hash`] of a record's key.
+fn record_hash(hasher: &DefaultHashBuilder, rec: &Record, v6: &Chunked<[Addr; 2]>) -> u64 {
+    match rec.key.v6_slot() {
+        None => hasher.hash_one(rec.key.packed()),
+        Some(slot) => hasher.hash_one((&rec.key.ports(), &v6[slot as usize])),
+    }
 }
 
 /// Bound on the side tables used for cause evidence (SYN races, listener activity).
@@ -222,9 +241,9 @@ pub struct Tracker {
     now_ns: i64,
     stats: TrackerStats,
     /// Last SYNs per (client address, server address), for duplicate-SYN races.
-    recent_syns: HashMap<(Endpoint, Endpoint), RecentSyns>,
+    recent_syns: HashMap<(HostKey, HostKey), RecentSyns>,
     /// Last SYN-ACK time per server endpoint, for "listener overloaded".
-    listener_accepts: HashMap<Endpoint, i64>,
+    listener_accepts: HashMap<(HostKey, u16), i64>,
 }
 
 impl Tracker {
@@ -297,19 +316,28 @@ impl Tracker {
             self.stats.bad_ip_checksum += 1;
         }
         self.advance(seg.ts_ns, out);
-        let (key, hash, found) = match looked_up {
-            Some(l) if l.mutations == self.mutations => (l.key, l.hash, l.found),
-            _ => {
-                let key = FlowKey::new(seg.src, seg.dst);
-                let hash = self.hasher.hash_one(key);
-                (key, hash, self.find(&key, hash))
+        let own;
+        let looked_up = match looked_up {
+            Some(l) => l,
+            None => {
+                own = self.look_up(seg);
+                &own
             }
+        };
+        let Lookup { ref key, ref compact, hash, .. } = *looked_up;
+        let found = match looked_up.found {
+            _ if looked_up.mutations == self.mutations => looked_up.found,
+            // Records never move, and a key has one live record at most: a record found before is
+            // still the key's if its slot still holds that key. A key found missing may have been
+            // created since.
+            Some(idx) if self.holds(idx, compact) => Some(idx),
+            _ => self.find(compact, hash),
         };
         let (idx, created) = match found {
             Some(idx) if self.splits(idx, seg) => {
-                let port_reuse = self.is_port_reuse(idx, &key, seg);
+                let port_reuse = self.is_port_reuse(idx, key, seg);
                 self.finish(idx, FlowEnd::Reused, out);
-                let idx = self.create(&key, hash, seg, out);
+                let idx = self.create(key, *compact, hash, seg, out);
                 if port_reuse {
                     self.stats.port_reuse += 1;
                     self.conn_mut(idx).set_flag(conn_flags::PORT_REUSE, true);
@@ -317,11 +345,11 @@ impl Tracker {
                 (idx, true)
             }
             Some(idx) => (idx, false),
-            None => (self.create(&key, hash, seg, out), true),
+            None => (self.create(key, *compact, hash, seg, out), true),
         };
-        self.apply(idx, &key, seg, out);
+        self.apply(idx, key, seg, out);
         if !self.conn(idx).has_flag(conn_flags::OPEN_SETTLED) {
-            self.note_open(idx, &key, seg, created, out);
+            self.note_open(idx, key, seg, created, out);
         }
     }
 
@@ -417,41 +445,61 @@ impl Tracker {
     /// cache misses of the whole batch overlap instead of stalling one packet at a time; once a
     /// table outgrows the CPU cache this is most of the tracker's cost.
     pub fn on_segments(&mut self, segments: &[Segment], out: &mut impl FnMut(Event)) {
-        for chunk in segments.chunks(LOOKAHEAD) {
-            let mut lookups = [Lookup::default(); LOOKAHEAD];
+        let mut chunks = segments.chunks_exact(LOOKAHEAD);
+        for chunk in &mut chunks {
+            let lookups: [Lookup; LOOKAHEAD] = std::array::from_fn(|i| self.look_up(&chunk[i]));
             let mut warm = 0u32;
-            for (seg, lookup) in chunk.iter().zip(lookups.iter_mut()) {
-                let key = FlowKey::new(seg.src, seg.dst);
-                let hash = self.hasher.hash_one(key);
-                let found = self.find(&key, hash);
-                if let Some(c) = found.and_then(|i| self.slab[i as usize].as_ref()) {
+            for l in &lookups {
+                if let Some(c) = l.found.and_then(|i| self.slab[i as usize].as_ref()) {
                     // Touch each cache line the update will need; the loads of different
                     // segments are independent, so the CPU runs them in parallel.
                     warm ^= c.halves[0].pkts ^ c.halves[1].pkts ^ c.zeek.touch() ^ c.start_ns as u32;
                 }
-                *lookup = Lookup { key, hash, found, mutations: self.mutations };
             }
             std::hint::black_box(warm);
             for (seg, lookup) in chunk.iter().zip(lookups.iter()) {
                 self.process(seg, Some(lookup), out);
             }
         }
+        for seg in chunks.remainder() {
+            self.process(seg, None, out);
+        }
     }
 
-    fn find(&self, key: &FlowKey, hash: u64) -> Option<u32> {
+    /// The look-up of `seg`'s record, as the index stands now.
+    fn look_up(&self, seg: &Segment) -> Lookup {
+        let key = FlowKey::new(seg.src, seg.dst);
+        let compact = SlotKey::of(&key);
+        let hash = index_hash(&self.hasher, &compact);
+        let found = self.find(&compact, hash);
+        Lookup { key, compact, hash, found, mutations: self.mutations }
+    }
+
+    fn find(&self, compact: &Compact, hash: u64) -> Option<u32> {
         let slab = &self.slab;
-        match SlotKey::of(key) {
-            Ok(k) => self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == k)),
+        match compact {
+            Ok(k) => self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == *k)),
             Err((ports, addrs)) => {
                 let v6 = &self.v6_addrs;
                 self.table.find(hash, |&i| {
                     slab[i as usize].as_ref().is_some_and(|c| {
-                        c.key.ports() == ports && c.key.v6_slot().is_some_and(|s| v6[s as usize] == addrs)
+                        c.key.ports() == *ports && c.key.v6_slot().is_some_and(|s| v6[s as usize] == *addrs)
                     })
                 })
             }
         }
         .copied()
+    }
+
+    /// Slab slot `idx` holds a live record with key `compact`.
+    fn holds(&self, idx: u32, compact: &Compact) -> bool {
+        let Some(Some(c)) = self.slab.get(idx as usize) else { return false };
+        match compact {
+            Ok(k) => c.key == *k,
+            Err((ports, addrs)) => {
+                c.key.ports() == *ports && c.key.v6_slot().is_some_and(|s| self.v6_addrs[s as usize] == *addrs)
+            }
+        }
     }
 
     /// Moves time forward to `now_ns` (a packet timestamp) and expires what timed out. Live
@@ -613,7 +661,14 @@ impl Tracker {
         closed && conn.side(Record::dir_of(key, seg)).isn != Some(seg.seq)
     }
 
-    fn create(&mut self, key: &FlowKey, hash: u64, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
+    fn create(
+        &mut self,
+        key: &FlowKey,
+        compact: Compact,
+        hash: u64,
+        seg: &Segment,
+        out: &mut impl FnMut(Event),
+    ) -> u32 {
         if self.stats.active as usize >= self.config.max_flows.max(1) {
             if let Some(victim) = self.eviction_victim() {
                 self.stats.evicted += 1;
@@ -622,7 +677,7 @@ impl Tracker {
         }
         let (zeek, sender_is_orig) = ZeekConn::start(seg.flags.byte(), seg.src.port(), seg.dst.port());
         let sender_is_lo = key.is_lo_to_hi(&seg.src);
-        let slot_key = match SlotKey::of(key) {
+        let slot_key = match compact {
             Ok(k) => k,
             Err((ports, addrs)) => match self.v6_free.pop() {
                 Some(slot) => {
@@ -642,10 +697,9 @@ impl Tracker {
         };
         self.mutations += 1;
         let (slab, v6, hasher) = (&self.slab, &self.v6_addrs, &self.hasher);
-        // Rehashing must hash exactly what lookups hash: the bare key.
-        self.table.insert_unique(hash, idx, |&i| {
-            hasher.hash_one(slab[i as usize].as_ref().expect("indexed record").key.key(v6))
-        });
+        // Rehashing must hash exactly what look-ups hash.
+        self.table
+            .insert_unique(hash, idx, |&i| record_hash(hasher, slab[i as usize].as_ref().expect("indexed record"), v6));
         let deadline = seg.ts_ns.saturating_add(self.config.inactivity_timeout_ns);
         self.schedule(OPEN, idx, deadline);
         if seg.flags.syn() && !seg.flags.ack() {
@@ -742,7 +796,7 @@ impl Tracker {
                 .min()
         });
         let listener_last_accept_ago_ns =
-            self.listener_accepts.get(&server).map(|t| seg.ts_ns - t).filter(|ago| *ago >= 0);
+            self.listener_accepts.get(&(host(server), server.port())).map(|t| seg.ts_ns - t).filter(|ago| *ago >= 0);
         classify::Context { racing_syn_gap_ns, listener_last_accept_ago_ns }
     }
 
@@ -758,7 +812,7 @@ impl Tracker {
         }
         let _ = idx;
         if seg.flags.ack() {
-            self.listener_accepts.insert(seg.src, seg.ts_ns);
+            self.listener_accepts.insert((host(seg.src), seg.src.port()), seg.ts_ns);
         } else {
             let entry = self.recent_syns.entry((host(seg.src), host(seg.dst))).or_default();
             if entry.last.1 != seg.dst.port() || entry.last.0 == 0 {
@@ -776,7 +830,7 @@ impl Tracker {
         if let Some(slot) = rec.key.v6_slot() {
             self.v6_free.push(slot);
         }
-        let hash = self.hasher.hash_one(conn.key);
+        let hash = record_hash(&self.hasher, &rec, &self.v6_addrs);
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
             entry.remove();
         }
@@ -796,9 +850,16 @@ impl Tracker {
     }
 }
 
-/// The address part of an endpoint (port 0), for per-host side tables.
-fn host(ep: Endpoint) -> Endpoint {
-    Endpoint::new(ep.ip(), 0)
+/// An endpoint's address, as the per-host side tables key it: one number hashes faster than
+/// an address and a port.
+type HostKey = u128;
+
+/// The address part of an endpoint, for per-host side tables.
+fn host(ep: Endpoint) -> HostKey {
+    let b = ep.to_bytes();
+    u128::from_be_bytes([
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15],
+    ])
 }
 
 fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
