@@ -164,12 +164,12 @@ pub const TS_LIMIT: i64 = (1 << 62) - 1;
 /// Segments looked up together by `on_segments`.
 const LOOKAHEAD: usize = 16;
 
-/// A record look-up (see `Tracker::on_segments`): the key in its two forms, its hash, and
-/// what the index held for it when `Tracker::mutations` was `mutations`.
+/// A record look-up (see `Tracker::on_segments`): the key, its hash, and what the index held
+/// for it when `Tracker::mutations` was `mutations`. (The compact form is recomputed in the rare
+/// cases that need it again: a smaller look-up is cheaper to move.)
 #[derive(Clone, Copy)]
 struct Lookup {
     key: FlowKey,
-    compact: Compact,
     hash: u64,
     found: Option<u32>,
     mutations: u64,
@@ -324,20 +324,20 @@ impl Tracker {
                 &own
             }
         };
-        let Lookup { ref key, ref compact, hash, .. } = *looked_up;
+        let Lookup { ref key, hash, .. } = *looked_up;
         let found = match looked_up.found {
             _ if looked_up.mutations == self.mutations => looked_up.found,
             // Records never move, and a key has one live record at most: a record found before is
             // still the key's if its slot still holds that key. A key found missing may have been
             // created since.
-            Some(idx) if self.holds(idx, compact) => Some(idx),
-            _ => self.find(compact, hash),
+            Some(idx) if self.holds(idx, &SlotKey::of(key)) => Some(idx),
+            _ => self.find(&SlotKey::of(key), hash),
         };
         let (idx, created) = match found {
             Some(idx) if self.splits(idx, seg) => {
                 let port_reuse = self.is_port_reuse(idx, key, seg);
                 self.finish(idx, FlowEnd::Reused, out);
-                let idx = self.create(key, *compact, hash, seg, out);
+                let idx = self.create(key, SlotKey::of(key), hash, seg, out);
                 if port_reuse {
                     self.stats.port_reuse += 1;
                     self.conn_mut(idx).set_flag(conn_flags::PORT_REUSE, true);
@@ -345,7 +345,7 @@ impl Tracker {
                 (idx, true)
             }
             Some(idx) => (idx, false),
-            None => (self.create(key, *compact, hash, seg, out), true),
+            None => (self.create(key, SlotKey::of(key), hash, seg, out), true),
         };
         self.apply(idx, key, seg, out);
         if !self.conn(idx).has_flag(conn_flags::OPEN_SETTLED) {
@@ -472,7 +472,7 @@ impl Tracker {
         let compact = SlotKey::of(&key);
         let hash = index_hash(&self.hasher, &compact);
         let found = self.find(&compact, hash);
-        Lookup { key, compact, hash, found, mutations: self.mutations }
+        Lookup { key, hash, found, mutations: self.mutations }
     }
 
     fn find(&self, compact: &Compact, hash: u64) -> Option<u32> {
