@@ -300,6 +300,7 @@ const EP_DID_CLOSE: u8 = 0x02; // did_close
 const EP_HOLE: u8 = 0x04; // data seen above the contiguous delivery point
 const EP_CLOSE_DEFERRED: u8 = 0x08; // close waits for pending data (close_deferred)
 const EP_DID_EOF: u8 = 0x10; // reassembler did_EOF
+const EP_WRAPPED: u8 = 0x20; // a wraps counter of this endpoint in `Rare` is not zero (saves a look there per packet)
 
 // Connection flag bits (`flags`).
 const F_SWAPPED: u8 = 0x01; // the first packet's sender is now the responder
@@ -768,26 +769,37 @@ impl ZeekConn {
         &mut self.rare_mut().dirs[dir]
     }
 
+    /// Both wraps counters of endpoint `e` (low nibble seq, high nibble ack).
+    fn wraps(&self, e: usize) -> u8 {
+        if self.ep_flags[e] & EP_WRAPPED == 0 {
+            0
+        } else {
+            self.rare().wraps[e]
+        }
+    }
+
     fn seq_wraps(&self, e: usize) -> u32 {
-        (self.rare().wraps[e] & 0x0f) as u32
+        (self.wraps(e) & 0x0f) as u32
     }
 
     fn ack_wraps(&self, e: usize) -> u32 {
-        (self.rare().wraps[e] >> 4) as u32
+        (self.wraps(e) >> 4) as u32
     }
 
     /// TCP_Endpoint::UpdateLastSeq.
     fn update_last(&mut self, e: usize, seq: u32) {
-        if seq < self.last[e] && self.rare().wraps[e] & 0x0f != 0x0f {
+        if seq < self.last[e] && self.wraps(e) & 0x0f != 0x0f {
             self.rare_mut().wraps[e] += 1;
+            self.ep_flags[e] |= EP_WRAPPED;
         }
         self.last[e] = seq;
     }
 
     /// TCP_Endpoint::UpdateAckSeq.
     fn update_ack(&mut self, e: usize, seq: u32) {
-        if seq < self.ack[e] && self.rare().wraps[e] >> 4 != 0x0f {
+        if seq < self.ack[e] && self.wraps(e) >> 4 != 0x0f {
             self.rare_mut().wraps[e] += 0x10;
+            self.ep_flags[e] |= EP_WRAPPED;
         }
         self.ack[e] = seq;
     }
@@ -1284,9 +1296,11 @@ impl ZeekConn {
     /// endpoint whose data is being acknowledged.
     fn ack_received(&mut self, x: usize, rel_ack: u64) {
         let mut seq = rel_ack as u32;
-        let fin_end = self.rare().fin_end[x];
-        if self.ep_flags[x] & EP_FIN != 0 && seq_delta(seq, fin_end) >= 0 {
-            seq = fin_end.wrapping_sub(1); // don't count the FIN octet as missing data
+        if self.ep_flags[x] & EP_FIN != 0 {
+            let fin_end = self.rare().fin_end[x];
+            if seq_delta(seq, fin_end) >= 0 {
+                seq = fin_end.wrapping_sub(1); // don't count the FIN octet as missing data
+            }
         }
         let r = self.reassem[x];
         if seq_delta(seq, r) > 0 {
@@ -1471,6 +1485,20 @@ mod tests {
         assert_eq!((after.cnt_win0[0], after.cnt_win0[1]), (before.cnt_win0[1], before.cnt_win0[0]));
         assert_eq!(after.dirs, before.dirs);
         assert_eq!(c.dir_counters(1).rexmits, 7);
+    }
+
+    /// Sequence wraps live in the box too, behind a per-endpoint flag: a connection whose
+    /// numbers wrap past 2^32 still counts its bytes across the wrap.
+    #[test]
+    fn sequence_wraps_are_counted_through_the_box() {
+        let c = run(
+            40000,
+            4000,
+            &["> S 4294967290", "< SA 300 4294967291", "> A 4294967291 301", "> D 4294967291 301 len=20", "< A 301 15"],
+        );
+        assert!(c.ep_flags[0] & EP_WRAPPED != 0 && c.ep_flags[1] & EP_WRAPPED == 0);
+        assert_eq!((c.seq_wraps(0), c.ack_wraps(0)), (1, 1));
+        assert_eq!((c.orig_bytes(), c.history().as_str()), (20, "ShADa"));
     }
 
     #[test]
