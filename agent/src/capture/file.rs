@@ -45,8 +45,18 @@ impl ByteWindow {
         self.end - self.pos
     }
 
-    /// Makes at least `n` bytes available at `pos`; false when the stream ends first.
+    /// Makes at least `n` bytes available at `pos`; false when the stream ends first. The check
+    /// is inlined (it runs twice per record); refilling is not.
+    #[inline]
     fn ensure(&mut self, n: usize) -> io::Result<bool> {
+        if self.available() >= n {
+            return Ok(true);
+        }
+        self.refill(n)
+    }
+
+    #[inline(never)]
+    fn refill(&mut self, n: usize) -> io::Result<bool> {
         while self.available() < n {
             if self.eof {
                 return Ok(false);

@@ -469,7 +469,8 @@ pub fn observe_after(pending: &mut [RstEvent], new: Option<&mut RstEvent>, conn:
 /// packets was not lone.
 pub fn finalize(event: &mut RstEvent, conn: &Conn) {
     if event.cause == Cause::Lone {
-        let non_rst: u32 = conn.halves.iter().map(|h| h.pkts - u32::from(h.rsts).min(h.pkts)).sum();
+        let non_rst: u32 =
+            (0..2).map(|d| conn.halves[d].pkts - u32::from(conn.counters(d).rsts).min(conn.halves[d].pkts)).sum();
         if non_rst > 0 {
             event.cause = Cause::Unknown;
             event.evidence.retain(|e| e.name != "no-other-packet");

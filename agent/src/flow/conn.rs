@@ -5,7 +5,7 @@
 
 use rstscope_proto::{Endpoint, FlowKey};
 
-use super::zeek::ZeekConn;
+use super::zeek::{DirCounters, ZeekConn};
 use crate::event::{Counts, DirectionSummary, Phase, Role, TtlRange};
 use crate::wire::{Segment, TcpFlags};
 
@@ -47,8 +47,10 @@ pub(crate) mod seen {
 ///
 /// Only what the Zeek state machine does not already keep: the ISN and the highest sequence
 /// number sent come from [`ZeekConn`] (see [`Record::side`]), payload byte totals live in the
-/// record, and the last packet's time is kept as microseconds modulo 2^32 next to the record's
-/// exact last-packet time. That keeps a half at 44 bytes.
+/// record, the last packet's time is kept as microseconds modulo 2^32 next to the record's
+/// exact last-packet time, and the counters that stay zero in most connections (retransmissions,
+/// zero windows, RSTs) share the Zeek state's lazily allocated box ([`DirCounters`], see
+/// [`Record::counters`]). That keeps a half at 32 bytes.
 #[derive(Clone, Debug, Default)]
 pub struct Half {
     /// Sequence number of the last packet.
@@ -61,13 +63,6 @@ pub struct Half {
     pub last_us: u32,
     /// Packets.
     pub pkts: u32,
-    /// Retransmitted segments in total (saturating).
-    pub rexmits: u16,
-
-    /// Zero-window advertisements.
-    pub zero_windows: u16,
-    /// RST packets (saturating).
-    pub rsts: u8,
     /// Last IPv4 identification.
     pub ip_id_last: u16,
     /// Last raw window.
@@ -114,8 +109,9 @@ impl Half {
     }
 
     /// Accounts one packet sent by this side, given this side's next sequence number and ISN
-    /// before the packet. Returns whether it was a retransmission.
-    pub(crate) fn on_send(&mut self, seg: &Segment, next_seq: SeqNumber, isn: Option<u32>) -> bool {
+    /// before the packet. Returns what it adds to the side's rare counters (kept outside the half,
+    /// see [`Record::count`]).
+    pub(crate) fn on_send(&mut self, seg: &Segment, next_seq: SeqNumber, isn: Option<u32>) -> Counted {
         let first = !self.has(seen::ANY);
         let seq = SeqNumber(seg.seq);
         let end = seq.plus(seg.seq_len());
@@ -149,7 +145,6 @@ impl Half {
             self.ttl_max = self.ttl_max.max(seg.ttl);
         }
         if rexmit {
-            self.rexmits = self.rexmits.saturating_add(1);
             self.set_rexmit_run(self.rexmit_run().saturating_add(1));
         } else if seg.payload_len > 0 || seg.flags.syn() || seg.flags.fin() {
             self.set_rexmit_run(0);
@@ -159,7 +154,6 @@ impl Half {
         }
         if seg.flags.rst() {
             self.seen |= seen::RST;
-            self.rsts = self.rsts.saturating_add(1);
         } else {
             // A sender that keeps talking after its RST was not reset (the RST was forged or
             // ignored): the connection is alive again from its side. Likewise after a RST it
@@ -173,9 +167,7 @@ impl Half {
         if seg.payload_len > 0 {
             self.seen |= seen::DATA;
         }
-        if seg.window == 0 && !seg.flags.rst() && !seg.flags.syn() && seg.flags.ack() {
-            self.zero_windows = self.zero_windows.saturating_add(1);
-        }
+        let zero_window = seg.window == 0 && !seg.flags.rst() && !seg.flags.syn() && seg.flags.ack();
         if let Some(id) = seg.ip_id {
             self.ip_id_last = id;
             self.seen |= seen::IP_ID;
@@ -188,7 +180,7 @@ impl Half {
         self.last_flags = seg.flags.byte();
         self.last_us = seg.ts_ns.div_euclid(1000) as u32;
         self.pkts = self.pkts.saturating_add(1);
-        rexmit
+        Counted { rexmit, zero_window, rst: seg.flags.rst() }
     }
 
     /// The peer sent a RST this side's stack would accept (see [`seen::RESET_IN`]).
@@ -203,14 +195,14 @@ impl Half {
         }
     }
 
-    pub(crate) fn summary(&self, payload_bytes: u64, zeek_bytes: u64) -> DirectionSummary {
+    pub(crate) fn summary(&self, counters: DirCounters, payload_bytes: u64, zeek_bytes: u64) -> DirectionSummary {
         DirectionSummary {
             pkts: u64::from(self.pkts),
             payload_bytes,
             zeek_bytes,
-            retransmissions: u32::from(self.rexmits),
-            rsts: u32::from(self.rsts),
-            zero_windows: u32::from(self.zero_windows),
+            retransmissions: u32::from(counters.rexmits),
+            rsts: u32::from(counters.rsts),
+            zero_windows: u32::from(counters.zero_windows),
             ttl: self.has(seen::ANY).then_some(TtlRange {
                 first: self.ttl_first,
                 last: self.ttl_last,
@@ -219,6 +211,17 @@ impl Half {
             }),
         }
     }
+}
+
+/// What one packet adds to its side's rare counters ([`DirCounters`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counted {
+    /// A retransmission.
+    pub rexmit: bool,
+    /// A zero-window advertisement.
+    pub zero_window: bool,
+    /// A RST.
+    pub rst: bool,
 }
 
 /// A [`FlowKey`] as a record stores it, in 12 bytes: for IPv4 (both endpoints IPv4 or
@@ -233,6 +236,10 @@ pub(crate) struct SlotKey {
     ports: [u16; 2],
 }
 
+/// A key as look-ups compare it with records and the index hashes it: the compact form of an
+/// IPv4 key, or the ports and addresses of any other (see [`SlotKey::of`]).
+pub(crate) type Compact = Result<SlotKey, ([u16; 2], [Addr; 2])>;
+
 /// An endpoint's address as [`FlowKey::to_bytes`] writes it, IPv4 as IPv4-mapped IPv6.
 pub(crate) type Addr = [u8; 16];
 
@@ -241,7 +248,7 @@ const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 impl SlotKey {
     /// Splits `key` into its compact form, or, when it is not IPv4, its ports and addresses
     /// (`Err`), to be stored in the IPv6 table.
-    pub(crate) fn of(key: &FlowKey) -> Result<SlotKey, ([u16; 2], [Addr; 2])> {
+    pub(crate) fn of(key: &FlowKey) -> Compact {
         let b = key.to_bytes();
         let ports = [u16::from_be_bytes([b[16], b[17]]), u16::from_be_bytes([b[34], b[35]])];
         if b[..12] == V4_MAPPED && b[18..30] == V4_MAPPED {
@@ -268,13 +275,21 @@ impl SlotKey {
         (self.addrs[0] > self.addrs[1]).then_some(self.addrs[1])
     }
 
+    /// All of an IPv4 key in one number, for hashing.
+    pub(crate) fn packed(&self) -> u128 {
+        u128::from(self.addrs[0]) << 64
+            | u128::from(self.addrs[1]) << 32
+            | u128::from(self.ports[0]) << 16
+            | u128::from(self.ports[1])
+    }
+
     /// The ports, `[lo, hi]`.
     pub(crate) fn ports(&self) -> [u16; 2] {
         self.ports
     }
 
     /// The full key; `v6` is the IPv6 table.
-    pub(crate) fn key(&self, v6: &[[Addr; 2]]) -> FlowKey {
+    pub(crate) fn key(&self, v6: &(impl std::ops::Index<usize, Output = [Addr; 2]> + ?Sized)) -> FlowKey {
         let addrs = match self.v6_slot() {
             Some(slot) => v6[slot as usize],
             None => self.addrs.map(|a| {
@@ -424,6 +439,23 @@ impl Record {
     pub(crate) fn set_flag(&mut self, bit: u8, on: bool) {
         let flags = if on { self.flags.get() | bit } else { self.flags.get() & !bit };
         self.flags = std::num::NonZeroU8::new(flags | conn_flags::LIVE).unwrap_or(self.flags);
+    }
+
+    /// Retransmissions, zero windows and RSTs sent in direction `dir`.
+    pub fn counters(&self, dir: usize) -> DirCounters {
+        self.zeek.dir_counters(dir)
+    }
+
+    /// Adds what a packet sent in direction `dir` counted (the counters saturate). Allocates the
+    /// shared box of rare state only when something is counted.
+    pub(crate) fn count(&mut self, dir: usize, counted: Counted) {
+        if counted == Counted::default() {
+            return;
+        }
+        let c = self.zeek.dir_counters_mut(dir);
+        c.rexmits = c.rexmits.saturating_add(u16::from(counted.rexmit));
+        c.zero_windows = c.zero_windows.saturating_add(u16::from(counted.zero_window));
+        c.rsts = c.rsts.saturating_add(u8::from(counted.rst));
     }
 
     /// The originator is the key's `lo` endpoint.

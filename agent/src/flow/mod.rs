@@ -4,7 +4,7 @@
 //! packet being processed, so replaying a capture gives exactly what live capture gave.
 //!
 //! Memory and cache misses shape this module. A busy link carries millions of connections, so a
-//! record is a fixed-size struct in a slab (`Vec<Option<Record>>`), its key compact (IPv4 inline,
+//! record is a fixed-size struct in a slab (chunks of `Option<Record>`, see [`chunked`]), its key compact (IPv4 inline,
 //! other addresses in a side table by slot), and the hash table holds only 4-byte slab indices. Expiry must not touch other records on every packet (an intrusive LRU
 //! list costs three random cache misses per packet once the table outgrows the cache), so it
 //! is lazy: each record has at most one entry in a FIFO queue per timeout class (open, and
@@ -21,6 +21,7 @@
 //! for it waits in a side table by slab slot, only while the SYN is unanswered, instead of
 //! growing every record for the whole life of the connection.
 
+mod chunked;
 pub mod classify;
 pub mod conn;
 pub mod zeek;
@@ -32,7 +33,8 @@ use rstscope_proto::{Endpoint, FlowKey};
 
 use crate::event::{ConnId, ConnOpen, Event, FlowEnd, FlowSummary, Role, RstEvent};
 use crate::wire::{Checksum, OptionLayout, Segment};
-use conn::{conn_flags, seen, Addr, Conn, Record, SlotKey};
+use chunked::Chunked;
+use conn::{conn_flags, seen, Addr, Compact, Conn, Record, SlotKey};
 use zeek::{ZeekConn, ZeekSegment};
 
 /// Tracker settings. Defaults follow Zeek's (`tcp_inactivity_timeout`, `tcp_close_delay`,
@@ -162,13 +164,32 @@ pub const TS_LIMIT: i64 = (1 << 62) - 1;
 /// Segments looked up together by `on_segments`.
 const LOOKAHEAD: usize = 16;
 
-/// A record look-up done ahead of processing (see `Tracker::on_segments`).
-#[derive(Clone, Copy, Default)]
+/// A record look-up (see `Tracker::on_segments`): the key, its hash, and what the index held
+/// for it when `Tracker::mutations` was `mutations`. (The compact form is recomputed in the rare
+/// cases that need it again: a smaller look-up is cheaper to move.)
+#[derive(Clone, Copy)]
 struct Lookup {
     key: FlowKey,
     hash: u64,
     found: Option<u32>,
     mutations: u64,
+}
+
+/// The index's hash of a key, from its compact form, so that rehashing can hash a record's own
+/// fields instead of rebuilding its full key (see [`record_hash`]).
+fn index_hash(hasher: &DefaultHashBuilder, compact: &Compact) -> u64 {
+    match compact {
+        Ok(k) => hasher.hash_one(k.packed()),
+        Err((ports, addrs)) => hasher.hash_one((ports, addrs)),
+    }
+}
+
+/// [`index_hash`] of a record's key.
+fn record_hash(hasher: &DefaultHashBuilder, rec: &Record, v6: &Chunked<[Addr; 2]>) -> u64 {
+    match rec.key.v6_slot() {
+        None => hasher.hash_one(rec.key.packed()),
+        Some(slot) => hasher.hash_one((&rec.key.ports(), &v6[slot as usize])),
+    }
 }
 
 /// Bound on the side tables used for cause evidence (SYN races, listener activity).
@@ -197,10 +218,10 @@ struct RecentSyns {
 /// Tracks every TCP connection of one vantage point.
 pub struct Tracker {
     config: TrackerConfig,
-    slab: Vec<Option<Record>>,
+    slab: Chunked<Option<Record>>,
     /// Addresses of the records whose key is not IPv4, by the slot their [`SlotKey`] names;
     /// free slots are listed in `v6_free`.
-    v6_addrs: Vec<[Addr; 2]>,
+    v6_addrs: Chunked<[Addr; 2]>,
     v6_free: Vec<u32>,
     free: Vec<u32>,
     table: HashTable<u32>,
@@ -220,9 +241,9 @@ pub struct Tracker {
     now_ns: i64,
     stats: TrackerStats,
     /// Last SYNs per (client address, server address), for duplicate-SYN races.
-    recent_syns: HashMap<(Endpoint, Endpoint), RecentSyns>,
+    recent_syns: HashMap<(HostKey, HostKey), RecentSyns>,
     /// Last SYN-ACK time per server endpoint, for "listener overloaded".
-    listener_accepts: HashMap<Endpoint, i64>,
+    listener_accepts: HashMap<(HostKey, u16), i64>,
 }
 
 impl Tracker {
@@ -230,8 +251,8 @@ impl Tracker {
     pub fn new(config: TrackerConfig) -> Self {
         Tracker {
             config,
-            slab: Vec::new(),
-            v6_addrs: Vec::new(),
+            slab: Chunked::default(),
+            v6_addrs: Chunked::default(),
             v6_free: Vec::new(),
             free: Vec::new(),
             table: HashTable::new(),
@@ -295,19 +316,28 @@ impl Tracker {
             self.stats.bad_ip_checksum += 1;
         }
         self.advance(seg.ts_ns, out);
-        let (key, hash, found) = match looked_up {
-            Some(l) if l.mutations == self.mutations => (l.key, l.hash, l.found),
-            _ => {
-                let key = FlowKey::new(seg.src, seg.dst);
-                let hash = self.hasher.hash_one(key);
-                (key, hash, self.find(&key, hash))
+        let own;
+        let looked_up = match looked_up {
+            Some(l) => l,
+            None => {
+                own = self.look_up(seg);
+                &own
             }
+        };
+        let Lookup { ref key, hash, .. } = *looked_up;
+        let found = match looked_up.found {
+            _ if looked_up.mutations == self.mutations => looked_up.found,
+            // Records never move, and a key has one live record at most: a record found before is
+            // still the key's if its slot still holds that key. A key found missing may have been
+            // created since.
+            Some(idx) if self.holds(idx, &SlotKey::of(key)) => Some(idx),
+            _ => self.find(&SlotKey::of(key), hash),
         };
         let (idx, created) = match found {
             Some(idx) if self.splits(idx, seg) => {
-                let port_reuse = self.is_port_reuse(idx, &key, seg);
+                let port_reuse = self.is_port_reuse(idx, key, seg);
                 self.finish(idx, FlowEnd::Reused, out);
-                let idx = self.create(&key, hash, seg, out);
+                let idx = self.create(key, SlotKey::of(key), hash, seg, out);
                 if port_reuse {
                     self.stats.port_reuse += 1;
                     self.conn_mut(idx).set_flag(conn_flags::PORT_REUSE, true);
@@ -315,11 +345,11 @@ impl Tracker {
                 (idx, true)
             }
             Some(idx) => (idx, false),
-            None => (self.create(&key, hash, seg, out), true),
+            None => (self.create(key, SlotKey::of(key), hash, seg, out), true),
         };
-        self.apply(idx, &key, seg, out);
+        self.apply(idx, key, seg, out);
         if !self.conn(idx).has_flag(conn_flags::OPEN_SETTLED) {
-            self.note_open(idx, &key, seg, created, out);
+            self.note_open(idx, key, seg, created, out);
         }
     }
 
@@ -415,41 +445,61 @@ impl Tracker {
     /// cache misses of the whole batch overlap instead of stalling one packet at a time; once a
     /// table outgrows the CPU cache this is most of the tracker's cost.
     pub fn on_segments(&mut self, segments: &[Segment], out: &mut impl FnMut(Event)) {
-        for chunk in segments.chunks(LOOKAHEAD) {
-            let mut lookups = [Lookup::default(); LOOKAHEAD];
+        let mut chunks = segments.chunks_exact(LOOKAHEAD);
+        for chunk in &mut chunks {
+            let lookups: [Lookup; LOOKAHEAD] = std::array::from_fn(|i| self.look_up(&chunk[i]));
             let mut warm = 0u32;
-            for (seg, lookup) in chunk.iter().zip(lookups.iter_mut()) {
-                let key = FlowKey::new(seg.src, seg.dst);
-                let hash = self.hasher.hash_one(key);
-                let found = self.find(&key, hash);
-                if let Some(c) = found.and_then(|i| self.slab[i as usize].as_ref()) {
+            for l in &lookups {
+                if let Some(c) = l.found.and_then(|i| self.slab[i as usize].as_ref()) {
                     // Touch each cache line the update will need; the loads of different
                     // segments are independent, so the CPU runs them in parallel.
                     warm ^= c.halves[0].pkts ^ c.halves[1].pkts ^ c.zeek.touch() ^ c.start_ns as u32;
                 }
-                *lookup = Lookup { key, hash, found, mutations: self.mutations };
             }
             std::hint::black_box(warm);
             for (seg, lookup) in chunk.iter().zip(lookups.iter()) {
                 self.process(seg, Some(lookup), out);
             }
         }
+        for seg in chunks.remainder() {
+            self.process(seg, None, out);
+        }
     }
 
-    fn find(&self, key: &FlowKey, hash: u64) -> Option<u32> {
+    /// The look-up of `seg`'s record, as the index stands now.
+    fn look_up(&self, seg: &Segment) -> Lookup {
+        let key = FlowKey::new(seg.src, seg.dst);
+        let compact = SlotKey::of(&key);
+        let hash = index_hash(&self.hasher, &compact);
+        let found = self.find(&compact, hash);
+        Lookup { key, hash, found, mutations: self.mutations }
+    }
+
+    fn find(&self, compact: &Compact, hash: u64) -> Option<u32> {
         let slab = &self.slab;
-        match SlotKey::of(key) {
-            Ok(k) => self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == k)),
+        match compact {
+            Ok(k) => self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == *k)),
             Err((ports, addrs)) => {
                 let v6 = &self.v6_addrs;
                 self.table.find(hash, |&i| {
                     slab[i as usize].as_ref().is_some_and(|c| {
-                        c.key.ports() == ports && c.key.v6_slot().is_some_and(|s| v6[s as usize] == addrs)
+                        c.key.ports() == *ports && c.key.v6_slot().is_some_and(|s| v6[s as usize] == *addrs)
                     })
                 })
             }
         }
         .copied()
+    }
+
+    /// Slab slot `idx` holds a live record with key `compact`.
+    fn holds(&self, idx: u32, compact: &Compact) -> bool {
+        let Some(Some(c)) = self.slab.get(idx as usize) else { return false };
+        match compact {
+            Ok(k) => c.key == *k,
+            Err((ports, addrs)) => {
+                c.key.ports() == *ports && c.key.v6_slot().is_some_and(|s| self.v6_addrs[s as usize] == *addrs)
+            }
+        }
     }
 
     /// Moves time forward to `now_ns` (a packet timestamp) and expires what timed out. Live
@@ -607,11 +657,18 @@ impl Tracker {
             return false;
         }
         let conn = self.conn(idx);
-        let closed = conn.halves.iter().any(|h| h.rsts > 0 || h.has(seen::FIN));
+        let closed = (0..2).any(|d| conn.counters(d).rsts > 0 || conn.halves[d].has(seen::FIN));
         closed && conn.side(Record::dir_of(key, seg)).isn != Some(seg.seq)
     }
 
-    fn create(&mut self, key: &FlowKey, hash: u64, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
+    fn create(
+        &mut self,
+        key: &FlowKey,
+        compact: Compact,
+        hash: u64,
+        seg: &Segment,
+        out: &mut impl FnMut(Event),
+    ) -> u32 {
         if self.stats.active as usize >= self.config.max_flows.max(1) {
             if let Some(victim) = self.eviction_victim() {
                 self.stats.evicted += 1;
@@ -620,17 +677,14 @@ impl Tracker {
         }
         let (zeek, sender_is_orig) = ZeekConn::start(seg.flags.byte(), seg.src.port(), seg.dst.port());
         let sender_is_lo = key.is_lo_to_hi(&seg.src);
-        let slot_key = match SlotKey::of(key) {
+        let slot_key = match compact {
             Ok(k) => k,
             Err((ports, addrs)) => match self.v6_free.pop() {
                 Some(slot) => {
                     self.v6_addrs[slot as usize] = addrs;
                     SlotKey::v6(ports, slot)
                 }
-                None => {
-                    self.v6_addrs.push(addrs);
-                    SlotKey::v6(ports, (self.v6_addrs.len() - 1) as u32)
-                }
+                None => SlotKey::v6(ports, self.v6_addrs.push(addrs) as u32),
             },
         };
         let conn = Record::new(slot_key, zeek, sender_is_lo == sender_is_orig, seg.ts_ns);
@@ -639,17 +693,13 @@ impl Tracker {
                 self.slab[i as usize] = Some(conn);
                 i
             }
-            None => {
-                self.slab.push(Some(conn));
-                (self.slab.len() - 1) as u32
-            }
+            None => self.slab.push(Some(conn)) as u32,
         };
         self.mutations += 1;
         let (slab, v6, hasher) = (&self.slab, &self.v6_addrs, &self.hasher);
-        // Rehashing must hash exactly what lookups hash: the bare key.
-        self.table.insert_unique(hash, idx, |&i| {
-            hasher.hash_one(slab[i as usize].as_ref().expect("indexed record").key.key(v6))
-        });
+        // Rehashing must hash exactly what look-ups hash.
+        self.table
+            .insert_unique(hash, idx, |&i| record_hash(hasher, slab[i as usize].as_ref().expect("indexed record"), v6));
         let deadline = seg.ts_ns.saturating_add(self.config.inactivity_timeout_ns);
         self.schedule(OPEN, idx, deadline);
         if seg.flags.syn() && !seg.flags.ack() {
@@ -693,7 +743,8 @@ impl Tracker {
         let is_orig = conn.role_of(dir) == Role::Originator;
         let before = conn.side(dir);
         let (next_seq, isn) = (before.next_seq, before.isn);
-        conn.halves[dir].on_send(seg, next_seq, isn);
+        let counted = conn.halves[dir].on_send(seg, next_seq, isn);
+        conn.count(dir, counted);
         conn.add_bytes(dir, seg.payload_len);
         if seg.flags.ack() {
             conn.halves[1 - dir].on_peer_ack(seg.ack);
@@ -745,7 +796,7 @@ impl Tracker {
                 .min()
         });
         let listener_last_accept_ago_ns =
-            self.listener_accepts.get(&server).map(|t| seg.ts_ns - t).filter(|ago| *ago >= 0);
+            self.listener_accepts.get(&(host(server), server.port())).map(|t| seg.ts_ns - t).filter(|ago| *ago >= 0);
         classify::Context { racing_syn_gap_ns, listener_last_accept_ago_ns }
     }
 
@@ -761,7 +812,7 @@ impl Tracker {
         }
         let _ = idx;
         if seg.flags.ack() {
-            self.listener_accepts.insert(seg.src, seg.ts_ns);
+            self.listener_accepts.insert((host(seg.src), seg.src.port()), seg.ts_ns);
         } else {
             let entry = self.recent_syns.entry((host(seg.src), host(seg.dst))).or_default();
             if entry.last.1 != seg.dst.port() || entry.last.0 == 0 {
@@ -779,7 +830,7 @@ impl Tracker {
         if let Some(slot) = rec.key.v6_slot() {
             self.v6_free.push(slot);
         }
-        let hash = self.hasher.hash_one(conn.key);
+        let hash = record_hash(&self.hasher, &rec, &self.v6_addrs);
         if let Ok(entry) = self.table.find_entry(hash, |&i| i == idx) {
             entry.remove();
         }
@@ -799,9 +850,16 @@ impl Tracker {
     }
 }
 
-/// The address part of an endpoint (port 0), for per-host side tables.
-fn host(ep: Endpoint) -> Endpoint {
-    Endpoint::new(ep.ip(), 0)
+/// An endpoint's address, as the per-host side tables key it: one number hashes faster than
+/// an address and a port.
+type HostKey = u128;
+
+/// The address part of an endpoint, for per-host side tables.
+fn host(ep: Endpoint) -> HostKey {
+    let b = ep.to_bytes();
+    u128::from_be_bytes([
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15],
+    ])
 }
 
 fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
@@ -816,8 +874,8 @@ fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
         end_ns: conn.last_ns,
         conn_state: conn.zeek.conn_state().as_str(),
         history: conn.zeek.history().to_string(),
-        orig_dir: conn.halves[o].summary(conn.bytes(o), conn.zeek.orig_bytes()),
-        resp_dir: conn.halves[1 - o].summary(conn.bytes(1 - o), conn.zeek.resp_bytes()),
+        orig_dir: conn.halves[o].summary(conn.counters(o), conn.bytes(o), conn.zeek.orig_bytes()),
+        resp_dir: conn.halves[1 - o].summary(conn.counters(1 - o), conn.bytes(1 - o), conn.zeek.resp_bytes()),
         port_reuse: conn.port_reuse(),
         end,
     }
@@ -1003,12 +1061,15 @@ mod tests {
 }
 #[cfg(test)]
 mod record_size {
-    /// The per-flow memory budget (at most 200 bytes including table and queue overhead is the
-    /// goal) rests on this size; growing a record is a decision, not an accident.
+    /// The per-flow memory budget (at most 200 bytes including table and queue overhead: 168 for
+    /// the record, about 10 for the index table, 4 per expiry queue entry, 32 per IPv6 flow) rests
+    /// on this size; growing a record is a decision, not an accident. Connections that close,
+    /// reset, retransmit or stall also hold a 48-byte box of rare state (see `zeek::Rare`).
     #[test]
     fn connection_record_stays_within_budget() {
-        assert_eq!(std::mem::size_of::<super::conn::Half>(), 36);
-        assert_eq!(std::mem::size_of::<super::Record>(), 200);
+        assert_eq!(std::mem::size_of::<super::conn::Half>(), 32);
+        assert_eq!(std::mem::size_of::<super::Record>(), 168);
+        assert_eq!(std::mem::size_of::<super::zeek::Rare>(), 44);
         assert_eq!(std::mem::size_of::<Option<super::Record>>(), std::mem::size_of::<super::Record>());
     }
 }

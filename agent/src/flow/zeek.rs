@@ -25,6 +25,8 @@
 //!   sequence is kept as its low 16 bits, Zeek's `FIN_seq` doubles as `hist_last_FIN` (they differ only after
 //!   SYN+FIN / FIN+RST packets), scaled counters saturate (letters exact up to the 10,000th `t`/`w`/`g` and the
 //!   100th `c`), and the history holds [`HISTORY_CAP`] letters (then [`ZeekConn::history_truncated`]).
+//!   Fields that most connections never change (FIN/RST sequence numbers, scaled counters, wraps) are
+//!   boxed on first change ([`Rare`]); reading them before reads their initial values.
 //! * The "flip on the second packet" rule (Zeek PR #2191: a connection that began with an unflipped SYN-ACK is
 //!   flipped when an ACK or data follows, giving `^h...`) is reproduced from its observable behaviour in Zeek's
 //!   baselines (`core.conn-size-flip`, `core.tcp.flip-without-syn`, `core.checksums_ignore_nets`); its C++
@@ -298,6 +300,7 @@ const EP_DID_CLOSE: u8 = 0x02; // did_close
 const EP_HOLE: u8 = 0x04; // data seen above the contiguous delivery point
 const EP_CLOSE_DEFERRED: u8 = 0x08; // close waits for pending data (close_deferred)
 const EP_DID_EOF: u8 = 0x10; // reassembler did_EOF
+const EP_WRAPPED: u8 = 0x20; // a wraps counter of this endpoint in `Rare` is not zero (saves a look there per packet)
 
 // Connection flag bits (`flags`).
 const F_SWAPPED: u8 = 0x01; // the first packet's sender is now the responder
@@ -328,33 +331,60 @@ enum Scaled {
 /// Zeek's state for one TCP connection, compact (see `size_of` test): index 0 is the originator role,
 /// index 1 the responder role; a role flip swaps the per-endpoint arrays, exactly as Zeek swaps its
 /// `TCP_Endpoint` objects.
+///
+/// What stays at its initial value in most connections (FIN and RST sequence numbers, the scaled
+/// counters, sequence wraps) lives in a [`Rare`] box allocated the first time one of them changes:
+/// a connection that never closes, retransmits or stalls pays 8 bytes for all of it.
 #[derive(Clone, Debug)]
 pub struct ZeekConn {
     start: [u32; 2],
     last: [u32; 2],
     ack: [u32; 2],
-    /// Zeek's `FIN_seq` (relative, low 32 bits); `hist_last_FIN` is taken as `fin_end - 1`.
-    fin_end: [u32; 2],
-    /// Zeek's `hist_last_RST` (relative, low 32 bits).
-    hist_rst: [u32; 2],
     /// Reassembler's `last_reassem_seq` (relative, low 32 bits), approximated.
     reassem: [u32; 2],
     /// Zeek's `hist_last_SYN` (relative, low 16 bits).
     hist_syn: [u16; 2],
-    cnt_rxmt: [u16; 2],
-    cnt_win0: [u16; 2],
-    cnt_gap: [u16; 2],
-    cnt_chk: [u8; 2],
     /// Low nibble state, high nibble prev_state.
     state: [u8; 2],
-    /// Low nibble seq_wraps, high nibble ack_wraps.
-    wraps: [u8; 2],
     ep_flags: [u8; 2],
     /// Connection's `hist_seen`, per *role* (Zeek does not flip it).
     hist_seen: [u8; 2],
     flags: u8,
     /// History letters, 5 bits each (see [`HIST_ALPHABET`]), up to the first 0.
     hist: [u8; HIST_BYTES],
+    /// `None` while every field of [`Rare`] has its initial value.
+    rare: Option<Box<Rare>>,
+}
+
+/// The per-connection state that most connections never change, boxed on first change (see
+/// [`ZeekConn`]). Reading a missing box reads these defaults, so allocating it changes nothing
+/// but memory.
+#[derive(Clone, Debug, Default)]
+pub struct Rare {
+    /// Zeek's `FIN_seq` (relative, low 32 bits); `hist_last_FIN` is taken as `fin_end - 1`.
+    fin_end: [u32; 2],
+    /// Zeek's `hist_last_RST` (relative, low 32 bits).
+    hist_rst: [u32; 2],
+    cnt_rxmt: [u16; 2],
+    cnt_win0: [u16; 2],
+    cnt_gap: [u16; 2],
+    cnt_chk: [u8; 2],
+    /// Low nibble seq_wraps, high nibble ack_wraps.
+    wraps: [u8; 2],
+    /// Not Zeek's: counters the owner of the connection keeps per wire direction, in the same box
+    /// so that a connection pays for one pointer. Role flips never move them.
+    pub dirs: [DirCounters; 2],
+}
+
+/// Rare per-direction counters of the connection's owner (the tracker), stored in [`Rare`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirCounters {
+    /// Retransmitted segments (saturating).
+    pub rexmits: u16,
+    /// Zero-window advertisements (saturating).
+    pub zero_windows: u16,
+    /// RST packets (saturating).
+    pub rsts: u8,
 }
 
 #[inline]
@@ -392,20 +422,14 @@ impl ZeekConn {
             start: [0; 2],
             last: [0; 2],
             ack: [0; 2],
-            fin_end: [0; 2],
-            hist_rst: [0; 2],
             reassem: [1; 2], // Reassembler(1, ...): relative numbering starts after the SYN octet
             hist_syn: [0; 2],
-            cnt_rxmt: [0; 2],
-            cnt_win0: [0; 2],
-            cnt_gap: [0; 2],
-            cnt_chk: [0; 2],
             state: [0; 2],
-            wraps: [0; 2],
             ep_flags: [0; 2],
             hist_seen: [0; 2],
             flags: 0,
             hist: [0; HIST_BYTES],
+            rare: None,
         };
         let mut flip = false;
         if tcp_flags & SYN == 0 || tcp_flags & ACK != 0 {
@@ -479,7 +503,7 @@ impl ZeekConn {
 
         if fin {
             self.ep_flags[e] |= EP_FIN;
-            self.fin_end[e] = rel_seq.wrapping_add(seg_len as u64) as u32;
+            self.rare_mut().fin_end[e] = rel_seq.wrapping_add(seg_len as u64) as u32;
         }
 
         let mut rel_ack = 0u64;
@@ -589,7 +613,7 @@ impl ZeekConn {
 
     /// Reads one word from each cache line of this state, so a batch can load it ahead of use.
     pub fn touch(&self) -> u32 {
-        self.start[0] ^ self.hist_rst[1] ^ u32::from(self.hist[HIST_BYTES - 1])
+        self.start[0] ^ u32::from(self.hist[HIST_BYTES - 1])
     }
 
     /// Either side was reported closed (Zeek's `IsClosed`).
@@ -715,26 +739,67 @@ impl ZeekConn {
         }
     }
 
+    /// The rarely changed state, defaults when it was never changed.
+    fn rare(&self) -> &Rare {
+        static DEFAULT: Rare = Rare {
+            fin_end: [0; 2],
+            hist_rst: [0; 2],
+            cnt_rxmt: [0; 2],
+            cnt_win0: [0; 2],
+            cnt_gap: [0; 2],
+            cnt_chk: [0; 2],
+            wraps: [0; 2],
+            dirs: [DirCounters { rexmits: 0, zero_windows: 0, rsts: 0 }; 2],
+        };
+        self.rare.as_deref().unwrap_or(&DEFAULT)
+    }
+
+    /// The rarely changed state, for a change (allocated on first use).
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// The owner's rare counters of wire direction `dir` (zero until first changed).
+    pub fn dir_counters(&self, dir: usize) -> DirCounters {
+        self.rare.as_ref().map_or_else(DirCounters::default, |r| r.dirs[dir])
+    }
+
+    /// The owner's rare counters of wire direction `dir`, for a change.
+    pub fn dir_counters_mut(&mut self, dir: usize) -> &mut DirCounters {
+        &mut self.rare_mut().dirs[dir]
+    }
+
+    /// Both wraps counters of endpoint `e` (low nibble seq, high nibble ack).
+    fn wraps(&self, e: usize) -> u8 {
+        if self.ep_flags[e] & EP_WRAPPED == 0 {
+            0
+        } else {
+            self.rare().wraps[e]
+        }
+    }
+
     fn seq_wraps(&self, e: usize) -> u32 {
-        (self.wraps[e] & 0x0f) as u32
+        (self.wraps(e) & 0x0f) as u32
     }
 
     fn ack_wraps(&self, e: usize) -> u32 {
-        (self.wraps[e] >> 4) as u32
+        (self.wraps(e) >> 4) as u32
     }
 
     /// TCP_Endpoint::UpdateLastSeq.
     fn update_last(&mut self, e: usize, seq: u32) {
-        if seq < self.last[e] && self.wraps[e] & 0x0f != 0x0f {
-            self.wraps[e] += 1;
+        if seq < self.last[e] && self.wraps(e) & 0x0f != 0x0f {
+            self.rare_mut().wraps[e] += 1;
+            self.ep_flags[e] |= EP_WRAPPED;
         }
         self.last[e] = seq;
     }
 
     /// TCP_Endpoint::UpdateAckSeq.
     fn update_ack(&mut self, e: usize, seq: u32) {
-        if seq < self.ack[e] && self.wraps[e] >> 4 != 0x0f {
-            self.wraps[e] += 0x10;
+        if seq < self.ack[e] && self.wraps(e) >> 4 != 0x0f {
+            self.rare_mut().wraps[e] += 0x10;
+            self.ep_flags[e] |= EP_WRAPPED;
         }
         self.ack[e] = seq;
     }
@@ -797,22 +862,23 @@ impl ZeekConn {
 
     /// Connection::ScaledHistoryEntry: the letter at the 1st, 10th, 100th, ... event.
     fn scaled(&mut self, e: usize, which: Scaled) {
+        let rare = self.rare_mut();
         let (count, code) = match which {
             Scaled::Checksum => {
-                self.cnt_chk[e] = self.cnt_chk[e].saturating_add(1);
-                (self.cnt_chk[e] as u32, b'C')
+                rare.cnt_chk[e] = rare.cnt_chk[e].saturating_add(1);
+                (rare.cnt_chk[e] as u32, b'C')
             }
             Scaled::Rxmit => {
-                self.cnt_rxmt[e] = self.cnt_rxmt[e].saturating_add(1);
-                (self.cnt_rxmt[e] as u32, b'T')
+                rare.cnt_rxmt[e] = rare.cnt_rxmt[e].saturating_add(1);
+                (rare.cnt_rxmt[e] as u32, b'T')
             }
             Scaled::Win0 => {
-                self.cnt_win0[e] = self.cnt_win0[e].saturating_add(1);
-                (self.cnt_win0[e] as u32, b'W')
+                rare.cnt_win0[e] = rare.cnt_win0[e].saturating_add(1);
+                (rare.cnt_win0[e] as u32, b'W')
             }
             Scaled::Gap => {
-                self.cnt_gap[e] = self.cnt_gap[e].saturating_add(1);
-                (self.cnt_gap[e] as u32, b'G')
+                rare.cnt_gap[e] = rare.cnt_gap[e].saturating_add(1);
+                (rare.cnt_gap[e] as u32, b'G')
             }
         };
         // Saturated counters stay at u8::MAX / u16::MAX, which are not powers of ten.
@@ -860,17 +926,20 @@ impl ZeekConn {
         self.start.swap(0, 1);
         self.last.swap(0, 1);
         self.ack.swap(0, 1);
-        self.fin_end.swap(0, 1);
-        self.hist_rst.swap(0, 1);
         self.reassem.swap(0, 1);
         self.hist_syn.swap(0, 1);
-        self.cnt_rxmt.swap(0, 1);
-        self.cnt_win0.swap(0, 1);
-        self.cnt_gap.swap(0, 1);
-        self.cnt_chk.swap(0, 1);
         self.state.swap(0, 1);
-        self.wraps.swap(0, 1);
         self.ep_flags.swap(0, 1);
+        if let Some(rare) = self.rare.as_deref_mut() {
+            // Per-role state only: the owner's per-direction counters stay.
+            rare.fin_end.swap(0, 1);
+            rare.hist_rst.swap(0, 1);
+            rare.cnt_rxmt.swap(0, 1);
+            rare.cnt_win0.swap(0, 1);
+            rare.cnt_gap.swap(0, 1);
+            rare.cnt_chk.swap(0, 1);
+            rare.wraps.swap(0, 1);
+        }
         // first_packet_seen follows the endpoints.
         let o = self.flags & F_SEEN_ORIG != 0;
         let r = self.flags & F_SEEN_RESP != 0;
@@ -994,7 +1063,7 @@ impl ZeekConn {
             if fin {
                 // For FINs the sequence number that counts is at the end of any data.
                 let end = rel_seq.wrapping_add(len as u64) as u32;
-                let last_fin = self.fin_end[e].wrapping_sub(1); // hist_last_FIN, see struct docs
+                let last_fin = self.rare().fin_end[e].wrapping_sub(1); // hist_last_FIN, see struct docs
                 if self.check_history(e, H_FIN, b'F') && end != last_fin {
                     self.add_role_history(e, b'F');
                 }
@@ -1002,10 +1071,10 @@ impl ZeekConn {
             }
             if rst {
                 let rel = rel_seq as u32;
-                if self.check_history(e, H_RST, b'R') && rel != self.hist_rst[e] {
+                if self.check_history(e, H_RST, b'R') && rel != self.rare().hist_rst[e] {
                     self.add_role_history(e, b'R');
                 }
-                self.hist_rst[e] = rel;
+                self.rare_mut().hist_rst[e] = rel;
             }
         } else if len > 0 {
             self.check_history(e, H_DATA, b'D');
@@ -1227,8 +1296,11 @@ impl ZeekConn {
     /// endpoint whose data is being acknowledged.
     fn ack_received(&mut self, x: usize, rel_ack: u64) {
         let mut seq = rel_ack as u32;
-        if self.ep_flags[x] & EP_FIN != 0 && seq_delta(seq, self.fin_end[x]) >= 0 {
-            seq = self.fin_end[x].wrapping_sub(1); // don't count the FIN octet as missing data
+        if self.ep_flags[x] & EP_FIN != 0 {
+            let fin_end = self.rare().fin_end[x];
+            if seq_delta(seq, fin_end) >= 0 {
+                seq = fin_end.wrapping_sub(1); // don't count the FIN octet as missing data
+            }
         }
         let r = self.reassem[x];
         if seq_delta(seq, r) > 0 {
@@ -1390,7 +1462,43 @@ mod tests {
 
     #[test]
     fn size_is_compact() {
-        assert_eq!(std::mem::size_of::<ZeekConn>(), 88);
+        assert_eq!(std::mem::size_of::<ZeekConn>(), 64);
+    }
+
+    /// The rarely changed state is boxed only once it changes, and then reads exactly as if it had
+    /// been inline: per-role fields follow role flips, the owner's per-direction counters do not.
+    #[test]
+    fn rare_state_is_boxed_on_first_change_only() {
+        let clean = run(40000, 4000, &with(&["> D 101 301 len=10", "< A 301 111"]));
+        assert!(clean.rare.is_none());
+        let closed = run(40000, 4000, &with(&["> D 101 301 len=10", "< A 301 111", "> FA 111 301", "< FA 301 112"]));
+        assert!(closed.rare.is_some());
+        assert_eq!(closed.history().as_str(), "ShADaFf");
+
+        // A SYN-ACK first, then the SYN: the roles flip after the box was created by a zero window.
+        let mut c = run(40000, 4000, &["> SA 300 101 win=0", "< S 100"]);
+        assert!(c.roles_swapped());
+        c.dir_counters_mut(1).rexmits = 7;
+        let before = c.rare().clone();
+        c.swap_endpoints();
+        let after = c.rare();
+        assert_eq!((after.cnt_win0[0], after.cnt_win0[1]), (before.cnt_win0[1], before.cnt_win0[0]));
+        assert_eq!(after.dirs, before.dirs);
+        assert_eq!(c.dir_counters(1).rexmits, 7);
+    }
+
+    /// Sequence wraps live in the box too, behind a per-endpoint flag: a connection whose
+    /// numbers wrap past 2^32 still counts its bytes across the wrap.
+    #[test]
+    fn sequence_wraps_are_counted_through_the_box() {
+        let c = run(
+            40000,
+            4000,
+            &["> S 4294967290", "< SA 300 4294967291", "> A 4294967291 301", "> D 4294967291 301 len=20", "< A 301 15"],
+        );
+        assert!(c.ep_flags[0] & EP_WRAPPED != 0 && c.ep_flags[1] & EP_WRAPPED == 0);
+        assert_eq!((c.seq_wraps(0), c.ack_wraps(0)), (1, 1));
+        assert_eq!((c.orig_bytes(), c.history().as_str()), (20, "ShADa"));
     }
 
     #[test]
