@@ -775,7 +775,16 @@ fn render(
     ));
     line(format!("- load average (1, 5, 15 min) before / after: {load_before} / {load_after}"));
     let cmdline: Vec<String> = std::env::args().skip(1).collect();
-    line(format!("- command: `cargo run --release -p rstscope-tests --bin live-bench -- {}`", cmdline.join(" ")));
+    let profile = std::env::current_exe()
+        .ok()
+        .and_then(|me| me.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().to_string()))
+        .unwrap_or_default();
+    let profile_flag = match profile.as_str() {
+        "release" => " --release".to_string(),
+        "debug" | "" => String::new(),
+        other => format!(" --profile {other}"),
+    };
+    line(format!("- command: `cargo run{profile_flag} -p rstscope-tests --bin live-bench -- {}`", cmdline.join(" ")));
     line(format!("- {}", tcpreplay_version().unwrap_or_else(|| "tcpreplay: unknown version".into())));
     line(format!(
         "- replay: `tcpreplay --intf1={} --preload-pcap --pps=N|--topspeed` in namespace `{}`, into a veth pair \
@@ -844,7 +853,7 @@ fn render(
     line(String::new());
     line("A step is lossless when libpcap dropped nothing (`ps_drop`, `ps_ifdrop`), the veth dropped nothing, and the agent read every packet tcpreplay sent. Agent CPU is user + system from the capture start until the agent had read everything (`/proc/PID/stat`); as a share of the replay's wall time it says how busy the capture thread was.".into());
     line(String::new());
-    line("| requested | achieved (tcpreplay) | sent | veth-b received | libpcap received | kernel dropped (ps_drop) | if dropped (ps_ifdrop) | veth + backlog drops | agent read | missing | agent CPU | CPU / replay wall | CPU per packet | replay wall | lossless |".into());
+    line("| requested | achieved (tcpreplay) | sent | veth-b received | libpcap received (ps_recv, drops included) | kernel dropped (ps_drop) | if dropped (ps_ifdrop) | veth + backlog drops | agent read | missing | agent CPU | CPU / replay wall | CPU per packet | replay wall | lossless |".into());
     line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
     for step in steps {
         let wall = step.replay_wall.as_secs_f64();
