@@ -261,8 +261,10 @@ struct Step {
     /// The agent's metrics at the end (packets read, capture drops) as a cross-check.
     metrics_packets: u64,
     metrics_drops: u64,
-    /// Whether the agent's packet count reached what tcpreplay sent before the stop.
+    /// How long after tcpreplay ended the agent took to read what arrived.
     drained_in: Duration,
+    /// The agent's exit status (with a collector, 3 means batches left unacknowledged).
+    agent_exit: Option<i32>,
 }
 
 impl Step {
@@ -343,6 +345,7 @@ fn main() -> Result<()> {
         (None, true) => None,
     };
     let (agent, collector, cli) = binaries(&args, &profile_dir)?;
+    remove_stale_scratch(&target);
     let dir = target.join(format!("live-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -418,13 +421,35 @@ fn run(
         steps.push(step);
     }
     let load_after = loadavg();
-    let report = render(args, &setup, &gen_stats, &steps, &load_before, &load_after, &veth_features);
+    let stored = match &setup.cli {
+        Some(cli) => collector_status(&setup, cli),
+        None => None,
+    };
+    let mut report = render(args, &setup, &gen_stats, &steps, &load_before, &load_after, &veth_features);
+    if let Some(stored) = stored {
+        report.push_str(&format!("The collector's `rstscope status` after all steps: {stored}.\n"));
+    }
     println!("{report}");
     if let Some(out) = out {
         std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("live-bench: wrote {}", out.display());
     }
     Ok(())
+}
+
+/// Removes scratch directories of earlier runs that were interrupted (SIGINT/SIGTERM end the
+/// process from the lab's signal handler, which removes namespaces and processes, not files):
+/// `<target>/live-bench-PID` whose PID no longer runs this benchmark.
+fn remove_stale_scratch(target: &Path) {
+    let Ok(entries) = std::fs::read_dir(target) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.strip_prefix("live-bench-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if !comm.trim().starts_with("live-bench") && entry.path().is_dir() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Root, `ip netns` and tcpreplay, or why not.
@@ -527,6 +552,16 @@ fn start_collector(setup: &Setup) -> Result<lab::Proc> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(proc)
+}
+
+/// What the collector stored (`rstscope status -o json`: resets, flows), for the report.
+fn collector_status(setup: &Setup, cli: &Path) -> Option<String> {
+    let url = format!("http://{COLLECTOR_ADDR}");
+    let cli = cli.to_str()?;
+    let out =
+        lab::netns_exec(&setup.pair.ns_b, &["timeout", "20", cli, "status", "-o", "json", "--collector", &url]).ok()?;
+    let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(format!("{} resets, {} flows stored", status["resets"], status["flows"]))
 }
 
 /// One replay at `rate` with a fresh agent.
@@ -656,6 +691,7 @@ fn measure_step(setup: &Setup, rate: Rate, bisected: bool) -> Result<Step> {
         metrics_packets: metrics.packets,
         metrics_drops: metrics.capture_drops,
         drained_in,
+        agent_exit: status.code(),
     })
 }
 
@@ -901,6 +937,19 @@ fn render(
             "Metrics and the closing stats record disagreed (the drop gauge is refreshed every 2 s): {}.",
             mismatched.join("; ")
         ));
+    }
+    let exits: Vec<String> = steps
+        .iter()
+        .filter(|s| s.agent_exit != Some(0))
+        .map(|s| format!("{}: {:?}", s.rate.label(), s.agent_exit))
+        .collect();
+    if exits.is_empty() {
+        line(format!(
+            "Every agent exited with status 0{}.",
+            if setup.collector.is_some() { " (every batch acknowledged by the collector)" } else { "" }
+        ));
+    } else {
+        line(format!("Agents that did not exit with 0 (3: batches unacknowledged): {}.", exits.join("; ")));
     }
     let non_tcp: u64 = steps.iter().map(|s| s.agent.packets.saturating_sub(s.agent.tcp_packets)).sum();
     let slowest_drain = steps.iter().map(|s| s.drained_in).max().unwrap_or_default();
