@@ -597,11 +597,21 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
 
 /// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
 async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
-    let Written { order, batch, pending } = written;
+    let Written { order, mut batch, pending } = written;
+    let already_stored = pending.already_stored().to_vec();
     let store = hub.store()?;
     let appended = blocking(move || store.make_durable(pending)).await?;
     match appended {
         Appended::Stored { durable_seq } => {
+            // Events the store already held (an agent restarted mid-file sends them again) are
+            // not passed on: followers and the correlation see each event once, as stored.
+            if !already_stored.is_empty() {
+                let mut position = 0;
+                batch.events.retain(|_| {
+                    position += 1;
+                    already_stored.binary_search(&(position - 1)).is_err()
+                });
+            }
             Metrics::bump(&hub.metrics.batches, 1);
             Metrics::bump(&hub.metrics.events_in, batch.events.len() as u64);
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");

@@ -338,3 +338,39 @@ async fn mutual_tls_admits_only_certified_clients() {
     assert!(refused, "a client without a certificate is refused");
     collector.stop().await;
 }
+
+#[tokio::test]
+async fn followers_see_resets_sent_again_by_a_restarted_agent_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path()).await;
+    let mut query = collector.query(None).await;
+    let mut follow = query.follow_resets(v1::ResetFilter::default()).await.unwrap().into_inner();
+    let (mut agent, _) = AgentStream::connect(&collector, "edge-1", "boot-a").await;
+    assert_eq!(agent.send(batch(1, vec![reset(0, 50_000), reset(1, 50_001)])).await.unwrap(), 1);
+    assert_eq!(next(&mut follow).await.event.unwrap().dst.unwrap().port, 50_000);
+    assert_eq!(next(&mut follow).await.event.unwrap().dst.unwrap().port, 50_001);
+    drop(agent);
+    // Restarted mid-file: a new boot id, the file read again from the start, one reset more.
+    let mut restarted = None;
+    for _ in 0..100 {
+        match AgentStream::open(&collector, None, hello("edge-1", "boot-b")).await {
+            Ok(mut stream) => match stream.next().await {
+                Ok(collector_message::Kind::Welcome(_)) => {
+                    restarted = Some(stream);
+                    break;
+                }
+                Err(status) if status.code() == Code::AlreadyExists => {}
+                other => panic!("unexpected {other:?}"),
+            },
+            Err(status) if status.code() == Code::AlreadyExists => {}
+            Err(status) => panic!("{status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut agent = restarted.expect("the agent reconnects");
+    let again = vec![reset(0, 50_000), reset(1, 50_001), reset(2, 50_002)];
+    assert_eq!(agent.send(batch(1, again)).await.unwrap(), 1);
+    assert_eq!(next(&mut follow).await.event.unwrap().dst.unwrap().port, 50_002, "only the new one is followed");
+    assert_eq!(collector.resets(v1::ResetFilter::default()).await.len(), 3);
+    collector.stop().await;
+}

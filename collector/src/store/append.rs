@@ -80,6 +80,9 @@ pub struct Pending {
     generation: u64,
     /// Resets for followers, published once durable.
     publish: Option<Arc<[StoredReset]>>,
+    /// Positions in the batch of record events that were not written because the store
+    /// already held them (sent again by an agent restarted mid-file, or twice in one batch).
+    already_stored: Vec<usize>,
 }
 
 impl Pending {
@@ -87,11 +90,20 @@ impl Pending {
     pub fn outcome(&self) -> Appended {
         self.outcome
     }
+
+    /// Positions (in the batch) of its record events that the store already held and did not
+    /// write again: whoever passes the batch on (followers, the correlation) skips them, so
+    /// they see each event once, as the store does.
+    pub fn already_stored(&self) -> &[usize] {
+        &self.already_stored
+    }
 }
 
 /// One event of a batch, checked and encoded, waiting for its key.
 struct Prepared {
     kind: u8,
+    /// Position in the batch.
+    event: usize,
     /// Identity digest (part of the key, so an event sent again writes the same key).
     id: u128,
     ts_ns: i64,
@@ -129,6 +141,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
                     flags: (rst.flags & 0xfff) as u16,
                 };
                 prepared.push(Prepared {
+                    event: i,
                     kind: KIND_RESET,
                     id: keys::reset_id(rst),
                     ts_ns: time(i, "ts_ns", rst.ts_ns)?,
@@ -141,6 +154,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
                 let key =
                     FlowKey::new(endpoint(flow.orig.as_ref(), i, "orig")?, endpoint(flow.resp.as_ref(), i, "resp")?);
                 prepared.push(Prepared {
+                    event: i,
                     kind: KIND_FLOW,
                     id: keys::flow_id(flow),
                     ts_ns: time(i, "end_ns", flow.end_ns)?,
@@ -153,6 +167,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
                 let key =
                     FlowKey::new(endpoint(open.orig.as_ref(), i, "orig")?, endpoint(open.resp.as_ref(), i, "resp")?);
                 prepared.push(Prepared {
+                    event: i,
                     kind: KIND_OPEN,
                     id: keys::open_id(open),
                     ts_ns: time(i, "start_ns", open.start_ns)?,
@@ -163,6 +178,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
             }
             Some(Kind::Loss(loss)) => {
                 prepared.push(Prepared {
+                    event: i,
                     kind: KIND_LOSS,
                     id: keys::loss_id(loss),
                     ts_ns: time(i, "until_ns", loss.until_ns)?,
@@ -219,10 +235,20 @@ impl Store {
         if batch.seq <= durable_seq {
             // The earlier Stored may still be waiting for its flush: this ack must wait too.
             let generation = self.inner.durability.written();
-            return Ok(Pending { outcome: Appended::Duplicate { durable_seq }, generation, publish: None });
+            return Ok(Pending {
+                outcome: Appended::Duplicate { durable_seq },
+                generation,
+                publish: None,
+                already_stored: Vec::new(),
+            });
         }
         if batch.seq != durable_seq + 1 {
-            return Ok(Pending { outcome: Appended::Gap { durable_seq }, generation: 0, publish: None });
+            return Ok(Pending {
+                outcome: Appended::Gap { durable_seq },
+                generation: 0,
+                publish: None,
+                already_stored: Vec::new(),
+            });
         }
         let agent_id = self.intern_agent(agent)?;
         let mut session = match session {
@@ -238,15 +264,18 @@ impl Store {
         let mut tallies: [Tally; 4] = KINDS.map(|kind| tally_of(&writer, kind, agent_id));
         let mut added = [0u64; 4];
         let mut new_resets = Vec::new();
+        let mut already_stored = Vec::new();
         let publish = self.inner.new_resets.receiver_count() > 0;
         for p in &prepared {
             let k = usize::from(p.kind);
             let seq = StoreSeq { ts_ns: p.ts_ns, agent_id, id: p.id };
             let record_key = seq.to_bytes();
             if !seen.insert((p.kind, record_key)) {
+                already_stored.push(p.event);
                 continue;
             }
             if p.ts_ns <= tallies[k].newest_ns && self.tree(p.kind).contains_key(record_key)? {
+                already_stored.push(p.event);
                 continue;
             }
             tree_batches[k].insert(&record_key[..], p.value.as_slice());
@@ -303,7 +332,7 @@ impl Store {
         drop(writer);
 
         let publish = (!new_resets.is_empty()).then(|| self.published(agent, agent_id, batch, &new_resets));
-        Ok(Pending { outcome: Appended::Stored { durable_seq: batch.seq }, generation, publish })
+        Ok(Pending { outcome: Appended::Stored { durable_seq: batch.seq }, generation, publish, already_stored })
     }
 
     /// The second half of [`Store::append_batch`]: returns once the batch is durable (one
