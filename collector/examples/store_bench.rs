@@ -7,6 +7,7 @@
 //! the newest 1 % of the time span. With DIR the database is kept, and a second run appends
 //! after what is there (to reach 10M in steps). With `STORE_BENCH_MAX_BYTES=N` it finally runs
 //! the size retention against that limit and reports what it removed and how long it took.
+//! `STORE_BENCH_CACHE_MIB=N` sets sled's cache capacity (default 1024).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -90,6 +91,9 @@ fn main() -> anyhow::Result<()> {
     let max_bytes: Option<u64> = std::env::var("STORE_BENCH_MAX_BYTES").ok().map(|v| v.parse()).transpose()?;
     if let Some(max) = max_bytes {
         config.max_bytes = max;
+    }
+    if let Some(mib) = std::env::var("STORE_BENCH_CACHE_MIB").ok().map(|v| v.parse::<u64>()).transpose()? {
+        config.cache_bytes = mib << 20;
     }
     let store = Store::open(config)?;
     let before = store.status()?;

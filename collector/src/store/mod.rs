@@ -94,18 +94,20 @@ pub struct StoreConfig {
     /// When the database grows past this many bytes on disk, the oldest records are removed.
     /// Default 20 GiB.
     pub max_bytes: u64,
-    /// Bytes of sled's page cache. Default 1 GiB.
+    /// Bytes of sled's page cache. Default 256 MiB. sled counts the cache in on-disk bytes;
+    /// what it holds in memory is several times larger (measured: a 1 GiB setting reached
+    /// 2 GiB of resident memory after 3M events and kept growing, 64 MiB stayed near 400 MiB).
     pub cache_bytes: u64,
 }
 
 impl StoreConfig {
-    /// Defaults (7 days, 20 GiB, 1 GiB of cache) for a database in `dir`.
+    /// Defaults (7 days, 20 GiB, 256 MiB of cache) for a database in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         StoreConfig {
             dir: dir.into(),
             retention: Duration::from_secs(7 * 24 * 3600),
             max_bytes: 20 << 30,
-            cache_bytes: 1 << 30,
+            cache_bytes: 256 << 20,
         }
     }
 }
