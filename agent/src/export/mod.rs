@@ -369,9 +369,20 @@ impl Shared {
     }
 
     fn push(&self, event: v1::Event) {
+        // A RST is what a verdict waits for: its batch goes at the exporter thread's next look
+        // instead of after `max_batch_age`. RSTs arriving while that thread is busy (spool
+        // sync, sending) join the same batch, so the batch rate stays bounded by the thread.
+        let urgent = matches!(event.kind, Some(v1::event::Kind::Reset(_)));
         let overflowing = {
             let mut buffer = lock(&self.buffer);
-            let Some(events) = buffer.batcher.push(event, Instant::now()) else { return };
+            let Some(events) = buffer.batcher.push(event, Instant::now()) else {
+                if urgent {
+                    buffer.batcher.mark_urgent();
+                    drop(buffer);
+                    self.queued.notify_one();
+                }
+                return;
+            };
             let batch = buffer.seal(events);
             buffer.queued.push_back(batch);
             buffer.queued.len() > self.queue_batches
@@ -520,8 +531,14 @@ impl Exporter {
         if let Some(since_ns) = since_ns {
             buffer.since_ns = since_ns;
         }
-        if buffer.batcher.is_empty() && buffer.watermark != buffer.watermark_sent {
-            buffer.cut_all();
+        if buffer.watermark != buffer.watermark_sent {
+            // Verdicts on RSTs this agent did not see wait for its watermark: it goes now, alone
+            // or with the events waiting.
+            if buffer.batcher.is_empty() {
+                buffer.cut_all();
+            } else {
+                buffer.batcher.mark_urgent();
+            }
             drop(buffer);
             self.shared.queued.notify_one();
         }
