@@ -399,6 +399,7 @@ fn start_exporter(args: &Args, url: &str, live: Option<&LiveSource>) -> Result<E
     config.interfaces = interfaces;
     config.local_addresses = local_addresses(&args.local, live.is_some());
     config.spool_max_bytes = args.spool_max_mib.saturating_mul(1 << 20);
+    config.urgent_resets = live.is_some();
     config.token = args.token.clone();
     config.tls = TlsFiles {
         ca_cert: args.ca_cert.clone(),
