@@ -153,6 +153,10 @@ fn sighting_key(v: &Value) -> SightingKey {
     }
 }
 
+/// One matched report: latency (s), first verdict, the reset made, wire → last sighting stored
+/// (s), stored → report (s).
+type Row = (f64, String, Kind, Option<f64>, Option<f64>);
+
 /// A report as first (and last) received.
 struct Received {
     first_at: SystemTime,
@@ -218,7 +222,7 @@ fn main() -> Result<()> {
         std::thread::spawn(move || {
             let mut made = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let ip = if made % 2 == 0 { addr::SERVER4 } else { addr::SERVER6 };
+                let ip = if made.is_multiple_of(2) { addr::SERVER4 } else { addr::SERVER6 };
                 let to = sock(ip, CLEAN_PORT);
                 let _ = std::process::Command::new("ip")
                     .args(["netns", "exec", &ns])
@@ -377,8 +381,7 @@ fn main() -> Result<()> {
     // Match reports to the resets made.
     let mut got: BTreeMap<u16, usize> = BTreeMap::new();
     let mut unexpected = Vec::new();
-    // (latency s, first verdict, kind, wire→stored s, stored→verdict s)
-    let mut rows: Vec<(f64, String, Kind, Option<f64>, Option<f64>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut replaced = 0usize;
     let mut changed_verdict = 0usize;
     for r in received.values() {
@@ -477,7 +480,7 @@ fn main() -> Result<()> {
     }
     md += "\nWhere the time goes (reports whose every sighting the raw follower saw stored):\n\n";
     md += "| part | count | median | p90 | p99 | max |\n|---|---:|---:|---:|---:|---:|\n";
-    let split: Vec<&(f64, String, Kind, Option<f64>, Option<f64>)> = rows.iter().filter(|r| r.3.is_some()).collect();
+    let split: Vec<&Row> = rows.iter().filter(|r| r.3.is_some()).collect();
     md += &line(
         "wire → last sighting stored at the collector (agent settle, idle clock, batching, spool, gRPC, store)",
         split.iter().filter_map(|r| r.3).collect(),
