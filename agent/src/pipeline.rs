@@ -68,9 +68,15 @@ impl Counters {
     }
 }
 
-/// How long after capture the kernel may still hand over a packet (libpcap's ring delivers a
-/// block on a timeout): the idle clock stays this far behind the wall clock.
-const IDLE_DELIVERY_MARGIN: Duration = Duration::from_millis(250);
+/// How long after capture the kernel may still hand over a packet: the idle clock stays this
+/// far behind the wall clock. The live source runs in immediate mode, where libpcap uses a ring
+/// of single packets (TPACKET_V2, no block timeout), so what is left is the kernel's own delay
+/// between stamping a packet and queueing it (a receive backlog under load). A packet later
+/// than this is still tracked, only behind a watermark already sent; the collector's allowance
+/// (path slack and settle margin, `collector::correlate::Config`) covers that before a silence
+/// counts. It delays every RST on a quiet link by as much, so it is kept small (was 250 ms,
+/// sized for TPACKET_V3's block timeout, which immediate mode does not use).
+const IDLE_DELIVERY_MARGIN: Duration = Duration::from_millis(50);
 
 /// What [`Reader::drain`] hands on.
 enum Pulled<'s> {

@@ -2,6 +2,7 @@
 //!
 //! Ingest hands every durably stored batch to [`LiveCorrelation::ingest`] (after the store,
 //! so nothing is correlated that a crash could lose). A ticker calls [`LiveCorrelation::tick`]
+//! when a batch brought a RST or a watermark (see [`LiveCorrelation::wake`]), and at least
 //! every few hundred milliseconds: what became decidable (every relevant agent's watermark
 //! passed the RST plus the settle window) is decided once, kept, and published to followers.
 //! Undecided RSTs are listed with the verdict `pending`.
@@ -32,6 +33,9 @@ pub struct LiveCorrelation {
     pub published: broadcast::Sender<Arc<v1::ResetReport>>,
     /// Records held beyond which the engine forgets old decided connections.
     compact_at: usize,
+    /// Notified when an ingested batch held a RST or a watermark: something may have become
+    /// decidable, so the ticker need not wait for its next period.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 /// A replay starts this long before the oldest undecided RST (connection openings before it).
@@ -52,6 +56,7 @@ impl LiveCorrelation {
             decided_at: Default::default(),
             published,
             compact_at: COMPACT_AT,
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -64,8 +69,13 @@ impl LiveCorrelation {
     /// Feeds a stored batch of one agent.
     pub fn ingest(&mut self, agent: &str, events: &[v1::Event]) {
         let a = self.engine.agent(agent, &[]);
+        let mut decisive = false;
         for e in events {
             self.engine.ingest(a, e);
+            decisive |= matches!(e.kind, Some(v1::event::Kind::Reset(_)) | Some(v1::event::Kind::Watermark(_)));
+        }
+        if decisive {
+            self.wake.notify_one();
         }
     }
 

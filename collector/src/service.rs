@@ -238,14 +238,27 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut every = tokio::time::interval(CORRELATE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let wake = hub.correlation().wake.clone();
             let closed = hub.closed();
             tokio::pin!(closed);
+            // How long the last decision took: the next one waits at least a few times that,
+            // so deciding on every ingested batch never takes more than a fraction of a core.
+            let mut last_took = Duration::ZERO;
             loop {
                 tokio::select! {
                     _ = every.tick() => {}
+                    () = wake.notified() => {
+                        // Batches of several agents often come together: decide once for them.
+                        let gap = CORRELATE_MIN_GAP.max(last_took * CORRELATE_DUTY);
+                        tokio::select! {
+                            () = tokio::time::sleep(gap) => {}
+                            () = &mut closed => return,
+                        }
+                    }
                     () = &mut closed => return,
                 }
                 let worker = hub.clone();
+                let started = Instant::now();
                 let done = tokio::task::spawn_blocking(move || {
                     let (reports, resume) = {
                         let mut correlation = worker.correlation();
@@ -264,6 +277,7 @@ pub async fn serve(
                     Ok::<usize, StoreError>(reports.len())
                 })
                 .await;
+                last_took = started.elapsed();
                 match done {
                     Ok(Ok(n)) if n > 0 => tracing::debug!(n, "Resets decided."),
                     Ok(Err(error)) => {
@@ -310,8 +324,14 @@ pub async fn serve(
 /// The store's meta key for where a correlation replay starts after a restart.
 const RESUME_META: &str = "correlation.resume_ns";
 
-/// How often the live correlation decides.
+/// How often the live correlation decides when no ingested batch wakes it.
 const CORRELATE_EVERY: Duration = Duration::from_millis(250);
+
+/// After an ingested batch wakes the correlation, it waits this long (batches of other agents
+/// sent at the same moment join the decision)...
+const CORRELATE_MIN_GAP: Duration = Duration::from_millis(5);
+/// ...or this many times what the last decision took, whichever is longer.
+const CORRELATE_DUTY: u32 = 3;
 
 impl From<StoreError> for Status {
     /// Store failures as gRPC codes: the agent retries `UNAVAILABLE` and `RESOURCE_EXHAUSTED`

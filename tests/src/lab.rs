@@ -710,3 +710,93 @@ pub fn spawn_in_namespace(
     let (_, lines) = std::sync::mpsc::channel();
     Ok(Proc { child: Some(child), lines, what: what.to_string(), seen: Vec::new() })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Additions for the latency benchmark (`latency-bench`): binaries next to a running binary (not
+// a test), and children whose stdout lines carry the wall time they were read.
+// ---------------------------------------------------------------------------------------------
+
+impl Binaries {
+    /// The lab's programs next to the running binary (`<target>/<profile>/<bin>`, e.g. a
+    /// benchmark started by `cargo run --release`), all built first with cargo in that profile
+    /// (a no-op when they are fresh), so a benchmark never measures old code.
+    pub fn next_to_current_exe() -> Result<Binaries> {
+        let exe = std::env::current_exe().context("current_exe")?;
+        let profile_dir = exe.parent().context("binary in <target>/<profile>")?.to_path_buf();
+        let target_dir = profile_dir.parent().context("<target>")?.to_path_buf();
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(&workspace)
+            .args(["build", "-q", "-p", "rstscope-agent", "-p", "rstscope-collector", "--bins"])
+            .args(["-p", "rstscope-tests", "--bin", "labhost", "--target-dir"])
+            .arg(&target_dir);
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some("debug") | None => {}
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let status = cmd.status().context("run cargo build")?;
+        if !status.success() {
+            bail!("building the lab's binaries failed: {status}");
+        }
+        Ok(Binaries {
+            agent: profile_dir.join("rstscope-agent"),
+            collector: profile_dir.join("rstscope-collector"),
+            cli: profile_dir.join("rstscope"),
+            labhost: profile_dir.join("labhost"),
+        })
+    }
+}
+
+/// A child process whose stdout lines arrive with the wall-clock time they were read, for
+/// latency measurements; killed (SIGKILL) and reaped when dropped.
+pub struct StampedProc {
+    child: Option<Child>,
+    /// (when the line was read, the line).
+    pub lines: Receiver<(std::time::SystemTime, String)>,
+}
+
+impl StampedProc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+}
+
+impl Drop for StampedProc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            unregister(child.id());
+        }
+    }
+}
+
+impl Lab {
+    /// Starts a program inside a host; each stdout line is stamped with the wall time it was
+    /// read (on a thread that does nothing else, so the stamp is taken as the line arrives).
+    pub fn spawn_stamped(&self, host: Host, program: &Path, args: &[&str], what: &str) -> Result<StampedProc> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)]).arg(program).args(args);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{what}.log")))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+        let mut child = cmd.spawn().with_context(|| format!("start {what}"))?;
+        registry().pids.push(child.id());
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((std::time::SystemTime::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(StampedProc { child: Some(child), lines: rx })
+    }
+}

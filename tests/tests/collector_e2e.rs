@@ -505,7 +505,12 @@ fn a_live_agent_sends_watermarks_and_resets_while_it_runs() {
         assert!(Instant::now() < deadline, "no watermark past the RST within 25 s: {record:?}, {resets:?}");
         std::thread::sleep(Duration::from_millis(250));
     }
-    let m = scrape_until(metrics_port, |m| m.get("rstscope_agent_batches_acked_total").is_some_and(|&n| n >= 1.0));
+    // The RST leaves once settled (2 s), its connection's summary once the record lingered out
+    // (5 s): wait for both.
+    let m = scrape_until(metrics_port, |m| {
+        m.get("rstscope_agent_batches_acked_total").is_some_and(|&n| n >= 1.0)
+            && m.get("rstscope_agent_events_total").is_some_and(|&n| n >= 2.0)
+    });
     assert!(m["rstscope_agent_packets_total"] >= 2.0, "{m:?}");
     assert!(m["rstscope_agent_events_total"] >= 2.0, "{m:?}");
     assert_eq!(m["rstscope_agent_capture_drops_total"], 0.0, "{m:?}");

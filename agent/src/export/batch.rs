@@ -1,5 +1,6 @@
 //! Cutting the event stream into batches: at most `max_events` events, and no event waits
-//! longer than `max_age` for its batch to fill.
+//! longer than `max_age` for its batch to fill; a batch marked urgent (it holds a RST event or
+//! carries a new watermark, what verdicts wait for) is cut at the exporter thread's next look.
 //!
 //! Pure (time is a parameter) so the rules are tested without clocks or threads.
 
@@ -15,12 +16,14 @@ pub struct Batcher {
     events: Vec<v1::Event>,
     /// When the oldest waiting event arrived.
     first_at: Option<Instant>,
+    /// Cut at the next poll, whatever its age.
+    urgent: bool,
 }
 
 impl Batcher {
     /// A batcher cutting at `max_events` events (at least 1) or `max_age`.
     pub fn new(max_events: usize, max_age: Duration) -> Self {
-        Batcher { max_events: max_events.max(1), max_age, events: Vec::new(), first_at: None }
+        Batcher { max_events: max_events.max(1), max_age, events: Vec::new(), first_at: None, urgent: false }
     }
 
     /// Lowers (or raises) the event limit, e.g. to what the collector accepts.
@@ -37,9 +40,15 @@ impl Batcher {
         (self.events.len() >= self.max_events).then(|| self.take()).flatten()
     }
 
-    /// The waiting events if the oldest has waited `max_age` by `now`.
+    /// Marks the waiting events for the next [`Batcher::poll`], whatever their age.
+    pub fn mark_urgent(&mut self) {
+        self.urgent = !self.events.is_empty();
+    }
+
+    /// The waiting events if the oldest has waited `max_age` by `now`, or they are urgent.
     pub fn poll(&mut self, now: Instant) -> Option<Vec<v1::Event>> {
-        let due = self.first_at.is_some_and(|first| now.saturating_duration_since(first) >= self.max_age);
+        let due =
+            self.urgent || self.first_at.is_some_and(|first| now.saturating_duration_since(first) >= self.max_age);
         if due {
             self.take()
         } else {
@@ -50,6 +59,7 @@ impl Batcher {
     /// Whatever is waiting, now (end of input, shutdown).
     pub fn take(&mut self) -> Option<Vec<v1::Event>> {
         self.first_at = None;
+        self.urgent = false;
         if self.events.is_empty() {
             return None;
         }
@@ -99,6 +109,21 @@ mod tests {
         b.push(event(3), t0 + Duration::from_millis(300));
         assert!(b.poll(t0 + Duration::from_millis(450)).is_none());
         assert_eq!(b.poll(t0 + Duration::from_millis(500)).map(|v| v.len()), Some(1));
+    }
+
+    #[test]
+    fn urgent_events_are_cut_at_the_next_poll() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(1000, Duration::from_millis(200));
+        b.mark_urgent();
+        assert!(b.poll(t0).is_none(), "nothing waiting: nothing to cut");
+        b.push(event(1), t0);
+        assert!(b.poll(t0).is_none());
+        b.mark_urgent();
+        assert_eq!(b.poll(t0).map(|v| v.len()), Some(1));
+        // The mark goes with the batch it was for.
+        b.push(event(2), t0);
+        assert!(b.poll(t0 + Duration::from_millis(100)).is_none());
     }
 
     #[test]

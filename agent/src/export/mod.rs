@@ -89,11 +89,15 @@ pub struct ExportConfig {
     pub queue_batches: usize,
     /// Batches sent and not yet acknowledged, at most.
     pub max_in_flight: u64,
+    /// Cut a batch holding a RST at the exporter thread's next look instead of after
+    /// `max_batch_age`: live capture, where a verdict waits for it. Replayed files batch by
+    /// size and age only.
+    pub urgent_resets: bool,
 }
 
 impl ExportConfig {
     /// A configuration with the standard limits: batches of 1000 events or 200 ms, a 1 GiB
-    /// spool, 64 queued batches, 256 batches in flight.
+    /// spool, 64 queued batches, 256 batches in flight; RSTs not urgent.
     pub fn new(collector: impl Into<String>, agent_name: impl Into<String>, state_dir: PathBuf) -> Self {
         ExportConfig {
             collector: collector.into(),
@@ -110,6 +114,7 @@ impl ExportConfig {
             max_batch_age: Duration::from_millis(200),
             queue_batches: 64,
             max_in_flight: 256,
+            urgent_resets: false,
         }
     }
 }
@@ -327,6 +332,7 @@ struct Shared {
     counters: Counters,
     queue_batches: usize,
     max_batch_events: usize,
+    urgent_resets: bool,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data (a spool
@@ -369,9 +375,20 @@ impl Shared {
     }
 
     fn push(&self, event: v1::Event) {
+        // A RST is what a verdict waits for: its batch goes at the exporter thread's next look
+        // instead of after `max_batch_age`. RSTs arriving while that thread is busy (spool
+        // sync, sending) join the same batch, so the batch rate stays bounded by the thread.
+        let urgent = self.urgent_resets && matches!(event.kind, Some(v1::event::Kind::Reset(_)));
         let overflowing = {
             let mut buffer = lock(&self.buffer);
-            let Some(events) = buffer.batcher.push(event, Instant::now()) else { return };
+            let Some(events) = buffer.batcher.push(event, Instant::now()) else {
+                if urgent {
+                    buffer.batcher.mark_urgent();
+                    drop(buffer);
+                    self.queued.notify_one();
+                }
+                return;
+            };
             let batch = buffer.seal(events);
             buffer.queued.push_back(batch);
             buffer.queued.len() > self.queue_batches
@@ -466,6 +483,7 @@ impl Exporter {
             counters: Counters::default(),
             queue_batches: config.queue_batches.max(1),
             max_batch_events: config.max_batch_events.max(1),
+            urgent_resets: config.urgent_resets,
         });
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ExportError::Thread)?;
@@ -520,8 +538,14 @@ impl Exporter {
         if let Some(since_ns) = since_ns {
             buffer.since_ns = since_ns;
         }
-        if buffer.batcher.is_empty() && buffer.watermark != buffer.watermark_sent {
-            buffer.cut_all();
+        if buffer.watermark != buffer.watermark_sent {
+            // Verdicts on RSTs this agent did not see wait for its watermark: it goes now, alone
+            // or with the events waiting.
+            if buffer.batcher.is_empty() {
+                buffer.cut_all();
+            } else {
+                buffer.batcher.mark_urgent();
+            }
             drop(buffer);
             self.shared.queued.notify_one();
         }

@@ -26,6 +26,8 @@ pub mod classify;
 pub mod conn;
 pub mod zeek;
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
@@ -231,6 +233,11 @@ pub struct Tracker {
     epoch_s: Option<i64>,
     /// RST events waiting out the settle window, by slab slot (records flagged `PENDING`).
     pending: HashMap<u32, Vec<RstEvent>>,
+    /// When each pending RST's settle window ends (its time plus the settle time) and its slot,
+    /// earliest first: the clock emits them then, whether or not their connection has more
+    /// packets (else a RST that ends its connection would wait for the record's linger time).
+    /// Entries of records gone meanwhile are skipped.
+    settle_due: BinaryHeap<Reverse<(i64, u32)>>,
     /// SYNs not answered yet, by slab slot (records that started with a SYN and are not
     /// `OPEN_SETTLED`).
     syns: HashMap<u32, SynSeen>,
@@ -260,6 +267,7 @@ impl Tracker {
             queues: Default::default(),
             epoch_s: None,
             pending: HashMap::new(),
+            settle_due: BinaryHeap::new(),
             syns: HashMap::new(),
             next_due_ns: i64::MIN,
             mutations: 0,
@@ -509,6 +517,7 @@ impl Tracker {
             return;
         }
         self.now_ns = now_ns;
+        self.emit_settled(now_ns, out);
         if now_ns < self.next_due_ns {
             return;
         }
@@ -553,6 +562,33 @@ impl Tracker {
             if let Some(front) = self.queues[queue].front() {
                 let at = self.abs_ns(front.deadline_s);
                 self.next_due_ns = self.next_due_ns.min(at);
+            }
+        }
+    }
+
+    /// Emits the pending RSTs whose settle window the clock has passed (the packet rule of
+    /// `apply`: more than the settle time after the RST), before the packet at `now_ns` is
+    /// applied, so capture files and live capture emit the same events.
+    fn emit_settled(&mut self, now_ns: i64, out: &mut impl FnMut(Event)) {
+        let settle = self.config.settle_ns.min(self.config.linger_ns);
+        while let Some(&Reverse((due_ns, idx))) = self.settle_due.peek() {
+            if now_ns <= due_ns {
+                break;
+            }
+            self.settle_due.pop();
+            let Some(pending) = self.pending.get_mut(&idx) else { continue };
+            let Some(rec) = self.slab[idx as usize].as_mut() else { continue };
+            let view = Conn::new(rec.key.key(&self.v6_addrs), rec);
+            let mut n_out = 0;
+            for mut ev in pending.extract_if(.., |ev| now_ns - ev.ts_ns > settle) {
+                classify::finalize(&mut ev, &view);
+                out(Event::Reset(Box::new(ev)));
+                n_out += 1;
+            }
+            self.stats.resets += n_out;
+            if pending.is_empty() {
+                self.pending.remove(&idx);
+                rec.set_flag(conn_flags::PENDING, false);
             }
         }
     }
@@ -775,6 +811,7 @@ impl Tracker {
         conn.last_ns = conn.last_ns.max(seg.ts_ns);
         if let Some(ev) = event {
             conn.set_flag(conn_flags::PENDING, true);
+            self.settle_due.push(Reverse((ev.ts_ns.saturating_add(settle), idx)));
             self.pending.entry(idx).or_default().push(ev);
         }
         if conn.is_finished() && !conn.has_flag(conn_flags::QUEUED << DONE) {

@@ -42,8 +42,18 @@ use crate::pb;
 /// Tunables of the engine.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
-    /// How long after a RST every relevant agent's watermark must have passed before it is
-    /// decided (path delay and clock uncertainty on top of the agents' own settling).
+    /// Margin beyond the RST (plus the agent's clock offset and the allowance: clock
+    /// uncertainty and path slack) that an agent's watermark must have passed before the RST is
+    /// decided without a sighting from that agent.
+    ///
+    /// Why a small margin suffices (it was 2 s, the agents' settle window, counted twice): an
+    /// agent's watermark is held back to just before its oldest RST still settling
+    /// (`Tracker::watermark_ns`) and travels behind the events pushed before it on one ordered,
+    /// durable stream; so once it has passed a time, every sighting of that agent up to that
+    /// time is already in the engine. What the margin still covers is a packet the agent's
+    /// kernel handed over later than the agent's idle-clock margin (50 ms) allows; together
+    /// with the path slack (500 ms) such a packet may be 750 ms late before a silence is
+    /// counted that was not one. RSTs every agent saw never wait for it.
     pub settle_ns: i64,
     /// Largest clock offset between agents assumed before handshakes measured it.
     pub max_skew_ns: i64,
@@ -54,7 +64,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { settle_ns: 2_000_000_000, max_skew_ns: 10_000_000_000, max_wait_ns: 30_000_000_000 }
+        Config { settle_ns: 250_000_000, max_skew_ns: 10_000_000_000, max_wait_ns: 30_000_000_000 }
     }
 }
 
