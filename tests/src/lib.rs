@@ -5,4 +5,5 @@ pub mod gen;
 pub mod corpus;
 pub mod frames;
 pub mod lab;
+pub mod machine;
 pub mod multigen;

@@ -34,6 +34,7 @@ use rstscope_agent::event::Event;
 use rstscope_agent::flow::{Tracker, TrackerConfig};
 use rstscope_agent::wire;
 use rstscope_tests::gen::{self, GenConfig, GenStats, OpenFlowsConfig};
+use rstscope_tests::machine::{command_output, cpu_model, load_average, mem_total};
 
 /// Counts live and peak heap bytes.
 struct Counting;
@@ -277,12 +278,6 @@ fn external(program: &str, args: &[&str]) -> Result<Option<Took>> {
     Ok(Some(Took { wall, cpu: children1.saturating_sub(children0) }))
 }
 
-fn proc_meminfo_kib(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn proc_status_kib(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with(field))?;
@@ -350,24 +345,6 @@ fn memory_per_flow(path: &Path, flows: u64) -> Result<Memory> {
         _ => None,
     };
     Ok(Memory { flows, tracked, peak_heap, steady_heap, hwm_delta_kib, took })
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let o = Command::new(program).args(args).output().ok()?;
-    let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-    Some(String::from_utf8_lossy(&text).trim().to_string())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn rate(packets: u64, d: Duration) -> f64 {
@@ -528,11 +505,7 @@ fn main() -> Result<()> {
         None => std::env::temp_dir().join(format!("rstscope-bench-{}", std::process::id())),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let loadavg = || {
-        let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-    };
-    let load_before = loadavg();
+    let load_before = load_average();
 
     // (e) first, while the heap and RSS are still small.
     let memory = if stage("e") && args.flows_for_memory > 0 {
@@ -601,7 +574,7 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_file(&capture);
         }
     }
-    let load_after = loadavg();
+    let load_after = load_average();
 
     let mut report = String::new();
     let mut line = |s: String| {
@@ -611,7 +584,7 @@ fn main() -> Result<()> {
     };
     let cmdline: Vec<String> = std::env::args().skip(1).collect();
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_total = proc_meminfo_kib("MemTotal:").map_or("?".into(), |k| format!("{:.0} GiB", k as f64 / 1048576.0));
+    let mem_total = mem_total();
     line("# rstscope agent benchmarks".into());
     line(String::new());
     line("Written by `tests/src/bin/bench.rs`; rerun it to refresh this file. Benchmarks are not part of the".into());

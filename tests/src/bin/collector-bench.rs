@@ -48,6 +48,7 @@ use rstscope_proto::v1::{
 };
 use rstscope_proto::{Endpoint, FlowKey};
 use rstscope_tests::gen::SplitMix64;
+use rstscope_tests::machine::{command_output, cpu_time, proc_field};
 use tokio::sync::{mpsc, Barrier};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -437,28 +438,6 @@ fn verdict(ok: bool) -> &'static str {
     } else {
         "**missed**"
     }
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let o = Command::new(program).args(args).output().ok()?;
-    let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-    Some(String::from_utf8_lossy(&text).trim().to_string())
-}
-
-fn proc_field(path: &str, key: &str) -> Option<String> {
-    let s = std::fs::read_to_string(path).ok()?;
-    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
-}
-
-/// CPU time (user + system) a process used so far, from `/proc/PID/stat`.
-fn cpu_time(pid: &str) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let hz: u64 = command_output("getconf", &["CLK_TCK"]).and_then(|s| s.parse().ok()).unwrap_or(100);
-    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

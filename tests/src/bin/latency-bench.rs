@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rstscope_tests::lab::{self, addr, Binaries, Host, Lab, Proc};
+use rstscope_tests::machine::{cpu_time, load_average};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -114,23 +115,6 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-/// User + system CPU seconds of a process so far (from /proc; 0 when gone).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let Some(rest) = stat.rsplit(')').next() else { return 0.0 };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// One sighting's identity, to find it in the raw follower's records.
@@ -267,8 +251,8 @@ fn main() -> Result<()> {
 
     let cpu_before: Vec<(String, f64)> = agents
         .iter()
-        .map(|(n, p)| (n.to_string(), cpu_seconds(p.pid())))
-        .chain([("collector".to_string(), cpu_seconds(collector.pid()))])
+        .map(|(n, p)| (n.to_string(), cpu_time_s(&p.pid().to_string())))
+        .chain([("collector".to_string(), cpu_time_s(&collector.pid().to_string()))])
         .collect();
     let started = Instant::now();
     // Expected resets by server port: (kind, count).
@@ -371,7 +355,7 @@ fn main() -> Result<()> {
             } else {
                 agents.iter().find(|(a, _)| a == n).map_or(0, |(_, p)| p.pid())
             };
-            (n.clone(), cpu_seconds(pid) - before)
+            (n.clone(), cpu_time_s(&pid.to_string()) - before)
         })
         .collect();
     let wall = started.elapsed();
@@ -522,4 +506,9 @@ fn main() -> Result<()> {
         bail!("{missing} reset(s) got no report");
     }
     Ok(())
+}
+
+/// User + system CPU seconds of a process so far (0 when gone).
+fn cpu_time_s(pid: &str) -> f64 {
+    cpu_time(pid).map_or(0.0, |d| d.as_secs_f64())
 }

@@ -39,6 +39,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rstscope_tests::gen::{self, GenConfig, GenStats};
 use rstscope_tests::lab::{self, VethPair};
+use rstscope_tests::machine::{command_output, cpu_model, cpu_time, load_average, mem_total};
 use serde_json::Value;
 
 /// Where the agent serves its metrics, inside namespace b.
@@ -369,7 +370,7 @@ fn run(
     me: &Path,
     out: Option<&Path>,
 ) -> Result<()> {
-    let load_before = loadavg();
+    let load_before = load_average();
     let capture = dir.join("replay.pcap");
     let cfg =
         GenConfig { packets: args.packets, concurrent: args.concurrent, snaplen: args.snaplen, ..GenConfig::default() };
@@ -420,7 +421,7 @@ fn run(
         print_step(&step);
         steps.push(step);
     }
-    let load_after = loadavg();
+    let load_after = load_average();
     let stored = match &setup.cli {
         Some(cli) => collector_status(&setup, cli),
         None => None,
@@ -604,7 +605,7 @@ fn measure_step(setup: &Setup, rate: Rate, bisected: bool) -> Result<Step> {
     }
     let (a0, b0, backlog0) =
         (LinkCounters::read(&pair.ns_a, &pair.if_a)?, LinkCounters::read(&pair.ns_b, &pair.if_b)?, softnet_dropped());
-    let cpu0 = cpu_time(pid).context("agent CPU time")?;
+    let cpu0 = cpu_time(&pid.to_string()).context("agent CPU time")?;
 
     let replay_out = setup.dir.join("tcpreplay.out");
     let intf = format!("--intf1={}", pair.if_a);
@@ -652,7 +653,7 @@ fn measure_step(setup: &Setup, rate: Rate, bisected: bool) -> Result<Step> {
         }
     }
     let drained_in = drain_start.elapsed();
-    let agent_cpu = cpu_time(pid).context("agent CPU time")?.saturating_sub(cpu0);
+    let agent_cpu = cpu_time(&pid.to_string()).context("agent CPU time")?.saturating_sub(cpu0);
     let (a1, b1, backlog1) =
         (LinkCounters::read(&pair.ns_a, &pair.if_a)?, LinkCounters::read(&pair.ns_b, &pair.if_b)?, softnet_dropped());
     // The capture-drop gauge is refreshed every 2 s: one more look after that.
@@ -731,17 +732,6 @@ fn http_get_metrics(addr: SocketAddr) -> Result<String> {
         bail!("metrics answered {:?}", head.lines().next());
     }
     Ok(body.to_string())
-}
-
-/// CPU time (user + system) a process used so far, from `/proc/PID/stat`.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    let hz: u64 = command_output("getconf", &["CLK_TCK"]).and_then(|s| s.parse().ok()).unwrap_or(100);
-    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 /// Lower (highest lossless requested rate) and upper (lowest lossy rate above it) bounds for
@@ -968,40 +958,6 @@ fn fmt_rate(r: f64) -> String {
     } else {
         format!("{r:.0}")
     }
-}
-
-fn loadavg() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
-        })
-        .map_or("?".into(), |kib| format!("{:.0} GiB", kib / 1048576.0))
-}
-
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let o = Command::new(program).args(args).output().ok()?;
-    let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-    Some(String::from_utf8_lossy(&text).trim().to_string())
 }
 
 /// The last lines of a log, for error messages.
