@@ -579,13 +579,7 @@ impl Tracker {
             let Some(pending) = self.pending.get_mut(&idx) else { continue };
             let Some(rec) = self.slab[idx as usize].as_mut() else { continue };
             let view = Conn::new(rec.key.key(&self.v6_addrs), rec);
-            let mut n_out = 0;
-            for mut ev in pending.extract_if(.., |ev| now_ns - ev.ts_ns > settle) {
-                classify::finalize(&mut ev, &view);
-                out(Event::Reset(Box::new(ev)));
-                n_out += 1;
-            }
-            self.stats.resets += n_out;
+            self.stats.resets += release_settled(pending, &view, now_ns, settle, out);
             if pending.is_empty() {
                 self.pending.remove(&idx);
                 rec.set_flag(conn_flags::PENDING, false);
@@ -763,13 +757,7 @@ impl Tracker {
             let view = Conn::new(*key, conn);
             let pending = self.pending.get_mut(&idx).expect("flagged records have pending events");
             classify::observe_after(pending, event.as_mut(), &view, dir, seg);
-            let mut n_out = 0;
-            for mut ev in pending.extract_if(.., |ev| seg.ts_ns - ev.ts_ns > settle) {
-                classify::finalize(&mut ev, &view);
-                out(Event::Reset(Box::new(ev)));
-                n_out += 1;
-            }
-            self.stats.resets += n_out;
+            self.stats.resets += release_settled(pending, &view, seg.ts_ns, settle, out);
             if pending.is_empty() {
                 self.pending.remove(&idx);
                 conn.set_flag(conn_flags::PENDING, false);
@@ -892,6 +880,25 @@ impl Tracker {
 type HostKey = u128;
 
 /// The address part of an endpoint, for per-host side tables.
+/// Finalises and emits the RSTs of `pending` more than `settle` older than `now_ns` (the one
+/// settle rule, whether a packet of the connection or the clock alone passes them); returns
+/// how many.
+fn release_settled(
+    pending: &mut Vec<RstEvent>,
+    view: &Conn<'_>,
+    now_ns: i64,
+    settle: i64,
+    out: &mut impl FnMut(Event),
+) -> u64 {
+    let mut n_out = 0;
+    for mut ev in pending.extract_if(.., |ev| now_ns - ev.ts_ns > settle) {
+        classify::finalize(&mut ev, view);
+        out(Event::Reset(Box::new(ev)));
+        n_out += 1;
+    }
+    n_out
+}
+
 fn host(ep: Endpoint) -> HostKey {
     let b = ep.to_bytes();
     u128::from_be_bytes([
