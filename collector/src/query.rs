@@ -185,31 +185,10 @@ impl QueryService {
         QueryService { hub }
     }
 
-    /// What `ListReports` answers, each report encoded: decided ones as the store keeps them,
-    /// pending ones from the correlation, oldest first. Refuses more than the configured limit.
+    /// What `ListReports` answers, each report encoded (see [`QueryService::merged_reports`]).
+    /// Refuses more than the configured limit.
     pub(crate) async fn encoded_listing(&self, filter: &ResetFilter) -> Result<Vec<Bytes>, Status> {
-        let selection = check_filter(filter)?;
-        let mut query = selection.query.clone();
-        query.verdicts = selection.verdicts.clone();
-        query.limit = Some(self.hub.limits.max_list + 1);
-        let last = query.last;
-        let store = self.hub.store()?;
-        let mut found = blocking(move || store.encoded_reports(&query)).await?;
-        let hub = self.hub.clone();
-        let pending = tokio::task::spawn_blocking(move || hub.correlation().pending(&selection))
-            .await
-            .map_err(|e| Status::internal(format!("correlation: {e}")))?;
-        let decided: HashSet<String> = found.iter().map(|r| r.id.clone()).collect();
-        found.extend(pending.into_iter().filter(|r| !decided.contains(&r.id)).map(|r| EncodedReport {
-            ts_ns: r.ts_ns,
-            bytes: Bytes::from(r.encode_to_vec()),
-            id: r.id,
-        }));
-        found.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
-        if let Some(last) = last {
-            let cut = found.len().saturating_sub(last);
-            found.drain(..cut);
-        }
+        let found = self.merged_reports(&check_filter(filter)?).await?;
         let max = self.hub.limits.max_list;
         if found.len() > max {
             return Err(Status::resource_exhausted(format!(
@@ -219,21 +198,31 @@ impl QueryService {
         Ok(found.into_iter().map(|r| r.bytes).collect())
     }
 
-    /// Decided reports from the store and pending ones from the correlation, oldest first.
+    /// The same reports, decoded.
     async fn reports(&self, selection: &Selection) -> Result<Vec<v1::ResetReport>, Status> {
+        self.merged_reports(selection).await?.iter().map(|r| decode_report(&r.bytes)).collect()
+    }
+
+    /// Decided reports as the store keeps them (encoded) and pending ones from the correlation,
+    /// oldest first; with `last`, the newest that many.
+    async fn merged_reports(&self, selection: &Selection) -> Result<Vec<EncodedReport>, Status> {
         let mut query = selection.query.clone();
         query.verdicts = selection.verdicts.clone();
         query.limit = Some(self.hub.limits.max_list + 1);
         let last = query.last;
         let store = self.hub.store()?;
-        let mut found = blocking(move || store.reports(&query)).await?;
+        let mut found = blocking(move || store.encoded_reports(&query)).await?;
         let hub = self.hub.clone();
         let selection = selection.clone();
         let pending = tokio::task::spawn_blocking(move || hub.correlation().pending(&selection))
             .await
             .map_err(|e| Status::internal(format!("correlation: {e}")))?;
-        let decided: std::collections::HashSet<String> = found.iter().map(|r| r.id.clone()).collect();
-        found.extend(pending.into_iter().filter(|r| !decided.contains(&r.id)));
+        let decided: HashSet<String> = found.iter().map(|r| r.id.clone()).collect();
+        found.extend(pending.into_iter().filter(|r| !decided.contains(&r.id)).map(|r| EncodedReport {
+            ts_ns: r.ts_ns,
+            bytes: Bytes::from(r.encode_to_vec()),
+            id: r.id,
+        }));
         found.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
         if let Some(last) = last {
             let cut = found.len().saturating_sub(last);
@@ -262,6 +251,11 @@ impl QueryService {
     }
 }
 
+/// A stored (or just encoded) report, decoded.
+fn decode_report(bytes: &[u8]) -> Result<v1::ResetReport, Status> {
+    v1::ResetReport::decode(bytes).map_err(|e| Status::internal(format!("stored report: {e}")))
+}
+
 /// The response stream of `ListReports` and `FollowReports`.
 pub type ReportStream = Pin<Box<dyn Stream<Item = Result<v1::ResetReport, Status>> + Send + 'static>>;
 
@@ -279,10 +273,7 @@ impl v1::query_server::Query for QueryService {
     /// service alone) gives the same answer, decoded.
     async fn list_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {
         let found = self.encoded_listing(request.get_ref()).await?;
-        let decoded: Result<Vec<v1::ResetReport>, Status> = found
-            .iter()
-            .map(|b| v1::ResetReport::decode(b.as_ref()).map_err(|e| Status::internal(format!("stored report: {e}"))))
-            .collect();
+        let decoded: Result<Vec<v1::ResetReport>, Status> = found.iter().map(|b| decode_report(b)).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(decoded?.into_iter().map(Ok)))))
     }
 
