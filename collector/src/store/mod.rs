@@ -331,24 +331,7 @@ impl Store {
     /// Opens (or creates) the database in `config.dir`.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(&config.dir)?;
-        let sled_config = sled::Config::new().path(&config.dir).cache_capacity(config.cache_bytes);
-        // sled finishes a closed database's last writes on its I/O thread pool, which holds the
-        // directory's lock a moment longer: reopening right after a close (a restart in the same
-        // process) waits for it, up to 2 s, before reporting the lock as taken.
-        let mut attempts = 0;
-        let db = loop {
-            match sled_config.open() {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::Other
-                        && e.to_string().contains("could not acquire lock")
-                        && attempts < 100 =>
-                {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                result => break result.map_err(StoreError::from_sled)?,
-            }
-        };
+        let db = open_sled(&sled::Config::new().path(&config.dir).cache_capacity(config.cache_bytes))?;
         let tree = |name: &str| db.open_tree(name).map_err(StoreError::from_sled);
         let records = [tree(TREE_NAMES[0])?, tree(TREE_NAMES[1])?, tree(TREE_NAMES[2])?, tree(TREE_NAMES[3])?];
         let (conn, sessions, agent_ids, agents, meta) =
@@ -677,4 +660,24 @@ fn encode_record(record: &AgentRecord) -> Result<Vec<u8>, StoreError> {
 
 fn decode_record(name: &str, bytes: &[u8]) -> Result<AgentRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("agent record of {name:?}: {e}")))
+}
+
+/// Opens a sled database. sled finishes a closed database's last writes on its I/O thread
+/// pool, which holds the directory's lock a moment longer: reopening right after a close (a
+/// restart in the same process) waits for it, up to 2 s, before reporting the lock as taken.
+pub(super) fn open_sled(config: &sled::Config) -> Result<sled::Db, StoreError> {
+    let mut attempts = 0;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::Other
+                    && e.to_string().contains("could not acquire lock")
+                    && attempts < 100 =>
+            {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result.map_err(StoreError::from_sled),
+        }
+    }
 }

@@ -1095,7 +1095,7 @@ fn a_store_with_one_value_per_report_is_moved_into_pages_on_open() {
     // Rebuild the layout of earlier versions: reports in a `reports` tree (version byte and
     // the encoded report under the report key, the count under the total key), no pages.
     {
-        let db = sled::open(dir.path()).expect("sled");
+        let db = open_sled(&sled::Config::new().path(dir.path())).expect("sled");
         let pages = db.open_tree("report_pages").expect("tree");
         let old = db.open_tree("reports").expect("tree");
         for item in pages.range(keys::FIRST_RECORD_KEY..) {
