@@ -475,7 +475,9 @@ fn cli_without_a_collector_exits_3_and_keeps_the_spool() {
         .unwrap();
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("1 batches not acknowledged"), "{stderr}");
+    // The reset and the flow summary, then the end-of-capture watermark: one batch, or two
+    // when the batcher's 200 ms age cut (wall clock) falls between them on a loaded machine.
+    assert!(stderr.contains("1 batches not acknowledged") || stderr.contains("2 batches not acknowledged"), "{stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(stdout.lines().count(), 3, "reset, flow and stats with -o json: {stdout}");
     assert_eq!(std::fs::read_dir(dir.path().join("state/spool")).unwrap().count(), 1);
