@@ -108,10 +108,12 @@ async fn a_full_disk_refuses_ingest_clearly_and_loses_nothing() {
                     resumed = Some((stream, welcome.durable_seq));
                     break;
                 }
-                Err(status) if status.code() == Code::AlreadyExists => {}
+                // The old stream not yet gone, or the store not reopened yet (it is tried at
+                // most every 5 s, and a try may have come while the disk was still full).
+                Err(status) if matches!(status.code(), Code::AlreadyExists | Code::ResourceExhausted) => {}
                 other => panic!("unexpected {other:?}"),
             },
-            Err(status) if status.code() == Code::AlreadyExists => {}
+            Err(status) if matches!(status.code(), Code::AlreadyExists | Code::ResourceExhausted) => {}
             Err(status) => panic!("{status:?}"),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rstscope_proto::{v1, FlowKey};
 
 use super::keys::{
-    self, conn_key, encode_plain, session_key, tally_key, SessionValue, StoreSeq, Tally, ValueHeader, CONN_KEY_LEN,
-    FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET, TALLY_TOTAL_KEY,
+    self, conn_key, encode_plain, session_key, tally_key, SessionValue, StoreSeq, Tally, ValueHeader, FIRST_RECORD_KEY,
+    KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET, TALLY_TOTAL_KEY,
 };
 use super::{
     decode_record, encode_record, endpoint, AgentRecord, Appended, Store, StoreError, StoredReset, Writer, KINDS,
@@ -260,7 +260,7 @@ impl Store {
         // tree is only asked about events not newer than the agent's newest stored record.
         let mut seen = HashSet::with_capacity(prepared.len());
         let mut tree_batches: [sled::Batch; 4] = Default::default();
-        let mut conn_batch = sled::Batch::default();
+        let mut conn_entries = Vec::with_capacity(prepared.len());
         let mut tallies: [Tally; 4] = KINDS.map(|kind| tally_of(&writer, kind, agent_id));
         let mut added = [0u64; 4];
         let mut new_resets = Vec::new();
@@ -280,7 +280,7 @@ impl Store {
             }
             tree_batches[k].insert(&record_key[..], p.value.as_slice());
             if let Some(flow_key) = &p.flow_key {
-                conn_batch.insert(&conn_key(flow_key, p.kind, &seq)[..], &[][..]);
+                conn_entries.push(conn_key(flow_key, p.kind, &seq));
             }
             added[k] += 1;
             // Updated as we go: later events of this batch are new relative to the tree, and
@@ -300,7 +300,7 @@ impl Store {
         }
 
         // 1. The index: an entry without its record is skipped by readers.
-        self.inner.conn.apply_batch(conn_batch).map_err(StoreError::from_sled)?;
+        self.inner.conn.append(&conn_entries)?;
         // 2. Each record tree with its tallies, atomically.
         for (kind, mut tree_batch) in KINDS.into_iter().zip(tree_batches) {
             let k = usize::from(kind);
@@ -314,6 +314,9 @@ impl Store {
             self.inner.totals[k].store(total, Ordering::Relaxed);
             writer.tallies.insert((kind, agent_id), tallies[k]);
         }
+        // The index's memtable, if full, becomes a run (before the session: a failure here leaves
+        // the batch unacknowledged, and its records are recognised when it is sent again).
+        self.inner.conn.flush_if_full()?;
         // 3. The agent record (informational), 4. the session: from here on the batch counts
         // as stored.
         if let Some(m) = mark {
@@ -401,28 +404,38 @@ impl Store {
         resets.into()
     }
 
-    /// Rebuilds the connection index when it has the layout of an earlier version (no hour in
-    /// front): one scan of the record trees.
-    pub(super) fn upgrade_conn_index(&self) -> Result<(), StoreError> {
-        let Some((first, _)) = self.inner.conn.first()? else { return Ok(()) };
-        if first.len() == CONN_KEY_LEN {
+    /// Moves a connection index of an earlier version (one sled key per entry, in the tree
+    /// `conn`) into runs: rebuilt from the record trees in one scan, made durable, and only then
+    /// is the old tree dropped (an interrupted move starts again at the next open).
+    pub(super) fn migrate_conn_index(&self) -> Result<(), StoreError> {
+        let db = &self.inner.db;
+        if !db.tree_names().iter().any(|name| name.as_ref() == b"conn") {
             return Ok(());
         }
-        tracing::info!("Rebuilding the connection index in the current layout.");
-        let _writer = self.writer();
-        self.inner.conn.clear()?;
-        for kind in [KIND_FLOW, KIND_RESET, KIND_OPEN] {
-            let mut batch = sled::Batch::default();
-            for item in self.tree(kind).range(FIRST_RECORD_KEY..) {
-                let (k, v) = item?;
-                let (Some(seq), Some((header, _))) = (StoreSeq::from_bytes(&k), ValueHeader::decode(&v)) else {
-                    continue;
-                };
-                batch.insert(&conn_key(&header.key, kind, &seq)[..], &[][..]);
+        let legacy = db.open_tree("conn")?;
+        if !legacy.is_empty() {
+            tracing::info!("Rebuilding the connection index in the current layout.");
+            let _writer = self.writer();
+            let batch_size = self.inner.config.conn_index_memory_entries.max(1);
+            let mut entries = Vec::new();
+            for kind in [KIND_FLOW, KIND_RESET, KIND_OPEN] {
+                for item in self.tree(kind).range(FIRST_RECORD_KEY..) {
+                    let (k, v) = item?;
+                    let (Some(seq), Some((header, _))) = (StoreSeq::from_bytes(&k), ValueHeader::decode(&v)) else {
+                        continue;
+                    };
+                    entries.push(conn_key(&header.key, kind, &seq));
+                    if entries.len() >= batch_size {
+                        self.inner.conn.write_runs(std::mem::take(&mut entries))?;
+                    }
+                }
             }
-            self.inner.conn.apply_batch(batch)?;
+            self.inner.conn.write_runs(entries)?;
+            self.flush()?;
         }
-        self.flush()
+        drop(legacy);
+        db.drop_tree("conn")?;
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@
 //! | `flows` | the same, with the flow's `end_ns` as ts | header · prost `FlowSummary` |
 //! | `opens` | the same, with the connection's `start_ns` as ts | header · prost `ConnectionOpen` |
 //! | `losses` | the same, with the loss period's `until_ns` as ts | version · prost `CaptureLoss` |
-//! | `conn` | hour 4 · `FlowKey::to_bytes()` 36 · kind 1 (0 flow, 1 reset, 2 open) · record key 28 | empty |
+//! | `conn_log`, `conn_runs` | the connection index, see `conn_index.rs`; an entry is hour 4 · `FlowKey::to_bytes()` 36 · kind 1 (0 flow, 1 reset, 2 open) · record key 28 | |
 //! | `sessions` | len(agent) 4 · agent · boot id | session id 4 · durable batch seq 8 · watermark 8 · since 8 |
 //! | `agent_ids` | agent name | agent id 4 |
 //! | `agents` | agent name | JSON [`AgentRecord`] |
@@ -39,14 +39,14 @@
 //! events newer than anything stored of that agent (the tally's newest time), which is almost
 //! every event of a live agent.
 //!
-//! The `conn` index exists because the question "what did every vantage point see of this
-//! connection" must not scan time: under each hour its keys start with the direction-free flow
-//! key, so one prefix scan per stored hour finds every open, flow and reset of a 4-tuple from
-//! every agent.
+//! The connection index exists because the question "what did every vantage point see of this
+//! connection" must not scan time: its entries, sorted by hour and then by the direction-free
+//! flow key, find every open, flow and reset of a 4-tuple from every agent with a few seeks per
+//! stored hour. It is written a batch at a time, not a key per event (see `conn_index.rs`).
 //!
 //! # Durability without transactions
 //! A batch is written as one atomic sled batch per tree, in an order that keeps every crash
-//! state consistent: first the `conn` index entries (an entry whose record is missing is
+//! state consistent: first the connection index entries (an entry whose record is missing is
 //! skipped by readers), then each record tree together with its tallies, then the agent record
 //! and last the session's durable batch number. A crash anywhere before the last step leaves the
 //! batch unacknowledged; the agent resends it, the records already written are recognised by
@@ -55,6 +55,7 @@
 //! waits for a flush that began after its batch was written. Writers are serialised by a mutex.
 
 mod append;
+mod conn_index;
 mod keys;
 mod query;
 mod replay;
@@ -98,6 +99,10 @@ pub struct StoreConfig {
     /// what it holds in memory is several times larger (measured: a 1 GiB setting reached
     /// 2 GiB of resident memory after 3M events and kept growing, 64 MiB stayed near 400 MiB).
     pub cache_bytes: u64,
+    /// Connection index entries held in memory (about 70 bytes each) before they are sorted
+    /// and written as a run. Default 524,288 (about 36 MB). More means fewer runs per hour to
+    /// seek through on a connection look-up.
+    pub conn_index_memory_entries: usize,
 }
 
 impl StoreConfig {
@@ -108,6 +113,7 @@ impl StoreConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             max_bytes: 20 << 30,
             cache_bytes: 256 << 20,
+            conn_index_memory_entries: 1 << 19,
         }
     }
 }
@@ -282,7 +288,7 @@ struct Inner {
     db: sled::Db,
     /// By kind, see [`KINDS`].
     records: [sled::Tree; 4],
-    conn: sled::Tree,
+    conn: conn_index::ConnIndex,
     sessions: sled::Tree,
     agent_ids: sled::Tree,
     agents: sled::Tree,
@@ -334,8 +340,9 @@ impl Store {
         let db = open_sled(&sled::Config::new().path(&config.dir).cache_capacity(config.cache_bytes))?;
         let tree = |name: &str| db.open_tree(name).map_err(StoreError::from_sled);
         let records = [tree(TREE_NAMES[0])?, tree(TREE_NAMES[1])?, tree(TREE_NAMES[2])?, tree(TREE_NAMES[3])?];
-        let (conn, sessions, agent_ids, agents, meta) =
-            (tree("conn")?, tree("sessions")?, tree("agent_ids")?, tree("agents")?, tree("meta")?);
+        let (sessions, agent_ids, agents, meta) =
+            (tree("sessions")?, tree("agent_ids")?, tree("agents")?, tree("meta")?);
+        let conn = conn_index::ConnIndex::open(&db, meta.clone(), config.conn_index_memory_entries)?;
         let reports = reports::ReportTrees::open(&db)?;
 
         let mut names = AgentNames::default();
@@ -375,7 +382,7 @@ impl Store {
             }),
         };
         store.load_tallies()?;
-        store.upgrade_conn_index()?;
+        store.migrate_conn_index()?;
         Ok(store)
     }
 

@@ -7,10 +7,8 @@ use std::ops::Bound;
 use prost::Message;
 use rstscope_proto::{v1, FlowKey};
 
-use super::keys::{
-    ts_bytes, StoreSeq, ValueHeader, CONN_KEY_LEN, CONN_KIND_AT, FIRST_RECORD_KEY, KIND_FLOW, KIND_OPEN, KIND_RESET,
-};
-use super::{Store, StoreError};
+use super::keys::{ts_bytes, StoreSeq, ValueHeader, FIRST_RECORD_KEY, KIND_FLOW, KIND_OPEN, KIND_RESET};
+use super::{Store, StoreError, TREE_NAMES};
 
 /// Selects stored resets. `Default` selects everything, oldest first.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -278,59 +276,39 @@ impl Store {
         Ok(out)
     }
 
-    /// Everything every agent reported of the connection `key`: one prefix scan of the
-    /// connection index per stored hour, then a point read per record.
+    /// Everything every agent reported of the connection `key`: its entries in the connection
+    /// index (a few seeks per stored hour), then a point read per record.
     pub fn connection(&self, key: &FlowKey) -> Result<ConnectionView, StoreError> {
         let names = self.names();
         let mut view = ConnectionView::default();
         let (mut flows, mut opens) = (Vec::new(), Vec::new());
-        let flow_key = key.to_bytes();
-        let mut next_hour = Some(0u32);
-        while let Some(hour) = next_hour {
-            // The first stored hour at or after `hour`, then this connection's entries in it.
-            let Some((first, _)) = self.inner.conn.range(hour.to_be_bytes()..).next().transpose()? else { break };
-            let Some(found) = first.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])) else {
-                self.corrupt("conn", &first, "malformed index key");
-                break;
+        for (kind, record_key) in self.inner.conn.lookup(key)? {
+            let Some(seq) = StoreSeq::from_bytes(&record_key) else { continue };
+            if !matches!(kind, KIND_FLOW | KIND_RESET | KIND_OPEN) {
+                self.corrupt("conn_runs", &record_key, "unknown record kind");
+                continue;
+            }
+            // A missing record: a batch interrupted between the index and its records (it is
+            // resent), or removed by retention before the index's hour was dropped. Skip it.
+            let Some(value) = self.tree(kind).get(record_key)? else { continue };
+            let Some((header, body)) = ValueHeader::decode(&value) else {
+                self.corrupt(TREE_NAMES[usize::from(kind)], &record_key, "malformed value header");
+                continue;
             };
-            next_hour = found.checked_add(1);
-            let mut prefix = found.to_be_bytes().to_vec();
-            prefix.extend_from_slice(&flow_key);
-            for item in self.inner.conn.scan_prefix(&prefix) {
-                let (k, _) = item?;
-                if k.len() != CONN_KEY_LEN {
-                    self.corrupt("conn", &k, "malformed index key");
-                    continue;
-                }
-                let kind = k[CONN_KIND_AT];
-                let record_key = &k[CONN_KIND_AT + 1..];
-                let Some(seq) = StoreSeq::from_bytes(record_key) else { continue };
-                if !matches!(kind, KIND_FLOW | KIND_RESET | KIND_OPEN) {
-                    self.corrupt("conn", &k, "unknown record kind");
-                    continue;
-                }
-                // A missing record: a batch interrupted between the index and its records (it
-                // is resent), or a retention run interrupted between its steps. Skip it.
-                let Some(value) = self.tree(kind).get(record_key)? else { continue };
-                let Some((header, body)) = ValueHeader::decode(&value) else {
-                    self.corrupt("conn", &k, "malformed value header");
-                    continue;
-                };
-                let agent = names.name(seq.agent_id);
-                match kind {
-                    KIND_FLOW => match v1::FlowSummary::decode(body) {
-                        Ok(flow) => flows.push((seq, agent, flow)),
-                        Err(_) => self.corrupt("flows", record_key, "undecodable FlowSummary"),
-                    },
-                    KIND_OPEN => match v1::ConnectionOpen::decode(body) {
-                        Ok(open) => opens.push((seq, agent, open)),
-                        Err(_) => self.corrupt("opens", record_key, "undecodable ConnectionOpen"),
-                    },
-                    _ => match v1::RstEvent::decode(body) {
-                        Ok(event) => view.resets.push(StoredReset { agent, key: header.key, event, seq }),
-                        Err(_) => self.corrupt("resets", record_key, "undecodable RstEvent"),
-                    },
-                }
+            let agent = names.name(seq.agent_id);
+            match kind {
+                KIND_FLOW => match v1::FlowSummary::decode(body) {
+                    Ok(flow) => flows.push((seq, agent, flow)),
+                    Err(_) => self.corrupt("flows", &record_key, "undecodable FlowSummary"),
+                },
+                KIND_OPEN => match v1::ConnectionOpen::decode(body) {
+                    Ok(open) => opens.push((seq, agent, open)),
+                    Err(_) => self.corrupt("opens", &record_key, "undecodable ConnectionOpen"),
+                },
+                _ => match v1::RstEvent::decode(body) {
+                    Ok(event) => view.resets.push(StoredReset { agent, key: header.key, event, seq }),
+                    Err(_) => self.corrupt("resets", &record_key, "undecodable RstEvent"),
+                },
             }
         }
         flows.sort_by_key(|(seq, _, _)| *seq);

@@ -1,17 +1,18 @@
 //! Forgetting: by age (a key range below `now - retention`) and by size (the oldest records,
 //! an estimated number at a time), over the four record trees and the correlator's reports.
 //!
-//! Removal happens in chunks so that ingest is not blocked for long. Each chunk first removes
-//! the connection index entries of its records, then, per record tree, the records together
-//! with the tallies that count them (one atomic batch), so a crash between the steps leaves at
-//! most records whose index entries are gone, which the next run removes anyway.
+//! Removal happens in chunks so that ingest is not blocked for long. Each chunk removes, per
+//! record tree, the records together with the tallies that count them (one atomic batch). The
+//! connection index is not touched per record: once every record of an hour is gone, the
+//! index's runs of that hour are dropped whole; until then readers skip entries whose record is
+//! gone.
 
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use super::keys::{
-    conn_key, tally_key, ts_bytes, ts_from_bytes, StoreSeq, Tally, ValueHeader, FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS,
+    conn_bucket, tally_key, ts_bytes, ts_from_bytes, StoreSeq, Tally, FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS,
     KIND_RESET, TALLY_TOTAL_KEY,
 };
 use super::{replay, Store, StoreError, KINDS, TREE_NAMES};
@@ -86,7 +87,6 @@ struct Victim {
     kind: u8,
     key: sled::IVec,
     seq: Option<StoreSeq>,
-    flow_key: Option<rstscope_proto::FlowKey>,
     /// For losses: (capture + interface drops, events dropped).
     drops: (u64, u64),
 }
@@ -132,6 +132,8 @@ impl Store {
             }
         }
         report.reports_removed += self.remove_reports_before(cutoff_ns)?;
+        // Every record before the cutoff is gone, so are the hours of the index before its hour.
+        self.inner.conn.drop_hours_before(conn_bucket(cutoff_ns))?;
 
         let bytes = self.inner.db.size_on_disk()?;
         let records: u64 = self.inner.totals.iter().map(|t| t.load(Ordering::Relaxed)).sum();
@@ -159,6 +161,7 @@ impl Store {
         if let Some(newest) = newest_removed {
             // Reports are derived from records: none may outlive the records they merge.
             report.reports_removed += self.remove_reports_before(newest.saturating_add(1))?;
+            self.inner.conn.drop_hours_before(conn_bucket(newest))?;
         }
         report.bytes_after = self.inner.db.size_on_disk()?;
         let records_removed =
@@ -219,29 +222,21 @@ impl Store {
                 // Not ours; remove it anyway, it can be in no index.
                 self.corrupt(TREE_NAMES[usize::from(kind)], &key, "malformed key");
             }
-            let flow_key = (kind != KIND_LOSS).then(|| ValueHeader::decode(&value).map(|(h, _)| h.key)).flatten();
             let drops = match (kind, replay::decode_loss(&value)) {
                 (KIND_LOSS, Some(loss)) => {
                     (loss.capture_dropped.saturating_add(loss.interface_dropped), loss.events_dropped)
                 }
                 _ => (0, 0),
             };
-            victims.push(Victim { kind, key, seq, flow_key, drops });
+            victims.push(Victim { kind, key, seq, drops });
         }
         drop(iters);
         if victims.is_empty() {
             return Ok((0, None));
         }
 
-        // 1. The index entries.
-        let mut conn_batch = sled::Batch::default();
-        for v in &victims {
-            if let (Some(flow_key), Some(seq)) = (&v.flow_key, &v.seq) {
-                conn_batch.remove(&conn_key(flow_key, v.kind, seq)[..]);
-            }
-        }
-        self.inner.conn.apply_batch(conn_batch)?;
-        // 2. Per tree, the records with their tallies.
+        // Per tree, the records with their tallies. Their index entries stay until the runs of
+        // their hour are dropped (readers skip an entry whose record is gone).
         let mut newest: Option<i64> = None;
         for &kind in kinds {
             let k = usize::from(kind);

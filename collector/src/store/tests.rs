@@ -18,7 +18,10 @@ fn ns(ms: i64) -> i64 {
 }
 
 fn open(dir: &tempfile::TempDir) -> Store {
-    Store::open(StoreConfig::new(dir.path())).expect("open store")
+    let mut config = StoreConfig::new(dir.path());
+    // A small memtable: the tests go through flushes of the connection index into runs.
+    config.conn_index_memory_entries = 7;
+    Store::open(config).expect("open store")
 }
 
 fn pb_endpoint(text: &str) -> v1::Endpoint {
@@ -120,11 +123,17 @@ fn assert_consistent(store: &Store) {
     assert_eq!(status.flows, records_in(store, KIND_FLOW), "flow counter");
     assert_eq!(status.opens, records_in(store, KIND_OPEN), "open counter");
     assert_eq!(status.losses, records_in(store, KIND_LOSS), "loss counter");
-    assert_eq!(
-        store.inner.conn.len() as u64,
-        status.resets + status.flows + status.opens,
-        "one index entry per record"
-    );
+    // Every record has its index entry; the index may also hold entries of records retention
+    // removed, until their hour is dropped.
+    let entries: std::collections::HashSet<_> = store.inner.conn.all_entries().expect("index").into_iter().collect();
+    for kind in [keys::KIND_FLOW, keys::KIND_RESET, keys::KIND_OPEN] {
+        for item in store.tree(kind).range(keys::FIRST_RECORD_KEY..) {
+            let (k, v) = item.expect("record");
+            let seq = keys::StoreSeq::from_bytes(&k).expect("record key");
+            let (header, _) = keys::ValueHeader::decode(&v).expect("header");
+            assert!(entries.contains(&keys::conn_key(&header.key, kind, &seq)), "record {seq} has no index entry");
+        }
+    }
     let per_agent: u64 = store.agents().expect("agents").iter().map(|a| a.events).sum();
     assert_eq!(per_agent, status.resets + status.flows + status.opens, "agent event counts");
     let mut on_disk = std::collections::HashMap::new();
@@ -1112,4 +1121,59 @@ fn a_store_with_one_value_per_report_is_moved_into_pages_on_open() {
     assert_eq!(store.status().expect("status").reports, 5);
     assert_eq!(report_ids(&store, &ResetQuery::default()), ["r1", "r2", "r3", "r4", "r5"]);
     assert!(!store.inner.db.tree_names().iter().any(|n| n.as_ref() == b"reports"));
+}
+
+#[test]
+fn a_store_with_one_index_key_per_entry_gets_its_connection_index_rebuilt_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = filter_fixture(&dir);
+    let before = store.connection(&flow_key("10.0.0.1:1000 > 10.0.0.2:80")).expect("connection");
+    assert!(!before.resets.is_empty() && !before.flows.is_empty());
+    drop(store);
+    // The layout of earlier versions: a `conn` tree with one key per entry, and no runs or log.
+    {
+        let db = open_sled(&sled::Config::new().path(dir.path())).expect("sled");
+        let legacy = db.open_tree("conn").expect("tree");
+        legacy.insert([0u8; keys::CONN_KEY_LEN], &[][..]).expect("insert");
+        db.drop_tree("conn_runs").expect("drop");
+        db.drop_tree("conn_log").expect("drop");
+        db.flush().expect("flush");
+    }
+    let store = open(&dir);
+    assert!(!store.inner.db.tree_names().iter().any(|n| n.as_ref() == b"conn"), "the old tree is gone");
+    let after = store.connection(&flow_key("10.0.0.1:1000 > 10.0.0.2:80")).expect("connection");
+    assert_eq!(after, before);
+    assert_consistent(&store);
+}
+
+#[test]
+fn connection_look_ups_agree_before_and_after_the_index_moves_to_runs_and_the_store_reopens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    // 40 batches of 5 events over 3 hours: many runs (the test memtable holds 7 entries).
+    let conns = ["10.0.0.1:1000 > 10.0.0.2:80", "10.0.0.3:1001 > 10.0.0.2:80", "10.0.0.4:1002 > 10.0.0.2:443"];
+    for seq in 1..=40u64 {
+        let events = (0..5)
+            .map(|i| {
+                let t = (seq as i64 * 5 + i) * 270_000; // ms: 3 hours in all
+                let conn = conns[((seq as i64 + i) % 3) as usize];
+                if i % 2 == 0 {
+                    rst(t, conn, "R", Cause::Lone)
+                } else {
+                    flow(t, conn)
+                }
+            })
+            .collect();
+        store
+            .append_batch(if seq % 2 == 0 { "a" } else { "b" }, "boot", &batch(seq / 2 + seq % 2, events), 0)
+            .expect("append");
+    }
+    let views = |store: &Store| conns.map(|c| store.connection(&flow_key(c)).expect("connection"));
+    let first = views(&store);
+    let total: usize = first.iter().map(|v| v.resets.len() + v.flows.len()).sum();
+    assert_eq!(total, 200, "every event is found under its connection");
+    assert_consistent(&store);
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(views(&store), first, "after reopening (memtable rebuilt from the log)");
 }
