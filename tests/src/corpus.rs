@@ -526,20 +526,7 @@ pub fn workspace_binary(package: &str, bin: &str, sources: &[&str]) -> PathBuf {
         (Some(_), None) => false,
     };
     if stale {
-        let target_dir = profile_dir.parent().expect("<target>").to_path_buf();
-        let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(&workspace).args(["build", "-p", package, "--bin", bin]).arg("--target-dir").arg(&target_dir);
-        match profile {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
+        let mut cmd = crate::build::cargo_build(&profile_dir, &["-p", package, "--bin", bin]);
         eprintln!("building {bin}: {cmd:?}");
         let status = cmd.status().expect("run cargo");
         assert!(status.success(), "`cargo build -p {package} --bin {bin}` failed ({status})");

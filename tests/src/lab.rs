@@ -89,28 +89,9 @@ impl Binaries {
         let agent = crate::corpus::Agent::locate_or_build().exe;
         let profile_dir = agent.parent().expect("agent in <target>/<profile>").to_path_buf();
         if std::env::var_os("RSTSCOPE_LAB_NO_BUILD").is_none() {
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            // Without the variables cargo sets for a running test (CARGO_PKG_*, CARGO_MANIFEST_*,
-            // ...): build scripts that watch them would otherwise rebuild half the tree.
-            for (key, _) in std::env::vars_os() {
-                let key_text = key.to_string_lossy();
-                if (key_text.starts_with("CARGO_") && key_text != "CARGO_HOME") || key_text == "OUT_DIR" {
-                    cmd.env_remove(&key);
-                }
-            }
-            cmd.current_dir(&workspace).args(["build", "-q", "-p", "rstscope-collector", "--bins", "--target-dir"]);
-            cmd.arg(profile_dir.parent().expect("<target>"));
-            match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("release") => {
-                    cmd.arg("--release");
-                }
-                Some("debug") | None => {}
-                Some(other) => {
-                    cmd.args(["--profile", other]);
-                }
-            }
-            let status = cmd.status().expect("run cargo");
+            let status = crate::build::cargo_build(&profile_dir, &["-q", "-p", "rstscope-collector", "--bins"])
+                .status()
+                .expect("run cargo");
             assert!(status.success(), "building rstscope-collector failed");
         }
         Binaries {
@@ -723,23 +704,13 @@ impl Binaries {
     pub fn next_to_current_exe() -> Result<Binaries> {
         let exe = std::env::current_exe().context("current_exe")?;
         let profile_dir = exe.parent().context("binary in <target>/<profile>")?.to_path_buf();
-        let target_dir = profile_dir.parent().context("<target>")?.to_path_buf();
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&workspace)
-            .args(["build", "-q", "-p", "rstscope-agent", "-p", "rstscope-collector", "--bins"])
-            .args(["-p", "rstscope-tests", "--bin", "labhost", "--target-dir"])
-            .arg(&target_dir);
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some("debug") | None => {}
-            Some(other) => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let status = cmd.status().context("run cargo build")?;
+        let targets = ["-q", "-p", "rstscope-agent", "-p", "rstscope-collector", "--bins"];
+        let status = crate::build::cargo_build(
+            &profile_dir,
+            &[&targets[..], &["-p", "rstscope-tests", "--bin", "labhost"]].concat(),
+        )
+        .status()
+        .context("run cargo build")?;
         if !status.success() {
             bail!("building the lab's binaries failed: {status}");
         }

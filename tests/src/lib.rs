@@ -2,6 +2,7 @@
 
 pub mod gen;
 
+pub mod build;
 pub mod corpus;
 pub mod frames;
 pub mod lab;

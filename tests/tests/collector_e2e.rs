@@ -21,21 +21,10 @@ fn bin(name: &str) -> PathBuf {
     let agent = Agent::locate_or_build().exe;
     let path = agent.with_file_name(name);
     BUILT.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let profile_dir = agent.parent().expect("agent in <target>/<profile>");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&workspace).args(["build", "-p", "rstscope-collector", "--bins", "--target-dir"]);
-        cmd.arg(profile_dir.parent().expect("<target>"));
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some("debug") | None => {}
-            Some(other) => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let status = cmd.status().expect("run cargo");
+        let status = rstscope_tests::build::cargo_build(profile_dir, &["-p", "rstscope-collector", "--bins"])
+            .status()
+            .expect("run cargo");
         assert!(status.success(), "building rstscope-collector failed");
     });
     path

@@ -459,19 +459,9 @@ fn collector_binaries(args: &Args) -> Result<(PathBuf, PathBuf)> {
     }
     let me = std::env::current_exe().context("locating this benchmark")?;
     let collector = me.with_file_name("rstscope-collector");
-    let profile = me.parent().and_then(Path::file_name).and_then(|n| n.to_str()).unwrap_or("");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(&workspace).args(["build", "-q", "-p", "rstscope-collector", "--bins"]);
-    match profile {
-        "release" => {
-            build.arg("--release");
-        }
-        "debug" => {}
-        other => {
-            build.args(["--profile", other]);
-        }
-    }
+    let profile_dir = me.parent().context("benchmark in <target>/<profile>")?;
+    let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let mut build = rstscope_tests::build::cargo_build(profile_dir, &["-q", "-p", "rstscope-collector", "--bins"]);
     // Always asked, so that the collector measured is the one in the working tree; a no-op
     // when it is up to date.
     eprintln!("building rstscope-collector ({profile})");

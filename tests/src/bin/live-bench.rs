@@ -488,30 +488,11 @@ fn binaries(args: &Args, profile_dir: &Path) -> Result<(PathBuf, Option<PathBuf>
         packages.push("rstscope-collector");
     }
     if !packages.is_empty() {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        // Without the variables cargo sets for the running program: build scripts that watch
-        // them would rebuild half the tree.
-        for (key, _) in std::env::vars_os() {
-            let key_text = key.to_string_lossy();
-            if (key_text.starts_with("CARGO_") && key_text != "CARGO_HOME") || key_text == "OUT_DIR" {
-                build.env_remove(&key);
-            }
-        }
-        build.current_dir(&workspace).args(["build", "-q", "--bins"]);
+        let mut targets = vec!["-q", "--bins"];
         for p in &packages {
-            build.args(["-p", p]);
+            targets.extend(["-p", p]);
         }
-        build.arg("--target-dir").arg(profile_dir.parent().context("<target>")?);
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("release") => {
-                build.arg("--release");
-            }
-            Some("debug") | None => {}
-            Some(other) => {
-                build.args(["--profile", other]);
-            }
-        }
+        let mut build = rstscope_tests::build::cargo_build(profile_dir, &targets);
         eprintln!("live-bench: building {}", packages.join(", "));
         let status = build.status().context("run cargo build")?;
         if !status.success() {
