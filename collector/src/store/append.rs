@@ -15,7 +15,7 @@
 //! fsync acknowledges several batches, and one agent's next batch is written while the previous
 //! one is being flushed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -23,7 +23,7 @@ use rstscope_proto::{v1, FlowKey};
 
 use super::keys::{
     self, conn_key, encode_plain, session_key, tally_key, SessionValue, StoreSeq, Tally, ValueHeader, FIRST_RECORD_KEY,
-    KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET, TALLY_TOTAL_KEY,
+    KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET, RECORD_KEY_LEN, TALLY_TOTAL_KEY,
 };
 use super::{
     decode_record, encode_record, endpoint, AgentRecord, Appended, Store, StoreError, StoredReset, Writer, KINDS,
@@ -259,7 +259,9 @@ impl Store {
         // Which events are new. `seen` catches an event repeated within the batch itself; the
         // tree is only asked about events not newer than the agent's newest stored record.
         let mut seen = HashSet::with_capacity(prepared.len());
-        let mut tree_batches: [sled::Batch; 4] = Default::default();
+        let mut tree_records: [Vec<([u8; RECORD_KEY_LEN], &[u8])>; 4] = Default::default();
+        // Keys already stored near the events that may be duplicates, per kind and second.
+        let mut near = HashMap::new();
         let mut conn_entries = Vec::with_capacity(prepared.len());
         let mut tallies: [Tally; 4] = KINDS.map(|kind| tally_of(&writer, kind, agent_id));
         let mut added = [0u64; 4];
@@ -274,11 +276,11 @@ impl Store {
                 already_stored.push(p.event);
                 continue;
             }
-            if p.ts_ns <= tallies[k].newest_ns && self.tree(p.kind).contains_key(record_key)? {
+            if p.ts_ns <= tallies[k].newest_ns && self.stored_near(&mut near, p.kind, &record_key)? {
                 already_stored.push(p.event);
                 continue;
             }
-            tree_batches[k].insert(&record_key[..], p.value.as_slice());
+            tree_records[k].push((record_key, p.value.as_slice()));
             if let Some(flow_key) = &p.flow_key {
                 conn_entries.push(conn_key(flow_key, p.kind, &seq));
             }
@@ -302,15 +304,15 @@ impl Store {
         // 1. The index: an entry without its record is skipped by readers.
         self.inner.conn.append(&conn_entries)?;
         // 2. Each record tree with its tallies, atomically.
-        for (kind, mut tree_batch) in KINDS.into_iter().zip(tree_batches) {
+        for (kind, records) in KINDS.into_iter().zip(tree_records) {
             let k = usize::from(kind);
             if added[k] == 0 && tally_of(&writer, kind, agent_id) == tallies[k] {
                 continue;
             }
             let total = self.inner.totals[k].load(Ordering::Relaxed) + added[k];
-            tree_batch.insert(&TALLY_TOTAL_KEY[..], &total.to_be_bytes()[..]);
-            tree_batch.insert(&tally_key(agent_id)[..], &tallies[k].to_bytes()[..]);
-            self.tree(kind).apply_batch(tree_batch).map_err(StoreError::from_sled)?;
+            let (total_bytes, tally_bytes) = (total.to_be_bytes(), tallies[k].to_bytes());
+            let reserved = [(&TALLY_TOTAL_KEY[..], &total_bytes[..]), (&tally_key(agent_id)[..], &tally_bytes[..])];
+            self.tree(kind).write(session.session_id, batch.seq, records, &reserved)?;
             self.inner.totals[k].store(total, Ordering::Relaxed);
             writer.tallies.insert((kind, agent_id), tallies[k]);
         }
@@ -419,7 +421,7 @@ impl Store {
             let batch_size = self.inner.config.conn_index_memory_entries.max(1);
             let mut entries = Vec::new();
             for kind in [KIND_FLOW, KIND_RESET, KIND_OPEN] {
-                for item in self.tree(kind).range(FIRST_RECORD_KEY..) {
+                for item in self.tree(kind).range(FIRST_RECORD_KEY.to_vec()..) {
                     let (k, v) = item?;
                     let (Some(seq), Some((header, _))) = (StoreSeq::from_bytes(&k), ValueHeader::decode(&v)) else {
                         continue;
@@ -436,6 +438,24 @@ impl Store {
         drop(legacy);
         db.drop_tree("conn")?;
         Ok(())
+    }
+}
+
+impl Store {
+    /// Whether the record `key` of `kind` is stored; reads the agent's keys of that second once
+    /// per batch (`near` caches them).
+    fn stored_near(
+        &self,
+        near: &mut HashMap<(u8, i64, u32), HashSet<[u8; RECORD_KEY_LEN]>>,
+        kind: u8,
+        key: &[u8; RECORD_KEY_LEN],
+    ) -> Result<bool, StoreError> {
+        let seq = StoreSeq::from_bytes(key).unwrap_or_default();
+        let keys = match near.entry((kind, seq.ts_ns.div_euclid(1_000_000_000), seq.agent_id)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.tree(kind).keys_near(key)?),
+        };
+        Ok(keys.contains(key))
     }
 }
 

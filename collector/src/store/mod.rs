@@ -58,6 +58,7 @@ mod append;
 mod conn_index;
 mod keys;
 mod query;
+mod records;
 mod replay;
 mod reports;
 mod retention;
@@ -287,7 +288,7 @@ struct Inner {
     config: StoreConfig,
     db: sled::Db,
     /// By kind, see [`KINDS`].
-    records: [sled::Tree; 4],
+    records: [records::RecordTree; 4],
     conn: conn_index::ConnIndex,
     sessions: sled::Tree,
     agent_ids: sled::Tree,
@@ -339,7 +340,20 @@ impl Store {
         std::fs::create_dir_all(&config.dir)?;
         let db = open_sled(&sled::Config::new().path(&config.dir).cache_capacity(config.cache_bytes))?;
         let tree = |name: &str| db.open_tree(name).map_err(StoreError::from_sled);
-        let records = [tree(TREE_NAMES[0])?, tree(TREE_NAMES[1])?, tree(TREE_NAMES[2])?, tree(TREE_NAMES[3])?];
+        let record_tree = |name: &str| -> Result<records::RecordTree, StoreError> {
+            let tree = records::RecordTree::new(tree(name)?);
+            let moved = tree.migrate_one_key_per_record()?;
+            if moved > 0 {
+                tracing::info!(tree = name, records = moved, "Moved records stored one key each into chunks.");
+            }
+            Ok(tree)
+        };
+        let records = [
+            record_tree(TREE_NAMES[0])?,
+            record_tree(TREE_NAMES[1])?,
+            record_tree(TREE_NAMES[2])?,
+            record_tree(TREE_NAMES[3])?,
+        ];
         let (sessions, agent_ids, agents, meta) =
             (tree("sessions")?, tree("agent_ids")?, tree("agents")?, tree("meta")?);
         let conn = conn_index::ConnIndex::open(&db, meta.clone(), config.conn_index_memory_entries)?;
@@ -391,7 +405,7 @@ impl Store {
         &self.inner.config
     }
 
-    fn tree(&self, kind: u8) -> &sled::Tree {
+    fn tree(&self, kind: u8) -> &records::RecordTree {
         &self.inner.records[usize::from(kind)]
     }
 
@@ -401,15 +415,15 @@ impl Store {
         let mut writer = self.writer();
         for kind in KINDS {
             let tree = self.tree(kind);
-            let total = tree.get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
-            let has_records = tree.range(FIRST_RECORD_KEY..).next().transpose()?.is_some();
+            let total = tree.raw().get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+            let has_records = tree.has_records()?;
             if total.is_none() && has_records {
                 tracing::info!(tree = TREE_NAMES[usize::from(kind)], "Counting the records of an older store once.");
                 self.rebuild_tally(kind)?;
             }
-            let total = tree.get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+            let total = tree.raw().get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
             self.inner.totals[usize::from(kind)].store(total.map_or(0, u64::from_be_bytes), Ordering::Relaxed);
-            for item in tree.scan_prefix(TALLY_AGENT_PREFIX) {
+            for item in tree.raw().scan_prefix(TALLY_AGENT_PREFIX) {
                 let (k, v) = item?;
                 let (Some(id), Some(tally)) = (k.get(2..6), Tally::from_bytes(&v)) else {
                     return Err(StoreError::Corrupt(format!("tally {k:?} of {}", TREE_NAMES[usize::from(kind)])));
@@ -426,7 +440,7 @@ impl Store {
         let tree = self.tree(kind);
         let mut per_agent: HashMap<u32, Tally> = HashMap::new();
         let mut total = 0u64;
-        for item in tree.range(FIRST_RECORD_KEY..) {
+        for item in tree.range(FIRST_RECORD_KEY.to_vec()..) {
             let (k, v) = item?;
             let Some(seq) = StoreSeq::from_bytes(&k) else { continue };
             let tally = per_agent.entry(seq.agent_id).or_insert(Tally::EMPTY);
@@ -445,7 +459,7 @@ impl Store {
         for (id, tally) in per_agent {
             batch.insert(&keys::tally_key(id)[..], &tally.to_bytes()[..]);
         }
-        tree.apply_batch(batch)?;
+        tree.raw().apply_batch(batch)?;
         Ok(())
     }
 

@@ -238,9 +238,8 @@ impl Store {
             }
         }
         let names = self.names();
-        let range = self.tree(KIND_RESET).range::<Vec<u8>, _>((start, end));
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
-            if q.last.is_some() { Box::new(range.rev()) } else { Box::new(range) };
+        let tree = self.tree(KIND_RESET);
+        let iter = if q.last.is_some() { tree.range_rev((start, end)) } else { tree.range((start, end)) };
         let mut out = Vec::new();
         for item in iter {
             let (k, v) = item?;
@@ -290,7 +289,7 @@ impl Store {
             }
             // A missing record: a batch interrupted between the index and its records (it is
             // resent), or removed by retention before the index's hour was dropped. Skip it.
-            let Some(value) = self.tree(kind).get(record_key)? else { continue };
+            let Some(value) = self.tree(kind).get(&record_key)? else { continue };
             let Some((header, body)) = ValueHeader::decode(&value) else {
                 self.corrupt(TREE_NAMES[usize::from(kind)], &record_key, "malformed value header");
                 continue;

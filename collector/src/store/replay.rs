@@ -23,7 +23,7 @@ pub(super) fn decode_loss(value: &[u8]) -> Option<v1::CaptureLoss> {
 /// then identity; ties between kinds go flows, resets, openings, losses).
 pub struct EventsSince {
     store: Store,
-    iters: Vec<(u8, Peekable<sled::Iter>)>,
+    iters: Vec<(u8, Peekable<super::records::RecordIter>)>,
 }
 
 impl Iterator for EventsSince {
@@ -67,7 +67,7 @@ impl Store {
     /// being decided. Reads lazily; undecodable records are counted and skipped.
     pub fn events_since(&self, since_ns: i64) -> EventsSince {
         let start = ts_bytes(since_ns).max(FIRST_RECORD_KEY);
-        let iters = KINDS.iter().map(|&kind| (kind, self.tree(kind).range(start..).peekable())).collect();
+        let iters = KINDS.iter().map(|&kind| (kind, self.tree(kind).range(start.to_vec()..).peekable())).collect();
         EventsSince { store: self.clone(), iters }
     }
 
@@ -100,7 +100,7 @@ impl Store {
         if start >= end {
             return Ok(out);
         }
-        for item in self.tree(kind).range(start..end) {
+        for item in self.tree(kind).range(start.to_vec()..end.to_vec()) {
             let (key, value) = item?;
             if let Some((agent, event)) = self.decode_record(kind, &key, &value) {
                 out.extend(pick(event).map(|x| (agent, x)));

@@ -12,8 +12,8 @@ use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use super::keys::{
-    conn_bucket, tally_key, ts_bytes, ts_from_bytes, StoreSeq, Tally, FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS,
-    KIND_RESET, TALLY_TOTAL_KEY,
+    conn_bucket, tally_key, ts_bytes, StoreSeq, Tally, FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS, KIND_RESET,
+    TALLY_TOTAL_KEY,
 };
 use super::{replay, Store, StoreError, KINDS, TREE_NAMES};
 
@@ -96,11 +96,8 @@ impl Store {
     fn newest_event_ns(&self) -> Result<Option<i64>, StoreError> {
         let mut newest: Option<i64> = None;
         for kind in KINDS {
-            if let Some((key, _)) = self.tree(kind).last()? {
-                if let Some(head) = key.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-                    let ts = ts_from_bytes(head);
-                    newest = Some(newest.map_or(ts, |n| n.max(ts)));
-                }
+            if let Some(ts) = self.tree(kind).newest_ns()? {
+                newest = Some(newest.map_or(ts, |n| n.max(ts)));
             }
         }
         Ok(newest)
@@ -191,12 +188,12 @@ impl Store {
         report: &mut RetentionReport,
     ) -> Result<(u64, Option<i64>), StoreError> {
         let mut writer = self.writer();
-        let mut iters: Vec<(u8, std::iter::Peekable<sled::Iter>)> = kinds
+        let mut iters: Vec<(u8, std::iter::Peekable<super::records::RecordIter>)> = kinds
             .iter()
             .map(|&kind| {
                 let end = end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec()));
                 let start = Bound::Included(FIRST_RECORD_KEY.to_vec());
-                (kind, self.tree(kind).range::<Vec<u8>, _>((start, end)).peekable())
+                (kind, self.tree(kind).range((start, end)).peekable())
             })
             .collect();
         let mut victims = Vec::with_capacity(max.min(CHUNK));
@@ -240,11 +237,11 @@ impl Store {
         let mut newest: Option<i64> = None;
         for &kind in kinds {
             let k = usize::from(kind);
-            let mut batch = sled::Batch::default();
+            let mut keys = Vec::new();
             let mut per_agent: HashMap<u32, Tally> = HashMap::new();
             let mut n = 0u64;
             for v in victims.iter().filter(|v| v.kind == kind) {
-                batch.remove(v.key.clone());
+                keys.push(v.key.clone());
                 n += 1;
                 let Some(seq) = v.seq else { continue };
                 newest = newest.max(Some(seq.ts_ns));
@@ -259,11 +256,12 @@ impl Store {
                 continue;
             }
             let total = self.inner.totals[k].load(Ordering::Relaxed).saturating_sub(n);
-            batch.insert(&TALLY_TOTAL_KEY[..], &total.to_be_bytes()[..]);
-            for (id, tally) in &per_agent {
-                batch.insert(&tally_key(*id)[..], &tally.to_bytes()[..]);
-            }
-            self.tree(kind).apply_batch(batch)?;
+            let total_bytes = total.to_be_bytes();
+            let tallies: Vec<([u8; 6], [u8; 32])> =
+                per_agent.iter().map(|(id, tally)| (tally_key(*id), tally.to_bytes())).collect();
+            let mut reserved: Vec<(&[u8], &[u8])> = vec![(&TALLY_TOTAL_KEY[..], &total_bytes[..])];
+            reserved.extend(tallies.iter().map(|(k, v)| (&k[..], &v[..])));
+            self.tree(kind).remove(&keys, &reserved)?;
             self.inner.totals[k].store(total, Ordering::Relaxed);
             for (id, tally) in per_agent {
                 writer.tallies.insert((kind, id), tally);

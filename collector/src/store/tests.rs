@@ -111,7 +111,7 @@ fn times(store: &Store, q: &ResetQuery) -> Vec<i64> {
 
 /// Records in a record tree (its reserved tally keys left out).
 fn records_in(store: &Store, kind: u8) -> u64 {
-    store.tree(kind).range(keys::FIRST_RECORD_KEY..).count() as u64
+    store.tree(kind).range(keys::FIRST_RECORD_KEY.to_vec()..).count() as u64
 }
 
 /// Every record has exactly one index entry and the counters agree with the trees, also after
@@ -127,7 +127,7 @@ fn assert_consistent(store: &Store) {
     // removed, until their hour is dropped.
     let entries: std::collections::HashSet<_> = store.inner.conn.all_entries().expect("index").into_iter().collect();
     for kind in [keys::KIND_FLOW, keys::KIND_RESET, keys::KIND_OPEN] {
-        for item in store.tree(kind).range(keys::FIRST_RECORD_KEY..) {
+        for item in store.tree(kind).range(keys::FIRST_RECORD_KEY.to_vec()..) {
             let (k, v) = item.expect("record");
             let seq = keys::StoreSeq::from_bytes(&k).expect("record key");
             let (header, _) = keys::ValueHeader::decode(&v).expect("header");
@@ -138,7 +138,7 @@ fn assert_consistent(store: &Store) {
     assert_eq!(per_agent, status.resets + status.flows + status.opens, "agent event counts");
     let mut on_disk = std::collections::HashMap::new();
     for kind in KINDS {
-        for item in store.tree(kind).scan_prefix(keys::TALLY_AGENT_PREFIX) {
+        for item in store.tree(kind).raw().scan_prefix(keys::TALLY_AGENT_PREFIX) {
             let (k, v) = item.expect("tally");
             let id = u32::from_be_bytes([k[2], k[3], k[4], k[5]]);
             on_disk.insert((kind, id), keys::Tally::from_bytes(&v).expect("tally value"));
@@ -429,13 +429,15 @@ fn corrupt_values_are_skipped_and_counted() {
     let store = filter_fixture(&dir);
     let mut garbage_header = StoreSeq { ts_ns: ns(12), agent_id: 1, id: 9 };
     let resets = store.tree(keys::KIND_RESET);
-    resets.insert(garbage_header.to_bytes(), &b"not a value"[..]).expect("insert");
+    let not_a_value = garbage_header.to_bytes();
     garbage_header.id = 10;
     let mut bad_body = vec![0u8; 40];
     bad_body[0] = 1; // valid version, all-zero flow key, then an undecodable body
     bad_body.extend_from_slice(&[0xff, 0xff, 0xff]);
-    resets.insert(garbage_header.to_bytes(), bad_body).expect("insert");
-    resets.insert(&b"\xffshort key"[..], &b""[..]).expect("insert");
+    let records = vec![(not_a_value, &b"not a value"[..]), (garbage_header.to_bytes(), &bad_body[..])];
+    resets.write(77, 1, records, &[]).expect("write");
+    // Not a chunk at all.
+    resets.raw().insert(&b"\xffshort key"[..], &b""[..]).expect("insert");
     assert_eq!(times(&store, &ResetQuery::default()), [10, 15, 20, 30, 40, 50]);
     assert_eq!(store.status().expect("status").corrupt_skipped, 3);
 }
@@ -1176,4 +1178,33 @@ fn connection_look_ups_agree_before_and_after_the_index_moves_to_runs_and_the_st
     drop(store);
     let store = open(&dir);
     assert_eq!(views(&store), first, "after reopening (memtable rebuilt from the log)");
+}
+
+#[test]
+fn a_store_with_one_key_per_record_is_moved_into_chunks_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = filter_fixture(&dir);
+    let before = times(&store, &ResetQuery::default());
+    let view = store.connection(&flow_key("10.0.0.1:1000 > 10.0.0.2:80")).expect("connection");
+    // The layout of earlier versions: every record under its own record key.
+    for kind in KINDS {
+        let tree = store.tree(kind);
+        let records: Vec<_> = tree.range(keys::FIRST_RECORD_KEY.to_vec()..).map(|r| r.expect("record")).collect();
+        let chunks: Vec<_> = tree.raw().range(keys::FIRST_RECORD_KEY..).map(|r| r.expect("chunk").0).collect();
+        for chunk in chunks {
+            tree.raw().remove(chunk).expect("remove");
+        }
+        for (k, v) in records {
+            tree.raw().insert(k, v).expect("insert");
+        }
+    }
+    drop(store);
+    let store = open(&dir);
+    for kind in KINDS {
+        let keys: Vec<_> = store.tree(kind).raw().range(keys::FIRST_RECORD_KEY..).map(|r| r.expect("key").0).collect();
+        assert!(keys.iter().all(|k| k.len() == 24), "only chunks left in {}", TREE_NAMES[usize::from(kind)]);
+    }
+    assert_eq!(times(&store, &ResetQuery::default()), before);
+    assert_eq!(store.connection(&flow_key("10.0.0.1:1000 > 10.0.0.2:80")).expect("connection"), view);
+    assert_consistent(&store);
 }
