@@ -498,7 +498,8 @@ impl ZeekConn {
             r
         };
         self.update_last_seq(e, seg.seq.wrapping_add(len), false, false, false, len);
-        self.ack_received(p, rel_ack);
+        // ack_received; its end-of-input check finds neither FIN nor a closed or reset state.
+        self.trim_to_ack(p, rel_ack);
         if len > 0 && !seq_underflow && payload_captured {
             self.data_sent(e, rel_seq, len);
         }
@@ -1346,6 +1347,12 @@ impl ZeekConn {
     /// TCP_Reassembler::AckReceived -> TrimToSeq -> Undelivered -> Gap, on the single-hole model. `x` is the
     /// endpoint whose data is being acknowledged.
     fn ack_received(&mut self, x: usize, rel_ack: u64) {
+        self.trim_to_ack(x, rel_ack);
+        self.check_eof(x);
+    }
+
+    /// [`ZeekConn::ack_received`] up to, not including, its end-of-input check.
+    fn trim_to_ack(&mut self, x: usize, rel_ack: u64) {
         let mut seq = rel_ack as u32;
         if self.ep_flags[x] & EP_FIN != 0 {
             let fin_end = self.rare().fin_end[x];
@@ -1375,7 +1382,6 @@ impl ZeekConn {
                 self.reassem[x] = upto;
             }
         }
-        self.check_eof(x);
     }
 
     /// TCP_Endpoint::Size: bytes in sequence space, without the SYN and FIN octets.
