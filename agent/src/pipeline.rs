@@ -20,8 +20,11 @@ use crate::flow::Tracker;
 use crate::output::RunStats;
 use crate::wire::{self, Segment, Skip};
 
-/// Segments per batch handed from the reader thread to the tracker.
-const BATCH: usize = 256;
+/// Segments per batch handed from the reader thread to the tracker. The reader runs ahead and
+/// waits on a full channel, so every batch costs a wake-up on both sides: 1024 segments (112 KB,
+/// under 1 MB with all batches in flight) halved the system time of 256 and cut the wall time
+/// of a 10M-packet file by about a tenth; 4096 (past the L2 cache) was slower again.
+const BATCH: usize = 1024;
 /// Batches in flight between the threads (bounds memory and lets the reader run ahead).
 const IN_FLIGHT: usize = 8;
 /// Packets between two progress reports.

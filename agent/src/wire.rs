@@ -724,50 +724,53 @@ fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip>
 }
 
 /// Ones-complement sum of `data` in native byte order (RFC 1071: the sum is byte-order
-/// independent if the final 16-bit result is swapped back), 32 bits at a time into eight
-/// independent 64-bit accumulators, which the compiler turns into vector adds.
+/// independent if the final 16-bit result is swapped back), 64 bits at a time into four
+/// independent 128-bit accumulators (an add and an add-with-carry per word; the carries out of
+/// 64 and 32 bits are folded back at the end, as 2^64 and 2^32 are 1 modulo 2^16 - 1). The
+/// result, below 2^33, is only ever folded to 16 bits, and agrees there with any word size.
 fn ones_sum_native(data: &[u8]) -> u64 {
-    let word = |c: &[u8]| u64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]));
+    let word = |c: &[u8]| u128::from(u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
     let mut blocks = data.chunks_exact(32);
-    let mut lanes = [0u64; 8];
+    let mut lanes = [0u128; 4];
     for block in &mut blocks {
-        for (lane, c) in lanes.iter_mut().zip(block.chunks_exact(4)) {
-            *lane += word(c);
-        }
+        lanes[0] += word(&block[0..8]);
+        lanes[1] += word(&block[8..16]);
+        lanes[2] += word(&block[16..24]);
+        lanes[3] += word(&block[24..32]);
     }
-    let mut acc: u64 = lanes.iter().sum();
-    let mut words = blocks.remainder().chunks_exact(4);
+    let mut acc: u128 = lanes.iter().sum();
+    let mut words = blocks.remainder().chunks_exact(8);
     for c in &mut words {
         acc += word(c);
     }
     let rest = words.remainder();
-    let mut tail = [0u8; 4];
+    let mut tail = [0u8; 8];
     tail[..rest.len()].copy_from_slice(rest);
-    acc + word(&tail)
+    acc += word(&tail);
+    // Below 2^65 after the first fold, so the second cannot carry out; then to 33 bits, so that
+    // callers can add a few such sums.
+    let folded = (acc & u128::from(u64::MAX)) + (acc >> 64);
+    let folded = (folded as u64) + (folded >> 64) as u64;
+    (folded & u64::from(u32::MAX)) + (folded >> 32)
 }
 
 /// True if the TCP checksum of `segment` (header and all payload) is right. Hand-written because
 /// it runs on every packet and etherparse's word-by-word loop was a quarter of the agent's work.
 fn tcp_checksum_ok(src: IpAddr, dst: IpAddr, segment: &[u8]) -> bool {
-    // Pseudo-header: addresses, zero, protocol 6, TCP length (32 bits covers both families).
-    let mut pseudo = [0u8; 40];
-    let used = match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            pseudo[..4].copy_from_slice(&s.octets());
-            pseudo[4..8].copy_from_slice(&d.octets());
-            8
-        }
+    // Pseudo-header: addresses, zero, protocol 6, TCP length (32 bits covers both families),
+    // summed as [`ones_sum_native`] sums bytes: native-order 32-bit words of the wire bytes.
+    let word = |b: &[u8]| u64::from(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    let addrs = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => word(&s.octets()) + word(&d.octets()),
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            pseudo[..16].copy_from_slice(&s.octets());
-            pseudo[16..32].copy_from_slice(&d.octets());
-            32
+            let (s, d) = (s.octets(), d.octets());
+            s.chunks_exact(4).chain(d.chunks_exact(4)).map(word).sum()
         }
         _ => return false,
     };
     let len = u32::try_from(segment.len()).unwrap_or(u32::MAX);
-    pseudo[used..used + 4].copy_from_slice(&len.to_be_bytes());
-    pseudo[used + 7] = 6;
-    fold(ones_sum_native(&pseudo[..used + 8]) + ones_sum_native(segment)) == 0xffff
+    let pseudo = addrs + word(&len.to_be_bytes()) + word(&[0, 0, 0, 6]);
+    fold(pseudo + ones_sum_native(segment)) == 0xffff
 }
 
 /// Folds a 64-bit ones-complement sum to 16 bits (0xffff means "checksum correct").
@@ -875,9 +878,14 @@ mod tests {
 
     #[test]
     fn ones_complement_sum_matches_a_plain_16_bit_loop() {
-        let data: Vec<u8> = (0..200u32).map(|i| (i.wrapping_mul(73) ^ 0x5a) as u8).collect();
-        for len in 0..data.len() {
-            let slice = &data[..len];
+        let mixed: Vec<u8> = (0..1600u32).map(|i| (i.wrapping_mul(73) ^ (i >> 3) ^ 0x5a) as u8).collect();
+        // All ones: the most carries.
+        let ones = vec![0xffu8; 1600];
+        let slices = [(&mixed, 0), (&mixed, 1), (&mixed, 3), (&ones, 0)]
+            .into_iter()
+            .flat_map(|(data, from)| (from..=data.len()).map(move |to| &data[from..to]));
+        for slice in slices {
+            let len = slice.len();
             let mut plain: u64 = 0;
             for pair in slice.chunks(2) {
                 plain += u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));

@@ -483,7 +483,34 @@ pub fn finalize(event: &mut RstEvent, conn: &Conn) {
 }
 
 /// `1.5ms`, `2.000s`: durations for evidence details.
+///
+/// Written with integer arithmetic: exact float formatting (`{:.1}`) was most of the cost of a
+/// RST event. The text is exactly what formatting `ns` scaled to the unit as an `f64` gives
+/// ([`fmt_ns_float`]); the one case where that differs from rounding the integer half away from
+/// zero, an exact tie, goes through the float path (as do times too large for the argument
+/// below).
 pub(crate) fn fmt_ns(ns: i64) -> String {
+    let abs = ns.unsigned_abs();
+    let (step_ns, digits, unit) = match abs {
+        0..1_000 => return format!("{ns}ns"),
+        1_000..1_000_000 => (100, 1, "us"),
+        1_000_000..1_000_000_000 => (100_000, 1, "ms"),
+        _ => (1_000_000, 3, "s"),
+    };
+    // Away from a tie the exact quotient is at least 1 ns from the rounding boundary, and below
+    // 2^50 ns the f64 quotient is within 2^-53 of it relative (under 0.2 ns): both round alike.
+    let (steps, rem) = (abs / step_ns, abs % step_ns);
+    if 2 * rem == step_ns || abs >= 1 << 50 {
+        return fmt_ns_float(ns);
+    }
+    let steps = steps + u64::from(2 * rem > step_ns);
+    let scale = 10u64.pow(digits as u32);
+    let sign = if ns < 0 { "-" } else { "" };
+    format!("{sign}{}.{:0digits$}{unit}", steps / scale, steps % scale)
+}
+
+/// [`fmt_ns`] by float formatting, the definition of its text.
+fn fmt_ns_float(ns: i64) -> String {
     let abs = ns.unsigned_abs();
     if abs < 1_000 {
         format!("{ns}ns")
@@ -493,5 +520,44 @@ pub(crate) fn fmt_ns(ns: i64) -> String {
         format!("{:.1}ms", ns as f64 / 1e6)
     } else {
         format!("{:.3}s", ns as f64 / 1e9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The integer formatting gives exactly the float formatting's text: every value near the
+    /// unit changes and the rounding boundaries (ties included), and random values of every size.
+    #[test]
+    fn durations_read_exactly_as_float_formatting_gives_them() {
+        let mut values: Vec<i64> = vec![0, 1, 999, i64::MIN, i64::MAX, i64::MIN + 1, 1 << 50, (1 << 50) - 1, 1 << 53];
+        for base in [1_000i64, 1_000_000, 1_000_000_000, 1 << 50] {
+            for step in [1i64, 50, 100, 500, 50_000, 100_000, 500_000, 1_000_000] {
+                for k in 0..200i64 {
+                    for delta in -3..=3 {
+                        values.push(base + k * step + delta);
+                    }
+                }
+            }
+            for delta in -2_000..2_000 {
+                values.push(base + delta);
+                values.push(base * 1_000 - 1 + delta);
+            }
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Every magnitude from nanoseconds to centuries.
+            values.push((x >> (x % 60)) as i64);
+        }
+        let more: Vec<i64> = values.iter().map(|v| v.wrapping_neg()).collect();
+        values.extend(more);
+        for ns in values {
+            assert_eq!(fmt_ns(ns), fmt_ns_float(ns), "{ns}");
+        }
+        assert_eq!((fmt_ns(1_550), fmt_ns(-2_000_000_000)), ("1.6us".to_string(), "-2.000s".to_string()));
     }
 }

@@ -100,6 +100,8 @@ const OPEN: usize = 0;
 const DONE: usize = 1;
 /// Connections opened by a SYN are checked once, `attempt_timeout_ns` after it.
 const ATTEMPT: usize = 2;
+/// `Tracker::parked` of a queue with no parked front.
+const NOT_PARKED: u32 = u32::MAX;
 
 /// A queued expiry check, 8 bytes: in second `deadline_s` (counted from the tracker's epoch,
 /// rounded down) look at slab slot `idx`. An entry belongs to the record now in the slot only if
@@ -243,6 +245,11 @@ pub struct Tracker {
     syns: HashMap<u32, SynSeen>,
     /// No queue entry can be due before this time (ns); `advance` does nothing until then.
     next_due_ns: i64,
+    /// Per queue, the slab slot of an entry parked at the front (due later within its own
+    /// second, see `advance`), or `NOT_PARKED`. `next_due_ns` waits for such an entry's exact
+    /// deadline rather than the start of its second, so touching its record (a packet, its end)
+    /// must reset `next_due_ns`: only that can make looking at the front again find more.
+    parked: [u32; 3],
     /// Bumped whenever a record is created or removed, so batched look-ups know they are stale.
     mutations: u64,
     now_ns: i64,
@@ -270,6 +277,7 @@ impl Tracker {
             settle_due: BinaryHeap::new(),
             syns: HashMap::new(),
             next_due_ns: i64::MIN,
+            parked: [NOT_PARKED; 3],
             mutations: 0,
             now_ns: i64::MIN,
             stats: TrackerStats::default(),
@@ -522,8 +530,10 @@ impl Tracker {
             return;
         }
         self.next_due_ns = i64::MAX;
+        self.parked = [NOT_PARKED; 3];
         let now_s = self.rel_s(now_ns);
         for queue in [ATTEMPT, DONE, OPEN] {
+            let mut parked_until = None;
             while let Some(due) = self.queues[queue].front() {
                 if due.deadline_s > now_s {
                     break;
@@ -553,16 +563,29 @@ impl Tracker {
                     // Due later within this very second: keep it at the front until then.
                     self.conn_mut(due.idx).set_flag(conn_flags::QUEUED << queue, true);
                     self.queues[queue].push_front(due);
-                    self.next_due_ns = self.next_due_ns.min(exact);
+                    self.parked[queue] = due.idx;
+                    parked_until = Some(exact);
                     break;
                 } else {
                     self.schedule(queue, due.idx, exact);
                 }
             }
-            if let Some(front) = self.queues[queue].front() {
-                let at = self.abs_ns(front.deadline_s);
-                self.next_due_ns = self.next_due_ns.min(at);
-            }
+            // A parked front is due at its exact deadline (unless its record is touched first,
+            // see `touched`); any other front at the start of its second.
+            let at = match (parked_until, self.queues[queue].front()) {
+                (Some(exact), _) => exact,
+                (None, Some(front)) => self.abs_ns(front.deadline_s),
+                (None, None) => continue,
+            };
+            self.next_due_ns = self.next_due_ns.min(at);
+        }
+    }
+
+    /// Record `idx` is about to change or end: if it is parked at a queue front, the next
+    /// `advance` must look at that front again (as it would have at the start of its second).
+    fn touched(&mut self, idx: u32) {
+        if self.parked.contains(&idx) {
+            self.next_due_ns = i64::MIN;
         }
     }
 
@@ -639,6 +662,8 @@ impl Tracker {
     /// Picks the record to evict from a full table: a finished one if any, else the oldest idle
     /// one at the front of the open queue (active ones met on the way are re-queued).
     fn eviction_victim(&mut self) -> Option<u32> {
+        // It pops queue fronts, parked ones included.
+        self.next_due_ns = i64::MIN;
         for queue in [DONE, OPEN] {
             for _ in 0..1024 {
                 let Some(due) = self.queues[queue].pop_front() else { break };
@@ -742,6 +767,7 @@ impl Tracker {
     }
 
     fn apply(&mut self, idx: u32, key: &FlowKey, seg: &Segment, out: &mut impl FnMut(Event)) {
+        self.touched(idx);
         let settle = self.config.settle_ns.min(self.config.linger_ns);
         let ignore_checksums = self.config.ignore_checksums;
         let ctx = if seg.flags.rst() { self.context(idx, key, seg) } else { classify::Context::default() };
@@ -849,6 +875,7 @@ impl Tracker {
 
     /// Emits what a record still holds (settling RSTs, then its summary) and frees it.
     fn finish(&mut self, idx: u32, end: FlowEnd, out: &mut impl FnMut(Event)) {
+        self.touched(idx);
         let rec = self.slab[idx as usize].take().expect("live record");
         self.mutations += 1;
         let conn = Conn::new(rec.key.key(&self.v6_addrs), &rec);
@@ -1049,6 +1076,31 @@ mod tests {
         assert_eq!(pending, vec![1, 2, 2, 1, 0, 1]);
         tracker.advance(segs[5].ts_ns + 10_000_000_000, &mut |_| {});
         assert!(tracker.syns.is_empty());
+    }
+
+    /// Regression (performance): an expiry entry due later within its own second stays at the
+    /// queue front, and the clock then waits for its exact deadline; it once waited only for the
+    /// start of that second, so every packet until then looked at the queues again.
+    #[test]
+    fn a_parked_expiry_waits_for_its_exact_deadline() {
+        let segs = trace::parse("0ms > S\n1ms < SA\n300ms > R\n5100ms > S cport=2\n5200ms > S cport=3").unwrap();
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut ends = Vec::new();
+        for seg in &segs {
+            tracker.on_segment(seg, &mut |e| {
+                if let Event::Flow(f) = e {
+                    ends.push(f.end);
+                }
+            });
+            if seg.ts_ns >= segs[3].ts_ns {
+                // The reset record lingers until 5.3 s, in the second of the two packets.
+                assert_eq!(tracker.next_due_ns, segs[2].ts_ns + TrackerConfig::default().linger_ns);
+            }
+        }
+        assert!(ends.is_empty());
+        // A packet of the parked record means the front must be looked at again.
+        tracker.on_segment(&trace::parse("5250ms > A").unwrap()[0], &mut |_| {});
+        assert_eq!(tracker.next_due_ns, i64::MIN);
     }
 
     #[test]
