@@ -127,10 +127,22 @@ impl Correlator {
         roots.dedup();
         let mut out = Vec::new();
         for root in roots {
+            let mut rsts: Vec<usize> = match self.index.members_of(root) {
+                Some(members) => self.group_rsts(members),
+                None => self.rsts_of[root].clone(),
+            };
+            let waiting = !pending_only && self.certainly_pending(&cx, &rsts);
+            if waiting && !cfg!(debug_assertions) {
+                continue;
+            }
             let members = self.members(root);
-            let mut rsts: Vec<usize> = self.group_rsts(&members);
             rsts.sort_by_key(|&r| (self.corrected(&cx, self.rsts[r].agent, self.rsts[r].event.ts_ns), r));
             let clusters = self.clusters(&cx, &rsts);
+            if waiting {
+                // Debug builds (the tests) check the shortcut against the clusters it skips.
+                debug_assert!(clusters.iter().all(|c| self.laggard(&cx, c).is_some()), "a waiting group was decidable");
+                continue;
+            }
             // Every cluster is (re)evaluated: one decided before may gain a late sighting or a
             // forged partner in the other direction, and then its report is replaced (same id).
             let mut all: Vec<(Vec<usize>, v1::ResetReport, bool)> = Vec::new();
@@ -306,16 +318,37 @@ impl Correlator {
     /// for, if any: any agent may still report a sighting or a record of its connection (agents
     /// do not know which paths they see), so every agent still capturing is waited for.
     fn laggard(&self, cx: &Context, cluster: &[usize]) -> Option<usize> {
-        let first = &self.rsts[cluster[0]];
-        let t_ref = self.corrected(cx, first.agent, first.event.ts_ns);
-        (0..self.agents.len()).find(|&a| {
-            let info = &self.agents[a];
-            let (offset, allowance) = self.offset(cx, a, t_ref);
-            !info.finished
-                && !cluster.iter().any(|&r| self.rsts[r].agent == a)
-                && info.coverage.watermark_ns().is_none_or(|w| w < t_ref + offset + allowance + self.cfg.settle_ns)
-                && cx.newest_ns < t_ref + self.cfg.max_wait_ns
-        })
+        let t_ref = self.t_ref(cx, cluster[0]);
+        (0..self.agents.len())
+            .find(|&a| !cluster.iter().any(|&r| self.rsts[r].agent == a) && self.waits_for(cx, a, t_ref))
+    }
+
+    /// A sighting's time on the reference clock (a cluster's time when it is the first).
+    fn t_ref(&self, cx: &Context, rst: usize) -> i64 {
+        let o = &self.rsts[rst];
+        self.corrected(cx, o.agent, o.event.ts_ns)
+    }
+
+    /// Whether a RST at `t_ref` (reference clock) that agent `a` did not see waits for `a`:
+    /// its capture goes on, its watermark has not passed the RST plus the settle window, and
+    /// the wait has not run out.
+    fn waits_for(&self, cx: &Context, a: usize, t_ref: i64) -> bool {
+        let info = &self.agents[a];
+        let (offset, allowance) = self.offset(cx, a, t_ref);
+        !info.finished
+            && info.coverage.watermark_ns().is_none_or(|w| w < t_ref + offset + allowance + self.cfg.settle_ns)
+            && cx.newest_ns < t_ref + self.cfg.max_wait_ns
+    }
+
+    /// Whether every distinct RST among a group's sightings (`rsts`) is still pending, known
+    /// without splitting them into clusters: some agent without a sighting in the group waits
+    /// for each sighting's time. (A cluster holds sightings of the group's agents only, and its
+    /// time is one of its sightings', so that agent is a [`Correlator::laggard`] of every
+    /// cluster.) Groups waiting for an agent are thus passed over cheaply on every decision.
+    fn certainly_pending(&self, cx: &Context, rsts: &[usize]) -> bool {
+        let times: Vec<i64> = rsts.iter().map(|&r| self.t_ref(cx, r)).collect();
+        (0..self.agents.len())
+            .any(|a| !rsts.iter().any(|&r| self.rsts[r].agent == a) && times.iter().all(|&t| self.waits_for(cx, a, t)))
     }
 
     /// The report of one distinct RST (`cluster`, sightings in corrected time order) whose
