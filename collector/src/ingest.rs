@@ -13,6 +13,7 @@
 //! (agent host rebooted) is detected by HTTP/2 keepalive and then frees the name.
 
 use std::collections::HashMap;
+use std::fmt::Display;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -80,7 +81,10 @@ pub fn check_agent_name(name: &str) -> Result<(), CheckError> {
     Ok(())
 }
 
-fn check_text(field: &str, text: &str, max: usize) -> Result<(), CheckError> {
+// Field names are `impl Display` so that a caller can name an indexed field with
+// `format_args!` and pay for the text only when the check fails (it runs for every event).
+
+fn check_text(field: impl Display, text: &str, max: usize) -> Result<(), CheckError> {
     if text.len() > max {
         return fail(format!("{field} is {} bytes long; the limit is {max}", text.len()));
     }
@@ -96,7 +100,7 @@ pub fn check_time(field: &str, ns: i64) -> Result<(), CheckError> {
     Ok(())
 }
 
-fn check_ip(field: &str, ip: &[u8]) -> Result<(), CheckError> {
+fn check_ip(field: impl Display, ip: &[u8]) -> Result<(), CheckError> {
     if pb::ip_from_bytes(ip).is_none() {
         return fail(format!("{field} has {} bytes; an address has 4 (IPv4) or 16 (IPv6)", ip.len()));
     }
@@ -106,14 +110,14 @@ fn check_ip(field: &str, ip: &[u8]) -> Result<(), CheckError> {
 /// An endpoint must be present, with a 4- or 16-byte address and a port up to 65535.
 pub fn check_endpoint(field: &str, endpoint: Option<&v1::Endpoint>) -> Result<(), CheckError> {
     let Some(endpoint) = endpoint else { return fail(format!("{field} is missing")) };
-    check_ip(&format!("{field}.ip"), &endpoint.ip)?;
+    check_ip(format_args!("{field}.ip"), &endpoint.ip)?;
     if endpoint.port > u32::from(u16::MAX) {
         return fail(format!("{field}.port = {} is above 65535", endpoint.port));
     }
     Ok(())
 }
 
-fn check_max(field: &str, value: u32, max: u32) -> Result<(), CheckError> {
+fn check_max(field: impl Display, value: u32, max: u32) -> Result<(), CheckError> {
     if value > max {
         return fail(format!("{field} = {value} is above {max}"));
     }
@@ -130,13 +134,13 @@ pub fn check_hello(hello: &AgentHello) -> Result<(), CheckError> {
         return fail(format!("{} local_addresses; the limit is {MAX_ADDRESSES}", hello.local_addresses.len()));
     }
     for (i, ip) in hello.local_addresses.iter().enumerate() {
-        check_ip(&format!("local_addresses[{i}]"), ip)?;
+        check_ip(format_args!("local_addresses[{i}]"), ip)?;
     }
     if hello.interfaces.len() > MAX_INTERFACES {
         return fail(format!("{} interfaces; the limit is {MAX_INTERFACES}", hello.interfaces.len()));
     }
     for (i, interface) in hello.interfaces.iter().enumerate() {
-        check_text(&format!("interfaces[{i}].name"), &interface.name, MAX_SHORT_TEXT)?;
+        check_text(format_args!("interfaces[{i}].name"), &interface.name, MAX_SHORT_TEXT)?;
     }
     Ok(())
 }
@@ -166,8 +170,8 @@ pub fn check_reset(reset: &v1::RstEvent) -> Result<(), CheckError> {
         return fail(format!("{} evidence items; the limit is {MAX_EVIDENCE}", reset.evidence.len()));
     }
     for (i, evidence) in reset.evidence.iter().enumerate() {
-        check_text(&format!("evidence[{i}].name"), &evidence.name, MAX_SHORT_TEXT)?;
-        check_text(&format!("evidence[{i}].detail"), &evidence.detail, MAX_DETAIL)?;
+        check_text(format_args!("evidence[{i}].name"), &evidence.name, MAX_SHORT_TEXT)?;
+        check_text(format_args!("evidence[{i}].detail"), &evidence.detail, MAX_DETAIL)?;
     }
     Ok(())
 }
@@ -175,7 +179,7 @@ pub fn check_reset(reset: &v1::RstEvent) -> Result<(), CheckError> {
 fn check_direction(field: &str, direction: Option<&v1::DirectionSummary>) -> Result<(), CheckError> {
     let Some(ttl) = direction.and_then(|d| d.ttl.as_ref()) else { return Ok(()) };
     for (name, value) in [("first", ttl.first), ("last", ttl.last), ("min", ttl.min), ("max", ttl.max)] {
-        check_max(&format!("{field}.ttl.{name}"), value, 255)?;
+        check_max(format_args!("{field}.ttl.{name}"), value, 255)?;
     }
     Ok(())
 }

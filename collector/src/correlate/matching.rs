@@ -28,10 +28,26 @@ pub(crate) struct Index {
     by_tsval: HashMap<(u32, u32, u16), Vec<usize>>,
     /// (seq, ack, flags) → RST indexes.
     by_rst: HashMap<(u32, u32, u32), Vec<usize>>,
-    /// Which tables hold a record already: bit 0 tuple, 1 isn, 2 tsval.
-    placed: HashMap<usize, u8>,
+    /// Which tables hold a record already, by record: bit 0 tuple, 1 isn, 2 tsval.
+    placed: Vec<u8>,
     /// Members of each group, by root.
     members: HashMap<usize, Vec<usize>>,
+}
+
+impl Index {
+    /// Members of the group whose root is `root`, unless it is a group of one.
+    pub(crate) fn members_of(&self, root: usize) -> Option<&[usize]> {
+        self.members.get(&root).map(Vec::as_slice)
+    }
+}
+
+/// The records of a table's list other than `i` may join it: a copy of the list (the joins
+/// change the engine), or nothing, without allocating, when `i` is alone in it (the usual case).
+fn others(list: Option<&Vec<usize>>, i: usize) -> Vec<usize> {
+    match list {
+        Some(list) if list.iter().any(|&j| j != i) => list.clone(),
+        _ => Vec::new(),
+    }
 }
 
 /// ISN pairs and tsvals only join records this close in time (agent clocks), to bound the
@@ -103,7 +119,7 @@ impl Correlator {
 
     /// Indexes record `i` by whatever it now knows, and joins it to matching records.
     pub(crate) fn join(&mut self, i: usize) {
-        let placed = self.index.placed.get(&i).copied().unwrap_or(0);
+        let placed = self.index.placed.get(i).copied().unwrap_or(0);
         let c = &self.conns[i];
         let key = c.key();
         let isns = c.orig_isn.zip(c.resp_isn).map(|(o, r)| (o, r, c.resp.port()));
@@ -126,11 +142,14 @@ impl Correlator {
                 now |= 4;
             }
         }
-        self.index.placed.insert(i, now);
+        if self.index.placed.len() <= i {
+            self.index.placed.resize(i + 1, 0);
+        }
+        self.index.placed[i] = now;
 
         // Strongest key first; a record joins at most one record per other agent.
         if let Some(k) = isns {
-            for j in self.index.by_isns.get(&k).cloned().unwrap_or_default() {
+            for j in others(self.index.by_isns.get(&k), i) {
                 if self.joinable(i, j, STRONG_WINDOW_NS) {
                     let same_tuple = self.conns[j].key() == key;
                     self.try_union(i, j, if same_tuple { "tuple+isn" } else { "isn" });
@@ -138,7 +157,7 @@ impl Correlator {
             }
         }
         if let Some(k) = tsvals {
-            for j in self.index.by_tsval.get(&k).cloned().unwrap_or_default() {
+            for j in others(self.index.by_tsval.get(&k), i) {
                 if self.joinable(i, j, STRONG_WINDOW_NS) && self.conns[i].syn_options == self.conns[j].syn_options {
                     self.try_union(i, j, "tsval");
                 }
@@ -147,7 +166,7 @@ impl Correlator {
         // Same tuple: ISNs must agree where both are known; otherwise times must overlap.
         let skew = self.cfg.max_skew_ns;
         let mut candidates: Vec<(i64, usize)> = Vec::new();
-        for j in self.index.by_tuple.get(&key).cloned().unwrap_or_default() {
+        for j in others(self.index.by_tuple.get(&key), i) {
             if !self.joinable(i, j, i64::MAX) {
                 continue;
             }
@@ -171,9 +190,13 @@ impl Correlator {
         for (distance, j) in candidates {
             self.try_union(i, j, if distance < 0 { "tuple+isn" } else { "tuple+time" });
         }
-        // New handshake times on a record already in a group.
-        for m in self.members(self.root(i)) {
-            self.sample_clocks(i, m);
+        // New handshake times on a record already in a group (a group of one is `i` alone).
+        if let Some(members) = self.index.members_of(self.root(i)) {
+            // A copy: sampling changes the engine.
+            let members: Vec<usize> = members.to_vec();
+            for m in members {
+                self.sample_clocks(i, m);
+            }
         }
     }
 
@@ -192,7 +215,7 @@ impl Correlator {
         };
         let list = self.index.by_rst.entry(key).or_default();
         list.push(r);
-        let candidates = list.clone();
+        let candidates = others(Some(list), r);
         let skew = self.cfg.max_skew_ns;
         for s in candidates {
             let o = &self.rsts[s];

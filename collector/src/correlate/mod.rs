@@ -25,6 +25,7 @@
 
 mod clock;
 mod matching;
+mod text;
 mod verdict;
 
 #[cfg(test)]

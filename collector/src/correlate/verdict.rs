@@ -12,12 +12,11 @@
 //! - otherwise `unverified`, with the reason each silent agent's silence does not count;
 //! - `pending` while a relevant agent's watermark has not passed the RST plus the settle window.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use rstscope_proto::v1;
 
-use super::{unrouted_ttl, ClockEstimate, Correlator};
+use super::{text, unrouted_ttl, ClockEstimate, Correlator};
 use crate::pb;
 
 /// Where an agent sits for one RST's direction.
@@ -128,15 +127,34 @@ impl Correlator {
         roots.dedup();
         let mut out = Vec::new();
         for root in roots {
+            let mut rsts: Vec<usize> = match self.index.members_of(root) {
+                Some(members) => self.group_rsts(members),
+                None => self.rsts_of[root].clone(),
+            };
+            let waiting = !pending_only && self.certainly_pending(&cx, &rsts);
+            if waiting && !cfg!(debug_assertions) {
+                continue;
+            }
             let members = self.members(root);
-            let mut rsts: Vec<usize> = self.group_rsts(&members);
             rsts.sort_by_key(|&r| (self.corrected(&cx, self.rsts[r].agent, self.rsts[r].event.ts_ns), r));
             let clusters = self.clusters(&cx, &rsts);
+            if waiting {
+                // Debug builds (the tests) check the shortcut against the clusters it skips.
+                debug_assert!(clusters.iter().all(|c| self.laggard(&cx, c).is_some()), "a waiting group was decidable");
+                continue;
+            }
             // Every cluster is (re)evaluated: one decided before may gain a late sighting or a
             // forged partner in the other direction, and then its report is replaced (same id).
             let mut all: Vec<(Vec<usize>, v1::ResetReport, bool)> = Vec::new();
             for cluster in clusters {
-                let (mut report, is_pending) = self.report(&cx, root, &members, &cluster);
+                // Only pending clusters are listed, and only the others are handed out: a report
+                // the caller would drop is not built (a pending one is no "injected" partner).
+                let laggard = self.laggard(&cx, &cluster);
+                if laggard.is_some() != pending_only || (pending_only && cluster.iter().all(|&r| self.rsts[r].decided))
+                {
+                    continue;
+                }
+                let (mut report, is_pending) = self.report(&cx, root, &members, &cluster, laggard);
                 if let Some(id) = cluster.iter().find_map(|&r| self.rsts[r].report_id.clone()) {
                     report.id = id;
                 }
@@ -296,9 +314,53 @@ impl Correlator {
         (place, sender_ttl)
     }
 
-    /// The report of one distinct RST (`cluster`, sightings in corrected time order), and
-    /// whether it is still pending.
-    fn report(&self, cx: &Context, root: usize, members: &[usize], cluster: &[usize]) -> (v1::ResetReport, bool) {
+    /// The agent a distinct RST (`cluster`, sightings in corrected time order) still waits
+    /// for, if any: any agent may still report a sighting or a record of its connection (agents
+    /// do not know which paths they see), so every agent still capturing is waited for.
+    fn laggard(&self, cx: &Context, cluster: &[usize]) -> Option<usize> {
+        let t_ref = self.t_ref(cx, cluster[0]);
+        (0..self.agents.len())
+            .find(|&a| !cluster.iter().any(|&r| self.rsts[r].agent == a) && self.waits_for(cx, a, t_ref))
+    }
+
+    /// A sighting's time on the reference clock (a cluster's time when it is the first).
+    fn t_ref(&self, cx: &Context, rst: usize) -> i64 {
+        let o = &self.rsts[rst];
+        self.corrected(cx, o.agent, o.event.ts_ns)
+    }
+
+    /// Whether a RST at `t_ref` (reference clock) that agent `a` did not see waits for `a`:
+    /// its capture goes on, its watermark has not passed the RST plus the settle window, and
+    /// the wait has not run out.
+    fn waits_for(&self, cx: &Context, a: usize, t_ref: i64) -> bool {
+        let info = &self.agents[a];
+        let (offset, allowance) = self.offset(cx, a, t_ref);
+        !info.finished
+            && info.coverage.watermark_ns().is_none_or(|w| w < t_ref + offset + allowance + self.cfg.settle_ns)
+            && cx.newest_ns < t_ref + self.cfg.max_wait_ns
+    }
+
+    /// Whether every distinct RST among a group's sightings (`rsts`) is still pending, known
+    /// without splitting them into clusters: some agent without a sighting in the group waits
+    /// for each sighting's time. (A cluster holds sightings of the group's agents only, and its
+    /// time is one of its sightings', so that agent is a [`Correlator::laggard`] of every
+    /// cluster.) Groups waiting for an agent are thus passed over cheaply on every decision.
+    fn certainly_pending(&self, cx: &Context, rsts: &[usize]) -> bool {
+        let times: Vec<i64> = rsts.iter().map(|&r| self.t_ref(cx, r)).collect();
+        (0..self.agents.len())
+            .any(|a| !rsts.iter().any(|&r| self.rsts[r].agent == a) && times.iter().all(|&t| self.waits_for(cx, a, t)))
+    }
+
+    /// The report of one distinct RST (`cluster`, sightings in corrected time order) whose
+    /// [`Correlator::laggard`] is `laggard`, and whether it is still pending.
+    fn report(
+        &self,
+        cx: &Context,
+        root: usize,
+        members: &[usize],
+        cluster: &[usize],
+        laggard: Option<usize>,
+    ) -> (v1::ResetReport, bool) {
         let first = &self.rsts[cluster[0]];
         let from_orig = first.sent_by_originator(self);
         let t_ref = self.corrected(cx, first.agent, first.event.ts_ns);
@@ -344,40 +406,22 @@ impl Correlator {
         // Path order from the sender: at-sender, through (higher sender TTL first), at-receiver.
         roles.sort_by(|x, y| x.place.cmp(&y.place).then(y.sender_ttl.cmp(&x.sender_ttl)).then(x.agent.cmp(&y.agent)));
 
-        // Any agent may still report a sighting or a record of this connection (agents do not
-        // know which paths they see), so every agent still capturing is waited for.
-        let laggard = (0..self.agents.len()).find(|&a| {
-            let info = &self.agents[a];
-            let (offset, allowance) = self.offset(cx, a, t_ref);
-            !info.finished
-                && !roles.iter().any(|r| r.agent == a && r.rst.is_some())
-                && info.coverage.watermark_ns().is_none_or(|w| w < t_ref + offset + allowance + self.cfg.settle_ns)
-                && cx.newest_ns < t_ref + self.cfg.max_wait_ns
-        });
         let is_pending = laggard.is_some();
         let mut evidence: Vec<v1::Evidence> = Vec::new();
         let name = |a: usize| self.agents[a].name.clone();
+        let name_ref = |a: usize| self.agents[a].name.as_str();
         let path: Vec<&Role> = roles.iter().filter(|r| r.place != Place::Unknown).collect();
         let sender = path.iter().find(|r| r.place == Place::AtSender).copied();
         let receiver = path.iter().rev().find(|r| r.place == Place::AtReceiver).copied();
 
         for r in &path {
-            let t = pb::ts_text(r.local_ts);
-            match (r.rst, r.place) {
-                (Some(x), Place::AtSender) => evidence.push(ev(
-                    "seen-at-sender",
-                    format!("{} saw it leave at {t} (TTL {})", name(r.agent), self.rsts[x].event.ttl),
-                )),
-                (Some(x), Place::AtReceiver) => evidence.push(ev(
-                    "seen-at-receiver",
-                    format!("{} saw it arrive at {t} (TTL {})", name(r.agent), self.rsts[x].event.ttl),
-                )),
-                (Some(x), _) => evidence.push(ev(
-                    "seen-on-path",
-                    format!("{} saw it pass at {t} (TTL {})", name(r.agent), self.rsts[x].event.ttl),
-                )),
-                (None, _) => {}
-            }
+            let Some(x) = r.rst else { continue };
+            let (what, verb) = match r.place {
+                Place::AtSender => ("seen-at-sender", "leave"),
+                Place::AtReceiver => ("seen-at-receiver", "arrive"),
+                _ => ("seen-on-path", "pass"),
+            };
+            evidence.push(ev(what, text::sighting(name_ref(r.agent), verb, r.local_ts, self.rsts[x].event.ttl)));
         }
 
         let verdict: &str;
@@ -486,12 +530,13 @@ impl Correlator {
             }
         }
         // The agents' own findings, once per name.
-        let mut seen_names: HashMap<String, ()> = HashMap::new();
+        let mut seen_names: Vec<&str> = Vec::new();
         for r in &path {
             if let Some(x) = r.rst {
                 for e in &self.rsts[x].event.evidence {
-                    if seen_names.insert(e.name.clone(), ()).is_none() {
-                        evidence.push(ev(&e.name, format!("{}: {}", name(r.agent), e.detail)));
+                    if !seen_names.contains(&e.name.as_str()) {
+                        seen_names.push(&e.name);
+                        evidence.push(ev(&e.name, text::concat(&[name_ref(r.agent), ": ", &e.detail])));
                     }
                 }
             }
@@ -537,7 +582,7 @@ impl Correlator {
                     payload_len: e.payload_len,
                     direction: r.place.direction().to_string(),
                     local_cause: e.cause,
-                    record: format!("{}/{:016x}", name(r.agent), e.conn_id),
+                    record: text::record_label(name_ref(r.agent), e.conn_id),
                 });
             }
         }
@@ -599,7 +644,7 @@ impl Correlator {
 
     /// Why an agent's silence counts, in words.
     fn witness(&self, w: &Role) -> String {
-        let at = pb::ts_text(w.local_ts);
+        let at = text::ts(w.local_ts);
         match w.conn {
             Some(_) => format!("recorded this connection ({}) and captured {at} without loss", self.conn_label(w.conn)),
             None => format!(
@@ -610,13 +655,14 @@ impl Correlator {
 
     fn conn_label(&self, conn: Option<usize>) -> String {
         conn.map_or_else(String::new, |c| {
-            format!("{}/{:016x}", self.agents[self.conns[c].agent].name, self.conns[c].conn_id)
+            text::record_label(&self.agents[self.conns[c].agent].name, self.conns[c].conn_id)
         })
     }
 
     /// A connection group's printable id: its record at the first agent by name.
     pub(crate) fn group_label(&self, root: usize) -> String {
-        let members = self.members(root);
+        let root_only = [root];
+        let members = self.index.members_of(root).unwrap_or(&root_only);
         let best =
             members.iter().copied().min_by_key(|&m| (&self.agents[self.conns[m].agent].name, self.conns[m].conn_id));
         self.conn_label(best)
@@ -633,7 +679,7 @@ impl Correlator {
         for v in [e.conn_id, e.ts_ns as u64, u64::from(e.seq), u64::from(e.ack), u64::from(e.flags)] {
             h.write(&v.to_be_bytes());
         }
-        format!("{:016x}", h.0)
+        text::hex16(h.0)
     }
 }
 

@@ -228,6 +228,16 @@ impl Store {
         batch: &v1::Batch,
         now_ns: i64,
     ) -> Result<Pending, StoreError> {
+        self.guarded(|| self.write_batch_unguarded(agent, boot_id, batch, now_ns))
+    }
+
+    fn write_batch_unguarded(
+        &self,
+        agent: &str,
+        boot_id: &str,
+        batch: &v1::Batch,
+        now_ns: i64,
+    ) -> Result<Pending, StoreError> {
         let (prepared, mark) = prepare(batch)?;
         let mut writer = self.writer();
         let session = self.session(agent, boot_id)?;
@@ -344,7 +354,7 @@ impl Store {
     /// fsync shared with every batch written meanwhile), then publishes its resets.
     pub fn make_durable(&self, pending: Pending) -> Result<Appended, StoreError> {
         if pending.generation > 0 {
-            self.inner.durability.wait(&self.inner.db, pending.generation)?;
+            self.guarded(|| self.inner.durability.wait(&self.inner.db, pending.generation))?;
         }
         if let Some(resets) = pending.publish {
             // An error only means every follower left meanwhile.

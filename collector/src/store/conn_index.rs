@@ -42,6 +42,8 @@ use super::StoreError;
 
 /// Entries per block of a run (a block is one sled value, about 17 kB).
 pub(crate) const BLOCK_ENTRIES: usize = 256;
+/// Entries per log value (about 60 kB).
+const LOG_ENTRIES: usize = 900;
 /// An entry without its hour (as stored in blocks).
 const ENTRY_LEN: usize = CONN_KEY_LEN - 4;
 /// Flow key bytes.
@@ -137,10 +139,17 @@ impl ConnIndex {
             return Ok(());
         }
         let mut memory = self.memory();
-        let number = memory.next_log;
-        self.log.insert(number.to_be_bytes(), entries.concat())?;
-        memory.next_log += 1;
-        memory.logs.push(number);
+        // Values under 64 KiB (see `SEGMENT_BYTES` in the store): a batch of more entries takes
+        // several log values.
+        let mut batch = sled::Batch::default();
+        let first = memory.next_log;
+        for part in entries.chunks(LOG_ENTRIES) {
+            batch.insert(&memory.next_log.to_be_bytes(), part.concat());
+            memory.next_log += 1;
+        }
+        self.log.apply_batch(batch)?;
+        let next = memory.next_log;
+        memory.logs.extend(first..next);
         memory.entries.extend_from_slice(entries);
         Ok(())
     }

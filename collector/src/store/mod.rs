@@ -68,7 +68,7 @@ mod tests;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -301,10 +301,17 @@ struct Inner {
     totals: [AtomicU64; 4],
     names: RwLock<AgentNames>,
     corrupt_skipped: AtomicU64,
+    /// Whether a write failed so that the store must be reopened (`FAILED_*`).
+    failed: AtomicU8,
     durability: append::Durability,
     /// New durable resets, one message per batch, for followers.
     new_resets: tokio::sync::broadcast::Sender<Arc<[StoredReset]>>,
 }
+
+/// Values of `Inner::failed`.
+const FAILED_NOT: u8 = 0;
+const FAILED_OTHER: u8 = 1;
+const FAILED_DISK_FULL: u8 = 2;
 
 /// Batches a follower may fall behind by before it is told it lagged.
 const FOLLOW_CAPACITY: usize = 1024;
@@ -338,7 +345,7 @@ impl Store {
     /// Opens (or creates) the database in `config.dir`.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(&config.dir)?;
-        let db = open_sled(&sled::Config::new().path(&config.dir).cache_capacity(config.cache_bytes))?;
+        let db = open_sled(&sled_config(&config.dir).cache_capacity(config.cache_bytes))?;
         let tree = |name: &str| db.open_tree(name).map_err(StoreError::from_sled);
         let record_tree = |name: &str| -> Result<records::RecordTree, StoreError> {
             let tree = records::RecordTree::new(tree(name)?);
@@ -391,6 +398,7 @@ impl Store {
                 totals: Default::default(),
                 names: RwLock::new(names),
                 corrupt_skipped: AtomicU64::new(0),
+                failed: AtomicU8::new(FAILED_NOT),
                 durability: append::Durability::default(),
                 new_resets: tokio::sync::broadcast::channel(FOLLOW_CAPACITY).0,
             }),
@@ -466,6 +474,10 @@ impl Store {
     /// Records an agent's hello (creates or updates its record) and returns the durable batch
     /// number of its `(agent_name, boot_id)` session: 0 for a new session.
     pub fn hello(&self, hello: &v1::AgentHello, now_ns: i64) -> Result<u64, StoreError> {
+        self.guarded(|| self.hello_unguarded(hello, now_ns))
+    }
+
+    fn hello_unguarded(&self, hello: &v1::AgentHello, now_ns: i64) -> Result<u64, StoreError> {
         let local_addresses = hello
             .local_addresses
             .iter()
@@ -577,16 +589,38 @@ impl Store {
 
     /// Makes everything written so far durable (fsync).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.inner.durability.flush_now(&self.inner.db)
+        self.guarded(|| self.inner.durability.flush_now(&self.inner.db))
+    }
+
+    /// Runs a write, unless an earlier write of this open store failed in a way that needs a
+    /// reopen (then refuses at once, without touching sled); remembers such a failure. sled
+    /// refuses every write after its own I/O error anyway, and a flush that races with that
+    /// error can wait forever: the store must not call it again until it is reopened.
+    fn guarded<T>(&self, write: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match self.inner.failed.load(Ordering::Acquire) {
+            FAILED_NOT => {}
+            FAILED_DISK_FULL => return Err(StoreError::DiskFull(std::io::ErrorKind::StorageFull.into())),
+            _ => return Err(StoreError::Reopening),
+        }
+        let result = write();
+        if let Err(error) = &result {
+            if error.needs_reopen() {
+                let failed = if matches!(error, StoreError::DiskFull(_)) { FAILED_DISK_FULL } else { FAILED_OTHER };
+                self.inner.failed.store(failed, Ordering::Release);
+            }
+        }
+        result
     }
 
     /// Stores a small named value (e.g. the correlator's "decided until" time), replacing any
     /// earlier one. Not flushed: it becomes durable with the next flush, and never before
     /// anything written earlier (sled recovers a prefix of its log).
     pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.inner.meta.insert(meta_key(name), value).map_err(StoreError::from_sled)?;
-        self.inner.durability.bump();
-        Ok(())
+        self.guarded(|| {
+            self.inner.meta.insert(meta_key(name), value).map_err(StoreError::from_sled)?;
+            self.inner.durability.bump();
+            Ok(())
+        })
     }
 
     /// The value [`Store::set_meta`] stored under `name`, if any.
@@ -681,6 +715,22 @@ fn encode_record(record: &AgentRecord) -> Result<Vec<u8>, StoreError> {
 
 fn decode_record(name: &str, bytes: &[u8]) -> Result<AgentRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("agent record of {name:?}: {e}")))
+}
+
+/// sled's log segment size for new stores: 8 MiB. sled writes anything larger than a quarter
+/// of a segment (a value, or a leaf node with its 16 or so values) to a file of its own (a
+/// "blob"); with the default 512 KiB segments the collector's batch-sized values made most
+/// writes blobs, and sled 0.34 can wait forever in a flush after a blob write fails on a full
+/// disk. Every value the store writes stays under 64 KiB, so leaves stay under the 2 MiB limit.
+const SEGMENT_BYTES: usize = 8 << 20;
+
+/// The sled configuration of the store in `dir`: the segment size it was created with (sled
+/// refuses to open a database with another one), or [`SEGMENT_BYTES`] for a new store.
+pub(super) fn sled_config(dir: &std::path::Path) -> sled::Config {
+    let stored = std::fs::read_to_string(dir.join("conf")).ok().and_then(|conf| {
+        conf.lines().find_map(|line| line.strip_prefix("segment_size: ").and_then(|n| n.trim().parse::<usize>().ok()))
+    });
+    sled::Config::new().path(dir).segment_size(stored.unwrap_or(SEGMENT_BYTES))
 }
 
 /// Opens a sled database. sled finishes a closed database's last writes on its I/O thread

@@ -37,7 +37,9 @@ use super::StoreError;
 /// Width of a chunk's time bucket.
 const BUCKET_NS: i64 = 1_000_000_000;
 /// Length of a chunk key.
-pub(crate) const CHUNK_KEY_LEN: usize = 24;
+pub(crate) const CHUNK_KEY_LEN: usize = 26;
+/// A chunk is cut when it reaches this many bytes (see `SEGMENT_BYTES` in the store).
+const CHUNK_BYTES: usize = 60 << 10;
 /// Version byte in front of every chunk.
 const CHUNK_VERSION: u8 = 1;
 
@@ -67,11 +69,33 @@ fn chunk_prefix(record_key: &[u8]) -> [u8; 12] {
     out
 }
 
-fn chunk_key(prefix: &[u8; 12], session_id: u32, batch_seq: u64) -> [u8; CHUNK_KEY_LEN] {
+fn chunk_key(prefix: &[u8; 12], session_id: u32, batch_seq: u64, part: u16) -> [u8; CHUNK_KEY_LEN] {
     let mut out = [0u8; CHUNK_KEY_LEN];
     out[..12].copy_from_slice(prefix);
     out[12..16].copy_from_slice(&session_id.to_be_bytes());
     out[16..24].copy_from_slice(&batch_seq.to_be_bytes());
+    out[24..26].copy_from_slice(&part.to_be_bytes());
+    out
+}
+
+/// Chunk values of records (sorted by key), each at most [`CHUNK_BYTES`] (a single larger
+/// record gets a chunk of its own).
+fn encode_chunks<'a>(records: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut current: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut bytes = 1;
+    for (key, value) in records {
+        let size = key.len() + 4 + value.len();
+        if !current.is_empty() && bytes + size > CHUNK_BYTES {
+            out.push(encode_chunk(current.drain(..)));
+            bytes = 1;
+        }
+        current.push((key, value));
+        bytes += size;
+    }
+    if !current.is_empty() {
+        out.push(encode_chunk(current));
+    }
     out
 }
 
@@ -211,7 +235,11 @@ impl RecordTree {
         records.sort_unstable_by_key(|r| r.0);
         let mut batch = sled::Batch::default();
         for (prefix, records) in group_by_chunk(records.iter().map(|(k, v)| (&k[..], *v))) {
-            batch.insert(&chunk_key(&prefix, session_id, batch_seq)[..], encode_chunk(records));
+            for (part, chunk) in encode_chunks(records).into_iter().enumerate() {
+                let part =
+                    u16::try_from(part).map_err(|_| StoreError::Invalid("a batch too large for one second".into()))?;
+                batch.insert(&chunk_key(&prefix, session_id, batch_seq, part)[..], chunk);
+            }
         }
         for (key, value) in reserved {
             batch.insert(*key, *value);
@@ -244,6 +272,7 @@ impl RecordTree {
                 if kept.is_empty() {
                     batch.remove(chunk_key);
                 } else {
+                    // Smaller than before: still one chunk.
                     batch.insert(chunk_key, encode_chunk(kept.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))));
                 }
             }
@@ -279,9 +308,11 @@ impl RecordTree {
                 batch.remove(k.clone());
             }
             for (prefix, records) in group_by_chunk(slice.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))) {
-                seq += 1;
                 // Session 0 is never a live session's id: these keys cannot collide with ingest.
-                batch.insert(&chunk_key(&prefix, 0, u64::MAX - seq)[..], encode_chunk(records));
+                for chunk in encode_chunks(records) {
+                    seq += 1;
+                    batch.insert(&chunk_key(&prefix, 0, u64::MAX - seq, 0)[..], chunk);
+                }
             }
             self.tree.apply_batch(batch)?;
             moved += slice.len() as u64;
@@ -494,7 +525,7 @@ mod tests {
     #[test]
     fn a_malformed_chunk_is_yielded_whole_and_nothing_else_is_lost() {
         let (_dir, tree) = fixture();
-        let bad = chunk_key(&chunk_prefix(&key(T0 + 1_000 * 1_000_000, 1, 0)), 9, 9);
+        let bad = chunk_key(&chunk_prefix(&key(T0 + 1_000 * 1_000_000, 1, 0)), 9, 9, 0);
         tree.raw().insert(bad, &[CHUNK_VERSION, 1, 2, 3][..]).expect("insert");
         let keys: Vec<IVec> = tree.range(..).map(|r| r.expect("record").0).collect();
         assert_eq!(keys.len(), 13);

@@ -7,28 +7,51 @@
 //! visited and several per point look-up, so 400k keys alone take 400 ms, and 40k single
 //! fetches another 300 ms. Reports are therefore kept per 10 s of report time, in two trees:
 //!
-//! - `report_buckets`: bucket start (ts 8) → one value listing the bucket's reports, in key
-//!   order, with what the filters look at: verdict, cause, flags, the agents, addresses and
-//!   ports of every observation (a few dozen bytes each).
-//! - `report_pages`: bucket start (ts 8) · page (u16) → the bucket's encoded reports, in the same
-//!   key order, cut into pages of about 32 kB (sled keeps bigger values in files of their own).
+//! - `report_buckets`: bucket start (ts 8) → the bucket's *base*: one value listing reports in
+//!   key order, with what the filters look at: verdict, cause, flags, the agents, addresses and
+//!   ports of every observation (a few dozen bytes each); and bucket start · run (u16) → the
+//!   *runs* appended since (see below).
+//! - `report_pages`: bucket start (ts 8) · page (u16) → the bucket's encoded reports, cut into
+//!   pages of about 32 kB (sled keeps bigger values in files of their own).
 //!
-//! A listing reads one bucket value per 10 s (360 for an hour), filters the entries in memory,
-//! and then reads the pages of only the buckets that hold a match, decoding only the matches.
-//! `report_ids` (id → ts 8) finds a report's bucket when it is rewritten with another time or
-//! fetched by id. The report key (ts 8 · id) orders reports within a bucket.
+//! A listing reads a bucket's base and runs per 10 s (360 buckets for an hour), filters the
+//! entries in memory, and then reads the pages of only the buckets that hold a match, decoding
+//! only the matches. `report_ids` (id → ts 8) finds a report's bucket when it is rewritten with
+//! another time or fetched by id. The report key (ts 8 · id) orders reports within a bucket.
 //!
-//! The price is paid by [`Store::put_reports`]: each call rewrites the buckets and pages it
-//! touches (a few kB to some 100 kB), so the correlator stores its decisions in batches rather
-//! than one report per call.
+//! # Why appending
+//! The correlator stores its decisions a few times a second, and the newest bucket then holds
+//! up to some 100k reports: rewriting the whole bucket (entries and pages) on every call cost
+//! more than everything else the collector does per event. So [`Store::put_reports`] appends:
+//! - the new reports' records go at the end of the bucket's last page (rewritten while it is
+//!   under 32 kB) or into new pages; a page record that a later one with the same key follows
+//!   is superseded (the last record of a key wins);
+//! - their entries (and, for a report that moved to another time, the removal of its old key
+//!   in the old bucket) go into a new *run*: a value of entries and removals in key order.
+//!   Runs are merged like a binary counter: while the run before the newest one is at most
+//!   twice its size, the two become one (the newer entry of a key wins); merging into the base
+//!   drops removals. So a bucket has a few runs (logarithmic in its size) and each entry is
+//!   rewritten a logarithmic number of times.
+//! - Superseded records stay in the pages until the bucket is compacted: rewritten whole as
+//!   before (pages in key order, a base without runs). That happens when a merge reaches the
+//!   base while a run superseded records, when the superseded bytes (each run counts its own)
+//!   reach half the pages, and by retention. The first two need the bucket to have grown by a
+//!   third, or as many bytes superseded as half its pages, since the last rewrite: their cost
+//!   per report stays constant.
+//!
+//! Layouts of earlier versions read as they are: a store whose buckets are a base only, with
+//! pages in key order, is the compacted form of this one. The way back does not work: an
+//! earlier version would skip runs as corrupt keys and take the first record of a key.
 //!
 //! # Crash safety
 //! `put_reports` writes, per bucket, the pages first (atomically with the report count), then
-//! the bucket's entries, and last the id map. A crash in between leaves an entry whose report
-//! is missing or stale in the pages (skipped when listed), or a report in the pages without an
-//! entry (not listed), until the same reports are put again, which the correlator does when it
-//! replays from its last durable "decided until" time. Every rewrite of a bucket keeps only
-//! reports that have both, so such leftovers do not outlive the next write to their bucket.
+//! the bucket's base and runs (atomically), and last the id map. A crash in between leaves
+//! page records without an entry (not listed), or entries older than their records (the new
+//! report listed under the old entry's filter values), until the same reports
+//! are put again, which the correlator does when it replays from its last durable "decided
+//! until" time. The report count may then be off by the reports of the interrupted call (it
+//! counts ids that were new to `report_ids`). Every compaction keeps only reports that have
+//! both an entry and a record, so such leftovers do not outlive the next compaction.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -59,8 +82,17 @@ type BucketKeys = (i64, Vec<Vec<u8>>);
 
 /// Width of a bucket of report time.
 const BUCKET_NS: i64 = 10_000_000_000;
-/// Version byte in front of bucket values and pages.
+/// Version byte in front of bucket bases and pages.
 const REPORT_VERSION: u8 = 1;
+/// Version byte in front of a bucket's runs (then the run's superseded bytes, then ops).
+const RUN_VERSION: u8 = 2;
+/// Bytes of a run's header: version, and (u32) about how many bytes of page records the
+/// run's ops superseded (reports replaced or removed; the new record's size stands for the old).
+const RUN_HEADER: usize = 5;
+/// Op of a run: an entry (encoded as in the base) follows.
+const OP_ENTRY: u8 = 0;
+/// Op of a run: a removed report's key (one length byte, the key) follows.
+const OP_REMOVE: u8 = 1;
 /// Longest report id (its key is ts 8 + id, length-prefixed in bucket entries by one byte).
 pub const MAX_REPORT_ID: usize = 200;
 /// A page is closed once it holds this many bytes.
@@ -70,7 +102,7 @@ const PAGE_BYTES: usize = 32 * 1024;
 pub(super) struct ReportTrees {
     pub(super) pages: sled::Tree,
     pub(super) ids: sled::Tree,
-    buckets: sled::Tree,
+    pub(super) buckets: sled::Tree,
     count: AtomicU64,
 }
 
@@ -125,20 +157,257 @@ impl ReportTrees {
         Ok(())
     }
 
-    /// The records of one bucket's pages, in key order (report key, page, where the encoded
-    /// report lies in the page), and how many pages it has.
+    /// The records of one bucket's pages in stored order (report key, page, where the encoded
+    /// report lies in the page; a later record of a key supersedes an earlier one), and the
+    /// number after the bucket's highest page.
     #[allow(clippy::type_complexity)]
     fn page_records(&self, start: i64) -> Result<(Vec<(Vec<u8>, sled::IVec, Range<usize>)>, usize), StoreError> {
         let (mut out, mut pages) = (Vec::new(), 0);
         for item in self.pages.scan_prefix(ts_bytes(start)) {
-            let (_, page) = item?;
-            pages += 1;
+            let (key, page) = item?;
+            if let Some(n) = page_number(&key) {
+                pages = pages.max(usize::from(n) + 1);
+            }
             for (key, body) in PageRecords::new(&page) {
                 out.push((key.to_vec(), page.clone(), offset_in(&page, body)));
             }
         }
         Ok((out, pages))
     }
+
+    /// Bucket `start`'s base and runs as stored.
+    fn bucket_values(&self, start: i64) -> Result<BucketValues, StoreError> {
+        let (first, last) = (ts_bytes(start).to_vec(), run_key(start, u16::MAX).to_vec());
+        let mut values = BucketValues::default();
+        for item in self.buckets.range(first..=last) {
+            let (key, value) = item?;
+            values.add(key, value);
+        }
+        Ok(values)
+    }
+}
+
+/// A bucket's base (its key is the bucket start) and runs (bucket start · run number), as
+/// stored: the runs ascending, the newest last.
+#[derive(Default)]
+struct BucketValues {
+    base: Option<sled::IVec>,
+    runs: Vec<(sled::IVec, sled::IVec)>,
+}
+
+impl BucketValues {
+    /// Adds a stored value of this bucket (in ascending key order); ignores other keys.
+    fn add(&mut self, key: sled::IVec, value: sled::IVec) {
+        match key.len() {
+            8 => self.base = Some(value),
+            10 => self.runs.push((key, value)),
+            _ => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.base.is_none() && self.runs.is_empty()
+    }
+
+    /// The bucket's reports in key order, each by its newest entry (removed ones left out),
+    /// and whether a value was malformed (read up to the fault).
+    fn live(&self) -> (Vec<(Entry<'_>, &[u8])>, bool) {
+        let mut broken = false;
+        let mut base = Entries::new(self.base.as_deref().unwrap_or(&[]));
+        if self.runs.is_empty() {
+            let out = base.by_ref().collect();
+            return (out, base.broken);
+        }
+        // Every op with its position (later wins), sorted by key; the last op of a key counts.
+        let mut ops: Vec<(Op<'_>, usize)> = base.by_ref().map(|(e, whole)| Op::Put(e, whole)).zip(0..).collect();
+        broken |= base.broken;
+        for (_, value) in &self.runs {
+            let mut run = RunOps::new(value);
+            let from = ops.len();
+            ops.extend(run.by_ref().zip(from..));
+            broken |= run.entries.broken;
+        }
+        ops.sort_unstable_by(|a, b| a.0.key().cmp(b.0.key()).then(a.1.cmp(&b.1)));
+        let mut out = Vec::with_capacity(ops.len());
+        for (i, (op, _)) in ops.iter().enumerate() {
+            if ops.get(i + 1).is_some_and(|next| next.0.key() == op.key()) {
+                continue;
+            }
+            if let Op::Put(entry, whole) = op {
+                out.push((entry.clone(), *whole));
+            }
+        }
+        (out, broken)
+    }
+}
+
+/// Groups items of `report_buckets` (in either direction) by bucket.
+fn by_bucket<'a>(
+    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 'a,
+    store: &'a Store,
+) -> impl Iterator<Item = Result<(i64, BucketValues), StoreError>> + 'a {
+    let mut items = items.peekable();
+    std::iter::from_fn(move || loop {
+        let (key, value) = match items.next()? {
+            Ok(item) => item,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let Some(start) =
+            key.get(..8).and_then(|s| <[u8; 8]>::try_from(s).ok()).filter(|_| matches!(key.len(), 8 | 10))
+        else {
+            store.corrupt("report_buckets", &key, "key is not a bucket time");
+            continue;
+        };
+        let mut group = vec![(key, value)];
+        while let Some(Ok(item)) =
+            items.next_if(|next| matches!(next, Ok((k, _)) if matches!(k.len(), 8 | 10) && k.starts_with(&start)))
+        {
+            group.push(item);
+        }
+        // A base sorts before its runs; ascending order for `add`.
+        group.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut values = BucketValues::default();
+        for (key, value) in group {
+            values.add(key, value);
+        }
+        return Some(Ok((ts_from_bytes(start), values)));
+    })
+}
+
+fn run_key(start: i64, run: u16) -> [u8; 10] {
+    page_key(start, run)
+}
+
+/// The run or page number of a 10-byte key.
+fn page_number(key: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(key.get(8..10)?.try_into().ok()?)).filter(|_| key.len() == 10)
+}
+
+/// One op of a run: a report's entry (new or replacing), or the removal of a report's key.
+#[derive(Clone)]
+enum Op<'a> {
+    /// The entry, and its encoding.
+    Put(Entry<'a>, &'a [u8]),
+    Remove(&'a [u8]),
+}
+
+impl<'a> Op<'a> {
+    fn key(&self) -> &'a [u8] {
+        match self {
+            Op::Put(e, _) => e.key,
+            Op::Remove(key) => key,
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Op::Put(_, whole) => {
+                out.push(OP_ENTRY);
+                out.extend_from_slice(whole);
+            }
+            Op::Remove(key) => {
+                out.push(OP_REMOVE);
+                push_short(out, key);
+            }
+        }
+    }
+}
+
+/// About how many bytes of page records a run superseded (see [`RUN_HEADER`]).
+fn run_superseded(run: &[u8]) -> u64 {
+    match run {
+        [RUN_VERSION, a, b, c, d, ..] => u64::from(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => 0,
+    }
+}
+
+/// A run's header.
+fn run_header(superseded: u64) -> [u8; RUN_HEADER] {
+    let [a, b, c, d] = (superseded.min(u64::from(u32::MAX)) as u32).to_be_bytes();
+    [RUN_VERSION, a, b, c, d]
+}
+
+/// Reads a run's ops one after another; stops at the first malformed one.
+struct RunOps<'a> {
+    entries: Entries<'a>,
+}
+
+impl<'a> RunOps<'a> {
+    fn new(run: &'a [u8]) -> RunOps<'a> {
+        match run {
+            [RUN_VERSION, _, _, _, _, rest @ ..] => RunOps { entries: Entries { rest, broken: false } },
+            [] => RunOps { entries: Entries { rest: &[], broken: false } },
+            _ => RunOps { entries: Entries { rest: &[], broken: true } },
+        }
+    }
+
+    fn op(&mut self) -> Option<Op<'a>> {
+        match *Entries::take(&mut self.entries, 1)?.first()? {
+            OP_ENTRY => self.entries.entry().map(|(e, whole)| Op::Put(e, whole)),
+            OP_REMOVE => self.entries.short().map(Op::Remove),
+            _ => None,
+        }
+    }
+}
+
+impl<'a> Iterator for RunOps<'a> {
+    type Item = Op<'a>;
+
+    fn next(&mut self) -> Option<Op<'a>> {
+        let found = self.op();
+        if found.is_none() {
+            self.entries.broken |= !self.entries.rest.is_empty();
+            self.entries.rest = &[];
+        }
+        found
+    }
+}
+
+/// The ops of a bucket value: a base's entries, or a run's ops.
+fn ops_of(value: &[u8], is_base: bool) -> Box<dyn Iterator<Item = Op<'_>> + '_> {
+    if is_base {
+        Box::new(Entries::new(value).map(|(e, whole)| Op::Put(e, whole)))
+    } else {
+        Box::new(RunOps::new(value))
+    }
+}
+
+/// Merges two runs (or a base, `older`, and a run), each in key order, into one in key order;
+/// the newer op of a key wins, and the superseded bytes add up. Into a base (`older_is_base`)
+/// removals are dropped and the result is a base. Also says whether a key was in both (the
+/// newer op superseded a page record, whether or not its run counted it).
+fn merge_runs(older: &[u8], older_is_base: bool, newer: &[u8]) -> (Vec<u8>, bool) {
+    let mut both = false;
+    let mut out = Vec::with_capacity(older.len() + newer.len());
+    if older_is_base {
+        out.push(REPORT_VERSION);
+    } else {
+        out.extend_from_slice(&run_header(run_superseded(older) + run_superseded(newer)));
+    }
+    let emit = |op: &Op<'_>, out: &mut Vec<u8>| match op {
+        Op::Put(_, whole) if older_is_base => out.extend_from_slice(whole),
+        Op::Remove(_) if older_is_base => {}
+        _ => op.encode(out),
+    };
+    let (mut a, mut b) = (ops_of(older, older_is_base).peekable(), RunOps::new(newer).peekable());
+    loop {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => x.key().cmp(y.key()),
+        };
+        match order {
+            std::cmp::Ordering::Less => emit(&a.next().expect("peeked"), &mut out),
+            std::cmp::Ordering::Greater => emit(&b.next().expect("peeked"), &mut out),
+            std::cmp::Ordering::Equal => {
+                a.next();
+                both = true;
+                emit(&b.next().expect("peeked"), &mut out);
+            }
+        }
+    }
+    (out, both)
 }
 
 /// Where `part` (a subslice of `whole`) lies in `whole`.
@@ -192,13 +461,15 @@ pub(super) fn page_records_of(page: &[u8]) -> impl Iterator<Item = (&[u8], &[u8]
 /// Reads a page's records one after another; stops at the first malformed one.
 struct PageRecords<'a> {
     rest: &'a [u8],
+    /// A record was malformed (or the page's version unknown).
+    broken: bool,
 }
 
 impl<'a> PageRecords<'a> {
     fn new(page: &'a [u8]) -> PageRecords<'a> {
         match page.split_first() {
-            Some((&REPORT_VERSION, rest)) => PageRecords { rest },
-            _ => PageRecords { rest: &[] },
+            Some((&REPORT_VERSION, rest)) => PageRecords { rest, broken: false },
+            _ => PageRecords { rest: &[], broken: true },
         }
     }
 
@@ -219,6 +490,7 @@ impl<'a> Iterator for PageRecords<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         let found = self.record();
         if found.is_none() {
+            self.broken |= !self.rest.is_empty();
             self.rest = &[];
         }
         found
@@ -237,6 +509,7 @@ fn report_key(ts_ns: i64, id: &str) -> Vec<u8> {
 }
 
 /// One report's entry in its bucket: what the filters need, and its key.
+#[derive(Clone)]
 struct Entry<'a> {
     key: &'a [u8],
     verdict: &'a [u8],
@@ -276,13 +549,16 @@ impl Entry<'_> {
 /// Reads entries one after another; stops at the first malformed one.
 struct Entries<'a> {
     rest: &'a [u8],
+    /// An entry was malformed (or the value's version unknown).
+    broken: bool,
 }
 
 impl<'a> Entries<'a> {
     fn new(value: &'a [u8]) -> Entries<'a> {
         match value.split_first() {
-            Some((&REPORT_VERSION, rest)) => Entries { rest },
-            _ => Entries { rest: &[] },
+            Some((&REPORT_VERSION, rest)) => Entries { rest, broken: false },
+            None => Entries { rest: &[], broken: false },
+            _ => Entries { rest: &[], broken: true },
         }
     }
 
@@ -324,6 +600,7 @@ impl<'a> Iterator for Entries<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         let found = self.entry();
         if found.is_none() {
+            self.broken |= !self.rest.is_empty();
             self.rest = &[];
         }
         found
@@ -407,6 +684,20 @@ impl ReportFilter {
     }
 }
 
+/// What one [`Store::put_reports`] call changes in one bucket.
+#[derive(Default)]
+struct BucketChange {
+    /// Reports to add or replace.
+    new: Vec<NewReport>,
+    /// Keys of reports that moved to another time (and so to another key).
+    removed: Vec<Vec<u8>>,
+    /// About how many bytes of the bucket's page records are superseded (reports replaced or
+    /// removed; the new record's size stands for the old one's).
+    superseded: u64,
+    /// Reports the bucket gains (new keys) less those it loses (removed keys).
+    count_change: i64,
+}
+
 impl Store {
     /// Stores merged reports, replacing any stored earlier under the same id (also when its
     /// time changed). Idempotent. Not flushed: call [`Store::flush`] (or write the correlator's
@@ -416,6 +707,10 @@ impl Store {
     /// Refuses (nothing written) a report with an empty id, an id over 200 bytes, or a time
     /// before 1970. Observations' agents are interned like ingesting agents.
     pub fn put_reports(&self, reports: &[v1::ResetReport]) -> Result<(), StoreError> {
+        self.guarded(|| self.put_reports_unguarded(reports))
+    }
+
+    fn put_reports_unguarded(&self, reports: &[v1::ResetReport]) -> Result<(), StoreError> {
         for r in reports {
             if r.id.is_empty() || r.id.len() > MAX_REPORT_ID {
                 return Err(StoreError::Invalid(format!(
@@ -428,98 +723,236 @@ impl Store {
             }
         }
         // The last of several reports with one id wins.
-        let mut latest: HashMap<&str, &v1::ResetReport> = HashMap::new();
+        let mut latest: HashMap<&str, &v1::ResetReport> = HashMap::with_capacity(reports.len());
         for r in reports {
             latest.insert(r.id.as_str(), r);
         }
         let _writer = self.writer();
         let t = &self.inner.reports;
         let mut id_batch = sled::Batch::default();
-        // Per bucket: keys whose reports go (an earlier version, here or elsewhere), and new ones.
-        let mut gone: BTreeMap<i64, HashSet<Vec<u8>>> = BTreeMap::new();
-        let mut added: BTreeMap<i64, Vec<NewReport>> = BTreeMap::new();
+        let mut changes: BTreeMap<i64, BucketChange> = BTreeMap::new();
+        let mut agent_ids: Vec<u32> = Vec::new();
         for (id, r) in latest {
             let key = report_key(r.ts_ns, id);
-            if let Some(old) = t.ids.get(id.as_bytes())? {
-                if let Ok(old_ts) = <[u8; 8]>::try_from(old.as_ref()) {
-                    let old_ts = ts_from_bytes(old_ts);
-                    gone.entry(bucket_start(old_ts)).or_default().insert(report_key(old_ts, id));
+            let start = bucket_start(r.ts_ns);
+            let mut body = Vec::with_capacity(r.encoded_len());
+            r.encode_raw(&mut body);
+            let record_bytes = (5 + key.len() + body.len()) as u64;
+            let old_ts = t.ids.get(id.as_bytes())?.and_then(|old| <[u8; 8]>::try_from(old.as_ref()).ok());
+            match old_ts.map(ts_from_bytes) {
+                Some(old_ts) if old_ts == r.ts_ns => changes.entry(start).or_default().superseded += record_bytes,
+                Some(old_ts) => {
+                    let old = changes.entry(bucket_start(old_ts)).or_default();
+                    old.removed.push(report_key(old_ts, id));
+                    old.superseded += record_bytes;
+                    old.count_change -= 1;
+                    changes.entry(start).or_default().count_change += 1;
                 }
+                None => changes.entry(start).or_default().count_change += 1,
             }
-            let mut agent_ids: Vec<u32> = Vec::new();
+            agent_ids.clear();
             for o in &r.observations {
                 let id = self.intern_agent(&o.agent)?;
                 if !agent_ids.contains(&id) {
                     agent_ids.push(id);
                 }
             }
-            let mut body = Vec::with_capacity(r.encoded_len());
-            r.encode_raw(&mut body);
             id_batch.insert(id.as_bytes(), &ts_bytes(r.ts_ns)[..]);
             let entry = encode_entry(&key, r, &agent_ids);
-            gone.entry(bucket_start(r.ts_ns)).or_default().insert(key.clone());
-            added.entry(bucket_start(r.ts_ns)).or_default().push(NewReport { key, entry, body });
+            changes.entry(start).or_default().new.push(NewReport { key, entry, body });
         }
-        for (start, gone_keys) in &gone {
-            let new = added.remove(start).unwrap_or_default();
-            self.rewrite_bucket(*start, |key| gone_keys.contains(key), new)?;
+        for (start, change) in changes {
+            self.append_to_bucket(start, change)?;
         }
         t.ids.apply_batch(id_batch)?;
         self.inner.durability.bump();
         Ok(())
     }
 
-    /// Rewrites bucket `start` (the writer lock held): drops the reports `drop` selects, adds
-    /// `new` (replacing same keys), and keeps only reports that have both an entry and a page
-    /// record. Pages with the count first, then the entries. Returns the keys of the reports
-    /// that were in the pages and are not any more.
+    /// Adds a call's reports to bucket `start` (the writer lock held): records at the end of
+    /// its pages, entries and removals as a new run, merged with the runs before it as the
+    /// module docs say. An empty bucket, one whose merge reaches the base while records are
+    /// superseded, and one out of page or run numbers are rewritten whole instead.
+    fn append_to_bucket(&self, start: i64, mut change: BucketChange) -> Result<(), StoreError> {
+        let t = &self.inner.reports;
+        let values = t.bucket_values(start)?;
+        let rewrite = |change: BucketChange| -> Result<(), StoreError> {
+            let removed: HashSet<Vec<u8>> = change.removed.into_iter().collect();
+            self.rewrite_bucket(start, |key| removed.contains(key), change.new).map(|_| ())
+        };
+        if values.is_empty() {
+            return rewrite(change);
+        }
+        change.new.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        change.removed.sort_unstable();
+
+        // The new run: removals and entries in key order.
+        let mut run = Vec::with_capacity(
+            RUN_HEADER
+                + change.new.iter().map(|n| 1 + n.entry.len()).sum::<usize>()
+                + change.removed.iter().map(|k| 2 + k.len()).sum::<usize>(),
+        );
+        run.extend_from_slice(&run_header(change.superseded));
+        let (mut new, mut removed) = (change.new.iter().peekable(), change.removed.iter().peekable());
+        loop {
+            let take_new = match (new.peek(), removed.peek()) {
+                (None, None) => break,
+                (Some(n), Some(k)) => n.key <= **k,
+                (n, _) => n.is_some(),
+            };
+            if take_new {
+                let n = new.next().expect("peeked");
+                run.push(OP_ENTRY);
+                run.extend_from_slice(&n.entry);
+            } else {
+                let key = removed.next().expect("peeked");
+                run.push(OP_REMOVE);
+                push_short(&mut run, key);
+            }
+        }
+        // Pages: at the end of the last one while it is short, then new ones.
+        let last = t.pages.range(page_key(start, 0)..=page_key(start, u16::MAX)).next_back().transpose()?;
+        let (mut n, mut page) = match &last {
+            None => (0u16, vec![REPORT_VERSION]),
+            Some((key, page)) if page.len() < PAGE_BYTES && page.first() == Some(&REPORT_VERSION) => {
+                (page_number(key).unwrap_or(0), page.to_vec())
+            }
+            Some((key, _)) => match page_number(key).and_then(|n| n.checked_add(1)) {
+                Some(n) => (n, vec![REPORT_VERSION]),
+                None => return rewrite(change),
+            },
+        };
+        // Superseded records up to half the pages: compact then.
+        let superseded = values.runs.iter().map(|(_, run)| run_superseded(run)).sum::<u64>() + change.superseded;
+        let page_bytes = usize::from(n) * PAGE_BYTES + page.len();
+        if superseded > 0 && superseded.saturating_mul(2) >= page_bytes as u64 {
+            return rewrite(change);
+        }
+        let next_run = match values.runs.last() {
+            None => Some(0),
+            Some((key, _)) => page_number(key).and_then(|n| n.checked_add(1)),
+        };
+        let Some(next_run) = next_run else { return rewrite(change) };
+
+        // Merge like a binary counter; stored values as (key, value, is the base).
+        let base_key = ts_bytes(start);
+        let mut stored: Vec<(&[u8], &[u8], bool)> = Vec::new();
+        if let Some(base) = &values.base {
+            stored.push((&base_key[..], base, true));
+        }
+        stored.extend(values.runs.iter().map(|(k, v)| (k.as_ref(), v.as_ref(), false)));
+        // The value to write, its key, and whether that key is stored (a run merged into).
+        let (mut top_key, mut top) = (run_key(start, next_run).to_vec(), run);
+        let mut merged_away: Vec<Vec<u8>> = Vec::new();
+        let mut top_is_stored = false;
+        while let Some(&(below_key, below, below_is_base)) = stored.last() {
+            if below.len() > 2 * top.len() {
+                break;
+            }
+            if below_is_base && run_superseded(&top) > 0 {
+                return rewrite(change);
+            }
+            let (value, both) = merge_runs(below, below_is_base, &top);
+            if below_is_base && both {
+                return rewrite(change);
+            }
+            stored.pop();
+            if top_is_stored {
+                merged_away.push(top_key);
+            }
+            (top_key, top, top_is_stored) = (below_key.to_vec(), value, true);
+        }
+
+        let bytes: usize = change.new.iter().map(|r| 5 + r.key.len() + r.body.len()).sum();
+        if usize::from(n) + bytes / PAGE_BYTES + 2 > usize::from(u16::MAX) {
+            return rewrite(change);
+        }
+        let mut pages = sled::Batch::default();
+        for r in &change.new {
+            push_short(&mut page, &r.key);
+            page.extend_from_slice(&(r.body.len() as u32).to_be_bytes());
+            page.extend_from_slice(&r.body);
+            if page.len() >= PAGE_BYTES {
+                pages.insert(&page_key(start, n)[..], std::mem::replace(&mut page, vec![REPORT_VERSION]));
+                n += 1;
+            }
+        }
+        if page.len() > 1 {
+            pages.insert(&page_key(start, n)[..], page);
+        }
+        let count = (t.count.load(Ordering::Relaxed) as i64).saturating_add(change.count_change).max(0) as u64;
+        pages.insert(&TALLY_TOTAL_KEY[..], &count.to_be_bytes()[..]);
+        t.pages.apply_batch(pages)?;
+        t.count.store(count, Ordering::Relaxed);
+
+        let mut runs = sled::Batch::default();
+        for key in merged_away {
+            runs.remove(key);
+        }
+        runs.insert(top_key, top);
+        t.buckets.apply_batch(runs)?;
+        Ok(())
+    }
+
+    /// Rewrites bucket `start` whole (the writer lock held): drops the reports `drop` selects,
+    /// adds `new` (replacing same keys), and keeps only reports that have both an entry and a
+    /// page record (the newest of its key); the result is a base and pages in key order, without
+    /// runs. Pages with the count first, then the base and runs. Returns the keys of the page
+    /// records that are gone (superseded ones too), and how many reports went.
     fn rewrite_bucket(
         &self,
         start: i64,
         drop: impl Fn(&[u8]) -> bool,
         new: Vec<NewReport>,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
+    ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
         let t = &self.inner.reports;
-        let bucket_key = ts_bytes(start);
-        let old_entries = t.buckets.get(bucket_key)?;
+        let values = t.bucket_values(start)?;
+        let (live, _) = values.live();
         let (old_records, old_pages) = t.page_records(start)?;
+        // The last record of a key wins.
         let bodies: HashMap<&[u8], &[u8]> =
             old_records.iter().map(|(key, page, range)| (key.as_slice(), &page[range.clone()])).collect();
         // Key → (entry, report).
         let mut merged: BTreeMap<Vec<u8>, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
-        if let Some(value) = old_entries.as_deref() {
-            for (entry, whole) in Entries::new(value) {
-                if drop(entry.key) {
-                    continue;
-                }
-                if let Some(body) = bodies.get(entry.key) {
-                    merged.insert(entry.key.to_vec(), (whole.to_vec(), body.to_vec()));
-                }
+        let (mut live_before, mut went) = (0u64, 0u64);
+        for (entry, whole) in &live {
+            let Some(body) = bodies.get(entry.key) else { continue };
+            live_before += 1;
+            if drop(entry.key) {
+                went += 1;
+                continue;
             }
+            merged.insert(entry.key.to_vec(), (whole.to_vec(), body.to_vec()));
         }
         for n in new {
             merged.insert(n.key, (n.entry, n.body));
         }
         let dropped: Vec<Vec<u8>> =
-            old_records.iter().filter(|(key, _, _)| !merged.contains_key(key)).map(|(key, _, _)| key.clone()).collect();
+            bodies.keys().filter(|key| !merged.contains_key(**key)).map(|k| k.to_vec()).collect();
 
-        let count = (t.count.load(Ordering::Relaxed) + merged.len() as u64).saturating_sub(old_records.len() as u64);
+        let count = (t.count.load(Ordering::Relaxed) + merged.len() as u64).saturating_sub(live_before);
         let mut batch =
             page_batch(start, merged.iter().map(|(k, (_, body))| (k.as_slice(), body.as_slice())), old_pages);
         batch.insert(&TALLY_TOTAL_KEY[..], &count.to_be_bytes()[..]);
         t.pages.apply_batch(batch)?;
         t.count.store(count, Ordering::Relaxed);
+        let mut buckets = sled::Batch::default();
+        for (key, _) in &values.runs {
+            buckets.remove(key);
+        }
+        let bucket_key = ts_bytes(start);
         if merged.is_empty() {
-            t.buckets.remove(bucket_key)?;
+            buckets.remove(&bucket_key[..]);
         } else {
             let mut value = Vec::with_capacity(1 + merged.values().map(|(e, _)| e.len()).sum::<usize>());
             value.push(REPORT_VERSION);
             for (entry, _) in merged.values() {
                 value.extend_from_slice(entry);
             }
-            t.buckets.insert(bucket_key, value)?;
+            buckets.insert(&bucket_key[..], value);
         }
-        Ok(dropped)
+        t.buckets.apply_batch(buckets)?;
+        Ok((dropped, went))
     }
 
     /// Stored reports matching `q`, oldest first (with `last`, the newest N, still oldest
@@ -586,22 +1019,17 @@ impl Store {
         let t = &self.inner.reports;
         let range = t.buckets.range::<Vec<u8>, _>((Bound::Included(start), end));
         let backwards = q.last.is_some();
-        let buckets: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+        let items: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             if backwards { Box::new(range.rev()) } else { Box::new(range) };
         let mut selected: Vec<BucketKeys> = Vec::new();
         let mut total = 0usize;
-        for item in buckets {
-            let (bucket, value) = item?;
-            let Ok(start) = <[u8; 8]>::try_from(bucket.as_ref()) else {
-                self.corrupt("report_buckets", &bucket, "key is not a bucket time");
-                continue;
-            };
-            let mut entries = Entries::new(&value);
-            let mut matching: Vec<&[u8]> =
-                entries.by_ref().filter(|(e, _)| filter.matches(e)).map(|(e, _)| e.key).collect();
-            if value.len() > 1 && !entries.rest.is_empty() {
-                self.corrupt("report_buckets", &bucket, "malformed entry");
+        for bucket in by_bucket(items, self) {
+            let (start, values) = bucket?;
+            let (live, broken) = values.live();
+            if broken {
+                self.corrupt("report_buckets", &ts_bytes(start), "malformed entry");
             }
+            let mut matching: Vec<&[u8]> = live.iter().filter(|(e, _)| filter.matches(e)).map(|(e, _)| e.key).collect();
             let room = cap - total;
             if matching.len() > room {
                 if backwards {
@@ -612,7 +1040,7 @@ impl Store {
             }
             if !matching.is_empty() {
                 total += matching.len();
-                selected.push((ts_from_bytes(start), matching.into_iter().map(<[u8]>::to_vec).collect()));
+                selected.push((start, matching.into_iter().map(<[u8]>::to_vec).collect()));
             }
             if total >= cap {
                 break;
@@ -625,28 +1053,30 @@ impl Store {
     }
 
     /// Hands the reports of bucket `start` with these keys (ascending) to `found` (key, encoded
-    /// report), in key order, reading only that bucket's pages. A key without a report (a write
-    /// interrupted between its steps) is skipped.
+    /// report), in key order, reading only that bucket's pages (the last record of a key wins).
+    /// A key without a report (a write interrupted between its steps) is skipped.
     fn read_reports(
         &self,
         start: i64,
         keys: &[Vec<u8>],
         mut found: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), StoreError> {
-        let mut wanted = keys.iter().peekable();
+        let mut hits: Vec<Option<(sled::IVec, Range<usize>)>> = vec![None; keys.len()];
         for item in self.inner.reports.pages.scan_prefix(ts_bytes(start)) {
             let (page_key, page) = item?;
             let mut records = PageRecords::new(&page);
             for (key, body) in records.by_ref() {
-                while wanted.next_if(|w| w.as_slice() < key).is_some() {}
-                let Some(w) = wanted.peek() else { return Ok(()) };
-                if w.as_slice() == key {
-                    found(key, body);
-                    wanted.next();
+                if let Ok(i) = keys.binary_search_by(|k| k.as_slice().cmp(key)) {
+                    hits[i] = Some((page.clone(), offset_in(&page, body)));
                 }
             }
-            if !records.rest.is_empty() || page.first() != Some(&REPORT_VERSION) {
+            if records.broken {
                 self.corrupt("report_pages", &page_key, "malformed page");
+            }
+        }
+        for (key, hit) in keys.iter().zip(hits) {
+            if let Some((page, range)) = hit {
+                found(key, &page[range]);
             }
         }
         Ok(())
@@ -672,8 +1102,8 @@ impl Store {
         let last = bucket_start(cutoff_ns);
         // Buckets with entries or pages (pages alone: a write interrupted between its steps).
         let mut starts: Vec<i64> = Vec::new();
-        for key in t.buckets.range(..=ts_bytes(last)).keys() {
-            if let Ok(start) = <[u8; 8]>::try_from(key?.as_ref()) {
+        for key in t.buckets.range(..=run_key(last, u16::MAX)).keys() {
+            if let Some(start) = key?.get(..8).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
                 starts.push(ts_from_bytes(start));
             }
         }
@@ -688,7 +1118,7 @@ impl Store {
         let mut removed = 0u64;
         for start in starts {
             let _writer = self.writer();
-            let dropped = self.rewrite_bucket(
+            let (dropped, went) = self.rewrite_bucket(
                 start,
                 |key| {
                     key.get(..8)
@@ -706,7 +1136,7 @@ impl Store {
                 }
             }
             t.ids.apply_batch(ids)?;
-            removed += dropped.len() as u64;
+            removed += went;
         }
         self.inner.durability.bump();
         Ok(removed)

@@ -111,6 +111,10 @@ impl Store {
     /// sled frees disk space lazily, so the size pass works from an estimated record cap
     /// (see `size_pass`) rather than looping on `size_on_disk`, which would delete everything.
     pub fn enforce_retention(&self, now_ns: i64) -> Result<RetentionReport, StoreError> {
+        self.guarded(|| self.enforce_retention_unguarded(now_ns))
+    }
+
+    fn enforce_retention_unguarded(&self, now_ns: i64) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport { bytes_before: self.inner.db.size_on_disk()?, ..Default::default() };
         let retention_ns = i64::try_from(self.inner.config.retention.as_nanos()).unwrap_or(i64::MAX);
         // Age is measured back from the newest stored event, capped by `now`: captures replayed

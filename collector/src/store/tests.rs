@@ -1106,7 +1106,7 @@ fn a_store_with_one_value_per_report_is_moved_into_pages_on_open() {
     // Rebuild the layout of earlier versions: reports in a `reports` tree (version byte and
     // the encoded report under the report key, the count under the total key), no pages.
     {
-        let db = open_sled(&sled::Config::new().path(dir.path())).expect("sled");
+        let db = open_sled(&sled_config(dir.path())).expect("sled");
         let pages = db.open_tree("report_pages").expect("tree");
         let old = db.open_tree("reports").expect("tree");
         for item in pages.range(keys::FIRST_RECORD_KEY..) {
@@ -1134,7 +1134,7 @@ fn a_store_with_one_index_key_per_entry_gets_its_connection_index_rebuilt_on_ope
     drop(store);
     // The layout of earlier versions: a `conn` tree with one key per entry, and no runs or log.
     {
-        let db = open_sled(&sled::Config::new().path(dir.path())).expect("sled");
+        let db = open_sled(&sled_config(dir.path())).expect("sled");
         let legacy = db.open_tree("conn").expect("tree");
         legacy.insert([0u8; keys::CONN_KEY_LEN], &[][..]).expect("insert");
         db.drop_tree("conn_runs").expect("drop");
@@ -1202,9 +1202,163 @@ fn a_store_with_one_key_per_record_is_moved_into_chunks_on_open() {
     let store = open(&dir);
     for kind in KINDS {
         let keys: Vec<_> = store.tree(kind).raw().range(keys::FIRST_RECORD_KEY..).map(|r| r.expect("key").0).collect();
-        assert!(keys.iter().all(|k| k.len() == 24), "only chunks left in {}", TREE_NAMES[usize::from(kind)]);
+        assert!(
+            keys.iter().all(|k| k.len() == records::CHUNK_KEY_LEN),
+            "only chunks left in {}",
+            TREE_NAMES[usize::from(kind)]
+        );
     }
     assert_eq!(times(&store, &ResetQuery::default()), before);
     assert_eq!(store.connection(&flow_key("10.0.0.1:1000 > 10.0.0.2:80")).expect("connection"), view);
     assert_consistent(&store);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reports put call by call: appended pages and runs (the append-only `put_reports`).
+// ---------------------------------------------------------------------------------------------
+
+use std::collections::{BTreeMap, HashMap};
+
+/// A small deterministic generator for the call-by-call tests.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Values of `report_buckets` per bucket start (a base and its runs).
+fn bucket_values_per_bucket(store: &Store) -> BTreeMap<Vec<u8>, usize> {
+    let mut out: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+    for key in store.inner.reports.buckets.iter().keys() {
+        *out.entry(key.expect("key")[..8].to_vec()).or_default() += 1;
+    }
+    out
+}
+
+/// Checks the listing, filters, look-ups and count against `model` (time, id) → report.
+fn assert_reports_are(store: &Store, model: &BTreeMap<(i64, String), v1::ResetReport>, when: &str) {
+    let q = ResetQuery::default;
+    let expected: Vec<String> = model.keys().map(|(_, id)| id.clone()).collect();
+    assert_eq!(report_ids(store, &q()), expected, "{when}: listing");
+    let listed = store.reports(&q()).expect("reports");
+    assert!(listed.iter().zip(model.values()).all(|(a, b)| a == b), "{when}: stored reports differ");
+    let lost: Vec<String> = model.iter().filter(|(_, r)| r.verdict == "lost").map(|((_, id), _)| id.clone()).collect();
+    assert_eq!(report_ids(store, &ResetQuery { verdicts: vec!["lost".into()], ..q() }), lost, "{when}: verdict");
+    let last: Vec<String> = expected.iter().rev().take(3).rev().cloned().collect();
+    assert_eq!(report_ids(store, &ResetQuery { last: Some(3), ..q() }), last, "{when}: last 3");
+    let first: Vec<String> = expected.iter().take(4).cloned().collect();
+    assert_eq!(report_ids(store, &ResetQuery { limit: Some(4), ..q() }), first, "{when}: limit 4");
+    let encoded = store.encoded_reports(&q()).expect("encoded");
+    assert_eq!(encoded.len(), model.len(), "{when}: encoded");
+    assert_eq!(store.status().expect("status").reports, model.len() as u64, "{when}: count");
+    for ((ts, id), report) in model.iter().step_by(37) {
+        assert_eq!(store.report(id).expect("report").as_ref(), Some(report), "{when}: {id} at {ts}");
+    }
+}
+
+#[test]
+fn reports_put_call_by_call_list_exactly_as_put() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let mut dice = Dice(7);
+    let mut model: BTreeMap<(i64, String), v1::ResetReport> = BTreeMap::new();
+    let mut at: HashMap<String, i64> = HashMap::new();
+    let verdicts = ["end-to-end", "injected", "lost", "unverified"];
+    let mut next_id = 0usize;
+    for call in 0..300 {
+        let mut put: Vec<v1::ResetReport> = Vec::new();
+        // Mostly new reports in time order (three buckets), some decided again, some moved.
+        for _ in 0..dice.below(40) {
+            let ms = (next_id as i64) * 7;
+            let path =
+                format!("10.0.{}.{}:{} > 10.1.0.1:443", next_id / 250 % 250, next_id % 250, 1000 + next_id % 60_000);
+            put.push(report(&format!("q{next_id:06}"), ms, "end-to-end", "refused", "RA", &[("alpha", path.as_str())]));
+            next_id += 1;
+        }
+        for _ in 0..dice.below(4) {
+            let Some(((ts, id), old)) = model.iter().nth(dice.below(model.len().max(1) as u64) as usize) else { break };
+            let mut again = old.clone();
+            again.verdict = verdicts[dice.below(4) as usize].to_string();
+            match dice.below(3) {
+                0 => again.ts_ns = ts + 1_000_000 * dice.below(25_000) as i64 - 5_000_000_000,
+                1 => again.ts_ns = ts + 1,
+                _ => {}
+            }
+            again.ts_ns = again.ts_ns.max(0);
+            let _ = id;
+            put.push(again);
+        }
+        store.put_reports(&put).expect("put");
+        for r in put {
+            if let Some(old_ts) = at.insert(r.id.clone(), r.ts_ns) {
+                model.remove(&(old_ts, r.id.clone()));
+            }
+            model.insert((r.ts_ns, r.id.clone()), r);
+        }
+        if call % 50 == 49 {
+            assert_reports_are(&store, &model, &format!("after call {call}"));
+            // Runs are merged as they come: a few values per bucket, not one per call.
+            let most = bucket_values_per_bucket(&store).into_values().max().unwrap_or(0);
+            assert!(most <= 12, "{most} values in one bucket after {call} calls");
+        }
+    }
+    assert!(model.len() > 4_000, "{} reports", model.len());
+    // Pages are filled, not one per call.
+    let pages = store.inner.reports.pages.range(keys::FIRST_RECORD_KEY..).count();
+    let bytes: usize =
+        store.inner.reports.pages.range(keys::FIRST_RECORD_KEY..).values().map(|v| v.expect("page").len()).sum();
+    assert!(pages <= bytes / (32 * 1024) + 6 * 4, "{pages} pages for {bytes} bytes");
+
+    // Reopened: the same; then retention cuts exactly at its time, inside a bucket.
+    drop(store);
+    let mut config = StoreConfig::new(dir.path());
+    config.retention = Duration::from_secs(10);
+    let store = Store::open(config).expect("open");
+    assert_reports_are(&store, &model, "reopened");
+    let newest = model.keys().next_back().map(|(ts, _)| *ts).expect("reports");
+    store
+        .append_batch(
+            "a",
+            "boot",
+            &batch(1, vec![rst((newest - T0_NS) / 1_000_000, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone)]),
+            0,
+        )
+        .expect("append");
+    let cutoff = newest - 10_000_000_000;
+    let expected_gone = model.keys().filter(|(ts, _)| *ts < cutoff).count() as u64;
+    let removed = store.enforce_retention(newest).expect("retention").reports_removed;
+    model.retain(|(ts, _), _| *ts >= cutoff);
+    assert_eq!(removed, expected_gone);
+    assert_reports_are(&store, &model, "after retention");
+    for id in at.keys().filter(|id| !model.values().any(|r| &r.id == *id)).take(50) {
+        assert!(store.inner.reports.ids.get(id.as_bytes()).expect("get").is_none(), "{id} still has an id");
+    }
+}
+
+#[test]
+fn reports_decided_again_and_again_do_not_grow_the_pages_without_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let reports = many_reports(1_000, 2_000);
+    store.put_reports(&reports).expect("put");
+    let page_bytes = |store: &Store| -> usize {
+        store.inner.reports.pages.range(keys::FIRST_RECORD_KEY..).values().map(|v| v.expect("page").len()).sum()
+    };
+    let once = page_bytes(&store);
+    // The same 20 reports decided again in 500 calls: 10,000 records superseded.
+    for call in 0..500 {
+        let again: Vec<v1::ResetReport> = reports[..20]
+            .iter()
+            .map(|r| v1::ResetReport { verdict: if call % 2 == 0 { "lost" } else { "injected" }.into(), ..r.clone() })
+            .collect();
+        store.put_reports(&again).expect("put");
+    }
+    assert!(page_bytes(&store) < 2 * once + 64 * 1024, "{} bytes of pages, {once} at first", page_bytes(&store));
+    let q = || ResetQuery { since_ns: Some(0), ..Default::default() };
+    assert_eq!(report_ids(&store, &q()).len(), 2_000);
+    assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["injected".into()], ..q() }).len(), 20 + 667 - 7);
+    assert_eq!(store.status().expect("status").reports, 2_000);
 }
