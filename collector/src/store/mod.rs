@@ -727,8 +727,11 @@ const SEGMENT_BYTES: usize = 8 << 20;
 /// The sled configuration of the store in `dir`: the segment size it was created with (sled
 /// refuses to open a database with another one), or [`SEGMENT_BYTES`] for a new store.
 pub(super) fn sled_config(dir: &std::path::Path) -> sled::Config {
-    let stored = std::fs::read_to_string(dir.join("conf")).ok().and_then(|conf| {
-        conf.lines().find_map(|line| line.strip_prefix("segment_size: ").and_then(|n| n.trim().parse::<usize>().ok()))
+    // Text lines followed by a binary checksum: read as bytes.
+    let stored = std::fs::read(dir.join("conf")).ok().and_then(|conf| {
+        String::from_utf8_lossy(&conf)
+            .lines()
+            .find_map(|line| line.strip_prefix("segment_size: ").and_then(|n| n.trim().parse::<usize>().ok()))
     });
     sled::Config::new().path(dir).segment_size(stored.unwrap_or(SEGMENT_BYTES))
 }

@@ -1362,3 +1362,17 @@ fn reports_decided_again_and_again_do_not_grow_the_pages_without_bound() {
     assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["injected".into()], ..q() }).len(), 20 + 667 - 7);
     assert_eq!(store.status().expect("status").reports, 2_000);
 }
+
+#[test]
+fn a_store_created_with_sleds_default_segment_size_still_opens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Earlier versions created their databases with sled's default configuration.
+    drop(open_sled(&sled::Config::new().path(dir.path())).expect("sled"));
+    let store = open(&dir);
+    store
+        .append_batch("a", "boot", &batch(1, vec![rst(10, "10.0.0.1:1 > 10.0.0.2:2", "R", Cause::Lone)]), 0)
+        .expect("append");
+    assert_eq!(times(&store, &ResetQuery::default()), [10]);
+    drop(store);
+    assert_eq!(times(&open(&dir), &ResetQuery::default()), [10], "and again after a restart");
+}
