@@ -43,6 +43,9 @@ const CHUNK_BYTES: usize = 60 << 10;
 /// Version byte in front of every chunk.
 const CHUNK_VERSION: u8 = 1;
 
+/// Reserved key (below every record key) present once a tree holds only chunks.
+const CHUNKED_KEY: [u8; 2] = [0x00, b'c'];
+
 /// A record key and its value.
 pub(crate) type Record = (IVec, IVec);
 
@@ -55,10 +58,7 @@ pub(crate) struct RecordTree {
 /// The 8-byte bucket prefix of a record key (or of any key starting with 8 time bytes; shorter
 /// keys are padded with zeros).
 fn bucket_of(key: &[u8]) -> i64 {
-    let mut head = [0u8; 8];
-    let n = key.len().min(8);
-    head[..n].copy_from_slice(&key[..n]);
-    ts_from_bytes(head).div_euclid(BUCKET_NS) * BUCKET_NS
+    ts_of(key).div_euclid(BUCKET_NS) * BUCKET_NS
 }
 
 /// `bucket · agent` of a record key: the prefix of the chunks that may hold it.
@@ -286,12 +286,20 @@ impl RecordTree {
 
     /// Moves records stored one key each (the layout of earlier versions) into chunks, a
     /// slice at a time, each slice one atomic batch. Returns how many records moved.
+    ///
+    /// A tree already in chunks says so in a reserved key ([`CHUNKED_KEY`], written once the
+    /// tree holds no record of the old layout), so opening a store does not read it whole.
     pub(crate) fn migrate_one_key_per_record(&self) -> Result<u64, StoreError> {
+        if self.tree.contains_key(CHUNKED_KEY)? {
+            return Ok(0);
+        }
         let mut moved = 0u64;
-        let mut seq = 0u64;
+        // Chunks written by the slices before are skipped (their keys are not record keys),
+        // and records only go: each slice resumes after the last key the one before read.
+        let mut from = Bound::Included(FIRST_RECORD_KEY.to_vec());
         loop {
             let mut slice: Vec<(IVec, IVec)> = Vec::new();
-            for item in self.tree.range(FIRST_RECORD_KEY..) {
+            for item in self.tree.range::<Vec<u8>, _>((from.clone(), Bound::Unbounded)) {
                 let (k, v) = item?;
                 if k.len() == RECORD_KEY_LEN {
                     slice.push((k, v));
@@ -300,18 +308,24 @@ impl RecordTree {
                     }
                 }
             }
-            if slice.is_empty() {
+            let Some((last, _)) = slice.last() else {
+                self.tree.insert(CHUNKED_KEY, &[][..])?;
                 return Ok(moved);
-            }
+            };
+            from = Bound::Excluded(last.to_vec());
             let mut batch = sled::Batch::default();
             for (k, _) in &slice {
                 batch.remove(k.clone());
             }
             for (prefix, records) in group_by_chunk(slice.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))) {
-                // Session 0 is never a live session's id: these keys cannot collide with ingest.
-                for chunk in encode_chunks(records) {
-                    seq += 1;
-                    batch.insert(&chunk_key(&prefix, 0, u64::MAX - seq, 0)[..], chunk);
+                // Session 0 is never a live session's id, so these keys cannot collide with
+                // ingest; the batch number is taken from the group's first record (its identity
+                // digest), so a migration interrupted and run again never reuses a key.
+                let first = records[0].0;
+                let nonce = u64::from_be_bytes(first[RECORD_KEY_LEN - 8..].try_into().expect("8 bytes"));
+                for (part, chunk) in encode_chunks(records).into_iter().enumerate() {
+                    let part = u16::try_from(part).unwrap_or(u16::MAX);
+                    batch.insert(&chunk_key(&prefix, 0, nonce, part)[..], chunk);
                 }
             }
             self.tree.apply_batch(batch)?;
@@ -320,7 +334,8 @@ impl RecordTree {
     }
 }
 
-/// Event time of a record key.
+/// Event time of a record key (or of any key starting with 8 time bytes; shorter keys are
+/// padded with zeros).
 fn ts_of(key: &[u8]) -> i64 {
     let mut head = [0u8; 8];
     let n = key.len().min(8);
@@ -520,6 +535,26 @@ mod tests {
         expected.sort_by_key(|&(i, _)| key(T0 + (i as i64) * 37_000_000, 1 + (i % 3) as u32, i));
         assert_eq!(got, expected);
         assert!(tree.raw().get([0u8, b'n']).expect("get").is_some(), "reserved keys stay");
+    }
+
+    #[test]
+    fn a_migration_run_again_after_an_interruption_keeps_every_record() {
+        let (_dir, tree) = temp_tree();
+        let old = |i: u128| (key(T0 + (i as i64) * 1_000_000, 1, i), vec![i as u8]);
+        for i in (0..200u128).step_by(2) {
+            let (k, v) = old(i);
+            tree.raw().insert(k, v).expect("insert");
+        }
+        assert_eq!(tree.migrate_one_key_per_record().expect("migrate"), 100);
+        // As if the first run had stopped before the rest: more old records in the same
+        // seconds, and no mark yet.
+        tree.raw().remove(CHUNKED_KEY).expect("unmark");
+        for i in (1..200u128).step_by(2) {
+            let (k, v) = old(i);
+            tree.raw().insert(k, v).expect("insert");
+        }
+        assert_eq!(tree.migrate_one_key_per_record().expect("migrate again"), 100);
+        assert_eq!(ids(tree.range(..)), (0..200u128).collect::<Vec<_>>());
     }
 
     #[test]

@@ -1197,6 +1197,8 @@ fn a_store_with_one_key_per_record_is_moved_into_chunks_on_open() {
         for (k, v) in records {
             tree.raw().insert(k, v).expect("insert");
         }
+        // Nor did earlier versions mark a tree as chunked.
+        tree.raw().remove([0x00, b'c']).expect("remove");
     }
     drop(store);
     let store = open(&dir);
