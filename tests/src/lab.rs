@@ -205,19 +205,8 @@ impl Proc {
                 cmd.stderr(Stdio::inherit());
             }
         }
-        let mut child = cmd.spawn().with_context(|| format!("start {what}"))?;
-        registry().pids.push(child.id());
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Proc { child: Some(child), lines: rx, what: what.to_string(), seen: Vec::new() })
+        let (child, lines) = spawn_reading_lines(cmd, what, |line| line)?;
+        Ok(Proc { child: Some(child), lines, what: what.to_string(), seen: Vec::new() })
     }
 
     /// The process id.
@@ -756,18 +745,29 @@ impl Lab {
         cmd.args(["netns", "exec", &self.ns(host)]).arg(program).args(args);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{what}.log")))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
-        let mut child = cmd.spawn().with_context(|| format!("start {what}"))?;
-        registry().pids.push(child.id());
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send((std::time::SystemTime::now(), line)).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(StampedProc { child: Some(child), lines: rx })
+        let (child, lines) = spawn_reading_lines(cmd, what, |line| (std::time::SystemTime::now(), line))?;
+        Ok(StampedProc { child: Some(child), lines })
     }
+}
+
+/// Starts `cmd` (its stdout piped), registers it for clean-up, and passes each stdout line
+/// through `wrap` on a thread that does nothing else, into the returned channel.
+fn spawn_reading_lines<T: Send + 'static>(
+    mut cmd: Command,
+    what: &str,
+    wrap: impl Fn(String) -> T + Send + 'static,
+) -> Result<(Child, Receiver<T>)> {
+    let mut child = cmd.spawn().with_context(|| format!("start {what}"))?;
+    registry().pids.push(child.id());
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(wrap(line)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((child, rx))
 }
