@@ -77,6 +77,16 @@ async fn a_full_disk_refuses_ingest_clearly_and_loses_nothing() {
         }
     };
     let collector = start(&disk.path()).await;
+    // A follower opened before the disk fills keeps its stream through the store's reopening.
+    let mut follow = collector.query(None).await.follow_resets(v1::ResetFilter::default()).await.unwrap().into_inner();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn(async move {
+        while let Ok(Some(record)) = follow.message().await {
+            if seen_tx.send(record.event.map_or(0, |e| e.seq)).is_err() {
+                break;
+            }
+        }
+    });
     let (mut agent, _) = AgentStream::connect(&collector, "edge-1", "boot-a").await;
     let per_batch = 500u64;
     let mut acked = 0u64;
@@ -125,6 +135,19 @@ async fn a_full_disk_refuses_ingest_clearly_and_loses_nothing() {
         let n = agent.send(batch(seq, resets((seq - 1) * per_batch, per_batch))).await.expect("stored with room");
         assert_eq!(n, seq);
     }
+    // The follower sees the resets stored after the reopening (`seq` is 1000 + the reset's index).
+    let newest = 1000 + (last * per_batch - 1) as u32;
+    let followed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(seq) = seen_rx.recv().await {
+            if seq == newest {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(followed, Ok(true), "the follower's stream outlives the store's reopening");
+    follower.abort();
     drop(agent);
     collector.stop().await;
     assert_eq!(stored(&disk.path()).await, last * per_batch, "every batch exactly once");
