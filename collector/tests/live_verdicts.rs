@@ -35,6 +35,7 @@ fn covered() -> v1::Event {
             ts_ns: T0 + 20_000_000_000,
             since_ns: T0 - 60_000_000_000,
             ended: false,
+            ..Default::default()
         })),
     }
 }
@@ -97,6 +98,7 @@ fn mark_at(ms: i64) -> v1::Event {
             ts_ns: T0 + ms * 1_000_000,
             since_ns: T0 - 60_000_000_000,
             ended: false,
+            ..Default::default()
         })),
     }
 }

@@ -48,6 +48,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::capture::CaptureDrops;
 use crate::event::Event;
+use crate::flow::ListedWatermark;
 use batch::Batcher;
 use spool::{Spool, SpoolError};
 
@@ -203,8 +204,8 @@ struct Buffer {
     batcher: Batcher,
     queued: std::collections::VecDeque<Vec<v1::Event>>,
     /// Latest watermark given, and the latest one put in a batch.
-    watermark: Option<i64>,
-    watermark_sent: Option<i64>,
+    watermark: Option<Mark>,
+    watermark_sent: Option<Mark>,
     /// Since when the capture has run without a gap (packet time; 0: unknown).
     since_ns: i64,
     /// The capture has ended (said with the last watermark).
@@ -215,10 +216,16 @@ impl Buffer {
     /// Ends a batch with the current watermark, so the collector always knows how far along the
     /// agent's capture time is.
     fn seal(&mut self, mut events: Vec<v1::Event>) -> Vec<v1::Event> {
-        if let Some(ts_ns) = self.watermark {
-            let (since_ns, ended) = (self.since_ns, self.ended);
-            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ended })) });
-            self.watermark_sent = Some(ts_ns);
+        if let Some(mark) = &self.watermark {
+            let watermark = v1::Watermark {
+                ts_ns: mark.ts_ns,
+                since_ns: self.since_ns,
+                ended: self.ended,
+                listed_until_ns: mark.listed_until_ns,
+                settling: mark.settling.clone(),
+            };
+            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(watermark)) });
+            self.watermark_sent = self.watermark.clone();
         }
         events
     }
@@ -232,6 +239,35 @@ impl Buffer {
         };
         let batch = self.seal(events);
         self.queued.push_back(batch);
+    }
+}
+
+/// A watermark as it goes out (`v1::Watermark` without the run's `since_ns` and `ended`).
+#[derive(Clone, Debug, PartialEq)]
+struct Mark {
+    ts_ns: i64,
+    /// 0: no listing (as for agents before it); else at least `ts_ns`.
+    listed_until_ns: i64,
+    settling: Vec<v1::SettlingRst>,
+}
+
+impl Mark {
+    /// The newest promises of `old` and `new`: each of the two times only moves forward, and the
+    /// list goes with its time. (A listing that ends before the plain watermark adds nothing.)
+    fn merge(old: Option<Mark>, new: &ListedWatermark) -> Mark {
+        let ts_ns = old.as_ref().map_or(new.ts_ns, |o| o.ts_ns.max(new.ts_ns));
+        let newer_listing = old.as_ref().is_none_or(|o| new.listed_until_ns >= o.listed_until_ns);
+        let (listed_until_ns, settling) = match old {
+            Some(o) if !newer_listing => (o.listed_until_ns, o.settling),
+            _ => (
+                new.listed_until_ns,
+                new.settling.iter().take(rstscope_proto::MAX_SETTLING_LISTED).map(v1::SettlingRst::from).collect(),
+            ),
+        };
+        if listed_until_ns <= ts_ns {
+            return Mark { ts_ns, listed_until_ns: 0, settling: Vec::new() };
+        }
+        Mark { ts_ns, listed_until_ns, settling }
     }
 }
 
@@ -531,10 +567,15 @@ impl Exporter {
     /// unknown). Sent with the following batches, or at once as a batch of its own when no event
     /// is waiting (a quiet live capture still tells the collector how far it has got).
     pub fn watermark(&self, ts_ns: i64, since_ns: Option<i64>) {
+        self.listed_watermark(&ListedWatermark { ts_ns, listed_until_ns: ts_ns, settling: Vec::new() }, since_ns);
+    }
+
+    /// [`Exporter::watermark`] with the later promise that names the RSTs still settling (see
+    /// [`crate::flow::Tracker::listed_watermark`]): the collector need not wait out another
+    /// connection's settle window before it vouches for this agent's silence.
+    pub fn listed_watermark(&self, mark: &ListedWatermark, since_ns: Option<i64>) {
         let mut buffer = lock(&self.shared.buffer);
-        if buffer.watermark.is_none_or(|w| ts_ns > w) {
-            buffer.watermark = Some(ts_ns);
-        }
+        buffer.watermark = Some(Mark::merge(buffer.watermark.take(), mark));
         if let Some(since_ns) = since_ns {
             buffer.since_ns = since_ns;
         }
