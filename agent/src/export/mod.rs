@@ -254,15 +254,22 @@ struct Mark {
 impl Mark {
     /// The newest promises of `old` and `new`: each of the two times only moves forward, and the
     /// list goes with its time. (A listing that ends before the plain watermark adds nothing.)
+    /// `new.settling` is oldest first, as [`crate::flow::Tracker::listed_watermark`] gives it.
     fn merge(old: Option<Mark>, new: &ListedWatermark) -> Mark {
         let ts_ns = old.as_ref().map_or(new.ts_ns, |o| o.ts_ns.max(new.ts_ns));
         let newer_listing = old.as_ref().is_none_or(|o| new.listed_until_ns >= o.listed_until_ns);
         let (listed_until_ns, settling) = match old {
             Some(o) if !newer_listing => (o.listed_until_ns, o.settling),
-            _ => (
-                new.listed_until_ns,
-                new.settling.iter().take(rstscope_proto::MAX_SETTLING_LISTED).map(v1::SettlingRst::from).collect(),
-            ),
+            _ => {
+                // More than a collector accepts: the promise stops just before the first left out.
+                let cap = rstscope_proto::MAX_SETTLING_LISTED;
+                let until = new
+                    .settling
+                    .get(cap)
+                    .map_or(new.listed_until_ns, |r| new.listed_until_ns.min(r.ts_ns.saturating_sub(1)));
+                let listed = new.settling.iter().take(cap).filter(|r| r.ts_ns <= until);
+                (until, listed.map(v1::SettlingRst::from).collect())
+            }
         };
         if listed_until_ns <= ts_ns {
             return Mark { ts_ns, listed_until_ns: 0, settling: Vec::new() };
@@ -696,6 +703,31 @@ pub fn check_agent_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listing longer than a collector accepts is cut, and its promise held just before the
+    /// first RST cut; an older listing that reaches further is kept, a plain watermark past a
+    /// listing drops it.
+    #[test]
+    fn listings_are_capped_and_only_move_forward() {
+        use crate::event::ConnId;
+        use crate::flow::SettlingRst;
+        use crate::wire::TcpFlags;
+        let ep = rstscope_proto::Endpoint::new(std::net::Ipv4Addr::new(198, 51, 100, 2).into(), 80);
+        let rst =
+            |ts_ns| SettlingRst { ts_ns, src: ep, dst: ep, conn_id: ConnId(1), seq: 0, ack: 0, flags: TcpFlags(0x14) };
+        let cap = rstscope_proto::MAX_SETTLING_LISTED as i64;
+        let long =
+            ListedWatermark { ts_ns: 99, listed_until_ns: 10_000, settling: (100..100 + cap + 2).map(rst).collect() };
+        let mark = Mark::merge(None, &long);
+        assert_eq!((mark.ts_ns, mark.listed_until_ns, mark.settling.len() as i64), (99, 100 + cap - 1, cap));
+        assert_eq!(mark.settling.last().map(|r| r.ts_ns), Some(100 + cap - 1));
+
+        let short = ListedWatermark { ts_ns: 150, listed_until_ns: 150, settling: Vec::new() };
+        let kept = Mark::merge(Some(mark.clone()), &short);
+        assert_eq!((kept.ts_ns, kept.listed_until_ns, &kept.settling), (150, mark.listed_until_ns, &mark.settling));
+        let past = ListedWatermark { ts_ns: 20_000, listed_until_ns: 20_000, settling: Vec::new() };
+        assert_eq!(Mark::merge(Some(kept), &past), Mark { ts_ns: 20_000, listed_until_ns: 0, settling: Vec::new() });
+    }
 
     #[test]
     fn state_dirs_follow_xdg_and_differ_per_name() {

@@ -342,8 +342,8 @@ impl Tracker {
     }
 
     /// How far RST events are complete: every RST up to this packet time has been passed to
-    /// `out`. The clock, held back to just before the oldest RST still in its settle window.
-    /// `None` before the first packet.
+    /// `out`. The clock, held back to just before the oldest RST still in its settle window
+    /// ([`Tracker::listed_watermark`] names those instead). `None` before the first packet.
     pub fn watermark_ns(&self) -> Option<i64> {
         let clock = self.clock_ns()?;
         let oldest_pending = self.pending.values().flatten().map(|ev| ev.ts_ns).min();

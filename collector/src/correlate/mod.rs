@@ -55,6 +55,11 @@ pub struct Config {
     /// kernel handed over later than the agent's idle-clock margin (50 ms) allows; together
     /// with the path slack (500 ms) such a packet may be 750 ms late before a silence is
     /// counted that was not one. RSTs every agent saw never wait for it.
+    ///
+    /// The same margin goes on top of a listed watermark ([`Listed`]): it runs on to the agent's
+    /// clock past the RSTs still settling that it names, so a RST another agent saw waits for
+    /// that settle window only when one of the named RSTs could be a sighting of it, not
+    /// whenever the agent holds any RST at all (at a few RSTs a second, nearly always).
     pub settle_ns: i64,
     /// Largest clock offset between agents assumed before handshakes measured it.
     pub max_skew_ns: i64,

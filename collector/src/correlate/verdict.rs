@@ -10,7 +10,9 @@
 //!   connection did not, and the RST could have arrived (good checksums, TTL above the hop
 //!   count): `lost` between the two;
 //! - otherwise `unverified`, with the reason each silent agent's silence does not count;
-//! - `pending` while a relevant agent's watermark has not passed the RST plus the settle window.
+//! - `pending` while a relevant agent's watermark has not passed the RST plus the settle window
+//!   (its listed watermark, which runs on past the RSTs it still holds, for every connection
+//!   none of those RSTs could be part of: [`Correlator::vouched_ns`]).
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -220,12 +222,15 @@ impl Correlator {
                 Some(members) => self.group_rsts(members),
                 None => self.rsts_of[root].clone(),
             };
-            let members = self.members(root);
-            let marks = self.vouched(&cx, &members, &rsts);
+            let marks = {
+                let root_only = [root];
+                self.vouched(&cx, self.index.members_of(root).unwrap_or(&root_only), &rsts)
+            };
             let waiting = !pending_only && self.certainly_pending(&cx, &rsts, &marks);
             if waiting && !cfg!(debug_assertions) {
                 continue;
             }
+            let members = self.members(root);
             rsts.sort_by_key(|&r| (self.corrected(&cx, self.rsts[r].agent, self.rsts[r].event.ts_ns), r));
             let clusters = self.clusters(&cx, &rsts);
             if waiting {
