@@ -109,8 +109,9 @@ pub struct Coverage {
 /// Why it may stand in for the plain watermark (which an agent holds just before its oldest
 /// RST still settling, 2 s behind its clock whenever RSTs come more often than that): the only
 /// sightings of this agent up to `until_ns` the engine lacks are the listed ones. If none of
-/// them could become part of the group being decided ([`Listed::blocks`]), the decision is the
-/// one the engine would make with all of them in, which is all the plain watermark promised.
+/// them could become part of the group being decided (the verdict's `vouched_ns` checks each
+/// join key), the decision is the one the engine would make with all of them in, which is all
+/// the plain watermark promised.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Listed {
     /// Agent clock, past the last run's end.

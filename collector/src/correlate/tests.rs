@@ -557,12 +557,24 @@ fn a_listed_watermark_vouches_past_settling_rsts_that_cannot_be_the_one_decided(
     // a record known by the group's ISNs (it could not join: the server has one already).
     let isn_record = [open(9, false, CLIENT_NAT, T0, ISN_C)];
     let by_isns = settling(9, SERVER, CLIENT_NAT, server_at(-400), 123);
-    for (extra, entry) in [(&[][..], same_tuple), (&[], same_identity), (&isn_record, by_isns)] {
+    // a record known by the TSvals of the group's (other ISNs: a firewall rewrote them).
+    let with_tsvals = |conn_id, client, isn| {
+        let mut e = open(conn_id, false, client, T0, isn);
+        if let Some(v1::event::Kind::Open(o)) = &mut e.kind {
+            (o.syn_tsval, o.synack_tsval) = (Some(11), Some(22));
+        }
+        e
+    };
+    let tsval_record = [with_tsvals(7, CLIENT, ISN_C), with_tsvals(10, CLIENT_NAT, ISN_C + 5)];
+    let by_tsvals = settling(10, SERVER, CLIENT_NAT, server_at(-400), 123);
+    let cases = [(&[][..], same_tuple), (&[], same_identity), (&isn_record, by_isns), (&tsval_record, by_tsvals)];
+    for (extra, entry) in cases {
         let verdicts = forged_while_the_server_settles(extra, Some(vec![unrelated.clone(), entry.clone()]));
         assert!(verdicts.is_empty(), "{entry:?} let it be decided: {verdicts:?}");
     }
-    // The record known by its ISNs alone does not hold it up.
-    assert_eq!(forged_while_the_server_settles(&isn_record, Some(vec![unrelated])), injected);
+    // Those records alone do not hold it up.
+    assert_eq!(forged_while_the_server_settles(&isn_record, Some(vec![unrelated.clone()])), injected);
+    assert_eq!(forged_while_the_server_settles(&tsval_record, Some(vec![unrelated])), injected);
 }
 
 #[test]
