@@ -293,8 +293,8 @@ fn run() -> Result<ExitCode> {
                 if let Some(drops) = tick.drops {
                     loss_reports.report(exporter, drops, SystemTime::now());
                 }
-                if let Some(ts_ns) = tick.tracker.watermark_ns() {
-                    exporter.watermark(ts_ns, Some(tick.first_packet_ns.unwrap_or(capture_start_ns)));
+                if let Some(mark) = tick.tracker.listed_watermark(rstscope_proto::MAX_SETTLING_LISTED) {
+                    exporter.listed_watermark(&mark, Some(tick.first_packet_ns.unwrap_or(capture_start_ns)));
                 }
             }
         };

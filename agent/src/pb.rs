@@ -13,6 +13,7 @@ use crate::event::{
     Answered, Cause, ConnOpen, DirectionSummary, Evidence, FlowEnd, FlowSummary, Phase, Role, RstEvent, SeqRelation,
     TtlRange,
 };
+use crate::flow::SettlingRst;
 use crate::wire::Checksum;
 
 /// The evidence name the classifier uses for a wrong IPv4 header checksum; the protocol carries
@@ -145,6 +146,20 @@ impl From<&DirectionSummary> for v1::DirectionSummary {
             rsts: d.rsts,
             zero_windows: d.zero_windows,
             ttl: d.ttl.as_ref().map(v1::TtlRange::from),
+        }
+    }
+}
+
+impl From<&SettlingRst> for v1::SettlingRst {
+    fn from(r: &SettlingRst) -> Self {
+        v1::SettlingRst {
+            ts_ns: r.ts_ns,
+            src: Some(endpoint(r.src)),
+            dst: Some(endpoint(r.dst)),
+            conn_id: r.conn_id.0,
+            seq: r.seq,
+            ack: r.ack,
+            flags: u32::from(r.flags.0),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rstscope_agent::event::{Cause, ConnId, Counts, Event, Phase, Role, RstEvent, SeqRelation};
 use rstscope_agent::export::{ExportConfig, Exporter, SPOOL_FULL};
+use rstscope_agent::flow::{ListedWatermark, SettlingRst};
 use rstscope_agent::wire::{Checksum, TcpFlags};
 use rstscope_proto::v1::{self, ingest_server::IngestServer};
 use rstscope_proto::Endpoint;
@@ -249,6 +250,47 @@ fn every_event_arrives_once_in_order_with_a_watermark() {
     assert!(!store.hellos[0].boot_id.is_empty());
     // Everything acknowledged: no segment is left.
     assert_eq!(std::fs::read_dir(dir.path().join("spool")).unwrap().count(), 0);
+}
+
+#[test]
+fn a_listed_watermark_goes_out_with_its_settling_rsts_until_the_plain_one_passes_it() {
+    let store = Arc::new(Mutex::new(Store::default()));
+    let server = Server::start(&store, any_port());
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = Exporter::start(config(server.addr, dir.path())).unwrap();
+    let ep = |port| Endpoint::new(Ipv4Addr::new(198, 51, 100, 2).into(), port);
+    let rst = SettlingRst {
+        ts_ns: 500,
+        src: ep(80),
+        dst: ep(40_000),
+        conn_id: ConnId(7),
+        seq: 1,
+        ack: 2,
+        flags: TcpFlags(0x14),
+    };
+    let last_mark = |store: &Store| {
+        store
+            .events()
+            .filter_map(|e| match e {
+                v1::event::Kind::Watermark(w) => Some((w.ts_ns, w.listed_until_ns, w.settling.len())),
+                _ => None,
+            })
+            .last()
+    };
+    exporter.listed_watermark(&ListedWatermark { ts_ns: 499, listed_until_ns: 900, settling: vec![rst] }, Some(5));
+    wait_until(&store, "the listed watermark", |s| last_mark(s) == Some((499, 900, 1)));
+    let sent = store.lock().unwrap().events().find_map(|e| match e {
+        v1::event::Kind::Watermark(w) => w.settling.first().cloned(),
+        _ => None,
+    });
+    assert_eq!(sent, Some(v1::SettlingRst::from(&rst)));
+    // A plain watermark short of the listing keeps it; one past it drops it.
+    exporter.watermark(600, None);
+    wait_until(&store, "the plain watermark", |s| last_mark(s) == Some((600, 900, 1)));
+    exporter.watermark(1000, None);
+    let report = exporter.finish(Duration::from_secs(20));
+    assert_eq!(report.unacked_batches, 0, "{report:?}");
+    assert_eq!(last_mark(&store.lock().unwrap()), Some((1000, 0, 0)));
 }
 
 #[test]

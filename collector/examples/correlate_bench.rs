@@ -106,6 +106,7 @@ fn main() {
                         ts_ns: start + shift,
                         since_ns: T0 - S + shift,
                         ended: false,
+                        ..Default::default()
                     })),
                 });
             }
@@ -114,7 +115,12 @@ fn main() {
     let end = T0 + (n as i64) * 200_000 + 10 * S;
     for (out, shift) in [(&mut client_events, 0), (&mut server_events, SKEW)] {
         out.push(v1::Event {
-            kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns: end + shift, since_ns: 0, ended: true })),
+            kind: Some(v1::event::Kind::Watermark(v1::Watermark {
+                ts_ns: end + shift,
+                since_ns: 0,
+                ended: true,
+                ..Default::default()
+            })),
         });
     }
     let rss_before = peak_rss_kib();

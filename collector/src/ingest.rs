@@ -219,7 +219,10 @@ pub fn check_open(open: &v1::ConnectionOpen) -> Result<(), CheckError> {
     check_text("syn_options", &open.syn_options, MAX_SHORT_TEXT)
 }
 
-/// A watermark: a sane time, and `since_ns` either 0 (unknown) or a sane time not after it.
+/// A watermark: a sane time, and `since_ns` either 0 (unknown) or a sane time not after it;
+/// `listed_until_ns` either 0 (none) or a sane time not before `ts_ns`, with at most
+/// [`rstscope_proto::MAX_SETTLING_LISTED`] settling RSTs, each with its endpoints and a sane
+/// time not after it.
 pub fn check_watermark(mark: &v1::Watermark) -> Result<(), CheckError> {
     check_time("ts_ns", mark.ts_ns)?;
     if mark.since_ns != 0 {
@@ -228,7 +231,34 @@ pub fn check_watermark(mark: &v1::Watermark) -> Result<(), CheckError> {
             return fail(format!("since_ns {} is after ts_ns {}", mark.since_ns, mark.ts_ns));
         }
     }
+    if mark.listed_until_ns == 0 {
+        if !mark.settling.is_empty() {
+            return fail("settling RSTs listed without listed_until_ns");
+        }
+        return Ok(());
+    }
+    check_time("listed_until_ns", mark.listed_until_ns)?;
+    if mark.listed_until_ns < mark.ts_ns {
+        return fail(format!("listed_until_ns {} is before ts_ns {}", mark.listed_until_ns, mark.ts_ns));
+    }
+    let limit = rstscope_proto::MAX_SETTLING_LISTED;
+    if mark.settling.len() > limit {
+        return fail(format!("{} settling RSTs listed; the limit is {limit}", mark.settling.len()));
+    }
+    for (i, rst) in mark.settling.iter().enumerate() {
+        within(|| format!("settling[{i}]"), check_settling(rst, mark.listed_until_ns))?;
+    }
     Ok(())
+}
+
+fn check_settling(rst: &v1::SettlingRst, listed_until_ns: i64) -> Result<(), CheckError> {
+    check_time("ts_ns", rst.ts_ns)?;
+    if rst.ts_ns > listed_until_ns {
+        return fail(format!("ts_ns {} is after listed_until_ns {listed_until_ns}", rst.ts_ns));
+    }
+    check_endpoint("src", rst.src.as_ref())?;
+    check_endpoint("dst", rst.dst.as_ref())?;
+    check_max("flags", rst.flags, 0xfff)
 }
 
 /// One capture-loss report: a period in order, sane times, bounded reason.
@@ -765,7 +795,9 @@ mod tests {
             assert_eq!(error_of(check_one(event::Kind::Open(o))), expected);
         }
         let t = 1_700_000_000_000_000_000;
-        let mark = |ts_ns, since_ns| event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ended: false });
+        let mark = |ts_ns, since_ns| {
+            event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ended: false, ..Default::default() })
+        };
         assert_eq!(check_one(mark(t, 0)), Ok(()), "since unknown");
         assert_eq!(check_one(mark(t, t - 1)), Ok(()));
         assert_eq!(
@@ -776,6 +808,42 @@ mod tests {
             error_of(check_one(mark(t, 7))),
             "batch 1, event 0: watermark: since_ns = 7 ns is not between 1990 and 2100"
         );
+    }
+
+    #[test]
+    fn listed_watermarks_are_bounded() {
+        let t = 1_700_000_000_000_000_000;
+        let settling = |ts_ns| v1::SettlingRst {
+            ts_ns,
+            src: endpoint(&[198, 51, 100, 2], 40_000),
+            dst: endpoint(&[203, 0, 113, 10], 80),
+            flags: 0x14,
+            ..Default::default()
+        };
+        let mark = |listed_until_ns, settling: Vec<v1::SettlingRst>| {
+            event::Kind::Watermark(v1::Watermark { ts_ns: t, listed_until_ns, settling, ..Default::default() })
+        };
+        let limit = rstscope_proto::MAX_SETTLING_LISTED;
+        assert_eq!(check_one(mark(t + 9, vec![settling(t + 5); limit])), Ok(()));
+        assert_eq!(check_one(mark(0, Vec::new())), Ok(()), "an older agent's");
+        let mut no_src = settling(t + 5);
+        no_src.src = None;
+        let cases = [
+            (
+                mark(t + 9, vec![settling(t + 5); limit + 1]),
+                format!("{} settling RSTs listed; the limit is {limit}", limit + 1),
+            ),
+            (mark(0, vec![settling(t)]), "settling RSTs listed without listed_until_ns".to_string()),
+            (mark(t - 1, Vec::new()), format!("listed_until_ns {} is before ts_ns {t}", t - 1)),
+            (mark(t + 9, vec![settling(t + 5), no_src]), "settling[1]: src is missing".to_string()),
+            (
+                mark(t + 9, vec![settling(t + 10)]),
+                format!("settling[0]: ts_ns {} is after listed_until_ns {}", t + 10, t + 9),
+            ),
+        ];
+        for (kind, expected) in cases {
+            assert_eq!(error_of(check_one(kind)), format!("batch 1, event 0: watermark: {expected}"));
+        }
     }
 
     #[test]

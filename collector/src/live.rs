@@ -135,7 +135,12 @@ impl LiveCorrelation {
             n += 1;
         }
         for agent in store.agents()? {
-            let mark = v1::Watermark { ts_ns: agent.watermark_ns, since_ns: agent.watermark_since_ns, ended: false };
+            let mark = v1::Watermark {
+                ts_ns: agent.watermark_ns,
+                since_ns: agent.watermark_since_ns,
+                ended: false,
+                ..Default::default()
+            };
             self.ingest(&agent.name, &[v1::Event { kind: Some(v1::event::Kind::Watermark(mark)) }]);
         }
         Ok(n)

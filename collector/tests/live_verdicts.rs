@@ -35,6 +35,7 @@ fn covered() -> v1::Event {
             ts_ns: T0 + 20_000_000_000,
             since_ns: T0 - 60_000_000_000,
             ended: false,
+            ..Default::default()
         })),
     }
 }
@@ -90,6 +91,34 @@ async fn two_agents_get_end_to_end_and_injected_verdicts() {
     collector.stop().await;
 }
 
+#[tokio::test]
+async fn a_listed_watermark_lets_a_forged_reset_be_decided_while_the_sender_settles_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path()).await;
+    let (mut server, _) = AgentStream::connect_with(&collector, hello_at("server", [192, 0, 2, 1])).await;
+    let (mut client, _) = AgentStream::connect_with(&collector, hello_at("client", [198, 51, 100, 7])).await;
+    // The server recorded connection 50002 and holds a RST of connection 50004 (T0 + 200 ms)
+    // in its settle window: its plain watermark stays just before that, its listed one runs on.
+    let mut settling = v1::SettlingRst { ts_ns: T0 + 200_000_000, conn_id: 50004, flags: 0x014, ..Default::default() };
+    if let Some(event::Kind::Reset(r)) = reset(200, 50004).kind {
+        (settling.src, settling.dst, settling.seq, settling.ack) = (r.src, r.dst, r.seq, r.ack);
+    }
+    let listed = v1::Watermark {
+        ts_ns: T0 + 200_000_000 - 1,
+        since_ns: T0 - 60_000_000_000,
+        listed_until_ns: T0 + 20_000_000_000,
+        settling: vec![settling],
+        ..Default::default()
+    };
+    let listed = v1::Event { kind: Some(event::Kind::Watermark(listed)) };
+    server.send(batch(1, vec![flow(50002), listed])).await.unwrap();
+    // The client got a RST in the server's name at T0 + 300 ms.
+    client.send(batch(1, vec![reset_seen_at_client(300, 50002, 50), flow(50002), covered()])).await.unwrap();
+    let decided = until_decided(&collector, 1).await;
+    assert_eq!((decided[0].verdict.as_str(), decided[0].location.as_str()), ("injected", "between server and client"));
+    collector.stop().await;
+}
+
 /// A watermark at `T0 + ms`, the capture running since a minute before T0.
 fn mark_at(ms: i64) -> v1::Event {
     v1::Event {
@@ -97,6 +126,7 @@ fn mark_at(ms: i64) -> v1::Event {
             ts_ns: T0 + ms * 1_000_000,
             since_ns: T0 - 60_000_000_000,
             ended: false,
+            ..Default::default()
         })),
     }
 }

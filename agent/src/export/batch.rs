@@ -82,7 +82,14 @@ mod tests {
     use super::*;
 
     fn event(ts_ns: i64) -> v1::Event {
-        v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns: 0, ended: false })) }
+        v1::Event {
+            kind: Some(v1::event::Kind::Watermark(v1::Watermark {
+                ts_ns,
+                since_ns: 0,
+                ended: false,
+                ..Default::default()
+            })),
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::capture::CaptureDrops;
 use crate::event::Event;
+use crate::flow::ListedWatermark;
 use batch::Batcher;
 use spool::{Spool, SpoolError};
 
@@ -203,8 +204,8 @@ struct Buffer {
     batcher: Batcher,
     queued: std::collections::VecDeque<Vec<v1::Event>>,
     /// Latest watermark given, and the latest one put in a batch.
-    watermark: Option<i64>,
-    watermark_sent: Option<i64>,
+    watermark: Option<Mark>,
+    watermark_sent: Option<Mark>,
     /// Since when the capture has run without a gap (packet time; 0: unknown).
     since_ns: i64,
     /// The capture has ended (said with the last watermark).
@@ -215,10 +216,16 @@ impl Buffer {
     /// Ends a batch with the current watermark, so the collector always knows how far along the
     /// agent's capture time is.
     fn seal(&mut self, mut events: Vec<v1::Event>) -> Vec<v1::Event> {
-        if let Some(ts_ns) = self.watermark {
-            let (since_ns, ended) = (self.since_ns, self.ended);
-            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ended })) });
-            self.watermark_sent = Some(ts_ns);
+        if let Some(mark) = &self.watermark {
+            let watermark = v1::Watermark {
+                ts_ns: mark.ts_ns,
+                since_ns: self.since_ns,
+                ended: self.ended,
+                listed_until_ns: mark.listed_until_ns,
+                settling: mark.settling.clone(),
+            };
+            events.push(v1::Event { kind: Some(v1::event::Kind::Watermark(watermark)) });
+            self.watermark_sent = self.watermark.clone();
         }
         events
     }
@@ -232,6 +239,42 @@ impl Buffer {
         };
         let batch = self.seal(events);
         self.queued.push_back(batch);
+    }
+}
+
+/// A watermark as it goes out (`v1::Watermark` without the run's `since_ns` and `ended`).
+#[derive(Clone, Debug, PartialEq)]
+struct Mark {
+    ts_ns: i64,
+    /// 0: no listing (as for agents before it); else at least `ts_ns`.
+    listed_until_ns: i64,
+    settling: Vec<v1::SettlingRst>,
+}
+
+impl Mark {
+    /// The newest promises of `old` and `new`: each of the two times only moves forward, and the
+    /// list goes with its time. (A listing that ends before the plain watermark adds nothing.)
+    /// `new.settling` is oldest first, as [`crate::flow::Tracker::listed_watermark`] gives it.
+    fn merge(old: Option<Mark>, new: &ListedWatermark) -> Mark {
+        let ts_ns = old.as_ref().map_or(new.ts_ns, |o| o.ts_ns.max(new.ts_ns));
+        let newer_listing = old.as_ref().is_none_or(|o| new.listed_until_ns >= o.listed_until_ns);
+        let (listed_until_ns, settling) = match old {
+            Some(o) if !newer_listing => (o.listed_until_ns, o.settling),
+            _ => {
+                // More than a collector accepts: the promise stops just before the first left out.
+                let cap = rstscope_proto::MAX_SETTLING_LISTED;
+                let until = new
+                    .settling
+                    .get(cap)
+                    .map_or(new.listed_until_ns, |r| new.listed_until_ns.min(r.ts_ns.saturating_sub(1)));
+                let listed = new.settling.iter().take(cap).filter(|r| r.ts_ns <= until);
+                (until, listed.map(v1::SettlingRst::from).collect())
+            }
+        };
+        if listed_until_ns <= ts_ns {
+            return Mark { ts_ns, listed_until_ns: 0, settling: Vec::new() };
+        }
+        Mark { ts_ns, listed_until_ns, settling }
     }
 }
 
@@ -531,10 +574,15 @@ impl Exporter {
     /// unknown). Sent with the following batches, or at once as a batch of its own when no event
     /// is waiting (a quiet live capture still tells the collector how far it has got).
     pub fn watermark(&self, ts_ns: i64, since_ns: Option<i64>) {
+        self.listed_watermark(&ListedWatermark { ts_ns, listed_until_ns: ts_ns, settling: Vec::new() }, since_ns);
+    }
+
+    /// [`Exporter::watermark`] with the later promise that names the RSTs still settling (see
+    /// [`crate::flow::Tracker::listed_watermark`]): the collector need not wait out another
+    /// connection's settle window before it vouches for this agent's silence.
+    pub fn listed_watermark(&self, mark: &ListedWatermark, since_ns: Option<i64>) {
         let mut buffer = lock(&self.shared.buffer);
-        if buffer.watermark.is_none_or(|w| ts_ns > w) {
-            buffer.watermark = Some(ts_ns);
-        }
+        buffer.watermark = Some(Mark::merge(buffer.watermark.take(), mark));
         if let Some(since_ns) = since_ns {
             buffer.since_ns = since_ns;
         }
@@ -655,6 +703,31 @@ pub fn check_agent_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listing longer than a collector accepts is cut, and its promise held just before the
+    /// first RST cut; an older listing that reaches further is kept, a plain watermark past a
+    /// listing drops it.
+    #[test]
+    fn listings_are_capped_and_only_move_forward() {
+        use crate::event::ConnId;
+        use crate::flow::SettlingRst;
+        use crate::wire::TcpFlags;
+        let ep = rstscope_proto::Endpoint::new(std::net::Ipv4Addr::new(198, 51, 100, 2).into(), 80);
+        let rst =
+            |ts_ns| SettlingRst { ts_ns, src: ep, dst: ep, conn_id: ConnId(1), seq: 0, ack: 0, flags: TcpFlags(0x14) };
+        let cap = rstscope_proto::MAX_SETTLING_LISTED as i64;
+        let long =
+            ListedWatermark { ts_ns: 99, listed_until_ns: 10_000, settling: (100..100 + cap + 2).map(rst).collect() };
+        let mark = Mark::merge(None, &long);
+        assert_eq!((mark.ts_ns, mark.listed_until_ns, mark.settling.len() as i64), (99, 100 + cap - 1, cap));
+        assert_eq!(mark.settling.last().map(|r| r.ts_ns), Some(100 + cap - 1));
+
+        let short = ListedWatermark { ts_ns: 150, listed_until_ns: 150, settling: Vec::new() };
+        let kept = Mark::merge(Some(mark.clone()), &short);
+        assert_eq!((kept.ts_ns, kept.listed_until_ns, &kept.settling), (150, mark.listed_until_ns, &mark.settling));
+        let past = ListedWatermark { ts_ns: 20_000, listed_until_ns: 20_000, settling: Vec::new() };
+        assert_eq!(Mark::merge(Some(kept), &past), Mark { ts_ns: 20_000, listed_until_ns: 0, settling: Vec::new() });
+    }
 
     #[test]
     fn state_dirs_follow_xdg_and_differ_per_name() {

@@ -34,7 +34,7 @@ use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use rstscope_proto::{Endpoint, FlowKey};
 
 use crate::event::{ConnId, ConnOpen, Event, FlowEnd, FlowSummary, Role, RstEvent};
-use crate::wire::{Checksum, OptionLayout, Segment};
+use crate::wire::{Checksum, OptionLayout, Segment, TcpFlags};
 use chunked::Chunked;
 use conn::{conn_flags, seen, Addr, Compact, Conn, Record, SlotKey};
 use zeek::{ZeekConn, ZeekSegment};
@@ -67,6 +67,50 @@ impl Default for TrackerConfig {
             settle_ns: 2_000_000_000,
             max_flows: 1_000_000,
             ignore_checksums: false,
+        }
+    }
+}
+
+/// How far RST events are complete, naming the exceptions (see [`Tracker::listed_watermark`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedWatermark {
+    /// Every RST captured up to here has been passed on ([`Tracker::watermark_ns`]).
+    pub ts_ns: i64,
+    /// Every RST captured up to here has been passed on or is in `settling`; at least `ts_ns`.
+    pub listed_until_ns: i64,
+    /// RSTs captured up to `listed_until_ns` and still in their settle window, oldest first.
+    pub settling: Vec<SettlingRst>,
+}
+
+/// A RST still in its settle window, as much of it as tells which connection and packet it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettlingRst {
+    /// Capture time (ns since the epoch).
+    pub ts_ns: i64,
+    /// Sender as seen on the wire.
+    pub src: Endpoint,
+    /// Receiver as seen on the wire.
+    pub dst: Endpoint,
+    /// Its connection record.
+    pub conn_id: ConnId,
+    /// Raw sequence number.
+    pub seq: u32,
+    /// Raw acknowledgment number.
+    pub ack: u32,
+    /// Header flags.
+    pub flags: TcpFlags,
+}
+
+impl SettlingRst {
+    fn of(event: &RstEvent) -> Self {
+        SettlingRst {
+            ts_ns: event.ts_ns,
+            src: event.src,
+            dst: event.dst,
+            conn_id: event.conn_id,
+            seq: event.seq,
+            ack: event.ack,
+            flags: event.flags,
         }
     }
 }
@@ -298,12 +342,36 @@ impl Tracker {
     }
 
     /// How far RST events are complete: every RST up to this packet time has been passed to
-    /// `out`. The clock, held back to just before the oldest RST still in its settle window.
-    /// `None` before the first packet.
+    /// `out`. The clock, held back to just before the oldest RST still in its settle window
+    /// ([`Tracker::listed_watermark`] names those instead). `None` before the first packet.
     pub fn watermark_ns(&self) -> Option<i64> {
         let clock = self.clock_ns()?;
         let oldest_pending = self.pending.values().flatten().map(|ev| ev.ts_ns).min();
         Some(oldest_pending.map_or(clock, |ts| clock.min(ts.saturating_sub(1))))
+    }
+
+    /// [`Tracker::watermark_ns`] and a later promise that names its exceptions: every RST
+    /// captured up to `listed_until_ns` has been passed to `out` or is one of `settling` (at
+    /// most `max_listed`, oldest first). With no more than `max_listed` RSTs settling that is the
+    /// clock; with more, just before the oldest one not listed. So a collector can vouch for
+    /// the time after a settling RST for every connection that RST cannot be part of, instead
+    /// of waiting out the settle window of another connection's RST. `None` before the first
+    /// packet.
+    pub fn listed_watermark(&self, max_listed: usize) -> Option<ListedWatermark> {
+        let clock = self.clock_ns()?;
+        let ts_ns = self.watermark_ns()?;
+        let mut settling: Vec<SettlingRst> = self.pending.values().flatten().map(SettlingRst::of).collect();
+        let order = |r: &SettlingRst| (r.ts_ns, r.conn_id.0, r.seq);
+        let mut listed_until_ns = clock;
+        if settling.len() > max_listed {
+            settling.select_nth_unstable_by_key(max_listed, order);
+            listed_until_ns = clock.min(settling[max_listed].ts_ns.saturating_sub(1));
+            settling.truncate(max_listed);
+            // Ties with the first unlisted RST are past the promise: they need no listing.
+            settling.retain(|r| r.ts_ns <= listed_until_ns);
+        }
+        settling.sort_unstable_by_key(order);
+        Some(ListedWatermark { ts_ns, listed_until_ns: listed_until_ns.max(ts_ns), settling })
     }
 
     /// Processes one segment; events that became final are passed to `out`.
@@ -1043,6 +1111,51 @@ mod tests {
         tracker.advance(rst_ts + 10_000_000_000, &mut |e| emitted.push(e));
         assert_eq!(resets(&emitted).len(), 1);
         assert_eq!(tracker.watermark_ns(), Some(rst_ts + 10_000_000_000));
+    }
+
+    /// The listed watermark runs on to the clock past the RSTs it names, holds just below the
+    /// oldest one it had no room for, and names each RST exactly as its event later says it.
+    #[test]
+    fn the_listed_watermark_names_settling_rsts_up_to_its_cap() {
+        let trace = "
+            0ms  > S  cport=1
+            1ms  < SA cport=1
+            2ms  > R  cport=1
+            3ms  > S  cport=2
+            4ms  < RA cport=2
+            5ms  > S  cport=3
+            6ms  < SA cport=3
+            7ms  < R  cport=3
+            500ms > S cport=4
+        ";
+        let segs = trace::parse(trace).unwrap();
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let mut emitted = Vec::new();
+        for seg in &segs {
+            tracker.on_segment(seg, &mut |e| emitted.push(e));
+        }
+        let (rsts, clock) = ([segs[2].ts_ns, segs[4].ts_ns, segs[7].ts_ns], segs[8].ts_ns);
+        assert!(resets(&emitted).is_empty(), "all three still settle");
+        let listed = |tracker: &Tracker, cap| {
+            let mark = tracker.listed_watermark(cap).unwrap();
+            let named: Vec<(i64, u16)> = mark.settling.iter().map(|r| (r.ts_ns, r.src.port())).collect();
+            (mark.ts_ns, mark.listed_until_ns, named)
+        };
+        // Room for all: the clock, every RST named (oldest first, the sender's port as seen).
+        let all = vec![(rsts[0], 1), (rsts[1], 80), (rsts[2], 80)];
+        assert_eq!(listed(&tracker, 64), (rsts[0] - 1, clock, all.clone()));
+        // Room for two: held just below the third.
+        assert_eq!(listed(&tracker, 2), (rsts[0] - 1, rsts[2] - 1, all[..2].to_vec()));
+        // No room: the plain watermark.
+        assert_eq!(listed(&tracker, 0), (rsts[0] - 1, rsts[0] - 1, Vec::new()));
+        let named = tracker.listed_watermark(64).unwrap().settling;
+
+        // The events still come when their windows end, once each, as named.
+        let later = rsts[2] + 10_000_000_000;
+        tracker.advance(later, &mut |e| emitted.push(e));
+        let sent: Vec<SettlingRst> = resets(&emitted).into_iter().map(SettlingRst::of).collect();
+        assert_eq!(sent, named);
+        assert_eq!(listed(&tracker, 64), (later, later, Vec::new()));
     }
 
     /// What a SYN leaves behind for the Open lives only while the SYN is unanswered: answered,

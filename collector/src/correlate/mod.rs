@@ -55,6 +55,11 @@ pub struct Config {
     /// kernel handed over later than the agent's idle-clock margin (50 ms) allows; together
     /// with the path slack (500 ms) such a packet may be 750 ms late before a silence is
     /// counted that was not one. RSTs every agent saw never wait for it.
+    ///
+    /// The same margin goes on top of a listed watermark ([`Listed`]): it runs on to the agent's
+    /// clock past the RSTs still settling that it names, so a RST another agent saw waits for
+    /// that settle window only when one of the named RSTs could be a sighting of it, not
+    /// whenever the agent holds any RST at all (at a few RSTs a second, nearly always).
     pub settle_ns: i64,
     /// Largest clock offset between agents assumed before handshakes measured it.
     pub max_skew_ns: i64,
@@ -92,6 +97,70 @@ pub struct Coverage {
     pub runs: Vec<(i64, i64)>,
     /// Periods with known capture or event loss (from, until), agent clock.
     pub losses: Vec<(i64, i64, String)>,
+    /// The newest watermark's later promise with its exceptions, if it made one past the last
+    /// run's end: it extends that run for every connection none of the exceptions could be
+    /// part of (see [`Listed`]).
+    pub listed: Option<Listed>,
+}
+
+/// "Everything I captured up to `until_ns` has been sent, except these RSTs still settling"
+/// (`Watermark.listed_until_ns` and `settling`), agent clock.
+///
+/// Why it may stand in for the plain watermark (which an agent holds just before its oldest
+/// RST still settling, 2 s behind its clock whenever RSTs come more often than that): the only
+/// sightings of this agent up to `until_ns` the engine lacks are the listed ones. If none of
+/// them could become part of the group being decided (the verdict's `vouched_ns` checks each
+/// join key), the decision is the one the engine would make with all of them in, which is all
+/// the plain watermark promised.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listed {
+    /// Agent clock, past the last run's end.
+    pub until_ns: i64,
+    /// The RSTs captured up to then and not sent yet.
+    pub settling: Vec<SettlingSighting>,
+}
+
+/// One RST an agent listed as still settling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettlingSighting {
+    /// Capture time, agent clock.
+    pub ts_ns: i64,
+    /// Its tuple as the agent saw it.
+    pub key: FlowKey,
+    /// The agent's connection record it belongs to.
+    pub conn_id: u64,
+    /// Raw sequence number; with `ack` and `flags` what joins records by RST identity.
+    pub seq: u32,
+    /// Raw acknowledgment number.
+    pub ack: u32,
+    /// TCP flag bits.
+    pub flags: u32,
+}
+
+impl Listed {
+    /// The listing of a watermark, if it promises anything past `ts_ns` and every entry can be
+    /// read (an entry without its endpoints could be any RST: then nothing is promised).
+    pub fn of(w: &v1::Watermark) -> Option<Listed> {
+        if w.listed_until_ns <= w.ts_ns {
+            return None;
+        }
+        let settling = w
+            .settling
+            .iter()
+            .map(|r| {
+                let (src, dst) = (pb::endpoint(r.src.as_ref())?, pb::endpoint(r.dst.as_ref())?);
+                Some(SettlingSighting {
+                    ts_ns: r.ts_ns,
+                    key: FlowKey::new(src, dst),
+                    conn_id: r.conn_id,
+                    seq: r.seq,
+                    ack: r.ack,
+                    flags: r.flags,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Listed { until_ns: w.listed_until_ns, settling })
+    }
 }
 
 impl Coverage {
@@ -124,8 +193,19 @@ impl Coverage {
 
     /// Why the agent cannot vouch for `[from, until]` (agent clock), or `None` if it can.
     pub fn gap(&self, from: i64, until: i64) -> Option<String> {
-        let Some(run) = self.runs.iter().find(|r| r.0 <= from && until <= r.1) else {
-            let wm = self.watermark_ns();
+        self.gap_until(from, until, None)
+    }
+
+    /// [`Coverage::gap`] with the last run reaching on to `vouched_ns` where that is later: a
+    /// listed watermark that vouches for the connection in question ([`Listed`]).
+    pub fn gap_until(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> Option<String> {
+        let last = self.runs.len().wrapping_sub(1);
+        let extended = |(i, r): (usize, &(i64, i64))| match vouched_ns {
+            Some(v) if i == last => (r.0, r.1.max(v)),
+            _ => *r,
+        };
+        let Some(run) = self.runs.iter().enumerate().map(extended).find(|r| r.0 <= from && until <= r.1) else {
+            let wm = self.watermark_ns().map(|w| vouched_ns.map_or(w, |v| w.max(v)));
             return Some(match wm {
                 None => "it has sent no watermark".to_string(),
                 Some(wm) if wm < until => format!("its capture ends at {} (watermark)", pb::ts_text(wm)),
@@ -478,6 +558,9 @@ impl Correlator {
                         (since, _, _) => since,
                     };
                     a.coverage.watermark(since, w.ts_ns);
+                    // Only the newest listing holds (one without any, from an older agent or a
+                    // replay after a restart, takes it back).
+                    a.coverage.listed = Listed::of(w);
                     // A capture that ended will not report more; a later run starts afresh.
                     a.finished = w.ended;
                 }

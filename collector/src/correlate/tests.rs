@@ -78,7 +78,14 @@ fn rst(conn_id: u64, client: &str, from_server: bool, ts: i64, seq: u32, ttl: u3
 }
 
 fn mark(since: i64, ts: i64) -> v1::Event {
-    v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns: ts, since_ns: since, ended: false })) }
+    v1::Event {
+        kind: Some(v1::event::Kind::Watermark(v1::Watermark {
+            ts_ns: ts,
+            since_ns: since,
+            ended: false,
+            ..Default::default()
+        })),
+    }
 }
 
 fn flow_end(conn_id: u64, client: &str, start: i64, end: i64) -> v1::Event {
@@ -479,4 +486,162 @@ fn a_host_whose_agent_saw_nothing_of_the_connection_did_not_send_its_reset() {
     assert_eq!((r.verdict.as_str(), r.cause.as_str()), ("injected", "middlebox"));
     let silent = r.evidence.iter().find(|e| e.name == "sender-silent").unwrap();
     assert!(silent.detail.contains("seeing nothing of the connection"), "{silent:?}");
+}
+
+/// A watermark that vouches up to `until` apart from the `settling` RSTs it lists, its plain
+/// promise held at `ts`.
+fn listed(since: i64, ts: i64, until: i64, settling: Vec<v1::SettlingRst>) -> v1::Event {
+    v1::Event {
+        kind: Some(v1::event::Kind::Watermark(v1::Watermark {
+            ts_ns: ts,
+            since_ns: since,
+            ended: false,
+            listed_until_ns: until,
+            settling,
+        })),
+    }
+}
+
+/// A RST an agent still holds in its settle window, as its watermark lists it.
+fn settling(conn_id: u64, src: &str, dst: &str, ts: i64, seq: u32) -> v1::SettlingRst {
+    v1::SettlingRst { ts_ns: ts, src: Some(ep(src)), dst: Some(ep(dst)), conn_id, seq, ack: 0, flags: 0x014 }
+}
+
+/// The client gets a RST in the server's name that the server never sent, 2 s into the
+/// connection; the server's agent holds its plain watermark 500 ms before it (some RST of its
+/// own settles), and lists what it holds in `server_listing` (`None`: an agent before listings).
+/// Returns the verdicts decided by then.
+fn forged_while_the_server_settles(
+    server_extra: &[v1::Event],
+    server_listing: Option<Vec<v1::SettlingRst>>,
+) -> Vec<String> {
+    let mut l = Ladder::new();
+    let t = T0 + 2 * S;
+    l.client(&[
+        open(1, true, CLIENT, T0, ISN_C),
+        rst(1, CLIENT, true, t, ISN_S + 500, 50, v1::Cause::AppAbort),
+        mark(T0 - S, T0 + 10 * S),
+    ]);
+    l.server(&[open(7, false, CLIENT, T0, ISN_C)]).server(server_extra);
+    let held = t - 500 * MS + SKEW;
+    l.server(&[match server_listing {
+        Some(list) => listed(T0 - S + SKEW, held, T0 + 10 * S + SKEW, list),
+        None => mark(T0 - S + SKEW, held),
+    }]);
+    let reports = l.c.decide();
+    if reports.is_empty() {
+        let pending = l.c.pending();
+        assert!(evidence_names(one(&pending)).contains(&"waiting-for-agent"), "{pending:#?}");
+    }
+    reports.iter().map(|r| r.verdict.clone()).collect()
+}
+
+#[test]
+fn a_listed_watermark_vouches_past_settling_rsts_that_cannot_be_the_one_decided() {
+    let other = "198.51.100.2:40001";
+    let server_at = |ms: i64| T0 + 2 * S + ms * MS + SKEW;
+    // The server's clock 4.2 s behind, the listed RST 400 ms before the forged one: unrelated
+    // by record, tuple and identity.
+    let unrelated = settling(8, SERVER, other, server_at(-400), 123);
+    let injected = vec!["injected".to_string()];
+    assert_eq!(forged_while_the_server_settles(&[], Some(vec![unrelated.clone()])), injected);
+    assert_eq!(forged_while_the_server_settles(&[], Some(Vec::new())), injected, "nothing settling");
+    // An agent that lists nothing is waited for as before.
+    assert!(forged_while_the_server_settles(&[], None).is_empty());
+
+    // Each way a settling RST could join the connection's group keeps it waiting, whatever
+    // the others say. The connection's tuple, another record (a sensor splits records in time):
+    let same_tuple = settling(70, SERVER, CLIENT, server_at(-400), 123);
+    // the forged RST's identity, a tuple NAT made unknown:
+    let same_identity = settling(71, SERVER, CLIENT_NAT, server_at(0), ISN_S + 500);
+    // a record known by the group's ISNs (it could not join: the server has one already).
+    let isn_record = [open(9, false, CLIENT_NAT, T0, ISN_C)];
+    let by_isns = settling(9, SERVER, CLIENT_NAT, server_at(-400), 123);
+    // a record known by the TSvals of the group's (other ISNs: a firewall rewrote them).
+    let with_tsvals = |conn_id, client, isn| {
+        let mut e = open(conn_id, false, client, T0, isn);
+        if let Some(v1::event::Kind::Open(o)) = &mut e.kind {
+            (o.syn_tsval, o.synack_tsval) = (Some(11), Some(22));
+        }
+        e
+    };
+    let tsval_record = [with_tsvals(7, CLIENT, ISN_C), with_tsvals(10, CLIENT_NAT, ISN_C + 5)];
+    let by_tsvals = settling(10, SERVER, CLIENT_NAT, server_at(-400), 123);
+    let cases = [(&[][..], same_tuple), (&[], same_identity), (&isn_record, by_isns), (&tsval_record, by_tsvals)];
+    for (extra, entry) in cases {
+        let verdicts = forged_while_the_server_settles(extra, Some(vec![unrelated.clone(), entry.clone()]));
+        assert!(verdicts.is_empty(), "{entry:?} let it be decided: {verdicts:?}");
+    }
+    // Those records alone do not hold it up.
+    assert_eq!(forged_while_the_server_settles(&isn_record, Some(vec![unrelated.clone()])), injected);
+    assert_eq!(forged_while_the_server_settles(&tsval_record, Some(vec![unrelated])), injected);
+}
+
+#[test]
+fn a_listed_rst_that_is_the_one_decided_keeps_it_pending_until_it_arrives() {
+    // The server aborts; the client's sighting arrives first, the server's is still settling
+    // and listed, with the same tuple and identity.
+    let mut l = Ladder::new();
+    let t = T0 + 2 * S;
+    l.client(&[
+        open(1, true, CLIENT, T0, ISN_C),
+        rst(1, CLIENT, true, t + 3 * DELAY, ISN_S + 500, 61, v1::Cause::AppAbort),
+        mark(T0 - S, T0 + 10 * S),
+    ]);
+    let own = settling(7, SERVER, CLIENT, t + SKEW, ISN_S + 500);
+    l.server(&[open(7, false, CLIENT, T0, ISN_C), listed(T0 - S + SKEW, t + SKEW - 1, T0 + 10 * S + SKEW, vec![own])]);
+    assert!(l.c.decide().is_empty(), "not lost, not injected: the server's sighting is on its way");
+    l.server(&[
+        rst(7, CLIENT, true, t + SKEW, ISN_S + 500, 64, v1::Cause::AppAbort),
+        listed(0, T0 + 10 * S + SKEW, T0 + 11 * S + SKEW, Vec::new()),
+    ]);
+    assert_eq!(one(&l.c.decide()).verdict, "end-to-end");
+}
+
+#[test]
+fn through_nat_a_listed_rst_with_the_decided_ones_identity_keeps_it_pending() {
+    // A SYN refused at the server, through NAT: no handshake joins the records, and the
+    // server's record of it is unknown until its RST arrives. The server's agent is told its
+    // address, so its silence would count.
+    let mut c = Correlator::new(Config::default());
+    let client = c.agent("client", &["198.51.100.2".parse().unwrap()]);
+    let server = c.agent("server", &["203.0.113.10".parse().unwrap()]);
+    let refused = |conn_id, client_ep: &str, ts, ttl| {
+        let mut e = rst(conn_id, client_ep, true, ts, 0, ttl, v1::Cause::Refused);
+        if let Some(v1::event::Kind::Reset(r)) = &mut e.kind {
+            r.ack = ISN_C + 1;
+        }
+        e
+    };
+    c.ingest(client, &refused(1, CLIENT, T0 + 10 * MS, 62));
+    c.ingest(client, &mark(T0 - 30 * S, T0 + 30 * S));
+    let mut own = settling(5, SERVER, CLIENT_NAT, T0 + SKEW, 0);
+    own.ack = ISN_C + 1;
+    let unrelated = settling(6, SERVER, "203.0.113.1:61001", T0 + SKEW + MS, 0);
+    let until = T0 + 30 * S + SKEW;
+    c.ingest(server, &listed(T0 - 30 * S + SKEW, T0 + SKEW - 1, until, vec![unrelated.clone(), own]));
+    assert!(c.decide().is_empty(), "its sighting may come under another tuple");
+    c.ingest(server, &refused(5, CLIENT_NAT, T0 + SKEW, 64));
+    c.ingest(server, &listed(0, until, until + S, vec![unrelated]));
+    let r = c.decide();
+    let r = one(&r);
+    assert_eq!((r.verdict.as_str(), r.match_key.as_str()), ("end-to-end", "rst-identity"));
+}
+
+#[test]
+fn a_plain_watermark_after_a_listed_one_takes_the_listing_back() {
+    // As after a restart: the store keeps the plain promise only.
+    let mut cov = Coverage::default();
+    let w = |ts_ns, listed_until_ns| v1::Watermark { ts_ns, listed_until_ns, ..Default::default() };
+    cov.watermark(100, 200);
+    cov.listed = Listed::of(&w(200, 900));
+    assert_eq!(cov.listed.as_ref().map(|l| l.until_ns), Some(900));
+    assert!(cov.gap_until(150, 800, Some(900)).is_none());
+    assert!(cov.gap(150, 800).unwrap().contains("ends at"));
+    cov.listed = Listed::of(&w(300, 0));
+    assert_eq!(cov.listed, None);
+    // A listing with an unreadable entry promises nothing.
+    let mut bad = w(200, 900);
+    bad.settling.push(v1::SettlingRst { ts_ns: 150, ..Default::default() });
+    assert_eq!(Listed::of(&bad), None);
 }

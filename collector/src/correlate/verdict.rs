@@ -10,13 +10,16 @@
 //!   connection did not, and the RST could have arrived (good checksums, TTL above the hop
 //!   count): `lost` between the two;
 //! - otherwise `unverified`, with the reason each silent agent's silence does not count;
-//! - `pending` while a relevant agent's watermark has not passed the RST plus the settle window.
+//! - `pending` while a relevant agent's watermark has not passed the RST plus the settle window
+//!   (its listed watermark, which runs on past the RSTs it still holds, for every connection
+//!   none of those RSTs could be part of: [`Correlator::vouched_ns`]).
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
-use rstscope_proto::v1;
+use rstscope_proto::{v1, FlowKey};
 
-use super::{text, unrouted_ttl, ClockEstimate, Correlator};
+use super::{text, unrouted_ttl, ClockEstimate, ConnObs, Correlator};
 use crate::pb;
 
 /// Where an agent sits for one RST's direction.
@@ -76,6 +79,21 @@ pub(crate) struct Context {
     locals: Vec<Vec<IpAddr>>,
     /// Newest watermark of any agent, reference clock.
     newest_ns: i64,
+    /// Per agent, its listed watermark when that reaches past its plain one.
+    listed: Vec<Option<ListedIndex>>,
+}
+
+/// An agent's [`super::Listed`] watermark, indexed by everything through which one of its
+/// settling RSTs could, on arrival, join a group (see [`Correlator::vouched_ns`]).
+pub(crate) struct ListedIndex {
+    until_ns: i64,
+    keys: HashSet<FlowKey>,
+    /// (seq, ack, flags): the RST-identity join.
+    identities: HashSet<(u32, u32, u32)>,
+    /// ISN and TSval join keys of the records the settling RSTs belong to, where the engine
+    /// knows those records already.
+    isn_keys: HashSet<(u32, u32, u16)>,
+    tsval_keys: HashSet<(u32, u32, u16)>,
 }
 
 /// Allowance for path delay on top of the clock uncertainty.
@@ -86,7 +104,80 @@ impl Correlator {
         let clocks = self.clock_estimates();
         let locals = (0..self.agents.len()).map(|a| self.local_addresses(a).0).collect();
         let newest_ns = self.newest_watermark_with(&clocks).unwrap_or(i64::MIN);
-        Context { clocks, locals, newest_ns }
+        let listed = (0..self.agents.len()).map(|a| self.listed_index(a)).collect();
+        Context { clocks, locals, newest_ns, listed }
+    }
+
+    /// Agent `a`'s listed watermark, indexed, if it reaches past its plain watermark.
+    fn listed_index(&self, a: usize) -> Option<ListedIndex> {
+        let coverage = &self.agents[a].coverage;
+        let listed = coverage.listed.as_ref()?;
+        if coverage.watermark_ns().is_some_and(|w| listed.until_ns <= w) {
+            return None;
+        }
+        let mut index = ListedIndex {
+            until_ns: listed.until_ns,
+            keys: HashSet::new(),
+            identities: HashSet::new(),
+            isn_keys: HashSet::new(),
+            tsval_keys: HashSet::new(),
+        };
+        for r in &listed.settling {
+            index.keys.insert(r.key);
+            index.identities.insert((r.seq, r.ack, r.flags));
+            if let Some(&i) = self.conn_index.get(&(a, r.conn_id)) {
+                let c = &self.conns[i];
+                index.isn_keys.extend(isn_key(c));
+                index.tsval_keys.extend(tsval_key(c));
+            }
+        }
+        Some(index)
+    }
+
+    /// How far agent `a` vouches for the group with records `members` and RSTs `rsts`: its
+    /// listed watermark unless one of the RSTs it lists as still settling could join the group,
+    /// else its plain watermark (agent clock).
+    ///
+    /// Why this is safe (precision first: a settling RST wrongly let through could turn an
+    /// `end-to-end` into `injected` or `lost`; one wrongly held back only waits for it): a RST
+    /// reaches a group only with its record, and a record joins a group only through one of
+    /// [`super::matching`]'s keys, all of which this checks against the group as it is, with
+    /// nothing about the path assumed (NAT may change every address and port):
+    /// - its tuple is the tuple of any record of the group (`tuple+isn`, `tuple+time`; this
+    ///   also covers its own record being there already, and a record the agent split in time,
+    ///   which keeps its tuple);
+    /// - its (seq, ack, flags) are those of any RST of the group (`rst-identity`);
+    /// - its record, if the engine knows it, has the ISNs or TSvals of any record of the group
+    ///   (`isn`, `tsval`; a RST itself carries neither, so a record the engine does not know
+    ///   cannot join by them on its arrival).
+    ///
+    /// Any of these keeps the group waiting for the plain watermark, i.e. until the RST has
+    /// arrived. Otherwise the decision is the one the engine would make with the listed RSTs
+    /// already in, which is all the plain watermark promised: later events of other agents
+    /// may still join groups, with either watermark alike.
+    pub(crate) fn vouched_ns(&self, cx: &Context, a: usize, members: &[usize], rsts: &[usize]) -> Option<i64> {
+        let plain = self.agents[a].coverage.watermark_ns();
+        let Some(listed) = &cx.listed[a] else { return plain };
+        let record_joins = members.iter().any(|&m| {
+            let c = &self.conns[m];
+            listed.keys.contains(&c.key())
+                || isn_key(c).is_some_and(|k| listed.isn_keys.contains(&k))
+                || tsval_key(c).is_some_and(|k| listed.tsval_keys.contains(&k))
+        });
+        let rst_joins = rsts.iter().any(|&r| {
+            let e = &self.rsts[r].event;
+            listed.identities.contains(&(e.seq, e.ack, e.flags))
+        });
+        if record_joins || rst_joins {
+            plain
+        } else {
+            Some(listed.until_ns)
+        }
+    }
+
+    /// [`Correlator::vouched_ns`] of every agent for one group.
+    fn vouched(&self, cx: &Context, members: &[usize], rsts: &[usize]) -> Vec<Option<i64>> {
+        (0..self.agents.len()).map(|a| self.vouched_ns(cx, a, members, rsts)).collect()
     }
 
     /// The agent's clock minus the reference, and the allowance around it.
@@ -131,7 +222,11 @@ impl Correlator {
                 Some(members) => self.group_rsts(members),
                 None => self.rsts_of[root].clone(),
             };
-            let waiting = !pending_only && self.certainly_pending(&cx, &rsts);
+            let marks = {
+                let root_only = [root];
+                self.vouched(&cx, self.index.members_of(root).unwrap_or(&root_only), &rsts)
+            };
+            let waiting = !pending_only && self.certainly_pending(&cx, &rsts, &marks);
             if waiting && !cfg!(debug_assertions) {
                 continue;
             }
@@ -140,7 +235,10 @@ impl Correlator {
             let clusters = self.clusters(&cx, &rsts);
             if waiting {
                 // Debug builds (the tests) check the shortcut against the clusters it skips.
-                debug_assert!(clusters.iter().all(|c| self.laggard(&cx, c).is_some()), "a waiting group was decidable");
+                debug_assert!(
+                    clusters.iter().all(|c| self.laggard(&cx, c, &marks).is_some()),
+                    "a waiting group was decidable"
+                );
                 continue;
             }
             // Every cluster is (re)evaluated: one decided before may gain a late sighting or a
@@ -149,12 +247,12 @@ impl Correlator {
             for cluster in clusters {
                 // Only pending clusters are listed, and only the others are handed out: a report
                 // the caller would drop is not built (a pending one is no "injected" partner).
-                let laggard = self.laggard(&cx, &cluster);
+                let laggard = self.laggard(&cx, &cluster, &marks);
                 if laggard.is_some() != pending_only || (pending_only && cluster.iter().all(|&r| self.rsts[r].decided))
                 {
                     continue;
                 }
-                let (mut report, is_pending) = self.report(&cx, root, &members, &cluster, laggard);
+                let (mut report, is_pending) = self.report(&cx, root, &members, &cluster, laggard, &marks);
                 if let Some(id) = cluster.iter().find_map(|&r| self.rsts[r].report_id.clone()) {
                     report.id = id;
                 }
@@ -317,10 +415,11 @@ impl Correlator {
     /// The agent a distinct RST (`cluster`, sightings in corrected time order) still waits
     /// for, if any: any agent may still report a sighting or a record of its connection (agents
     /// do not know which paths they see), so every agent still capturing is waited for.
-    fn laggard(&self, cx: &Context, cluster: &[usize]) -> Option<usize> {
+    /// `marks`: how far each agent vouches for the cluster's group ([`Correlator::vouched`]).
+    fn laggard(&self, cx: &Context, cluster: &[usize], marks: &[Option<i64>]) -> Option<usize> {
         let t_ref = self.t_ref(cx, cluster[0]);
         (0..self.agents.len())
-            .find(|&a| !cluster.iter().any(|&r| self.rsts[r].agent == a) && self.waits_for(cx, a, t_ref))
+            .find(|&a| !cluster.iter().any(|&r| self.rsts[r].agent == a) && self.waits_for(cx, a, t_ref, marks[a]))
     }
 
     /// A sighting's time on the reference clock (a cluster's time when it is the first).
@@ -330,13 +429,14 @@ impl Correlator {
     }
 
     /// Whether a RST at `t_ref` (reference clock) that agent `a` did not see waits for `a`:
-    /// its capture goes on, its watermark has not passed the RST plus the settle window, and
-    /// the wait has not run out.
-    fn waits_for(&self, cx: &Context, a: usize, t_ref: i64) -> bool {
+    /// its capture goes on, how far it vouches for the RST's group (`mark`, its watermark or
+    /// listed watermark) has not passed the RST plus the settle window, and the wait has not
+    /// run out.
+    fn waits_for(&self, cx: &Context, a: usize, t_ref: i64, mark: Option<i64>) -> bool {
         let info = &self.agents[a];
         let (offset, allowance) = self.offset(cx, a, t_ref);
         !info.finished
-            && info.coverage.watermark_ns().is_none_or(|w| w < t_ref + offset + allowance + self.cfg.settle_ns)
+            && mark.is_none_or(|w| w < t_ref + offset + allowance + self.cfg.settle_ns)
             && cx.newest_ns < t_ref + self.cfg.max_wait_ns
     }
 
@@ -345,10 +445,11 @@ impl Correlator {
     /// for each sighting's time. (A cluster holds sightings of the group's agents only, and its
     /// time is one of its sightings', so that agent is a [`Correlator::laggard`] of every
     /// cluster.) Groups waiting for an agent are thus passed over cheaply on every decision.
-    fn certainly_pending(&self, cx: &Context, rsts: &[usize]) -> bool {
+    fn certainly_pending(&self, cx: &Context, rsts: &[usize], marks: &[Option<i64>]) -> bool {
         let times: Vec<i64> = rsts.iter().map(|&r| self.t_ref(cx, r)).collect();
-        (0..self.agents.len())
-            .any(|a| !rsts.iter().any(|&r| self.rsts[r].agent == a) && times.iter().all(|&t| self.waits_for(cx, a, t)))
+        (0..self.agents.len()).any(|a| {
+            !rsts.iter().any(|&r| self.rsts[r].agent == a) && times.iter().all(|&t| self.waits_for(cx, a, t, marks[a]))
+        })
     }
 
     /// The report of one distinct RST (`cluster`, sightings in corrected time order) whose
@@ -360,6 +461,7 @@ impl Correlator {
         members: &[usize],
         cluster: &[usize],
         laggard: Option<usize>,
+        marks: &[Option<i64>],
     ) -> (v1::ResetReport, bool) {
         let first = &self.rsts[cluster[0]];
         let from_orig = first.sent_by_originator(self);
@@ -398,7 +500,7 @@ impl Correlator {
             let (offset, allowance) = self.offset(cx, a, t_ref);
             let local_ts = rst.map_or(t_ref + offset, |r| self.rsts[r].event.ts_ns);
             let info = &self.agents[a];
-            let gap = info.coverage.gap(local_ts - allowance, local_ts + allowance);
+            let gap = info.coverage.gap_until(local_ts - allowance, local_ts + allowance, marks[a]);
             let given = &self.agents[a].local;
             let owns_end = given.contains(&sender_ep.ip()) || given.contains(&receiver_ep.ip());
             roles.push(Role { agent: a, place, sender_ttl, conn, rst, local_ts, gap, owns_end });
@@ -697,6 +799,16 @@ impl super::RstObs {
         }
         self.from_orig
     }
+}
+
+/// A record's `isn` join key (as [`super::matching`] indexes it).
+fn isn_key(c: &ConnObs) -> Option<(u32, u32, u16)> {
+    c.orig_isn.zip(c.resp_isn).map(|(o, r)| (o, r, c.resp.port()))
+}
+
+/// A record's `tsval` join key (as [`super::matching`] indexes it).
+fn tsval_key(c: &ConnObs) -> Option<(u32, u32, u16)> {
+    c.syn_tsval.zip(c.synack_tsval).filter(|(s, a)| *s != 0 && *a != 0).map(|(s, a)| (s, a, c.resp.port()))
 }
 
 fn key_rank(k: &str) -> u8 {

@@ -75,7 +75,9 @@ fn flow(end_ms: i64, path: &str) -> v1::Event {
 }
 
 fn watermark(ms: i64) -> v1::Event {
-    v1::Event { kind: Some(Kind::Watermark(v1::Watermark { ts_ns: ns(ms), since_ns: 0, ended: false })) }
+    v1::Event {
+        kind: Some(Kind::Watermark(v1::Watermark { ts_ns: ns(ms), since_ns: 0, ended: false, ..Default::default() })),
+    }
 }
 
 fn loss(capture: u64, interface: u64, events: u64) -> v1::Event {
@@ -717,7 +719,14 @@ fn loss_between(from_ms: i64, until_ms: i64, capture: u64) -> v1::Event {
 }
 
 fn mark(ms: i64, since_ms: i64) -> v1::Event {
-    v1::Event { kind: Some(Kind::Watermark(v1::Watermark { ts_ns: ns(ms), since_ns: ns(since_ms), ended: false })) }
+    v1::Event {
+        kind: Some(Kind::Watermark(v1::Watermark {
+            ts_ns: ns(ms),
+            since_ns: ns(since_ms),
+            ended: false,
+            ..Default::default()
+        })),
+    }
 }
 
 /// A one-letter description of a replayed event and its time in ms, e.g. `("a", 'R', 10)`.

@@ -178,6 +178,7 @@ pub fn watermark(offset_ms: i64) -> v1::Event {
             ts_ns: T0 + offset_ms * 1_000_000,
             since_ns: 0,
             ended: false,
+            ..Default::default()
         })),
     }
 }

@@ -126,7 +126,12 @@ fn read_capture(path: &str) -> Result<(Vec<v1::Event>, Counters), String> {
         .min();
     if let (Some(since), Some(last)) = (first, tracker.clock_ns()) {
         events.push(v1::Event {
-            kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns: last, since_ns: since, ended: true })),
+            kind: Some(v1::event::Kind::Watermark(v1::Watermark {
+                ts_ns: last,
+                since_ns: since,
+                ended: true,
+                ..Default::default()
+            })),
         });
     }
     Ok((events, counters))
