@@ -12,7 +12,11 @@
 //!    protocol itself (hello, welcome, numbered batches with up to `--window` unacknowledged,
 //!    acks), send `--events` generated events in all (9 in 10 RST events with 1-3 evidence items,
 //!    1 in 10 flow summaries; addresses in 203.0.113.0/24 and 2001:db8:1::/64 on the local side,
-//!    198.51.100.0/24, 100.64.0.0/10 and 2001:db8::/32 remote). Reported: events/s and batches/s
+//!    198.51.100.0/24, 100.64.0.0/10 and 2001:db8::/32 remote). Every batch ends with a
+//!    watermark (the agent vouches for its capture up to its last event), and with several
+//!    agents neighbours share a handshake every few ms of event time, so the collector measures
+//!    their clocks and decides RSTs as it goes: the figure includes correlation and the writing
+//!    of reports, not only the storing of events. Reported: events/s and batches/s
 //!    from the first send to the last ack, ack latency percentiles, and CPU per event of the
 //!    collector process. The events are generated before the clock starts.
 //! 2. **Where the ingest time goes.** The same kind of batches, in-process: protobuf encode and
@@ -142,6 +146,42 @@ const CAUSE_MIX: [(Cause, u64); 9] = [
     (Cause::Unknown, 5),
 ];
 
+/// A random connection: a local end in the monitored network, a remote one elsewhere.
+fn random_conn(rng: &mut SplitMix64) -> Conn {
+    let v6 = rng.chance(0.12);
+    let local_ip = if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, rng.range(1, 400) as u16))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(LOCAL_V4[0], LOCAL_V4[1], LOCAL_V4[2], rng.range(1, 254) as u8))
+    };
+    let remote_ip = if v6 {
+        let r = rng.next_u64();
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            (r >> 48) as u16 | 2,
+            (r >> 32) as u16,
+            0,
+            0,
+            (r >> 16) as u16,
+            r as u16,
+        ))
+    } else if rng.chance(0.08) {
+        // The partner network: the host filter of the query part selects it.
+        IpAddr::V4(Ipv4Addr::new(PARTNER_V4[0], PARTNER_V4[1], PARTNER_V4[2], rng.range(1, 254) as u8))
+    } else {
+        // 100.64.0.0/10, standing in for the rest of the world.
+        let r = rng.below(1 << 22) as u32;
+        IpAddr::V4(Ipv4Addr::from(0x6440_0000 | r))
+    };
+    let local_is_server = rng.chance(0.7);
+    let server_port = SERVER_PORTS[rng.below(SERVER_PORTS.len() as u64) as usize];
+    let client_port = rng.range(32_768, 60_999) as u16;
+    let (local_port, remote_port) =
+        if local_is_server { (server_port, client_port) } else { (client_port, server_port) };
+    Conn { local: (local_ip, local_port), remote: (remote_ip, remote_port), local_is_server }
+}
+
 /// Deterministic generator of one agent's events in time order.
 struct Traffic {
     rng: SplitMix64,
@@ -149,6 +189,47 @@ struct Traffic {
     ts_ns: i64,
     /// Mean gap between events.
     step_ns: i64,
+    /// When the traffic began: every batch's watermark vouches from here.
+    start_ns: i64,
+    /// Handshakes this agent shares with its neighbours (several agents only).
+    shared: Option<SharedHandshakes>,
+}
+
+/// Handshakes seen by two agents: without them the collector knows nothing of the agents'
+/// clocks and waits out its largest assumed skew (10 s) before deciding any RST one agent saw
+/// and another did not; with them it measures the offsets, as it does with real agents that
+/// watch common traffic. Handshake `j` starts at `start_ns + (j + 1) * every_ns` and is seen by
+/// agents `j % agents` (near the client) and `(j + 1) % agents`, so the agents form a ring of
+/// measured pairs. Both derive its tuple and sequence numbers from `seed` and `j`.
+struct SharedHandshakes {
+    agent: usize,
+    agents: usize,
+    seed: u64,
+    every_ns: i64,
+    /// The next handshake not yet considered.
+    next: u64,
+}
+
+impl SharedHandshakes {
+    /// The next handshake this agent sees that started by `ts_ns`, and whether it is the
+    /// agent near the client.
+    fn due(&mut self, start_ns: i64, ts_ns: i64) -> Option<(u64, i64, bool)> {
+        loop {
+            let j = self.next;
+            let t = start_ns + (j as i64 + 1) * self.every_ns;
+            if t > ts_ns {
+                return None;
+            }
+            self.next += 1;
+            let near = (j % self.agents as u64) as usize;
+            if near == self.agent {
+                return Some((j, t, true));
+            }
+            if (near + 1) % self.agents == self.agent {
+                return Some((j, t, false));
+            }
+        }
+    }
 }
 
 /// One connection: the local and the remote end, and which of them is the server.
@@ -160,46 +241,21 @@ struct Conn {
 
 impl Traffic {
     fn new(seed: u64, start_ns: i64, step_ns: i64) -> Self {
-        Traffic { rng: SplitMix64::new(seed), ts_ns: start_ns, step_ns: step_ns.max(1) }
+        Traffic { rng: SplitMix64::new(seed), ts_ns: start_ns, step_ns: step_ns.max(1), start_ns, shared: None }
     }
 
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.rng.below(items.len() as u64) as usize]
+    /// Agent `agent` of `agents` (more than one): it also reports the handshakes it shares with
+    /// its two neighbours; one starts every `every_ns`, each pair in turn (see
+    /// [`SharedHandshakes`]).
+    fn sharing(mut self, seed: u64, agent: usize, agents: usize, every_ns: i64) -> Self {
+        if agents > 1 {
+            self.shared = Some(SharedHandshakes { agent, agents, seed, every_ns: every_ns.max(1), next: 0 });
+        }
+        self
     }
 
     fn conn(&mut self) -> Conn {
-        let v6 = self.rng.chance(0.12);
-        let local_ip = if v6 {
-            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, self.rng.range(1, 400) as u16))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(LOCAL_V4[0], LOCAL_V4[1], LOCAL_V4[2], self.rng.range(1, 254) as u8))
-        };
-        let remote_ip = if v6 {
-            let r = self.rng.next_u64();
-            IpAddr::V6(Ipv6Addr::new(
-                0x2001,
-                0xdb8,
-                (r >> 48) as u16 | 2,
-                (r >> 32) as u16,
-                0,
-                0,
-                (r >> 16) as u16,
-                r as u16,
-            ))
-        } else if self.rng.chance(0.08) {
-            // The partner network: the host filter of the query part selects it.
-            IpAddr::V4(Ipv4Addr::new(PARTNER_V4[0], PARTNER_V4[1], PARTNER_V4[2], self.rng.range(1, 254) as u8))
-        } else {
-            // 100.64.0.0/10, standing in for the rest of the world.
-            let r = self.rng.below(1 << 22) as u32;
-            IpAddr::V4(Ipv4Addr::from(0x6440_0000 | r))
-        };
-        let local_is_server = self.rng.chance(0.7);
-        let server_port = self.pick(&SERVER_PORTS);
-        let client_port = self.rng.range(32_768, 60_999) as u16;
-        let (local_port, remote_port) =
-            if local_is_server { (server_port, client_port) } else { (client_port, server_port) };
-        Conn { local: (local_ip, local_port), remote: (remote_ip, remote_port), local_is_server }
+        random_conn(&mut self.rng)
     }
 
     fn cause(&mut self) -> Cause {
@@ -217,12 +273,43 @@ impl Traffic {
     fn next_event(&mut self) -> v1::Event {
         let jitter = self.rng.below(self.step_ns as u64 * 2) as i64;
         self.ts_ns += jitter.max(1);
+        if let Some((j, t, near)) = self.shared.as_mut().and_then(|s| s.due(self.start_ns, self.ts_ns)) {
+            return v1::Event { kind: Some(Kind::Open(self.shared_open(j, t, near))) };
+        }
         if self.rng.below(10) == 0 {
             let conn = self.conn();
             v1::Event { kind: Some(Kind::Flow(self.flow(&conn, self.ts_ns))) }
         } else {
             let conn = self.conn();
             v1::Event { kind: Some(Kind::Reset(self.reset(&conn, self.ts_ns))) }
+        }
+    }
+
+    /// This agent's opening of shared handshake `j`, which started at `t`: the agent near the
+    /// client sees the SYN at `t`, the other a little later, and the SYN-ACK the other way round
+    /// (clocks in step: the collector should measure offsets near 0).
+    fn shared_open(&mut self, j: u64, t: i64, near: bool) -> v1::ConnectionOpen {
+        let seed = self.shared.as_ref().map_or(0, |s| s.seed);
+        let mut rng = SplitMix64::new(seed ^ (j + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let conn = random_conn(&mut rng);
+        let (orig, resp) = if conn.local_is_server { (conn.remote, conn.local) } else { (conn.local, conn.remote) };
+        let (orig_isn, resp_isn) = (rng.next_u64() as u32, rng.next_u64() as u32);
+        let round_trip = i64::from(rng.range(500_000, 5_000_000));
+        let hop = i64::from(rng.range(20_000, 200_000));
+        let (syn, synack) = if near { (t, t + round_trip) } else { (t + hop, t + round_trip - hop) };
+        v1::ConnectionOpen {
+            conn_id: self.rng.next_u64(),
+            orig: Some(pb_endpoint(orig.0, orig.1)),
+            resp: Some(pb_endpoint(resp.0, resp.1)),
+            start_ns: syn,
+            orig_isn: Some(orig_isn),
+            resp_isn: Some(resp_isn),
+            syn_ns: Some(syn),
+            synack_ns: Some(synack),
+            syn_options: "M1460,S,T,N,W7".into(),
+            orig_ttl: if near { 64 } else { 61 },
+            resp_ttl: if near { 57 } else { 60 },
+            ..Default::default()
         }
     }
 
@@ -368,17 +455,18 @@ impl Traffic {
         }
     }
 
-    /// `n` events as batches of `size`, numbered from 1.
+    /// `n` events as batches of `size`, numbered from 1, each followed by a watermark: the
+    /// agent vouches for its capture from the start of its traffic to its last event, as a real
+    /// agent does, so the collector can decide RSTs other agents did not see.
     fn batches(&mut self, n: u64, size: usize) -> Vec<v1::Batch> {
         let mut out = Vec::new();
         let mut left = n;
         while left > 0 {
             let k = left.min(size as u64);
-            out.push(v1::Batch {
-                seq: out.len() as u64 + 1,
-                events: (0..k).map(|_| self.next_event()).collect(),
-                spooled_seq: 0,
-            });
+            let mut events: Vec<v1::Event> = (0..k).map(|_| self.next_event()).collect();
+            let mark = v1::Watermark { ts_ns: self.ts_ns, since_ns: self.start_ns, ended: false };
+            events.push(v1::Event { kind: Some(Kind::Watermark(mark)) });
+            out.push(v1::Batch { seq: out.len() as u64 + 1, events, spooled_seq: 0 });
             left -= k;
         }
         out
@@ -565,7 +653,7 @@ async fn agent(
     go: Arc<Barrier>,
 ) -> Result<AgentRun> {
     let n = batches.len();
-    let events: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
+    let events: u64 = batches.iter().map(|b| data_events(b) as u64).sum();
     let mut client =
         IngestClient::new(channel(&url).await?).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<AgentMessage>(window + 2);
@@ -620,6 +708,17 @@ async fn agent(
     Ok(AgentRun { start, end, batches: n, events, latencies })
 }
 
+/// Every verdict but `pending`.
+const DECIDED: [&str; 4] = ["end-to-end", "injected", "lost", "unverified"];
+
+/// Each pair of neighbouring agents shares one handshake this often (event time).
+const SHARED_EVERY_NS: i64 = 20_000_000;
+
+/// Events of a batch other than its watermark.
+fn data_events(batch: &v1::Batch) -> usize {
+    batch.events.iter().filter(|e| !matches!(e.kind, Some(Kind::Watermark(_)))).count()
+}
+
 struct IngestResult {
     agents: usize,
     events: u64,
@@ -628,7 +727,13 @@ struct IngestResult {
     latencies: Vec<Duration>,
     collector_cpu: Duration,
     bench_cpu: Duration,
+    /// Resets and flow summaries sent (the status counts these).
+    resets_and_flows: u64,
+    /// Resets sent.
+    resets: u64,
     stored: u64,
+    /// Distinct RSTs decided when the last ack came (listed right after it).
+    decided: u64,
     disk_bytes: u64,
     encoded_bytes: u64,
 }
@@ -646,9 +751,21 @@ fn ingest_run(
     let t = Instant::now();
     let start_ns = now_ns() - 3_600_000_000_000;
     let plans: Vec<Vec<v1::Batch>> = (0..agents)
-        .map(|a| Traffic::new(args.seed ^ ((a as u64 + 1) * 0x9e37), start_ns, 20_000).batches(per_agent, args.batch))
+        .map(|a| {
+            Traffic::new(args.seed ^ ((a as u64 + 1) * 0x9e37), start_ns, 20_000)
+                .sharing(args.seed ^ 0x5a4e, a, agents, SHARED_EVERY_NS)
+                .batches(per_agent, args.batch)
+        })
         .collect();
-    let events: u64 = plans.iter().flatten().map(|b| b.events.len() as u64).sum();
+    let events: u64 = plans.iter().flatten().map(|b| data_events(b) as u64).sum();
+    let (mut resets, mut flows) = (0u64, 0u64);
+    for e in plans.iter().flatten().flat_map(|b| &b.events) {
+        match e.kind {
+            Some(Kind::Reset(_)) => resets += 1,
+            Some(Kind::Flow(_)) => flows += 1,
+            _ => {}
+        }
+    }
     let encoded_bytes: u64 = plans.iter().flatten().map(|b| b.encoded_len() as u64).sum();
     eprintln!("ingest, {agents} agent(s): generated {events} events in {:.1?}", t.elapsed());
     let collector = Collector::start(exe, &data, args.batch)?;
@@ -676,10 +793,19 @@ fn ingest_run(
     let last = runs.iter().map(|r| r.end).max().context("no agents")?;
     let mut latencies: Vec<Duration> = runs.iter().flat_map(|r| r.latencies.iter().copied()).collect();
     latencies.sort();
-    let stored = rt.block_on(async {
+    let (stored, decided) = rt.block_on(async {
         let mut q = QueryClient::new(channel(&collector.url).await?);
+        // Counted first: what was decided while the agents sent (a little more may be decided
+        // while the listing runs).
+        let filter =
+            v1::ResetFilter { verdicts: DECIDED.iter().map(|v| v.to_string()).collect(), ..Default::default() };
+        let mut listing = q.list_reports(filter).await?.into_inner();
+        let mut decided = 0u64;
+        while listing.message().await?.is_some() {
+            decided += 1;
+        }
         let s = q.status(v1::StatusRequest {}).await?.into_inner();
-        anyhow::Ok(s.resets + s.flows)
+        anyhow::Ok((s.resets + s.flows, decided))
     })?;
     drop(collector);
     let disk_bytes = dir_bytes(&data);
@@ -694,7 +820,10 @@ fn ingest_run(
         latencies,
         collector_cpu,
         bench_cpu,
+        resets_and_flows: resets + flows,
+        resets,
         stored,
+        decided,
         disk_bytes,
         encoded_bytes,
     })
@@ -1428,16 +1557,17 @@ fn main() -> Result<()> {
         line(String::new());
         line(
             "| agents | events | wall | events/s | batches/s | ack p50 | ack p99 | collector CPU/event | \
-             collector CPU use | stored on disk | target ≥ 200k events/s |"
+             collector CPU use | stored on disk | RSTs decided / sent | target ≥ 200k events/s |"
                 .into(),
         );
-        line("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
+        line("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
         for r in &results {
             let secs = r.wall.as_secs_f64();
             let rate = r.events as f64 / secs;
-            let ok_count = if r.stored == r.events { String::new() } else { format!(" (stored {}!)", r.stored) };
+            let ok_count =
+                if r.stored == r.resets_and_flows { String::new() } else { format!(" (stored {}!)", r.stored) };
             line(format!(
-                "| {} | {}{} | {:.2} s | {} | {:.0} | {} | {} | {} | {:.0}% of a core | {:.0} B/event | {} |",
+                "| {} | {}{} | {:.2} s | {} | {:.0} | {} | {} | {} | {:.0}% of a core | {:.0} B/event | {} / {} | {} |",
                 r.agents,
                 r.events,
                 ok_count,
@@ -1449,6 +1579,8 @@ fn main() -> Result<()> {
                 us(r.collector_cpu / r.events.max(1) as u32),
                 100.0 * r.collector_cpu.as_secs_f64() / secs,
                 r.disk_bytes as f64 / r.events.max(1) as f64,
+                r.decided,
+                r.resets,
                 verdict(rate >= 200_000.0),
             ));
         }
