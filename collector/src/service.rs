@@ -266,8 +266,7 @@ pub async fn serve(
                         (reports, correlation.resume_point())
                     };
                     if !reports.is_empty() {
-                        let owned: Vec<v1::ResetReport> = reports.iter().map(|r| (**r).clone()).collect();
-                        worker.store()?.put_reports(&owned)?;
+                        worker.store()?.put_reports(reports.iter().map(|r| &**r))?;
                     }
                     if let Some(resume) = resume {
                         // Written after the reports: sled keeps a prefix of its log, so a

@@ -18,7 +18,9 @@
 //!    their clocks and decides RSTs as it goes: the figure includes correlation and the writing
 //!    of reports, not only the storing of events. Reported: events/s and batches/s
 //!    from the first send to the last ack, ack latency percentiles, and CPU per event of the
-//!    collector process. The events are generated before the clock starts.
+//!    collector process; then how long after the last ack the correlation caught up (its newest
+//!    decided report stayed the same for 5 s), how many RSTs it had decided, and the
+//!    collector's CPU per event until then. The events are generated before the clock starts.
 //! 2. **Where the ingest time goes.** The same kind of batches, in-process: protobuf encode and
 //!    decode, the ingest validation, and `Store::append_batch` on disk and on tmpfs (where fsync
 //!    costs nothing, so the difference is the fsync).
@@ -110,6 +112,10 @@ struct Args {
     /// Only these parts, comma-separated, of ingest, breakdown, query.
     #[arg(long, default_value = "ingest,breakdown,query")]
     only: String,
+    /// Write the decided reports of each ingest run here (extension `<agents>-agents`), sorted
+    /// by id, to compare two versions' decisions byte for byte.
+    #[arg(long)]
+    dump_reports: Option<PathBuf>,
     /// Tiny sizes (20k events, 50k stored resets, 3 runs) that finish in seconds.
     #[arg(long)]
     smoke: bool,
@@ -708,6 +714,57 @@ async fn agent(
     Ok(AgentRun { start, end, batches: n, events, latencies })
 }
 
+/// Waits until the correlation has caught up with the ingested events: the newest decided
+/// report stayed the same for 5 s (one decision over a long backlog can take seconds; at most
+/// 180 s in all). Returns how long after `last_ack` that
+/// was, and the collector's CPU from `cpu_before` until then.
+async fn catch_up(
+    q: &mut QueryClient<Channel>,
+    collector: &Collector,
+    cpu_before: Duration,
+    last_ack: Instant,
+) -> Result<(Duration, Duration)> {
+    let newest = |q: &mut QueryClient<Channel>| {
+        let filter = v1::ResetFilter {
+            verdicts: DECIDED.iter().map(|v| v.to_string()).collect(),
+            last: 1,
+            ..Default::default()
+        };
+        let mut q = q.clone();
+        async move {
+            let mut listing = q.list_reports(filter).await?.into_inner();
+            let newest = listing.message().await?.map(|r| (r.ts_ns, r.id));
+            anyhow::Ok(newest)
+        }
+    };
+    let poll = Duration::from_millis(100);
+    let mut seen = newest(q).await?;
+    let mut changed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while changed.elapsed() < Duration::from_secs(5) && Instant::now() < deadline {
+        tokio::time::sleep(poll).await;
+        let now = newest(q).await?;
+        if now != seen {
+            (seen, changed) = (now, Instant::now());
+        }
+    }
+    Ok((changed.saturating_duration_since(last_ack), collector.cpu().saturating_sub(cpu_before)))
+}
+
+/// Writes reports sorted by id, each as its length (u32, big-endian) and protobuf encoding:
+/// two runs' files are equal exactly when they decided the same reports.
+fn dump_reports(path: &Path, mut reports: Vec<v1::ResetReport>) -> Result<()> {
+    reports.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut out = Vec::new();
+    for r in &reports {
+        let bytes = r.encode_to_vec();
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
 /// Every verdict but `pending`.
 const DECIDED: [&str; 4] = ["end-to-end", "injected", "lost", "unverified"];
 
@@ -732,8 +789,11 @@ struct IngestResult {
     /// Resets sent.
     resets: u64,
     stored: u64,
-    /// Distinct RSTs decided when the last ack came (listed right after it).
+    /// Distinct RSTs decided once the correlation caught up.
     decided: u64,
+    /// How long after the last ack the correlation caught up, and the collector's CPU from the
+    /// first send until then.
+    catch_up: (Duration, Duration),
     disk_bytes: u64,
     encoded_bytes: u64,
 }
@@ -793,20 +853,25 @@ fn ingest_run(
     let last = runs.iter().map(|r| r.end).max().context("no agents")?;
     let mut latencies: Vec<Duration> = runs.iter().flat_map(|r| r.latencies.iter().copied()).collect();
     latencies.sort();
-    let (stored, decided) = rt.block_on(async {
+    let (stored, decided, catch_up) = rt.block_on(async {
         let mut q = QueryClient::new(channel(&collector.url).await?);
-        // Counted first: what was decided while the agents sent (a little more may be decided
-        // while the listing runs).
+        let catch_up = catch_up(&mut q, &collector, cpu_before.0, last).await?;
         let filter =
             v1::ResetFilter { verdicts: DECIDED.iter().map(|v| v.to_string()).collect(), ..Default::default() };
         let mut listing = q.list_reports(filter).await?.into_inner();
-        let mut decided = 0u64;
-        while listing.message().await?.is_some() {
-            decided += 1;
+        let mut decided = Vec::new();
+        while let Some(report) = listing.message().await? {
+            decided.push(report);
         }
         let s = q.status(v1::StatusRequest {}).await?.into_inner();
-        anyhow::Ok((s.resets + s.flows, decided))
+        anyhow::Ok((s.resets + s.flows, decided, catch_up))
     })?;
+    if let Some(path) = &args.dump_reports {
+        let path = path.with_extension(format!("{agents}-agents"));
+        dump_reports(&path, decided.clone()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("ingest, {agents} agent(s): {} reports written to {}", decided.len(), path.display());
+    }
+    let decided = decided.len() as u64;
     drop(collector);
     let disk_bytes = dir_bytes(&data);
     if !args.keep {
@@ -824,6 +889,7 @@ fn ingest_run(
         resets,
         stored,
         decided,
+        catch_up,
         disk_bytes,
         encoded_bytes,
     })
@@ -1557,17 +1623,19 @@ fn main() -> Result<()> {
         line(String::new());
         line(
             "| agents | events | wall | events/s | batches/s | ack p50 | ack p99 | collector CPU/event | \
-             collector CPU use | stored on disk | RSTs decided / sent | target ≥ 200k events/s |"
+             collector CPU use | stored on disk | RSTs decided / sent | decisions caught up | \
+             collector CPU/event until then | target ≥ 200k events/s |"
                 .into(),
         );
-        line("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
+        line("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
         for r in &results {
             let secs = r.wall.as_secs_f64();
             let rate = r.events as f64 / secs;
             let ok_count =
                 if r.stored == r.resets_and_flows { String::new() } else { format!(" (stored {}!)", r.stored) };
             line(format!(
-                "| {} | {}{} | {:.2} s | {} | {:.0} | {} | {} | {} | {:.0}% of a core | {:.0} B/event | {} / {} | {} |",
+                "| {} | {}{} | {:.2} s | {} | {:.0} | {} | {} | {} | {:.0}% of a core | {:.0} B/event | {} / {} | \
+                 {:.2} s after the last ack | {} | {} |",
                 r.agents,
                 r.events,
                 ok_count,
@@ -1581,6 +1649,8 @@ fn main() -> Result<()> {
                 r.disk_bytes as f64 / r.events.max(1) as f64,
                 r.decided,
                 r.resets,
+                r.catch_up.0.as_secs_f64(),
+                us(r.catch_up.1 / r.events.max(1) as u32),
                 verdict(rate >= 200_000.0),
             ));
         }
