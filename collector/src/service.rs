@@ -27,7 +27,6 @@ use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreConfig, StoreError};
-use rstscope_proto::v1;
 
 /// Bounds on what clients may ask of the collector.
 #[derive(Clone, Debug)]
