@@ -18,9 +18,10 @@
 //!    their clocks and decides RSTs as it goes: the figure includes correlation and the writing
 //!    of reports, not only the storing of events. Reported: events/s and batches/s
 //!    from the first send to the last ack, ack latency percentiles, and CPU per event of the
-//!    collector process; then how long after the last ack the correlation caught up (its newest
-//!    decided report stayed the same for 5 s), how many RSTs it had decided, and the
-//!    collector's CPU per event until then. The events are generated before the clock starts.
+//!    collector process. Then (outside the clock) each agent ends its capture with a last
+//!    watermark, and the benchmark waits until the newest RST sent is decided: reported are how
+//!    long after the last ack that was, how many RSTs were decided, and the collector's CPU per
+//!    event until then (the correlation may lag behind the acks: it decides on a timer). The events are generated before the clock starts.
 //! 2. **Where the ingest time goes.** The same kind of batches, in-process: protobuf encode and
 //!    decode, the ingest validation, and `Store::append_batch` on disk and on tmpfs (where fsync
 //!    costs nothing, so the difference is the fsync).
@@ -113,7 +114,8 @@ struct Args {
     #[arg(long, default_value = "ingest,breakdown,query")]
     only: String,
     /// Write the decided reports of each ingest run here (extension `<agents>-agents`), sorted
-    /// by id, to compare two versions' decisions byte for byte.
+    /// by id, to compare two versions' decisions byte for byte (the traffic then starts at a
+    /// fixed time instead of an hour ago).
     #[arg(long)]
     dump_reports: Option<PathBuf>,
     /// Tiny sizes (20k events, 50k stored resets, 3 runs) that finish in seconds.
@@ -654,6 +656,7 @@ struct AgentRun {
 async fn agent(
     url: String,
     name: String,
+    local: Ipv6Addr,
     batches: Vec<v1::Batch>,
     window: usize,
     go: Arc<Barrier>,
@@ -666,7 +669,7 @@ async fn agent(
     let hello = v1::AgentHello {
         agent_name: name.clone(),
         host_name: format!("{name}.bench"),
-        local_addresses: vec![vec![203, 0, 113, 1]],
+        local_addresses: vec![local.octets().to_vec()],
         interfaces: vec![v1::Interface { name: "eth0".into(), link_type: 1 }],
         software_version: env!("CARGO_PKG_VERSION").into(),
         boot_id: format!("bench-{}", std::process::id()),
@@ -687,11 +690,16 @@ async fn agent(
     let start = Instant::now();
     let mut sent_at: Vec<Instant> = Vec::with_capacity(n);
     let mut latencies = Vec::with_capacity(n);
+    // The newest watermark sent (the last batch's).
+    let mut sent_marks: Option<v1::Watermark> = None;
     let mut pending: VecDeque<v1::Batch> = batches.into();
     let mut acked = 0usize;
     while acked < n {
         while sent_at.len() < n && sent_at.len() - acked < window {
             let batch = pending.pop_front().context("batch")?;
+            if let Some(Kind::Watermark(mark)) = batch.events.last().and_then(|e| e.kind.as_ref()) {
+                sent_marks = Some(*mark);
+            }
             sent_at.push(Instant::now());
             tx.send(AgentMessage { kind: Some(agent_message::Kind::Batch(batch)) }).await?;
         }
@@ -708,47 +716,54 @@ async fn agent(
         }
     }
     let end = Instant::now();
+    // Outside the clock: the capture ends (a last batch, a watermark that says so), so the
+    // collector decides this agent's last RSTs instead of waiting for more.
+    let mark = sent_marks.context("no watermark")?;
+    let ended = v1::Watermark { ended: true, ..mark };
+    let last = v1::Batch {
+        seq: n as u64 + 1,
+        events: vec![v1::Event { kind: Some(Kind::Watermark(ended)) }],
+        spooled_seq: 0,
+    };
+    tx.send(AgentMessage { kind: Some(agent_message::Kind::Batch(last)) }).await?;
+    loop {
+        let message = tokio::time::timeout(wait, inbound.message()).await.context("no ack within 120 s")??;
+        match message.and_then(|m| m.kind) {
+            Some(collector_message::Kind::Ack(ack)) if ack.seq as usize > n => break,
+            Some(collector_message::Kind::Ack(_)) => {}
+            other => bail!("{name}: expected an ack, got {other:?}"),
+        }
+    }
     drop(tx);
     // The collector ends the stream once it has seen ours end.
     let _ = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await;
     Ok(AgentRun { start, end, batches: n, events, latencies })
 }
 
-/// Waits until the correlation has caught up with the ingested events: the newest decided
-/// report stayed the same for 5 s (one decision over a long backlog can take seconds; at most
-/// 180 s in all). Returns how long after `last_ack` that
-/// was, and the collector's CPU from `cpu_before` until then.
+/// Waits until the correlation has caught up with the ingested events: the agents ended their
+/// captures, so every RST becomes decidable, and the newest RST sent (`newest_rst_ns`, within
+/// 50 ms: its report is on the reference clock) has a decided report (at most 300 s). Returns
+/// how long after `last_ack` that was, and the collector's CPU from `cpu_before` until then.
 async fn catch_up(
     q: &mut QueryClient<Channel>,
     collector: &Collector,
     cpu_before: Duration,
     last_ack: Instant,
+    newest_rst_ns: i64,
 ) -> Result<(Duration, Duration)> {
-    let newest = |q: &mut QueryClient<Channel>| {
-        let filter = v1::ResetFilter {
-            verdicts: DECIDED.iter().map(|v| v.to_string()).collect(),
-            last: 1,
-            ..Default::default()
-        };
-        let mut q = q.clone();
-        async move {
-            let mut listing = q.list_reports(filter).await?.into_inner();
-            let newest = listing.message().await?.map(|r| (r.ts_ns, r.id));
-            anyhow::Ok(newest)
+    let filter =
+        v1::ResetFilter { verdicts: DECIDED.iter().map(|v| v.to_string()).collect(), last: 1, ..Default::default() };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut listing = q.list_reports(filter.clone()).await?.into_inner();
+        let newest = listing.message().await?.map_or(i64::MIN, |r| r.ts_ns);
+        while listing.message().await?.is_some() {}
+        if newest >= newest_rst_ns - 50_000_000 || Instant::now() >= deadline {
+            break;
         }
-    };
-    let poll = Duration::from_millis(100);
-    let mut seen = newest(q).await?;
-    let mut changed = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while changed.elapsed() < Duration::from_secs(5) && Instant::now() < deadline {
-        tokio::time::sleep(poll).await;
-        let now = newest(q).await?;
-        if now != seen {
-            (seen, changed) = (now, Instant::now());
-        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok((changed.saturating_duration_since(last_ack), collector.cpu().saturating_sub(cpu_before)))
+    Ok((last_ack.elapsed(), collector.cpu().saturating_sub(cpu_before)))
 }
 
 /// Writes reports sorted by id, each as its length (u32, big-endian) and protobuf encoding:
@@ -764,6 +779,9 @@ fn dump_reports(path: &Path, mut reports: Vec<v1::ResetReport>) -> Result<()> {
     std::fs::write(path, out)?;
     Ok(())
 }
+
+/// Start of the ingest runs' traffic when their reports are dumped: 2026-01-01T00:00:00Z.
+const FIXED_START_NS: i64 = 1_767_225_600_000_000_000;
 
 /// Every verdict but `pending`.
 const DECIDED: [&str; 4] = ["end-to-end", "injected", "lost", "unverified"];
@@ -809,7 +827,8 @@ fn ingest_run(
     let _ = std::fs::remove_dir_all(&data);
     let per_agent = args.events / agents as u64;
     let t = Instant::now();
-    let start_ns = now_ns() - 3_600_000_000_000;
+    // Reports name times, so runs compared byte for byte start at one fixed time.
+    let start_ns = if args.dump_reports.is_some() { FIXED_START_NS } else { now_ns() - 3_600_000_000_000 };
     let plans: Vec<Vec<v1::Batch>> = (0..agents)
         .map(|a| {
             Traffic::new(args.seed ^ ((a as u64 + 1) * 0x9e37), start_ns, 20_000)
@@ -818,10 +837,13 @@ fn ingest_run(
         })
         .collect();
     let events: u64 = plans.iter().flatten().map(|b| data_events(b) as u64).sum();
-    let (mut resets, mut flows) = (0u64, 0u64);
+    let (mut resets, mut flows, mut newest_rst_ns) = (0u64, 0u64, i64::MIN);
     for e in plans.iter().flatten().flat_map(|b| &b.events) {
-        match e.kind {
-            Some(Kind::Reset(_)) => resets += 1,
+        match &e.kind {
+            Some(Kind::Reset(r)) => {
+                resets += 1;
+                newest_rst_ns = newest_rst_ns.max(r.ts_ns);
+            }
             Some(Kind::Flow(_)) => flows += 1,
             _ => {}
         }
@@ -834,7 +856,10 @@ fn ingest_run(
         .into_iter()
         .enumerate()
         .map(|(a, plan)| {
-            rt.spawn(agent(collector.url.clone(), format!("bench-agent-{a}"), plan, args.window, go.clone()))
+            // Each agent's own host: an address the traffic never has, so no connection is
+            // between two agents' hosts (one for all made the verdicts name any of them).
+            let local = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, a as u16 + 1);
+            rt.spawn(agent(collector.url.clone(), format!("bench-agent-{a}"), local, plan, args.window, go.clone()))
         })
         .collect();
     let (runs, cpu_before) = rt.block_on(async {
@@ -855,7 +880,7 @@ fn ingest_run(
     latencies.sort();
     let (stored, decided, catch_up) = rt.block_on(async {
         let mut q = QueryClient::new(channel(&collector.url).await?);
-        let catch_up = catch_up(&mut q, &collector, cpu_before.0, last).await?;
+        let catch_up = catch_up(&mut q, &collector, cpu_before.0, last, newest_rst_ns).await?;
         let filter =
             v1::ResetFilter { verdicts: DECIDED.iter().map(|v| v.to_string()).collect(), ..Default::default() };
         let mut listing = q.list_reports(filter).await?.into_inner();
