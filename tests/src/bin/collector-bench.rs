@@ -720,11 +720,8 @@ async fn agent(
     // collector decides this agent's last RSTs instead of waiting for more.
     let mark = sent_marks.context("no watermark")?;
     let ended = v1::Watermark { ended: true, ..mark };
-    let last = v1::Batch {
-        seq: n as u64 + 1,
-        events: vec![v1::Event { kind: Some(Kind::Watermark(ended)) }],
-        spooled_seq: 0,
-    };
+    let last =
+        v1::Batch { seq: n as u64 + 1, events: vec![v1::Event { kind: Some(Kind::Watermark(ended)) }], spooled_seq: 0 };
     tx.send(AgentMessage { kind: Some(agent_message::Kind::Batch(last)) }).await?;
     loop {
         let message = tokio::time::timeout(wait, inbound.message()).await.context("no ack within 120 s")??;
@@ -881,12 +878,22 @@ fn ingest_run(
     let (stored, decided, catch_up) = rt.block_on(async {
         let mut q = QueryClient::new(channel(&collector.url).await?);
         let catch_up = catch_up(&mut q, &collector, cpu_before.0, last, newest_rst_ns).await?;
-        let filter =
-            v1::ResetFilter { verdicts: DECIDED.iter().map(|v| v.to_string()).collect(), ..Default::default() };
-        let mut listing = q.list_reports(filter).await?.into_inner();
+        // 2 s of event time at a time: the collector refuses listings of over a million.
         let mut decided = Vec::new();
-        while let Some(report) = listing.message().await? {
-            decided.push(report);
+        let window = 2_000_000_000;
+        let mut since = start_ns - window;
+        while since <= newest_rst_ns + window {
+            let filter = v1::ResetFilter {
+                verdicts: DECIDED.iter().map(|v| v.to_string()).collect(),
+                since_ns: Some(since),
+                until_ns: Some(since + window),
+                ..Default::default()
+            };
+            let mut listing = q.list_reports(filter).await?.into_inner();
+            while let Some(report) = listing.message().await? {
+                decided.push(report);
+            }
+            since += window;
         }
         let s = q.status(v1::StatusRequest {}).await?.into_inner();
         anyhow::Ok((s.resets + s.flows, decided, catch_up))
