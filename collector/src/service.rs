@@ -27,7 +27,6 @@ use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreConfig, StoreError};
-use rstscope_proto::v1;
 
 /// Bounds on what clients may ask of the collector.
 #[derive(Clone, Debug)]
@@ -266,8 +265,7 @@ pub async fn serve(
                         (reports, correlation.resume_point())
                     };
                     if !reports.is_empty() {
-                        let owned: Vec<v1::ResetReport> = reports.iter().map(|r| (**r).clone()).collect();
-                        worker.store()?.put_reports(&owned)?;
+                        worker.store()?.put_reports(reports.iter().map(|r| &**r))?;
                     }
                     if let Some(resume) = resume {
                         // Written after the reports: sled keeps a prefix of its log, so a

@@ -24,6 +24,7 @@
 //!    only counts against an agent that recorded the connection itself.
 
 mod clock;
+mod compact;
 mod matching;
 mod text;
 mod verdict;
@@ -468,66 +469,6 @@ impl Correlator {
     /// Connection records and RSTs held.
     pub fn records(&self) -> (usize, usize) {
         (self.conns.len(), self.rsts.len())
-    }
-
-    /// Forgets connections whose RSTs are all decided and whose last activity is more than
-    /// `horizon_ns` older than the newest watermark (reference clock), so a long-running
-    /// collector's memory stays bounded. Agents, clocks and address votes are kept.
-    pub fn compact(&mut self, horizon_ns: i64) {
-        let clocks = self.clock_estimates();
-        let corrected =
-            |agent: usize, ts: i64| ts - clocks.get(agent).copied().flatten().map_or(0, |c| c.offset_at(ts));
-        let newest = self.newest_watermark_with(&clocks).unwrap_or(i64::MIN);
-        let cutoff = newest.saturating_sub(horizon_ns);
-        let mut keep_root: HashMap<usize, bool> = HashMap::new();
-        for i in 0..self.conns.len() {
-            let root = self.root(i);
-            let c = &self.conns[i];
-            let recent = corrected(c.agent, c.end_ns) >= cutoff;
-            let open = self.rsts_of[i].iter().any(|&r| !self.rsts[r].decided);
-            let entry = keep_root.entry(root).or_insert(false);
-            *entry |= recent || open;
-        }
-        let old_conns = std::mem::take(&mut self.conns);
-        let old_rsts = std::mem::take(&mut self.rsts);
-        let old_parent = std::mem::take(&mut self.parent);
-        let mut remap: HashMap<usize, usize> = HashMap::new();
-        self.conn_index.clear();
-        self.rsts_of.clear();
-        self.undecided.clear();
-        self.index = matching::Index::default();
-        self.sampled.clear();
-        for (i, c) in old_conns.into_iter().enumerate() {
-            let mut root = i;
-            while old_parent[root] != root {
-                root = old_parent[root];
-            }
-            if !keep_root.get(&root).copied().unwrap_or(false) {
-                continue;
-            }
-            let n = self.conns.len();
-            remap.insert(i, n);
-            self.conn_index.insert((c.agent, c.conn_id), n);
-            self.conns.push(c);
-            self.parent.push(n);
-            self.rsts_of.push(Vec::new());
-        }
-        for mut o in old_rsts {
-            let Some(&conn) = remap.get(&o.conn) else { continue };
-            o.conn = conn;
-            let r = self.rsts.len();
-            if !o.decided {
-                self.undecided.insert(r);
-            }
-            self.rsts_of[conn].push(r);
-            self.rsts.push(o);
-        }
-        for i in 0..self.conns.len() {
-            self.join(i);
-        }
-        for r in 0..self.rsts.len() {
-            self.join_by_rst(r);
-        }
     }
 
     /// The agents, in registration order.

@@ -701,11 +701,14 @@ fn invalid_ip(what: &str, bytes: &[u8]) -> StoreError {
     StoreError::Invalid(format!("{what} is {} bytes, not an IPv4 (4) or IPv6 (16) address", bytes.len()))
 }
 
+/// An event's endpoint; the error names the event and field (formatted only on failure: this
+/// runs for every stored event).
 fn endpoint(ep: Option<&v1::Endpoint>, index: usize, field: &str) -> Result<Endpoint, StoreError> {
-    let what = format!("event {index}: {field}");
-    let ep = ep.ok_or_else(|| StoreError::Invalid(format!("{what} is missing")))?;
-    let ip = ip_from_bytes(&ep.ip).ok_or_else(|| invalid_ip(&what, &ep.ip))?;
-    let port = u16::try_from(ep.port).map_err(|_| StoreError::Invalid(format!("{what} port {} > 65535", ep.port)))?;
+    let what = || format!("event {index}: {field}");
+    let ep = ep.ok_or_else(|| StoreError::Invalid(format!("{} is missing", what())))?;
+    let ip = ip_from_bytes(&ep.ip).ok_or_else(|| invalid_ip(&what(), &ep.ip))?;
+    let port =
+        u16::try_from(ep.port).map_err(|_| StoreError::Invalid(format!("{} port {} > 65535", what(), ep.port)))?;
     Ok(Endpoint::new(ip, port))
 }
 

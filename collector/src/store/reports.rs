@@ -706,11 +706,18 @@ impl Store {
     ///
     /// Refuses (nothing written) a report with an empty id, an id over 200 bytes, or a time
     /// before 1970. Observations' agents are interned like ingesting agents.
-    pub fn put_reports(&self, reports: &[v1::ResetReport]) -> Result<(), StoreError> {
-        self.guarded(|| self.put_reports_unguarded(reports))
+    ///
+    /// Takes references (a slice of reports, or the reports behind the correlator's `Arc`s):
+    /// the caller need not copy them.
+    pub fn put_reports<'a, R>(&self, reports: impl IntoIterator<Item = &'a R>) -> Result<(), StoreError>
+    where
+        R: std::borrow::Borrow<v1::ResetReport> + 'a,
+    {
+        let reports: Vec<&v1::ResetReport> = reports.into_iter().map(|r| r.borrow()).collect();
+        self.guarded(|| self.put_reports_unguarded(&reports))
     }
 
-    fn put_reports_unguarded(&self, reports: &[v1::ResetReport]) -> Result<(), StoreError> {
+    fn put_reports_unguarded(&self, reports: &[&v1::ResetReport]) -> Result<(), StoreError> {
         for r in reports {
             if r.id.is_empty() || r.id.len() > MAX_REPORT_ID {
                 return Err(StoreError::Invalid(format!(
@@ -724,7 +731,7 @@ impl Store {
         }
         // The last of several reports with one id wins.
         let mut latest: HashMap<&str, &v1::ResetReport> = HashMap::with_capacity(reports.len());
-        for r in reports {
+        for &r in reports {
             latest.insert(r.id.as_str(), r);
         }
         let _writer = self.writer();

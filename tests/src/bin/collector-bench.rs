@@ -12,9 +12,16 @@
 //!    protocol itself (hello, welcome, numbered batches with up to `--window` unacknowledged,
 //!    acks), send `--events` generated events in all (9 in 10 RST events with 1-3 evidence items,
 //!    1 in 10 flow summaries; addresses in 203.0.113.0/24 and 2001:db8:1::/64 on the local side,
-//!    198.51.100.0/24, 100.64.0.0/10 and 2001:db8::/32 remote). Reported: events/s and batches/s
+//!    198.51.100.0/24, 100.64.0.0/10 and 2001:db8::/32 remote). Every batch ends with a
+//!    watermark (the agent vouches for its capture up to its last event), and with several
+//!    agents neighbours share a handshake every few ms of event time, so the collector measures
+//!    their clocks and decides RSTs as it goes: the figure includes correlation and the writing
+//!    of reports, not only the storing of events. Reported: events/s and batches/s
 //!    from the first send to the last ack, ack latency percentiles, and CPU per event of the
-//!    collector process. The events are generated before the clock starts.
+//!    collector process. Then (outside the clock) each agent ends its capture with a last
+//!    watermark, and the benchmark waits until the newest RST sent is decided: reported are how
+//!    long after the last ack that was, how many RSTs were decided, and the collector's CPU per
+//!    event until then (the correlation may lag behind the acks: it decides on a timer). The events are generated before the clock starts.
 //! 2. **Where the ingest time goes.** The same kind of batches, in-process: protobuf encode and
 //!    decode, the ingest validation, and `Store::append_batch` on disk and on tmpfs (where fsync
 //!    costs nothing, so the difference is the fsync).
@@ -106,6 +113,11 @@ struct Args {
     /// Only these parts, comma-separated, of ingest, breakdown, query.
     #[arg(long, default_value = "ingest,breakdown,query")]
     only: String,
+    /// Write the decided reports of each ingest run here (extension `<agents>-agents`), sorted
+    /// by id, to compare two versions' decisions byte for byte (the traffic then starts at a
+    /// fixed time instead of an hour ago).
+    #[arg(long)]
+    dump_reports: Option<PathBuf>,
     /// Tiny sizes (20k events, 50k stored resets, 3 runs) that finish in seconds.
     #[arg(long)]
     smoke: bool,
@@ -142,6 +154,42 @@ const CAUSE_MIX: [(Cause, u64); 9] = [
     (Cause::Unknown, 5),
 ];
 
+/// A random connection: a local end in the monitored network, a remote one elsewhere.
+fn random_conn(rng: &mut SplitMix64) -> Conn {
+    let v6 = rng.chance(0.12);
+    let local_ip = if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, rng.range(1, 400) as u16))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(LOCAL_V4[0], LOCAL_V4[1], LOCAL_V4[2], rng.range(1, 254) as u8))
+    };
+    let remote_ip = if v6 {
+        let r = rng.next_u64();
+        IpAddr::V6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            (r >> 48) as u16 | 2,
+            (r >> 32) as u16,
+            0,
+            0,
+            (r >> 16) as u16,
+            r as u16,
+        ))
+    } else if rng.chance(0.08) {
+        // The partner network: the host filter of the query part selects it.
+        IpAddr::V4(Ipv4Addr::new(PARTNER_V4[0], PARTNER_V4[1], PARTNER_V4[2], rng.range(1, 254) as u8))
+    } else {
+        // 100.64.0.0/10, standing in for the rest of the world.
+        let r = rng.below(1 << 22) as u32;
+        IpAddr::V4(Ipv4Addr::from(0x6440_0000 | r))
+    };
+    let local_is_server = rng.chance(0.7);
+    let server_port = SERVER_PORTS[rng.below(SERVER_PORTS.len() as u64) as usize];
+    let client_port = rng.range(32_768, 60_999) as u16;
+    let (local_port, remote_port) =
+        if local_is_server { (server_port, client_port) } else { (client_port, server_port) };
+    Conn { local: (local_ip, local_port), remote: (remote_ip, remote_port), local_is_server }
+}
+
 /// Deterministic generator of one agent's events in time order.
 struct Traffic {
     rng: SplitMix64,
@@ -149,6 +197,47 @@ struct Traffic {
     ts_ns: i64,
     /// Mean gap between events.
     step_ns: i64,
+    /// When the traffic began: every batch's watermark vouches from here.
+    start_ns: i64,
+    /// Handshakes this agent shares with its neighbours (several agents only).
+    shared: Option<SharedHandshakes>,
+}
+
+/// Handshakes seen by two agents: without them the collector knows nothing of the agents'
+/// clocks and waits out its largest assumed skew (10 s) before deciding any RST one agent saw
+/// and another did not; with them it measures the offsets, as it does with real agents that
+/// watch common traffic. Handshake `j` starts at `start_ns + (j + 1) * every_ns` and is seen by
+/// agents `j % agents` (near the client) and `(j + 1) % agents`, so the agents form a ring of
+/// measured pairs. Both derive its tuple and sequence numbers from `seed` and `j`.
+struct SharedHandshakes {
+    agent: usize,
+    agents: usize,
+    seed: u64,
+    every_ns: i64,
+    /// The next handshake not yet considered.
+    next: u64,
+}
+
+impl SharedHandshakes {
+    /// The next handshake this agent sees that started by `ts_ns`, and whether it is the
+    /// agent near the client.
+    fn due(&mut self, start_ns: i64, ts_ns: i64) -> Option<(u64, i64, bool)> {
+        loop {
+            let j = self.next;
+            let t = start_ns + (j as i64 + 1) * self.every_ns;
+            if t > ts_ns {
+                return None;
+            }
+            self.next += 1;
+            let near = (j % self.agents as u64) as usize;
+            if near == self.agent {
+                return Some((j, t, true));
+            }
+            if (near + 1) % self.agents == self.agent {
+                return Some((j, t, false));
+            }
+        }
+    }
 }
 
 /// One connection: the local and the remote end, and which of them is the server.
@@ -160,46 +249,21 @@ struct Conn {
 
 impl Traffic {
     fn new(seed: u64, start_ns: i64, step_ns: i64) -> Self {
-        Traffic { rng: SplitMix64::new(seed), ts_ns: start_ns, step_ns: step_ns.max(1) }
+        Traffic { rng: SplitMix64::new(seed), ts_ns: start_ns, step_ns: step_ns.max(1), start_ns, shared: None }
     }
 
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.rng.below(items.len() as u64) as usize]
+    /// Agent `agent` of `agents` (more than one): it also reports the handshakes it shares with
+    /// its two neighbours; one starts every `every_ns`, each pair in turn (see
+    /// [`SharedHandshakes`]).
+    fn sharing(mut self, seed: u64, agent: usize, agents: usize, every_ns: i64) -> Self {
+        if agents > 1 {
+            self.shared = Some(SharedHandshakes { agent, agents, seed, every_ns: every_ns.max(1), next: 0 });
+        }
+        self
     }
 
     fn conn(&mut self) -> Conn {
-        let v6 = self.rng.chance(0.12);
-        let local_ip = if v6 {
-            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, self.rng.range(1, 400) as u16))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(LOCAL_V4[0], LOCAL_V4[1], LOCAL_V4[2], self.rng.range(1, 254) as u8))
-        };
-        let remote_ip = if v6 {
-            let r = self.rng.next_u64();
-            IpAddr::V6(Ipv6Addr::new(
-                0x2001,
-                0xdb8,
-                (r >> 48) as u16 | 2,
-                (r >> 32) as u16,
-                0,
-                0,
-                (r >> 16) as u16,
-                r as u16,
-            ))
-        } else if self.rng.chance(0.08) {
-            // The partner network: the host filter of the query part selects it.
-            IpAddr::V4(Ipv4Addr::new(PARTNER_V4[0], PARTNER_V4[1], PARTNER_V4[2], self.rng.range(1, 254) as u8))
-        } else {
-            // 100.64.0.0/10, standing in for the rest of the world.
-            let r = self.rng.below(1 << 22) as u32;
-            IpAddr::V4(Ipv4Addr::from(0x6440_0000 | r))
-        };
-        let local_is_server = self.rng.chance(0.7);
-        let server_port = self.pick(&SERVER_PORTS);
-        let client_port = self.rng.range(32_768, 60_999) as u16;
-        let (local_port, remote_port) =
-            if local_is_server { (server_port, client_port) } else { (client_port, server_port) };
-        Conn { local: (local_ip, local_port), remote: (remote_ip, remote_port), local_is_server }
+        random_conn(&mut self.rng)
     }
 
     fn cause(&mut self) -> Cause {
@@ -217,12 +281,43 @@ impl Traffic {
     fn next_event(&mut self) -> v1::Event {
         let jitter = self.rng.below(self.step_ns as u64 * 2) as i64;
         self.ts_ns += jitter.max(1);
+        if let Some((j, t, near)) = self.shared.as_mut().and_then(|s| s.due(self.start_ns, self.ts_ns)) {
+            return v1::Event { kind: Some(Kind::Open(self.shared_open(j, t, near))) };
+        }
         if self.rng.below(10) == 0 {
             let conn = self.conn();
             v1::Event { kind: Some(Kind::Flow(self.flow(&conn, self.ts_ns))) }
         } else {
             let conn = self.conn();
             v1::Event { kind: Some(Kind::Reset(self.reset(&conn, self.ts_ns))) }
+        }
+    }
+
+    /// This agent's opening of shared handshake `j`, which started at `t`: the agent near the
+    /// client sees the SYN at `t`, the other a little later, and the SYN-ACK the other way round
+    /// (clocks in step: the collector should measure offsets near 0).
+    fn shared_open(&mut self, j: u64, t: i64, near: bool) -> v1::ConnectionOpen {
+        let seed = self.shared.as_ref().map_or(0, |s| s.seed);
+        let mut rng = SplitMix64::new(seed ^ (j + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let conn = random_conn(&mut rng);
+        let (orig, resp) = if conn.local_is_server { (conn.remote, conn.local) } else { (conn.local, conn.remote) };
+        let (orig_isn, resp_isn) = (rng.next_u64() as u32, rng.next_u64() as u32);
+        let round_trip = i64::from(rng.range(500_000, 5_000_000));
+        let hop = i64::from(rng.range(20_000, 200_000));
+        let (syn, synack) = if near { (t, t + round_trip) } else { (t + hop, t + round_trip - hop) };
+        v1::ConnectionOpen {
+            conn_id: self.rng.next_u64(),
+            orig: Some(pb_endpoint(orig.0, orig.1)),
+            resp: Some(pb_endpoint(resp.0, resp.1)),
+            start_ns: syn,
+            orig_isn: Some(orig_isn),
+            resp_isn: Some(resp_isn),
+            syn_ns: Some(syn),
+            synack_ns: Some(synack),
+            syn_options: "M1460,S,T,N,W7".into(),
+            orig_ttl: if near { 64 } else { 61 },
+            resp_ttl: if near { 57 } else { 60 },
+            ..Default::default()
         }
     }
 
@@ -368,17 +463,18 @@ impl Traffic {
         }
     }
 
-    /// `n` events as batches of `size`, numbered from 1.
+    /// `n` events as batches of `size`, numbered from 1, each followed by a watermark: the
+    /// agent vouches for its capture from the start of its traffic to its last event, as a real
+    /// agent does, so the collector can decide RSTs other agents did not see.
     fn batches(&mut self, n: u64, size: usize) -> Vec<v1::Batch> {
         let mut out = Vec::new();
         let mut left = n;
         while left > 0 {
             let k = left.min(size as u64);
-            out.push(v1::Batch {
-                seq: out.len() as u64 + 1,
-                events: (0..k).map(|_| self.next_event()).collect(),
-                spooled_seq: 0,
-            });
+            let mut events: Vec<v1::Event> = (0..k).map(|_| self.next_event()).collect();
+            let mark = v1::Watermark { ts_ns: self.ts_ns, since_ns: self.start_ns, ended: false };
+            events.push(v1::Event { kind: Some(Kind::Watermark(mark)) });
+            out.push(v1::Batch { seq: out.len() as u64 + 1, events, spooled_seq: 0 });
             left -= k;
         }
         out
@@ -560,19 +656,20 @@ struct AgentRun {
 async fn agent(
     url: String,
     name: String,
+    local: Ipv6Addr,
     batches: Vec<v1::Batch>,
     window: usize,
     go: Arc<Barrier>,
 ) -> Result<AgentRun> {
     let n = batches.len();
-    let events: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
+    let events: u64 = batches.iter().map(|b| data_events(b) as u64).sum();
     let mut client =
         IngestClient::new(channel(&url).await?).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<AgentMessage>(window + 2);
     let hello = v1::AgentHello {
         agent_name: name.clone(),
         host_name: format!("{name}.bench"),
-        local_addresses: vec![vec![203, 0, 113, 1]],
+        local_addresses: vec![local.octets().to_vec()],
         interfaces: vec![v1::Interface { name: "eth0".into(), link_type: 1 }],
         software_version: env!("CARGO_PKG_VERSION").into(),
         boot_id: format!("bench-{}", std::process::id()),
@@ -593,11 +690,16 @@ async fn agent(
     let start = Instant::now();
     let mut sent_at: Vec<Instant> = Vec::with_capacity(n);
     let mut latencies = Vec::with_capacity(n);
+    // The newest watermark sent (the last batch's).
+    let mut sent_marks: Option<v1::Watermark> = None;
     let mut pending: VecDeque<v1::Batch> = batches.into();
     let mut acked = 0usize;
     while acked < n {
         while sent_at.len() < n && sent_at.len() - acked < window {
             let batch = pending.pop_front().context("batch")?;
+            if let Some(Kind::Watermark(mark)) = batch.events.last().and_then(|e| e.kind.as_ref()) {
+                sent_marks = Some(*mark);
+            }
             sent_at.push(Instant::now());
             tx.send(AgentMessage { kind: Some(agent_message::Kind::Batch(batch)) }).await?;
         }
@@ -614,10 +716,79 @@ async fn agent(
         }
     }
     let end = Instant::now();
+    // Outside the clock: the capture ends (a last batch, a watermark that says so), so the
+    // collector decides this agent's last RSTs instead of waiting for more.
+    let mark = sent_marks.context("no watermark")?;
+    let ended = v1::Watermark { ended: true, ..mark };
+    let last =
+        v1::Batch { seq: n as u64 + 1, events: vec![v1::Event { kind: Some(Kind::Watermark(ended)) }], spooled_seq: 0 };
+    tx.send(AgentMessage { kind: Some(agent_message::Kind::Batch(last)) }).await?;
+    loop {
+        let message = tokio::time::timeout(wait, inbound.message()).await.context("no ack within 120 s")??;
+        match message.and_then(|m| m.kind) {
+            Some(collector_message::Kind::Ack(ack)) if ack.seq as usize > n => break,
+            Some(collector_message::Kind::Ack(_)) => {}
+            other => bail!("{name}: expected an ack, got {other:?}"),
+        }
+    }
     drop(tx);
     // The collector ends the stream once it has seen ours end.
     let _ = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await;
     Ok(AgentRun { start, end, batches: n, events, latencies })
+}
+
+/// Waits until the correlation has caught up with the ingested events: the agents ended their
+/// captures, so every RST becomes decidable, and the newest RST sent (`newest_rst_ns`, within
+/// 50 ms: its report is on the reference clock) has a decided report (at most 300 s). Returns
+/// how long after `last_ack` that was, and the collector's CPU from `cpu_before` until then.
+async fn catch_up(
+    q: &mut QueryClient<Channel>,
+    collector: &Collector,
+    cpu_before: Duration,
+    last_ack: Instant,
+    newest_rst_ns: i64,
+) -> Result<(Duration, Duration)> {
+    let filter =
+        v1::ResetFilter { verdicts: DECIDED.iter().map(|v| v.to_string()).collect(), last: 1, ..Default::default() };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut listing = q.list_reports(filter.clone()).await?.into_inner();
+        let newest = listing.message().await?.map_or(i64::MIN, |r| r.ts_ns);
+        while listing.message().await?.is_some() {}
+        if newest >= newest_rst_ns - 50_000_000 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((last_ack.elapsed(), collector.cpu().saturating_sub(cpu_before)))
+}
+
+/// Writes reports sorted by id, each as its length (u32, big-endian) and protobuf encoding:
+/// two runs' files are equal exactly when they decided the same reports.
+fn dump_reports(path: &Path, mut reports: Vec<v1::ResetReport>) -> Result<()> {
+    reports.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut out = Vec::new();
+    for r in &reports {
+        let bytes = r.encode_to_vec();
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+/// Start of the ingest runs' traffic when their reports are dumped: 2026-01-01T00:00:00Z.
+const FIXED_START_NS: i64 = 1_767_225_600_000_000_000;
+
+/// Every verdict but `pending`.
+const DECIDED: [&str; 4] = ["end-to-end", "injected", "lost", "unverified"];
+
+/// Each pair of neighbouring agents shares one handshake this often (event time).
+const SHARED_EVERY_NS: i64 = 20_000_000;
+
+/// Events of a batch other than its watermark.
+fn data_events(batch: &v1::Batch) -> usize {
+    batch.events.iter().filter(|e| !matches!(e.kind, Some(Kind::Watermark(_)))).count()
 }
 
 struct IngestResult {
@@ -628,7 +799,16 @@ struct IngestResult {
     latencies: Vec<Duration>,
     collector_cpu: Duration,
     bench_cpu: Duration,
+    /// Resets and flow summaries sent (the status counts these).
+    resets_and_flows: u64,
+    /// Resets sent.
+    resets: u64,
     stored: u64,
+    /// Distinct RSTs decided once the correlation caught up.
+    decided: u64,
+    /// How long after the last ack the correlation caught up, and the collector's CPU from the
+    /// first send until then.
+    catch_up: (Duration, Duration),
     disk_bytes: u64,
     encoded_bytes: u64,
 }
@@ -644,11 +824,27 @@ fn ingest_run(
     let _ = std::fs::remove_dir_all(&data);
     let per_agent = args.events / agents as u64;
     let t = Instant::now();
-    let start_ns = now_ns() - 3_600_000_000_000;
+    // Reports name times, so runs compared byte for byte start at one fixed time.
+    let start_ns = if args.dump_reports.is_some() { FIXED_START_NS } else { now_ns() - 3_600_000_000_000 };
     let plans: Vec<Vec<v1::Batch>> = (0..agents)
-        .map(|a| Traffic::new(args.seed ^ ((a as u64 + 1) * 0x9e37), start_ns, 20_000).batches(per_agent, args.batch))
+        .map(|a| {
+            Traffic::new(args.seed ^ ((a as u64 + 1) * 0x9e37), start_ns, 20_000)
+                .sharing(args.seed ^ 0x5a4e, a, agents, SHARED_EVERY_NS)
+                .batches(per_agent, args.batch)
+        })
         .collect();
-    let events: u64 = plans.iter().flatten().map(|b| b.events.len() as u64).sum();
+    let events: u64 = plans.iter().flatten().map(|b| data_events(b) as u64).sum();
+    let (mut resets, mut flows, mut newest_rst_ns) = (0u64, 0u64, i64::MIN);
+    for e in plans.iter().flatten().flat_map(|b| &b.events) {
+        match &e.kind {
+            Some(Kind::Reset(r)) => {
+                resets += 1;
+                newest_rst_ns = newest_rst_ns.max(r.ts_ns);
+            }
+            Some(Kind::Flow(_)) => flows += 1,
+            _ => {}
+        }
+    }
     let encoded_bytes: u64 = plans.iter().flatten().map(|b| b.encoded_len() as u64).sum();
     eprintln!("ingest, {agents} agent(s): generated {events} events in {:.1?}", t.elapsed());
     let collector = Collector::start(exe, &data, args.batch)?;
@@ -657,7 +853,10 @@ fn ingest_run(
         .into_iter()
         .enumerate()
         .map(|(a, plan)| {
-            rt.spawn(agent(collector.url.clone(), format!("bench-agent-{a}"), plan, args.window, go.clone()))
+            // Each agent's own host: an address the traffic never has, so no connection is
+            // between two agents' hosts (one for all made the verdicts name any of them).
+            let local = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, a as u16 + 1);
+            rt.spawn(agent(collector.url.clone(), format!("bench-agent-{a}"), local, plan, args.window, go.clone()))
         })
         .collect();
     let (runs, cpu_before) = rt.block_on(async {
@@ -676,11 +875,35 @@ fn ingest_run(
     let last = runs.iter().map(|r| r.end).max().context("no agents")?;
     let mut latencies: Vec<Duration> = runs.iter().flat_map(|r| r.latencies.iter().copied()).collect();
     latencies.sort();
-    let stored = rt.block_on(async {
+    let (stored, decided, catch_up) = rt.block_on(async {
         let mut q = QueryClient::new(channel(&collector.url).await?);
+        let catch_up = catch_up(&mut q, &collector, cpu_before.0, last, newest_rst_ns).await?;
+        // 2 s of event time at a time: the collector refuses listings of over a million.
+        let mut decided = Vec::new();
+        let window = 2_000_000_000;
+        let mut since = start_ns - window;
+        while since <= newest_rst_ns + window {
+            let filter = v1::ResetFilter {
+                verdicts: DECIDED.iter().map(|v| v.to_string()).collect(),
+                since_ns: Some(since),
+                until_ns: Some(since + window),
+                ..Default::default()
+            };
+            let mut listing = q.list_reports(filter).await?.into_inner();
+            while let Some(report) = listing.message().await? {
+                decided.push(report);
+            }
+            since += window;
+        }
         let s = q.status(v1::StatusRequest {}).await?.into_inner();
-        anyhow::Ok(s.resets + s.flows)
+        anyhow::Ok((s.resets + s.flows, decided, catch_up))
     })?;
+    if let Some(path) = &args.dump_reports {
+        let path = path.with_extension(format!("{agents}-agents"));
+        dump_reports(&path, decided.clone()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("ingest, {agents} agent(s): {} reports written to {}", decided.len(), path.display());
+    }
+    let decided = decided.len() as u64;
     drop(collector);
     let disk_bytes = dir_bytes(&data);
     if !args.keep {
@@ -694,7 +917,11 @@ fn ingest_run(
         latencies,
         collector_cpu,
         bench_cpu,
+        resets_and_flows: resets + flows,
+        resets,
         stored,
+        decided,
+        catch_up,
         disk_bytes,
         encoded_bytes,
     })
@@ -1428,16 +1655,19 @@ fn main() -> Result<()> {
         line(String::new());
         line(
             "| agents | events | wall | events/s | batches/s | ack p50 | ack p99 | collector CPU/event | \
-             collector CPU use | stored on disk | target ≥ 200k events/s |"
+             collector CPU use | stored on disk | RSTs decided / sent | decisions caught up | \
+             collector CPU/event until then | target ≥ 200k events/s |"
                 .into(),
         );
-        line("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
+        line("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|".into());
         for r in &results {
             let secs = r.wall.as_secs_f64();
             let rate = r.events as f64 / secs;
-            let ok_count = if r.stored == r.events { String::new() } else { format!(" (stored {}!)", r.stored) };
+            let ok_count =
+                if r.stored == r.resets_and_flows { String::new() } else { format!(" (stored {}!)", r.stored) };
             line(format!(
-                "| {} | {}{} | {:.2} s | {} | {:.0} | {} | {} | {} | {:.0}% of a core | {:.0} B/event | {} |",
+                "| {} | {}{} | {:.2} s | {} | {:.0} | {} | {} | {} | {:.0}% of a core | {:.0} B/event | {} / {} | \
+                 {:.2} s after the last ack | {} | {} |",
                 r.agents,
                 r.events,
                 ok_count,
@@ -1449,6 +1679,10 @@ fn main() -> Result<()> {
                 us(r.collector_cpu / r.events.max(1) as u32),
                 100.0 * r.collector_cpu.as_secs_f64() / secs,
                 r.disk_bytes as f64 / r.events.max(1) as f64,
+                r.decided,
+                r.resets,
+                r.catch_up.0.as_secs_f64(),
+                us(r.catch_up.1 / r.events.max(1) as u32),
                 verdict(rate >= 200_000.0),
             ));
         }
