@@ -122,7 +122,9 @@ mod tests {
     }
 
     fn mark(ts_ns: i64) -> v1::Event {
-        v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns: T0, ended: false })) }
+        v1::Event {
+            kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns: T0, ..Default::default() })),
+        }
     }
 
     /// Two agents; an old connection only `a` saw, and a recent handshake both saw (`b`'s

@@ -472,7 +472,7 @@ impl Traffic {
         while left > 0 {
             let k = left.min(size as u64);
             let mut events: Vec<v1::Event> = (0..k).map(|_| self.next_event()).collect();
-            let mark = v1::Watermark { ts_ns: self.ts_ns, since_ns: self.start_ns, ended: false };
+            let mark = v1::Watermark { ts_ns: self.ts_ns, since_ns: self.start_ns, ..Default::default() };
             events.push(v1::Event { kind: Some(Kind::Watermark(mark)) });
             out.push(v1::Batch { seq: out.len() as u64 + 1, events, spooled_seq: 0 });
             left -= k;
@@ -698,7 +698,7 @@ async fn agent(
         while sent_at.len() < n && sent_at.len() - acked < window {
             let batch = pending.pop_front().context("batch")?;
             if let Some(Kind::Watermark(mark)) = batch.events.last().and_then(|e| e.kind.as_ref()) {
-                sent_marks = Some(*mark);
+                sent_marks = Some(mark.clone());
             }
             sent_at.push(Instant::now());
             tx.send(AgentMessage { kind: Some(agent_message::Kind::Batch(batch)) }).await?;
