@@ -629,6 +629,10 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
     Ok(Written { order, batch, pending })
 }
 
+/// Events stored but not yet fed to the correlation beyond which acknowledgements wait
+/// (about a second of ingest at full speed; some 100 MB at the most).
+const MAX_QUEUED_FOR_CORRELATION: usize = 200_000;
+
 /// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
 async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
     let Written { order, mut batch, pending } = written;
@@ -649,8 +653,10 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             Metrics::bump(&hub.metrics.batches, 1);
             Metrics::bump(&hub.metrics.events_in, batch.events.len() as u64);
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
-            hub.correlation().ingest(&agent, &batch.events);
-            publish(&hub, order, &agent, batch);
+            publish(&hub, order, &agent, &batch.events);
+            hub.inbox.push(agent, batch.events);
+            // Back-pressure: a correlation far behind holds the acknowledgement.
+            hub.inbox.room_below(MAX_QUEUED_FOR_CORRELATION).await;
             Ok(durable_seq)
         }
         Appended::Duplicate { durable_seq } => {
@@ -664,15 +670,14 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
     }
 }
 
-fn publish(hub: &Hub, order: u64, agent: &Arc<str>, batch: Batch) {
+fn publish(hub: &Hub, order: u64, agent: &Arc<str>, events: &[v1::Event]) {
     if hub.live.receiver_count() == 0 {
         return;
     }
-    let resets: Vec<(FlowKey, v1::RstEvent)> = batch
-        .events
-        .into_iter()
-        .filter_map(|event| match event.kind {
-            Some(event::Kind::Reset(reset)) => Some((pb::flow_key_of(&reset)?, reset)),
+    let resets: Vec<(FlowKey, v1::RstEvent)> = events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(event::Kind::Reset(reset)) => Some((pb::flow_key_of(reset)?, reset.clone())),
             _ => None,
         })
         .collect();

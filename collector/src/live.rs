@@ -1,13 +1,15 @@
 //! Live correlation: the engine of [`crate::correlate`] fed from ingest, decided on a timer.
 //!
-//! Ingest hands every durably stored batch to [`LiveCorrelation::ingest`] (after the store,
-//! so nothing is correlated that a crash could lose). A ticker calls [`LiveCorrelation::tick`]
+//! Ingest hands every durably stored batch to the engine (after the store, so nothing is
+//! correlated that a crash could lose) through an [`Inbox`]: the batch is queued and
+//! acknowledged at once, and whoever takes the engine next feeds it the queue first, so an
+//! acknowledgement never waits for a decision in progress. A ticker calls [`LiveCorrelation::tick`]
 //! when a batch brought a RST or a watermark (see [`LiveCorrelation::wake`]), and at least
 //! every few hundred milliseconds: what became decidable (every relevant agent's watermark
 //! passed the RST plus the settle window) is decided once, kept, and published to followers.
 //! Undecided RSTs are listed with the verdict `pending`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -38,6 +40,87 @@ pub struct LiveCorrelation {
     pub wake: Arc<tokio::sync::Notify>,
 }
 
+/// Whether an event may make something decidable: a RST, or a watermark.
+fn is_decisive(e: &v1::Event) -> bool {
+    matches!(e.kind, Some(v1::event::Kind::Reset(_)) | Some(v1::event::Kind::Watermark(_)))
+}
+
+/// Stored batches queued for the engine.
+///
+/// Why: the engine sits behind one lock, held by the ticker for a whole decision (tens of
+/// milliseconds to seconds under load). Ingest used to feed it directly before acknowledging,
+/// so every acknowledgement waited for the decision in progress, on a runtime thread. Now
+/// ingest queues the batch here and acknowledges; [`crate::service::Hub::correlation`] feeds
+/// the queue to the engine whenever the engine is taken, so every reader (the ticker, pending
+/// listings, connection views) sees every acknowledged batch as before. The queue is bounded
+/// only by waiting: an acknowledgement waits while more than a limit of events are queued
+/// ([`Inbox::room_below`]), so a correlation far behind slows ingest instead of filling memory.
+pub struct Inbox {
+    queue: std::sync::Mutex<Queued>,
+    /// Notified when the queue was taken.
+    room: tokio::sync::Notify,
+    /// The ticker's wake-up ([`LiveCorrelation::wake`]).
+    wake: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Default)]
+struct Queued {
+    batches: VecDeque<(Arc<str>, Vec<v1::Event>)>,
+    events: usize,
+}
+
+impl Inbox {
+    /// An empty queue that wakes `wake` when a batch may make something decidable.
+    pub fn new(wake: Arc<tokio::sync::Notify>) -> Self {
+        Inbox { queue: std::sync::Mutex::default(), room: tokio::sync::Notify::new(), wake }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a stored batch of one agent.
+    pub fn push(&self, agent: Arc<str>, events: Vec<v1::Event>) {
+        let decisive = events.iter().any(is_decisive);
+        {
+            let mut queue = self.queue();
+            queue.events += events.len();
+            queue.batches.push_back((agent, events));
+        }
+        if decisive {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Events queued now.
+    pub fn queued_events(&self) -> usize {
+        self.queue().events
+    }
+
+    /// Resolves once fewer than `limit` events are queued.
+    pub async fn room_below(&self, limit: usize) {
+        loop {
+            let taken = self.room.notified();
+            tokio::pin!(taken);
+            // Registered before the check, so a take in between is not missed.
+            taken.as_mut().enable();
+            if self.queued_events() < limit {
+                return;
+            }
+            taken.await;
+        }
+    }
+
+    /// Takes everything queued.
+    fn take(&self) -> VecDeque<(Arc<str>, Vec<v1::Event>)> {
+        let batches = std::mem::take(&mut *self.queue()).batches;
+        if !batches.is_empty() {
+            self.room.notify_waiters();
+        }
+        batches
+    }
+}
+
 /// A replay starts this long before the oldest undecided RST (connection openings before it).
 const REPLAY_CONTEXT_NS: i64 = 600_000_000_000;
 
@@ -66,16 +149,26 @@ impl LiveCorrelation {
         self.engine.agent(&hello.agent_name, &local);
     }
 
-    /// Feeds a stored batch of one agent.
+    /// Feeds a stored batch of one agent and wakes the ticker if it may decide something.
     pub fn ingest(&mut self, agent: &str, events: &[v1::Event]) {
+        self.feed(agent, events);
+        if events.iter().any(is_decisive) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Feeds a stored batch of one agent (the ticker was woken when it was queued).
+    fn feed(&mut self, agent: &str, events: &[v1::Event]) {
         let a = self.engine.agent(agent, &[]);
-        let mut decisive = false;
         for e in events {
             self.engine.ingest(a, e);
-            decisive |= matches!(e.kind, Some(v1::event::Kind::Reset(_)) | Some(v1::event::Kind::Watermark(_)));
         }
-        if decisive {
-            self.wake.notify_one();
+    }
+
+    /// Feeds everything queued in `inbox`, in the order it was queued.
+    pub fn feed_from(&mut self, inbox: &Inbox) {
+        for (agent, events) in inbox.take() {
+            self.feed(&agent, &events);
         }
     }
 
@@ -243,4 +336,48 @@ pub fn report_matches(selection: &Selection, r: &v1::ResetReport) -> bool {
         && (selection.verdicts.is_empty() || selection.verdicts.contains(&r.verdict))
         && (q.causes.is_empty() || q.causes.contains(&r.cause))
         && (q.flags.is_empty() || q.flags.iter().any(|f| *f == pb::flags_text(r.flags)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn watermark(ts_ns: i64) -> v1::Event {
+        v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, ..Default::default() })) }
+    }
+
+    fn flow() -> v1::Event {
+        v1::Event { kind: Some(v1::event::Kind::Flow(v1::FlowSummary::default())) }
+    }
+
+    #[tokio::test]
+    async fn the_inbox_keeps_order_wakes_the_ticker_for_decisive_batches_and_holds_acks_while_full() {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let inbox = Arc::new(Inbox::new(wake.clone()));
+
+        // A batch of flows alone decides nothing: no wake-up.
+        inbox.push("a".into(), vec![flow(), flow()]);
+        let woken = tokio::time::timeout(Duration::from_millis(50), wake.notified()).await;
+        assert!(woken.is_err(), "flows alone woke the ticker");
+        // A watermark may: wake-up.
+        inbox.push("b".into(), vec![watermark(5)]);
+        inbox.push("a".into(), vec![watermark(7)]);
+        tokio::time::timeout(Duration::from_secs(5), wake.notified()).await.expect("a watermark wakes the ticker");
+        assert_eq!(inbox.queued_events(), 4);
+
+        // Over the limit, an acknowledgement waits until the queue is taken.
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.room_below(3).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "room_below resolved with 4 events queued and a limit of 3");
+        let taken: Vec<(String, usize)> = inbox.take().into_iter().map(|(a, e)| (a.to_string(), e.len())).collect();
+        assert_eq!(taken, [("a".to_string(), 2), ("b".to_string(), 1), ("a".to_string(), 1)], "queue order");
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("room after the take").unwrap();
+        assert_eq!(inbox.queued_events(), 0);
+        // Under the limit it does not wait at all.
+        tokio::time::timeout(Duration::from_secs(5), inbox.room_below(1)).await.expect("an empty queue has room");
+    }
 }

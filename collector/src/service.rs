@@ -23,7 +23,7 @@ use tonic::Status;
 use crate::auth::TokenCheck;
 use crate::correlate::Config;
 use crate::ingest::{IngestService, LiveAgents, LiveBatch};
-use crate::live::LiveCorrelation;
+use crate::live::{Inbox, LiveCorrelation};
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreConfig, StoreError};
@@ -81,8 +81,10 @@ pub struct Hub {
     pub started: Instant,
     /// Client limits.
     pub limits: Limits,
-    /// Correlation of everything ingested (verdicts).
-    pub correlation: std::sync::Mutex<LiveCorrelation>,
+    /// Correlation of everything ingested (verdicts); take it with [`Hub::correlation`].
+    correlation: std::sync::Mutex<LiveCorrelation>,
+    /// Stored batches on their way to the correlation.
+    pub inbox: Inbox,
     /// Becomes true when the collector stops: long-lived streams end then, so that the
     /// server's graceful shutdown does not wait for agents to hang up.
     closing: watch::Sender<bool>,
@@ -92,6 +94,8 @@ impl Hub {
     /// Shared state over an open store.
     pub fn new(store: Store, limits: Limits) -> Arc<Self> {
         let (live, _) = broadcast::channel(limits.live_buffer.max(1));
+        let correlation = LiveCorrelation::new(Config::default());
+        let inbox = Inbox::new(correlation.wake.clone());
         Arc::new(Hub {
             store_config: store.config().clone(),
             store: std::sync::RwLock::new(Some(store)),
@@ -102,7 +106,8 @@ impl Hub {
             metrics: Arc::default(),
             started: Instant::now(),
             limits,
-            correlation: std::sync::Mutex::new(LiveCorrelation::new(Config::default())),
+            correlation: std::sync::Mutex::new(correlation),
+            inbox,
             closing: watch::channel(false).0,
         })
     }
@@ -164,10 +169,13 @@ impl Hub {
         }
     }
 
-    /// The correlation state (a poisoned lock is taken over: the engine has no invariant a
-    /// panicking reader could break half-way that matters more than serving on).
+    /// The correlation state, fed first with every batch queued in [`Hub::inbox`] (a poisoned
+    /// lock is taken over: the engine has no invariant a panicking reader could break half-way
+    /// that matters more than serving on).
     pub fn correlation(&self) -> std::sync::MutexGuard<'_, LiveCorrelation> {
-        self.correlation.lock().unwrap_or_else(|p| p.into_inner())
+        let mut correlation = self.correlation.lock().unwrap_or_else(|p| p.into_inner());
+        correlation.feed_from(&self.inbox);
+        correlation
     }
 
     /// Ends every ingest and follow stream (with `UNAVAILABLE`, so agents reconnect later).
