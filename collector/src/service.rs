@@ -256,7 +256,7 @@ pub async fn serve(
                     _ = every.tick() => {}
                     () = wake.notified() => {
                         // Batches of several agents often come together: decide once for them.
-                        let gap = CORRELATE_MIN_GAP.max(last_took * CORRELATE_DUTY);
+                        let gap = CORRELATE_MIN_GAP.max(last_took * CORRELATE_DUTY).min(CORRELATE_MAX_GAP);
                         tokio::select! {
                             () = tokio::time::sleep(gap) => {}
                             () = &mut closed => return,
@@ -265,12 +265,14 @@ pub async fn serve(
                     () = &mut closed => return,
                 }
                 let worker = hub.clone();
-                let started = Instant::now();
                 let done = tokio::task::spawn_blocking(move || {
-                    let (reports, resume) = {
+                    let (reports, resume, took) = {
+                        // Feeding the queued batches is ingest's work, not deciding's: only
+                        // the decision counts towards the duty cycle.
                         let mut correlation = worker.correlation();
+                        let started = Instant::now();
                         let reports = correlation.tick();
-                        (reports, correlation.resume_point())
+                        (reports, correlation.resume_point(), started.elapsed())
                     };
                     if !reports.is_empty() {
                         worker.store()?.put_reports(reports.iter().map(|r| &**r))?;
@@ -280,12 +282,16 @@ pub async fn serve(
                         // durable resume point implies the reports before it are durable too.
                         worker.store()?.set_meta(RESUME_META, &resume.to_be_bytes())?;
                     }
-                    Ok::<usize, StoreError>(reports.len())
+                    Ok::<(usize, Duration), StoreError>((reports.len(), took))
                 })
                 .await;
-                last_took = started.elapsed();
                 match done {
-                    Ok(Ok(n)) if n > 0 => tracing::debug!(n, "Resets decided."),
+                    Ok(Ok((n, took))) => {
+                        last_took = took;
+                        if n > 0 {
+                            tracing::debug!(n, "Resets decided.");
+                        }
+                    }
                     Ok(Err(error)) => {
                         tracing::warn!(%error, "Cannot store decided resets; will retry.");
                         if error.needs_reopen() {
@@ -336,8 +342,12 @@ const CORRELATE_EVERY: Duration = Duration::from_millis(250);
 /// After an ingested batch wakes the correlation, it waits this long (batches of other agents
 /// sent at the same moment join the decision)...
 const CORRELATE_MIN_GAP: Duration = Duration::from_millis(5);
-/// ...or this many times what the last decision took, whichever is longer.
+/// ...or this many times what the last decision took, whichever is longer...
 const CORRELATE_DUTY: u32 = 3;
+/// ...but never longer than this: under sustained load decisions take long, and waiting a
+/// multiple of that would let the correlation (and, through the inbox's limit, ingest) fall
+/// behind without end.
+const CORRELATE_MAX_GAP: Duration = Duration::from_secs(1);
 
 impl From<StoreError> for Status {
     /// Store failures as gRPC codes: the agent retries `UNAVAILABLE` and `RESOURCE_EXHAUSTED`
