@@ -122,9 +122,8 @@ impl Correlator {
         let placed = self.index.placed.get(i).copied().unwrap_or(0);
         let c = &self.conns[i];
         let key = c.key();
-        let isns = c.orig_isn.zip(c.resp_isn).map(|(o, r)| (o, r, c.resp.port()));
-        let tsvals =
-            c.syn_tsval.zip(c.synack_tsval).filter(|(s, a)| *s != 0 && *a != 0).map(|(s, a)| (s, a, c.resp.port()));
+        let isns = c.isn_key();
+        let tsvals = c.tsval_key();
         let mut now = placed;
         if placed & 1 == 0 {
             self.index.by_tuple.entry(key).or_default().push(i);

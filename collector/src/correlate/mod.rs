@@ -252,6 +252,15 @@ impl ConnObs {
     pub fn key(&self) -> FlowKey {
         FlowKey::new(self.orig, self.resp)
     }
+    /// The `isn` join key (both ISNs and the server port), once both ISNs are known.
+    pub(crate) fn isn_key(&self) -> Option<(u32, u32, u16)> {
+        self.orig_isn.zip(self.resp_isn).map(|(o, r)| (o, r, self.resp.port()))
+    }
+    /// The `tsval` join key (SYN and SYN-ACK TSvals and the server port), once both are known
+    /// and not zero.
+    pub(crate) fn tsval_key(&self) -> Option<(u32, u32, u16)> {
+        self.syn_tsval.zip(self.synack_tsval).filter(|(s, a)| *s != 0 && *a != 0).map(|(s, a)| (s, a, self.resp.port()))
+    }
     /// The endpoint of `role` here.
     pub fn endpoint(&self, originator: bool) -> Endpoint {
         if originator {

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 
 use rstscope_proto::{v1, FlowKey};
 
-use super::{text, unrouted_ttl, ClockEstimate, ConnObs, Correlator};
+use super::{text, unrouted_ttl, ClockEstimate, Correlator};
 use crate::pb;
 
 /// Where an agent sits for one RST's direction.
@@ -127,8 +127,8 @@ impl Correlator {
             index.identities.insert((r.seq, r.ack, r.flags));
             if let Some(&i) = self.conn_index.get(&(a, r.conn_id)) {
                 let c = &self.conns[i];
-                index.isn_keys.extend(isn_key(c));
-                index.tsval_keys.extend(tsval_key(c));
+                index.isn_keys.extend(c.isn_key());
+                index.tsval_keys.extend(c.tsval_key());
             }
         }
         Some(index)
@@ -161,8 +161,8 @@ impl Correlator {
         let record_joins = members.iter().any(|&m| {
             let c = &self.conns[m];
             listed.keys.contains(&c.key())
-                || isn_key(c).is_some_and(|k| listed.isn_keys.contains(&k))
-                || tsval_key(c).is_some_and(|k| listed.tsval_keys.contains(&k))
+                || c.isn_key().is_some_and(|k| listed.isn_keys.contains(&k))
+                || c.tsval_key().is_some_and(|k| listed.tsval_keys.contains(&k))
         });
         let rst_joins = rsts.iter().any(|&r| {
             let e = &self.rsts[r].event;
@@ -799,16 +799,6 @@ impl super::RstObs {
         }
         self.from_orig
     }
-}
-
-/// A record's `isn` join key (as [`super::matching`] indexes it).
-fn isn_key(c: &ConnObs) -> Option<(u32, u32, u16)> {
-    c.orig_isn.zip(c.resp_isn).map(|(o, r)| (o, r, c.resp.port()))
-}
-
-/// A record's `tsval` join key (as [`super::matching`] indexes it).
-fn tsval_key(c: &ConnObs) -> Option<(u32, u32, u16)> {
-    c.syn_tsval.zip(c.synack_tsval).filter(|(s, a)| *s != 0 && *a != 0).map(|(s, a)| (s, a, c.resp.port()))
 }
 
 fn key_rank(k: &str) -> u8 {
