@@ -261,14 +261,9 @@ impl Mark {
         let (listed_until_ns, settling) = match old {
             Some(o) if !newer_listing => (o.listed_until_ns, o.settling),
             _ => {
-                // More than a collector accepts: the promise stops just before the first left out.
-                let cap = rstscope_proto::MAX_SETTLING_LISTED;
-                let until = new
-                    .settling
-                    .get(cap)
-                    .map_or(new.listed_until_ns, |r| new.listed_until_ns.min(r.ts_ns.saturating_sub(1)));
-                let listed = new.settling.iter().take(cap).filter(|r| r.ts_ns <= until);
-                (until, listed.map(v1::SettlingRst::from).collect())
+                // No more than a collector accepts.
+                let new = new.clone().capped(rstscope_proto::MAX_SETTLING_LISTED);
+                (new.listed_until_ns, new.settling.iter().map(v1::SettlingRst::from).collect())
             }
         };
         if listed_until_ns <= ts_ns {

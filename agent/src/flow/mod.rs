@@ -82,6 +82,21 @@ pub struct ListedWatermark {
     pub settling: Vec<SettlingRst>,
 }
 
+impl ListedWatermark {
+    /// The same promise naming at most `max` RSTs: with more settling, it stops just before
+    /// the oldest one left out (RSTs tied with that one are past the promise and need no
+    /// listing). `settling` must be oldest first.
+    pub fn capped(mut self, max: usize) -> Self {
+        if let Some(first_left_out) = self.settling.get(max) {
+            let until = self.listed_until_ns.min(first_left_out.ts_ns.saturating_sub(1)).max(self.ts_ns);
+            self.settling.truncate(max);
+            self.settling.retain(|r| r.ts_ns <= until);
+            self.listed_until_ns = until;
+        }
+        self
+    }
+}
+
 /// A RST still in its settle window, as much of it as tells which connection and packet it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SettlingRst {
@@ -361,17 +376,8 @@ impl Tracker {
         let clock = self.clock_ns()?;
         let ts_ns = self.watermark_ns()?;
         let mut settling: Vec<SettlingRst> = self.pending.values().flatten().map(SettlingRst::of).collect();
-        let order = |r: &SettlingRst| (r.ts_ns, r.conn_id.0, r.seq);
-        let mut listed_until_ns = clock;
-        if settling.len() > max_listed {
-            settling.select_nth_unstable_by_key(max_listed, order);
-            listed_until_ns = clock.min(settling[max_listed].ts_ns.saturating_sub(1));
-            settling.truncate(max_listed);
-            // Ties with the first unlisted RST are past the promise: they need no listing.
-            settling.retain(|r| r.ts_ns <= listed_until_ns);
-        }
-        settling.sort_unstable_by_key(order);
-        Some(ListedWatermark { ts_ns, listed_until_ns: listed_until_ns.max(ts_ns), settling })
+        settling.sort_unstable_by_key(|r| (r.ts_ns, r.conn_id.0, r.seq));
+        Some(ListedWatermark { ts_ns, listed_until_ns: clock.max(ts_ns), settling }.capped(max_listed))
     }
 
     /// Processes one segment; events that became final are passed to `out`.
