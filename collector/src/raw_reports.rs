@@ -21,7 +21,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes};
-use futures::Stream;
 use rstscope_proto::v1;
 use tonic::body::Body;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
@@ -29,7 +28,7 @@ use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use crate::auth::TokenCheck;
-use crate::query::QueryService;
+use crate::query::{EncodedStream, QueryService};
 
 /// The path of the method served here.
 const LIST_REPORTS_PATH: &str = "/rstscope.v1.Query/ListReports";
@@ -74,7 +73,6 @@ impl<U: prost::Message + Default + Send + 'static> Codec for EncodedCodec<U> {
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-type EncodedStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
 
 /// `ListReports` over the encoded listing of [`QueryService::encoded_reports`].
 struct ListReportsEncoded(QueryService);
@@ -86,11 +84,7 @@ impl tonic::server::ServerStreamingService<v1::ResetFilter> for ListReportsEncod
 
     fn call(&mut self, request: Request<v1::ResetFilter>) -> Self::Future {
         let service = self.0.clone();
-        Box::pin(async move {
-            let found = service.encoded_listing(request.get_ref()).await?;
-            let stream: EncodedStream = Box::pin(tokio_stream::iter(found.into_iter().map(Ok)));
-            Ok(Response::new(stream))
-        })
+        Box::pin(async move { Ok(Response::new(service.encoded_listing(request.get_ref()).await?)) })
     }
 }
 

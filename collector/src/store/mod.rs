@@ -78,7 +78,7 @@ pub use append::Pending;
 pub use keys::{ParseStoreSeqError, StoreSeq};
 pub use query::{cause_name, flag_letters, parse_flag_letters, ConnectionView, ResetQuery, StoredReset, CAUSE_NAMES};
 pub use replay::EventsSince;
-pub use reports::EncodedReport;
+pub use reports::{EncodedReport, ListedBucket, ReportListing};
 pub use retention::RetentionReport;
 
 use keys::{

@@ -80,6 +80,37 @@ pub struct EncodedReport {
 /// A bucket's start and the report keys chosen in it (ascending).
 type BucketKeys = (i64, Vec<Vec<u8>>);
 
+/// One bucket of a [`ReportListing`]: its start and the keys chosen in it.
+pub type ListedBucket = (i64, Vec<Vec<u8>>);
+
+/// Reports chosen by [`Store::report_listing`], per bucket of report time, oldest first.
+#[derive(Debug, Default)]
+pub struct ReportListing {
+    buckets: Vec<BucketKeys>,
+}
+
+impl ReportListing {
+    /// How many reports were chosen.
+    pub fn len(&self) -> usize {
+        self.buckets.iter().map(|(_, keys)| keys.len()).sum()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.iter().all(|(_, keys)| keys.is_empty())
+    }
+
+    /// The ids of the chosen reports, oldest first.
+    pub fn ids(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.buckets.iter().flat_map(|(_, keys)| keys.iter().map(|k| &k[8..]))
+    }
+
+    /// The buckets, oldest first, for [`Store::read_listed`].
+    pub fn buckets(&self) -> impl Iterator<Item = &ListedBucket> + '_ {
+        self.buckets.iter()
+    }
+}
+
 /// Width of a bucket of report time.
 const BUCKET_NS: i64 = 10_000_000_000;
 /// Version byte in front of bucket bases and pages.
@@ -971,7 +1002,7 @@ impl Store {
         let selected = self.select_reports(q)?;
         let mut out = Vec::with_capacity(selected.iter().map(|(_, keys)| keys.len()).sum());
         for (start, keys) in selected {
-            self.read_reports(start, &keys, |key, body| match v1::ResetReport::decode(body) {
+            self.read_reports(start, &keys, |key, page, range| match v1::ResetReport::decode(&page[range]) {
                 Ok(report) => out.push(report),
                 Err(_) => self.corrupt("report_pages", key, "undecodable ResetReport"),
             })?;
@@ -982,16 +1013,35 @@ impl Store {
     /// The same as [`Store::reports`], each report as stored: its protobuf encoding, for a
     /// server that passes it on without decoding and encoding it again.
     pub fn encoded_reports(&self, q: &ResetQuery) -> Result<Vec<EncodedReport>, StoreError> {
-        let selected = self.select_reports(q)?;
-        let mut out = Vec::with_capacity(selected.iter().map(|(_, keys)| keys.len()).sum());
-        for (start, keys) in selected {
-            self.read_reports(start, &keys, |key, body| {
-                let (ts, id) = key.split_at(8);
-                let ts_ns = ts_from_bytes(ts.try_into().unwrap_or_default());
-                let id = String::from_utf8_lossy(id).into_owned();
-                out.push(EncodedReport { ts_ns, id, bytes: Bytes::copy_from_slice(body) });
-            })?;
+        let listing = self.report_listing(q)?;
+        let mut out = Vec::with_capacity(listing.len());
+        for bucket in listing.buckets() {
+            out.extend(self.read_listed(bucket)?);
         }
+        Ok(out)
+    }
+
+    /// The reports `q` selects, chosen but not read yet: [`Store::read_listed`] reads them a
+    /// bucket at a time. Choosing costs a scan of the buckets' entries only, so a server can
+    /// count the answer (and refuse one too big) before reading any report, and then stream
+    /// it while the client decodes the first buckets.
+    pub fn report_listing(&self, q: &ResetQuery) -> Result<ReportListing, StoreError> {
+        Ok(ReportListing { buckets: self.select_reports(q)? })
+    }
+
+    /// The reports of one bucket of a [`ReportListing`], oldest first, each as stored. A
+    /// report removed since it was chosen (retention, a rewrite under another time) is
+    /// skipped; one replaced since then is read in its newest version.
+    pub fn read_listed(&self, bucket: &ListedBucket) -> Result<Vec<EncodedReport>, StoreError> {
+        let (start, keys) = bucket;
+        let mut out = Vec::with_capacity(keys.len());
+        self.read_reports(*start, keys, |key, page, range| {
+            let (ts, id) = key.split_at(8);
+            let ts_ns = ts_from_bytes(ts.try_into().unwrap_or_default());
+            let id = String::from_utf8_lossy(id).into_owned();
+            // The page is shared (sled keeps it behind a reference count): no copy.
+            out.push(EncodedReport { ts_ns, id, bytes: Bytes::from_owner(page.clone()).slice(range) });
+        })?;
         Ok(out)
     }
 
@@ -1066,7 +1116,7 @@ impl Store {
         &self,
         start: i64,
         keys: &[Vec<u8>],
-        mut found: impl FnMut(&[u8], &[u8]),
+        mut found: impl FnMut(&[u8], &sled::IVec, Range<usize>),
     ) -> Result<(), StoreError> {
         let mut hits: Vec<Option<(sled::IVec, Range<usize>)>> = vec![None; keys.len()];
         for item in self.inner.reports.pages.scan_prefix(ts_bytes(start)) {
@@ -1083,7 +1133,7 @@ impl Store {
         }
         for (key, hit) in keys.iter().zip(hits) {
             if let Some((page, range)) = hit {
-                found(key, &page[range]);
+                found(key, &page, range);
             }
         }
         Ok(())
@@ -1096,8 +1146,8 @@ impl Store {
         let Ok(ts) = <[u8; 8]>::try_from(ts.as_ref()) else { return Ok(None) };
         let ts = ts_from_bytes(ts);
         let mut out = None;
-        self.read_reports(bucket_start(ts), &[report_key(ts, id)], |_, body| {
-            out = v1::ResetReport::decode(body).ok();
+        self.read_reports(bucket_start(ts), &[report_key(ts, id)], |_, page, range| {
+            out = v1::ResetReport::decode(&page[range]).ok();
         })?;
         Ok(out)
     }
