@@ -185,6 +185,18 @@ impl QueryService {
         QueryService { hub }
     }
 
+    /// Runs `call` on the correlation off the async threads: taking it waits for a decision in
+    /// progress and feeds the queued batches first, which can take a while under load.
+    async fn correlation<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&mut crate::live::LiveCorrelation) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let hub = self.hub.clone();
+        tokio::task::spawn_blocking(move || call(&mut hub.correlation()))
+            .await
+            .map_err(|e| Status::internal(format!("correlation: {e}")))
+    }
+
     /// What `ListReports` answers, each report encoded (see [`QueryService::report_stream`]).
     pub(crate) async fn encoded_listing(&self, filter: &ResetFilter) -> Result<EncodedStream, Status> {
         self.report_stream(&check_filter(filter)?).await
@@ -222,11 +234,8 @@ impl QueryService {
             let store = store.clone();
             blocking(move || store.report_listing(&query)).await?
         };
-        let hub = self.hub.clone();
         let selection = selection.clone();
-        let mut pending = tokio::task::spawn_blocking(move || hub.correlation().pending(&selection))
-            .await
-            .map_err(|e| Status::internal(format!("correlation: {e}")))?;
+        let mut pending = self.correlation(move |c| c.pending(&selection)).await?;
         if !pending.is_empty() {
             // A report decided while it was listed as pending: the store's version wins.
             let decided: HashSet<&[u8]> = listing.ids().collect();
@@ -351,7 +360,7 @@ impl v1::query_server::Query for QueryService {
 
     async fn follow_reports(&self, request: Request<ResetFilter>) -> Result<Response<ReportStream>, Status> {
         let selection = check_filter(request.get_ref())?;
-        let mut live = self.hub.correlation().published.subscribe();
+        let mut live = self.correlation(|c| c.published.subscribe()).await?;
         let mut listed = self.reports(&selection).await?;
         // Pending ones are shown again once decided.
         listed.retain(|r| r.verdict != pb::PENDING);
@@ -427,7 +436,10 @@ impl v1::query_server::Query for QueryService {
         request: Request<v1::ConnectionRequest>,
     ) -> Result<Response<v1::ConnectionReply>, Status> {
         let text = request.into_inner().connection;
-        let view = self.hub.correlation().connection(&text);
+        let view = {
+            let text = text.clone();
+            self.correlation(move |c| c.connection(&text)).await?
+        };
         let store = self.hub.store()?;
         let Some(view) = view else {
             // Not (or no longer) in the correlation's memory: what the store has for the tuple.
@@ -471,7 +483,7 @@ impl v1::query_server::Query for QueryService {
         let store = self.hub.store()?;
         let records = blocking(move || store.agents()).await?;
         let live = self.hub.agents.snapshot();
-        let (clocks, reference) = self.hub.correlation().clocks();
+        let (clocks, reference) = self.correlation(|c| c.clocks()).await?;
         let mut agents: Vec<v1::AgentState> = records
             .into_iter()
             .map(|r| {
