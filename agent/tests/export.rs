@@ -354,6 +354,11 @@ fn a_restarted_agent_resends_its_spool_under_the_same_boot_id() {
     assert_eq!(store.resets(), (0..60).collect::<Vec<_>>());
     assert_eq!(store.batches.iter().map(|b| b.seq).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
     assert_eq!(store.hellos.len(), 1);
+    // Each batch tells how far the spool reached when it was sent (the collector shows the
+    // difference as the agent's backlog): the first one already knew the six spooled before.
+    let spooled: Vec<u64> = store.batches.iter().map(|b| b.spooled_seq).collect();
+    assert!(spooled[0] >= 6, "{spooled:?}");
+    assert!(store.batches.iter().all(|b| (b.seq..=7).contains(&b.spooled_seq)), "{spooled:?}");
 }
 
 #[test]
