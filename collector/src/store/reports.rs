@@ -1039,8 +1039,9 @@ impl Store {
             let (ts, id) = key.split_at(8);
             let ts_ns = ts_from_bytes(ts.try_into().unwrap_or_default());
             let id = String::from_utf8_lossy(id).into_owned();
-            // The page is shared (sled keeps it behind a reference count): no copy.
-            out.push(EncodedReport { ts_ns, id, bytes: Bytes::from_owner(page.clone()).slice(range) });
+            // Copied out of the page: a slice would keep the whole page (32 kB) alive while the
+            // answer waits to be sent, for perhaps one small report of it.
+            out.push(EncodedReport { ts_ns, id, bytes: Bytes::copy_from_slice(&page[range]) });
         })?;
         Ok(out)
     }
