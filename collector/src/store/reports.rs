@@ -106,8 +106,8 @@ impl ReportListing {
     }
 
     /// The buckets, oldest first, for [`Store::read_listed`].
-    pub fn buckets(&self) -> impl Iterator<Item = &ListedBucket> + '_ {
-        self.buckets.iter()
+    pub fn buckets(&self) -> &[ListedBucket] {
+        &self.buckets
     }
 }
 
