@@ -329,6 +329,12 @@ pub struct Correlator {
     ttl_votes: Vec<HashMap<IpAddr, (u32, u32)>>,
     /// The agent clocks are compared against (first registered unless set).
     reference: Option<usize>,
+    /// Each report id this engine handed out, with the time of its latest report: a report
+    /// decided again names the time its earlier version was filed under
+    /// ([`Correlator::decide_with_previous`]), so the store need not look it up. Kept while a
+    /// RST carries the id (compaction prunes it with the RSTs), so as long as the id can be
+    /// decided again.
+    handed_out: HashMap<String, i64>,
 }
 
 /// Initial TTLs and hop limits of common stacks: a packet with one of these has not been

@@ -195,12 +195,18 @@ impl Correlator {
     /// Decides every RST that can be decided now and returns their reports. With `all`
     /// (offline, every input ended), nothing stays pending.
     pub fn decide(&mut self) -> Vec<v1::ResetReport> {
+        self.run(false).into_iter().map(|(report, _)| report).collect()
+    }
+
+    /// [`Correlator::decide`], each report with the time of the report this engine last handed
+    /// out under the same id (`None`: the first under that id since the engine started).
+    pub fn decide_with_previous(&mut self) -> Vec<(v1::ResetReport, Option<i64>)> {
         self.run(false)
     }
 
     /// Reports for the RSTs not decided yet, with verdict `pending`.
     pub fn pending(&mut self) -> Vec<v1::ResetReport> {
-        self.run(true)
+        self.run(true).into_iter().map(|(report, _)| report).collect()
     }
 
     /// Marks every agent's input as ended and decides everything.
@@ -208,10 +214,12 @@ impl Correlator {
         for a in &mut self.agents {
             a.finished = true;
         }
-        self.run(false)
+        self.decide()
     }
 
-    fn run(&mut self, pending_only: bool) -> Vec<v1::ResetReport> {
+    /// Pending reports (`pending_only`), or the decided ones each with the time of the report
+    /// handed out before under its id.
+    fn run(&mut self, pending_only: bool) -> Vec<(v1::ResetReport, Option<i64>)> {
         let cx = self.context();
         let mut roots: Vec<usize> = self.undecided.iter().map(|&r| self.root(self.rsts[r].conn)).collect();
         roots.sort_unstable();
@@ -281,7 +289,7 @@ impl Correlator {
                 let settled = cluster.iter().all(|&r| self.rsts[r].decided);
                 if pending_only {
                     if is_pending && !settled {
-                        out.push(report);
+                        out.push((report, None));
                     }
                     continue;
                 }
@@ -311,10 +319,11 @@ impl Correlator {
                         self.undecided.remove(&r);
                     }
                 }
-                out.push(report);
+                let previous = self.handed_out.insert(report.id.clone(), report.ts_ns);
+                out.push((report, previous));
             }
         }
-        out.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        out.sort_by(|a, b| (a.0.ts_ns, &a.0.id).cmp(&(b.0.ts_ns, &b.0.id)));
         out
     }
 
