@@ -8,6 +8,28 @@
 //! every few hundred milliseconds: what became decidable (every relevant agent's watermark
 //! passed the RST plus the settle window) is decided once, kept, and published to followers.
 //! Undecided RSTs are listed with the verdict `pending`.
+//!
+//! # Where a report decided again is stored
+//! The store keeps a report under its time and id and has no id map (see `store/reports.rs`),
+//! so [`LiveCorrelation::tick`] hands each report out with the times earlier versions of it
+//! may be filed under ([`ToStore::stored_at`]); a stored version whose time is not named would
+//! stay listed beside the new one. The times come from:
+//! - the engine, for every report it handed out before under that id
+//!   ([`Correlator::decide_with_previous`]). It keeps the time while any RST carries the id,
+//!   which is as long as it can decide the id again: an id is decided again only from its
+//!   cluster's RSTs, and compaction forgets the id with the last of them. This is not the
+//!   listing's `decided_at`, which drops ids beyond [`MAX_KEPT`] reports while the engine may
+//!   still decide them again (at 100k reports a second, after 10 s).
+//! - the store, after a restart: the engine is new and decides again, from the replayed
+//!   events, reports stored before the restart, perhaps under another time (its clock
+//!   estimates start again from the replayed handshakes). [`LiveCorrelation::replay`] reads
+//!   the stored times of the reports it may decide again, once (see there for the window),
+//!   and each is used by the first decision of its id; they are dropped once every replayed
+//!   RST was decided (ingest feeds the engine no event the store already held, so only
+//!   replayed sightings can name an id stored before the restart).
+//! - a call the store refused (a full disk, say): its reports go out again with the next
+//!   tick, naming their own times as well (a failed call may have written some of them), and
+//!   the resume point is not written until they are stored.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -513,7 +535,9 @@ mod tests {
             let store = Store::open(StoreConfig::new(dir.path())).expect("open");
             let mut live = LiveCorrelation::new(Config::default());
             for (agent, events) in [("client", &client), ("server", &server)] {
-                store.append_batch(agent, "boot", &v1::Batch { seq: 1, events: events.clone(), spooled_seq: 0 }, 0).expect("append");
+                store
+                    .append_batch(agent, "boot", &v1::Batch { seq: 1, events: events.clone(), spooled_seq: 0 }, 0)
+                    .expect("append");
                 live.ingest(agent, events);
             }
             let decided = live.tick();

@@ -16,8 +16,23 @@
 //!
 //! A listing reads a bucket's base and runs per 10 s (360 buckets for an hour), filters the
 //! entries in memory, and then reads the pages of only the buckets that hold a match, decoding
-//! only the matches. `report_ids` (id → ts 8) finds a report's bucket when it is rewritten with
-//! another time or fetched by id. The report key (ts 8 · id) orders reports within a bucket.
+//! only the matches. The report key (ts 8 · id) orders reports within a bucket.
+//!
+//! # Why no id map
+//! A report decided again may have another time (a late sighting, a better clock estimate),
+//! and then its old key must go, or it would be listed twice. Earlier versions kept a
+//! `report_ids` tree (id → time) and looked every stored report up in it: a random-key get and
+//! insert per report, the biggest single cost of storing reports (some 16k of 88k instructions
+//! per ingested event). The correlation knows where it filed what it decides again, so
+//! [`Store::put_decided`] takes, with each report, the times earlier versions may be stored
+//! under, and looks nothing up. How the collector always knows them (`live.rs`): the engine
+//! keeps the time of the last report under each id while a RST carries the id, so as long as
+//! it can decide it again (not bounded by the listing's `MAX_KEPT`); after a restart, the
+//! replay reads the stored (id, time) of the reports it may decide again
+//! ([`Store::stored_report_times`], once); a call the store refused is retried with the next
+//! one, naming also the refused reports' own times. A store of an earlier version has its
+//! `report_ids` tree dropped on open (nothing reads it); an earlier version opening a store of
+//! this one would find no id map and could list a report decided again twice.
 //!
 //! # Why appending
 //! The correlator stores its decisions a few times a second, and the newest bucket then holds
@@ -44,14 +59,29 @@
 //! earlier version would skip runs as corrupt keys and take the first record of a key.
 //!
 //! # Crash safety
-//! `put_reports` writes, per bucket, the pages first (atomically with the report count), then
-//! the bucket's base and runs (atomically), and last the id map. A crash in between leaves
-//! page records without an entry (not listed), or entries older than their records (the new
-//! report listed under the old entry's filter values), until the same reports
-//! are put again, which the correlator does when it replays from its last durable "decided
-//! until" time. The report count may then be off by the reports of the interrupted call (it
-//! counts ids that were new to `report_ids`). Every compaction keeps only reports that have
-//! both an entry and a record, so such leftovers do not outlive the next compaction.
+//! `put_decided` writes, per bucket (ascending), the pages first (atomically with the report
+//! count), then the bucket's base and runs (atomically). A crash in between leaves page records
+//! without an entry (not listed), or entries older than their records (the new report listed
+//! under the old entry's filter values); a crash between two buckets of a moved report leaves
+//! it listed under both times. All until the same reports are put again, which the
+//! correlator does when it replays from its last durable resume point: the replay reads the
+//! stored times from the bucket entries, so a report found under two times has both removed
+//! but for its new one. Every compaction keeps only reports that have both an entry and a
+//! record, so such leftovers do not outlive the next compaction.
+//!
+//! # The report count
+//! Kept with the pages and changed by each call as the caller's times say: +1 for a report not
+//! stored under its own time, −1 for each other time it is named under. It is exact while the
+//! caller's times are (the collector's are, but for the cases below), and each bucket rewrite
+//! recounts what it rewrites. It may be off by the reports of a call a crash or a failed write
+//! interrupted (they are counted again when put again, the refused times named for a retry
+//! need not hold a report), and by a report decided again after retention removed it (by size
+//! retention can reach the minutes the correlation still decides).
+//!
+//! # Retention
+//! `Store::remove_reports_before` (called by `retention.rs`) rewrites the buckets it cuts; nothing else holds a
+//! report's key. A report removed there and decided again later is stored anew; a removal
+//! for a key retention already took changes nothing but the count (above).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -951,12 +981,7 @@ impl Store {
     /// page record (the newest of its key); the result is a base and pages in key order, without
     /// runs. Pages with the count first, then the base and runs. Returns how many reports went
     /// by `drop`.
-    fn rewrite_bucket(
-        &self,
-        start: i64,
-        drop: impl Fn(&[u8]) -> bool,
-        new: Vec<NewReport>,
-    ) -> Result<u64, StoreError> {
+    fn rewrite_bucket(&self, start: i64, drop: impl Fn(&[u8]) -> bool, new: Vec<NewReport>) -> Result<u64, StoreError> {
         let t = &self.inner.reports;
         let values = t.bucket_values(start)?;
         let (live, _) = values.live();

@@ -1162,8 +1162,10 @@ fn a_store_with_the_report_id_map_of_earlier_versions_drops_it_on_open_and_lists
     assert_eq!(store.status().expect("status").reports, 5);
     let mut times = store.stored_report_times(ns(20)).expect("times");
     times.sort();
-    let want: Vec<(String, i64)> =
-        [("r2", 20), ("r3", 30), ("r4", 15_000), ("r5", 25_000)].iter().map(|(id, ms)| (id.to_string(), ns(*ms))).collect();
+    let want: Vec<(String, i64)> = [("r2", 20), ("r3", 30), ("r4", 15_000), ("r5", 25_000)]
+        .iter()
+        .map(|(id, ms)| (id.to_string(), ns(*ms)))
+        .collect();
     assert_eq!(times, want, "stored times from 20 ms on");
 }
 
