@@ -220,10 +220,14 @@ impl LiveCorrelation {
         }
     }
 
-    /// Feeds everything queued in `inbox`, in the order it was queued.
+    /// Feeds everything queued in `inbox`, in the order it was queued (the events move into
+    /// the engine).
     pub fn feed_from(&mut self, inbox: &Inbox) {
         for (agent, events) in inbox.take() {
-            self.feed(&agent, &events);
+            let a = self.engine.agent(&agent, &[]);
+            for e in events {
+                self.engine.ingest_owned(a, e);
+            }
         }
     }
 

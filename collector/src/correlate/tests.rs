@@ -401,6 +401,18 @@ fn coverage_knows_runs_and_losses() {
     assert!(cov.gap(550, 700).unwrap().contains("ends at"));
     cov.losses.push((560, 570, "drops".into()));
     assert!(cov.gap(550, 580).unwrap().contains("drops"));
+    // Whether it covers, asked without the words, agrees with the words everywhere.
+    for from in (0..700).step_by(25) {
+        for until in (from..750).step_by(25) {
+            for vouched in [None, Some(650), Some(250)] {
+                assert_eq!(
+                    cov.covers_until(from, until, vouched),
+                    cov.gap_until(from, until, vouched).is_none(),
+                    "[{from}, {until}] vouched to {vouched:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
