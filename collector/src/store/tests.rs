@@ -1054,6 +1054,29 @@ fn reports_are_replaced_by_id() {
     assert_eq!(store.report("r2", ns(20)).expect("report"), None);
 }
 
+#[test]
+fn a_report_left_under_two_times_by_a_crash_is_listed_once_after_it_is_put_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let seen = [("alpha", "10.0.0.2:80 > 10.0.0.1:1000")];
+    // A move interrupted between its two buckets: the new time written, the old key not
+    // removed (as `put_decided` with no times does).
+    store.put_reports(&[report("r1", 10, "lost", "refused", "RA", &seen)]).expect("put");
+    store.put_reports(&[report("r1", 15_000, "end-to-end", "refused", "RA", &seen)]).expect("put");
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(report_ids(&store, &ResetQuery::default()), ["r1", "r1"], "the leftover of the crash");
+    // After the restart the replay reads both times and names them when it decides it again.
+    let times: Vec<i64> = store.stored_report_times(0).expect("times").into_iter().map(|(_, ts)| ts).collect();
+    assert_eq!(times, [ns(10), ns(15_000)]);
+    let again = report("r1", 30_000, "end-to-end", "refused", "RA", &seen);
+    store.put_decided([(&again, times.as_slice())]).expect("put");
+    let listed: Vec<(String, i64)> =
+        store.reports(&ResetQuery::default()).expect("reports").into_iter().map(|r| (r.id, r.ts_ns)).collect();
+    assert_eq!(listed, [("r1".to_string(), ns(30_000))]);
+    assert_eq!(store.status().expect("status").reports, 1);
+}
+
 /// `n` reports 1 ms apart from `first_ms`, ids `p00000…`, every third one injected.
 fn many_reports(first_ms: i64, n: usize) -> Vec<v1::ResetReport> {
     (0..n)
