@@ -8,6 +8,28 @@
 //! every few hundred milliseconds: what became decidable (every relevant agent's watermark
 //! passed the RST plus the settle window) is decided once, kept, and published to followers.
 //! Undecided RSTs are listed with the verdict `pending`.
+//!
+//! # Where a report decided again is stored
+//! The store keeps a report under its time and id and has no id map (see `store/reports.rs`),
+//! so [`LiveCorrelation::tick`] hands each report out with the times earlier versions of it
+//! may be filed under ([`ToStore::stored_at`]); a stored version whose time is not named would
+//! stay listed beside the new one. The times come from:
+//! - the engine, for every report it handed out before under that id
+//!   ([`Correlator::decide_with_previous`]). It keeps the time while any RST carries the id,
+//!   which is as long as it can decide the id again: an id is decided again only from its
+//!   cluster's RSTs, and compaction forgets the id with the last of them. This is not the
+//!   listing's `decided_at`, which drops ids beyond [`MAX_KEPT`] reports while the engine may
+//!   still decide them again (at 100k reports a second, after 10 s).
+//! - the store, after a restart: the engine is new and decides again, from the replayed
+//!   events, reports stored before the restart, perhaps under another time (its clock
+//!   estimates start again from the replayed handshakes). [`LiveCorrelation::replay`] reads
+//!   the stored times of the reports it may decide again, once (see there for the window),
+//!   and each is used by the first decision of its id; they are dropped once every replayed
+//!   RST was decided (ingest feeds the engine no event the store already held, so only
+//!   replayed sightings can name an id stored before the restart).
+//! - a call the store refused (a full disk, say): its reports go out again with the next
+//!   tick, naming their own times as well (a failed call may have written some of them), and
+//!   the resume point is not written until they are stored.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -21,8 +43,19 @@ use crate::correlate::{ClockEstimate, Config, Correlator};
 use crate::pb;
 use crate::query::Selection;
 
-/// Decided reports kept in memory for listing (the oldest are dropped beyond this).
+/// Decided reports kept in memory for listing (the oldest are dropped beyond this), and
+/// reports kept for a retry while the store refuses them.
 const MAX_KEPT: usize = 1_000_000;
+
+/// A decided report for the store, with the times earlier versions of it may be filed under
+/// (see [`crate::store::Store::put_decided`]).
+#[derive(Clone, Debug)]
+pub struct ToStore {
+    /// The report.
+    pub report: Arc<v1::ResetReport>,
+    /// Where earlier versions may be stored (empty: none is).
+    pub stored_at: Vec<i64>,
+}
 
 /// The collector's correlation state.
 pub struct LiveCorrelation {
@@ -38,6 +71,26 @@ pub struct LiveCorrelation {
     /// Notified when an ingested batch held a RST or a watermark: something may have become
     /// decidable, so the ticker need not wait for its next period.
     pub wake: Arc<tokio::sync::Notify>,
+    /// After a restart, the reports stored before it that the replay may decide again.
+    restored: Restored,
+    /// Reports the store refused, handed out again with the next tick's.
+    unstored: Vec<ToStore>,
+}
+
+/// The stored reports a replay may decide again, by id with their times, until every RST the
+/// replay fed was decided (or compacted away).
+///
+/// Why: the engine names the time it last filed a report under ([`Correlator::decide_with_previous`]),
+/// so the store looks nothing up; but after a restart the engine is new and re-decides, from
+/// the replayed events, reports stored before it, perhaps under another time (its clock
+/// estimates start again from the replayed handshakes). Their times come from the store,
+/// read once at the replay.
+#[derive(Default)]
+struct Restored {
+    times: std::collections::HashMap<String, Vec<i64>>,
+    /// The newest replayed RST (its agent's clock): once no RST this old or older is undecided,
+    /// every report the replay could decide again was handed out, and the engine knows its time.
+    newest_rst_ns: i64,
 }
 
 /// Whether an event may make something decidable: a RST, or a watermark.
@@ -140,6 +193,8 @@ impl LiveCorrelation {
             published,
             compact_at: COMPACT_AT,
             wake: Arc::new(tokio::sync::Notify::new()),
+            restored: Restored::default(),
+            unstored: Vec::new(),
         }
     }
 
@@ -165,23 +220,43 @@ impl LiveCorrelation {
         }
     }
 
-    /// Feeds everything queued in `inbox`, in the order it was queued.
+    /// Feeds everything queued in `inbox`, in the order it was queued (the events move into
+    /// the engine).
     pub fn feed_from(&mut self, inbox: &Inbox) {
         for (agent, events) in inbox.take() {
-            self.feed(&agent, &events);
+            let a = self.engine.agent(&agent, &[]);
+            for e in events {
+                self.engine.ingest_owned(a, e);
+            }
         }
     }
 
-    /// Decides what can be decided; returns the new reports (also kept and published).
-    pub fn tick(&mut self) -> Vec<Arc<v1::ResetReport>> {
-        let reports: Vec<Arc<v1::ResetReport>> = self.engine.decide().into_iter().map(Arc::new).collect();
-        for r in &reports {
+    /// Decides what can be decided; returns the new reports (also kept and published) for the
+    /// store, after any the store refused before ([`LiveCorrelation::not_stored`]), each with
+    /// the times its earlier versions are filed under.
+    pub fn tick(&mut self) -> Vec<ToStore> {
+        let decided = self.engine.decide_with_previous();
+        let mut out = std::mem::take(&mut self.unstored);
+        out.reserve(decided.len());
+        for (report, previous) in decided {
+            let r = Arc::new(report);
+            let stored_at = match previous {
+                Some(ts) => vec![ts],
+                None if self.restored.times.is_empty() => Vec::new(),
+                None => self.restored.times.remove(&r.id).unwrap_or_default(),
+            };
             // A report replaced (late sighting, forged partner): drop the old version.
             if let Some(old_ts) = self.decided_at.insert(r.id.clone(), r.ts_ns) {
                 self.decided.remove(&(old_ts, r.id.clone()));
             }
             self.decided.insert((r.ts_ns, r.id.clone()), r.clone());
             let _ = self.published.send(r.clone());
+            out.push(ToStore { report: r, stored_at });
+        }
+        if !self.restored.times.is_empty()
+            && self.engine.oldest_undecided_ns().is_none_or(|t| t > self.restored.newest_rst_ns)
+        {
+            self.restored = Restored::default();
         }
         while self.decided.len() > MAX_KEPT {
             if let Some(((_, id), _)) = self.decided.pop_first() {
@@ -195,7 +270,24 @@ impl LiveCorrelation {
             // Compact again only once as much again has accumulated.
             self.compact_at = (2 * (conns + rsts)).max(COMPACT_AT);
         }
-        reports
+        out
+    }
+
+    /// The store refused these (what [`LiveCorrelation::tick`] returned): they go out again
+    /// with the next tick, also naming their own times (a failed call may have written some).
+    pub fn not_stored(&mut self, mut reports: Vec<ToStore>) {
+        for r in &mut reports {
+            if !r.stored_at.contains(&r.report.ts_ns) {
+                r.stored_at.push(r.report.ts_ns);
+            }
+        }
+        reports.append(&mut self.unstored);
+        if reports.len() > MAX_KEPT {
+            let dropped = reports.len() - MAX_KEPT;
+            tracing::warn!(dropped, "The store refused decided reports for long; the oldest are not retried.");
+            reports.drain(..dropped);
+        }
+        self.unstored = reports;
     }
 
     /// Pending reports matching a selection (the decided ones are in the store).
@@ -208,8 +300,20 @@ impl LiveCorrelation {
 
     /// Feeds what the store kept of the time before a restart: every agent's events since
     /// `since_ns` and each agent's last watermark, so undecided RSTs get decided and decided
-    /// ones are decided again identically (same ids: the store keeps one copy).
+    /// ones are decided again (same ids: the store keeps one copy, under the newest time).
+    ///
+    /// The stored reports such a decision may replace are read first: those filed at or after
+    /// `since_ns` less [`REPLAY_CONTEXT_NS`]. A report is decided again only if the sighting
+    /// its id names is replayed (agent time at or after `since_ns`; ingest passes no event
+    /// twice), and its time is that sighting's, corrected by the clock estimate of the time,
+    /// or an earlier sighting of the same packet; the margin thus holds while clock offsets
+    /// stay under 10 minutes, as the replay's own context already assumes.
     pub fn replay(&mut self, store: &crate::store::Store, since_ns: i64) -> Result<u64, crate::store::StoreError> {
+        let mut times: std::collections::HashMap<String, Vec<i64>> = Default::default();
+        for (id, ts) in store.stored_report_times(since_ns.saturating_sub(REPLAY_CONTEXT_NS))? {
+            times.entry(id).or_default().push(ts);
+        }
+        let mut newest_rst_ns = i64::MIN;
         let mut n = 0u64;
         // Agents' own addresses first, as their last hello gave them.
         for agent in store.agents()? {
@@ -224,8 +328,17 @@ impl LiveCorrelation {
         }
         for item in store.events_since(since_ns) {
             let (agent, event) = item?;
+            if let Some(v1::event::Kind::Reset(rst)) = &event.kind {
+                newest_rst_ns = newest_rst_ns.max(rst.ts_ns);
+            }
             self.ingest(&agent, std::slice::from_ref(&event));
             n += 1;
+        }
+        if !times.is_empty() {
+            for (id, ts) in std::mem::take(&mut self.restored.times) {
+                times.entry(id).or_default().extend(ts);
+            }
+            self.restored = Restored { times, newest_rst_ns: newest_rst_ns.max(self.restored.newest_rst_ns) };
         }
         for agent in store.agents()? {
             let mark = v1::Watermark {
@@ -349,6 +462,123 @@ mod tests {
 
     fn flow() -> v1::Event {
         v1::Event { kind: Some(v1::event::Kind::Flow(v1::FlowSummary::default())) }
+    }
+
+    const S: i64 = 1_000_000_000;
+    const MS: i64 = 1_000_000;
+    const T0: i64 = 1_700_000_000 * S;
+    /// The server agent's clock minus the client agent's (the reference).
+    const SKEW: i64 = -4_200 * MS;
+
+    fn ep(s: &str) -> v1::Endpoint {
+        let a: std::net::SocketAddr = s.parse().expect("address");
+        pb::endpoint_to_pb(rstscope_proto::Endpoint::new(a.ip(), a.port()))
+    }
+
+    /// The handshake of 198.51.100.2:40000 → 203.0.113.10:80 at T0, as the client's agent
+    /// (`skew` 0) or the server's saw it.
+    fn open(conn_id: u64, skew: i64) -> v1::Event {
+        let at_client = skew == 0;
+        let (syn, synack) = if at_client { (T0, T0 + 11 * MS) } else { (T0 + 5 * MS + skew, T0 + 6 * MS + skew) };
+        v1::Event {
+            kind: Some(v1::event::Kind::Open(v1::ConnectionOpen {
+                conn_id,
+                orig: Some(ep("198.51.100.2:40000")),
+                resp: Some(ep("203.0.113.10:80")),
+                start_ns: syn,
+                orig_isn: Some(1_000),
+                resp_isn: Some(90_000),
+                syn_ns: Some(syn),
+                synack_ns: Some(synack),
+                orig_ttl: if at_client { 64 } else { 61 },
+                resp_ttl: if at_client { 61 } else { 64 },
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// The server's RST of that connection, seen at `ts` (the agent's clock) with `ttl`.
+    fn server_rst(conn_id: u64, ts: i64, ttl: u32) -> v1::Event {
+        v1::Event {
+            kind: Some(v1::event::Kind::Reset(v1::RstEvent {
+                ts_ns: ts,
+                src: Some(ep("203.0.113.10:80")),
+                dst: Some(ep("198.51.100.2:40000")),
+                conn_id,
+                sender: v1::Role::Responder as i32,
+                flags: 0x014,
+                seq: 90_500,
+                ttl,
+                checksum: v1::Checksum::Good as i32,
+                ip_header_ok: true,
+                cause: v1::Cause::AppAbort as i32,
+                seq_relation: v1::SeqRelation::Exact as i32,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn mark_since(since_ns: i64, ts_ns: i64) -> v1::Event {
+        v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ..Default::default() })) }
+    }
+
+    fn put(store: &crate::store::Store, decided: &[ToStore]) {
+        store.put_decided(decided.iter().map(|d| (&*d.report, d.stored_at.as_slice()))).expect("put");
+    }
+
+    #[test]
+    fn a_report_decided_again_at_another_time_after_a_restart_is_listed_once() {
+        use crate::store::{ResetQuery, Store, StoreConfig};
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 20 minutes into a connection both agents saw open, the server aborts it; both see
+        // the RST. With the handshake, the server's clock is known (4.2 s behind).
+        let t = T0 + 1_200 * S;
+        let client = vec![open(1, 0), server_rst(1, t + 15 * MS, 61), mark_since(T0 - S, t + 300 * S)];
+        let server = vec![open(7, SKEW), server_rst(7, t + SKEW, 64), mark_since(T0 - S + SKEW, t + 300 * S + SKEW)];
+        let (first, resume) = {
+            let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+            let mut live = LiveCorrelation::new(Config::default());
+            for (agent, events) in [("client", &client), ("server", &server)] {
+                store
+                    .append_batch(agent, "boot", &v1::Batch { seq: 1, events: events.clone(), spooled_seq: 0 }, 0)
+                    .expect("append");
+                live.ingest(agent, events);
+            }
+            let decided = live.tick();
+            assert_eq!(decided.len(), 1, "one RST, decided");
+            assert!(decided[0].stored_at.is_empty(), "a new report");
+            put(&store, &decided);
+            (decided[0].report.clone(), live.resume_point().expect("a resume point"))
+        };
+        assert!(resume > T0, "the replay starts after the handshake");
+
+        // Restarted: the replay brings the RSTs back but not the handshake, so the server's
+        // clock is unknown and the same RST is decided again at another time.
+        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let mut live = LiveCorrelation::new(Config::default());
+        live.replay(&store, resume).expect("replay");
+        let again = live.tick();
+        assert_eq!(again.len(), 1, "decided again");
+        let second = again[0].report.clone();
+        assert_eq!(second.id, first.id, "the same report");
+        assert_ne!(second.ts_ns, first.ts_ns, "the test needs a report that moved");
+        assert_eq!(again[0].stored_at, [first.ts_ns], "its stored time, from the store");
+        put(&store, &again);
+        let listed = store.reports(&ResetQuery::default()).expect("reports");
+        let times: Vec<(String, i64)> = listed.iter().map(|r| (r.id.clone(), r.ts_ns)).collect();
+        assert_eq!(times, [(first.id.clone(), second.ts_ns)], "listed once, under its new time");
+        assert_eq!(store.status().expect("status").reports, 1);
+
+        // Restarted once more: the store now names the new time.
+        drop(store);
+        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let mut live = LiveCorrelation::new(Config::default());
+        live.replay(&store, resume).expect("replay");
+        let third = live.tick();
+        assert_eq!(third.len(), 1);
+        assert_eq!(third[0].stored_at, [second.ts_ns], "the stored time, once the first move is durable");
+        put(&store, &third);
+        assert_eq!(store.reports(&ResetQuery::default()).expect("reports").len(), 1);
     }
 
     #[tokio::test]

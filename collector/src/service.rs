@@ -275,7 +275,14 @@ pub async fn serve(
                         (reports, correlation.resume_point(), started.elapsed())
                     };
                     if !reports.is_empty() {
-                        worker.store()?.put_reports(reports.iter().map(|r| &**r))?;
+                        let put = worker
+                            .store()
+                            .and_then(|s| s.put_decided(reports.iter().map(|r| (&*r.report, r.stored_at.as_slice()))));
+                        if let Err(error) = put {
+                            // Retried with the next tick (the resume point stays where it was).
+                            worker.correlation().not_stored(reports);
+                            return Err(error);
+                        }
                     }
                     if let Some(resume) = resume {
                         // Written after the reports: sled keeps a prefix of its log, so a

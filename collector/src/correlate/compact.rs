@@ -85,6 +85,9 @@ impl Correlator {
         for r in 0..self.rsts.len() {
             self.join_by_rst(r);
         }
+        // An id no kept RST carries cannot be handed out again.
+        let carried: HashSet<&str> = self.rsts.iter().filter_map(|o| o.report_id.as_deref()).collect();
+        self.handed_out.retain(|id, _| carried.contains(id.as_str()));
         dropped
     }
 }

@@ -197,15 +197,31 @@ impl Coverage {
         self.gap_until(from, until, None)
     }
 
-    /// [`Coverage::gap`] with the last run reaching on to `vouched_ns` where that is later: a
-    /// listed watermark that vouches for the connection in question ([`Listed`]).
-    pub fn gap_until(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> Option<String> {
+    /// Whether [`Coverage::gap_until`] finds no gap, without putting one in words (most
+    /// callers only ask whether the agent vouches).
+    pub fn covers_until(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> bool {
+        self.covering_run(from, until, vouched_ns).is_some() && self.loss_within(from, until).is_none()
+    }
+
+    /// The run (the last one extended to `vouched_ns`) that covers `[from, until]`, if any.
+    fn covering_run(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> Option<(i64, i64)> {
         let last = self.runs.len().wrapping_sub(1);
         let extended = |(i, r): (usize, &(i64, i64))| match vouched_ns {
             Some(v) if i == last => (r.0, r.1.max(v)),
             _ => *r,
         };
-        let Some(run) = self.runs.iter().enumerate().map(extended).find(|r| r.0 <= from && until <= r.1) else {
+        self.runs.iter().enumerate().map(extended).find(|r| r.0 <= from && until <= r.1)
+    }
+
+    /// The first reported loss overlapping `[from, until]`, if any.
+    fn loss_within(&self, from: i64, until: i64) -> Option<&(i64, i64, String)> {
+        self.losses.iter().find(|l| l.0 <= until && from <= l.1)
+    }
+
+    /// [`Coverage::gap`] with the last run reaching on to `vouched_ns` where that is later: a
+    /// listed watermark that vouches for the connection in question ([`Listed`]).
+    pub fn gap_until(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> Option<String> {
+        let Some(run) = self.covering_run(from, until, vouched_ns) else {
             let wm = self.watermark_ns().map(|w| vouched_ns.map_or(w, |v| w.max(v)));
             return Some(match wm {
                 None => "it has sent no watermark".to_string(),
@@ -214,9 +230,7 @@ impl Coverage {
             });
         };
         let _ = run;
-        self.losses
-            .iter()
-            .find(|l| l.0 <= until && from <= l.1)
+        self.loss_within(from, until)
             .map(|l| format!("it reported capture loss from {} to {} ({})", pb::ts_text(l.0), pb::ts_text(l.1), l.2))
     }
 }
@@ -329,6 +343,12 @@ pub struct Correlator {
     ttl_votes: Vec<HashMap<IpAddr, (u32, u32)>>,
     /// The agent clocks are compared against (first registered unless set).
     reference: Option<usize>,
+    /// Each report id this engine handed out, with the time of its latest report: a report
+    /// decided again names the time its earlier version was filed under
+    /// ([`Correlator::decide_with_previous`]), so the store need not look it up. Kept while a
+    /// RST carries the id (compaction prunes it with the RSTs), so as long as the id can be
+    /// decided again.
+    handed_out: HashMap<String, i64>,
 }
 
 /// Initial TTLs and hop limits of common stacks: a packet with one of these has not been
@@ -485,6 +505,15 @@ impl Correlator {
         &self.agents
     }
 
+    /// [`Correlator::ingest`] of an event the caller no longer needs: a RST is kept as it is,
+    /// not copied (the live collector feeds its queued batches this way).
+    pub fn ingest_owned(&mut self, agent: usize, event: v1::Event) {
+        match event.kind {
+            Some(v1::event::Kind::Reset(rst)) => self.on_reset(agent, rst),
+            _ => self.ingest(agent, &event),
+        }
+    }
+
     /// Feeds one event an agent reported. Malformed events (no endpoints) are ignored: the
     /// collector's ingest already refused them.
     pub fn ingest(&mut self, agent: usize, event: &v1::Event) {
@@ -492,7 +521,7 @@ impl Correlator {
         match &event.kind {
             Some(Kind::Open(open)) => self.on_open(agent, open),
             Some(Kind::Flow(flow)) => self.on_flow(agent, flow),
-            Some(Kind::Reset(rst)) => self.on_reset(agent, rst),
+            Some(Kind::Reset(rst)) => self.on_reset(agent, rst.clone()),
             Some(Kind::Loss(loss)) => {
                 if let Some(a) = self.agents.get_mut(agent) {
                     let reason = if loss.reason.is_empty() { "capture loss".to_string() } else { loss.reason.clone() };
@@ -627,7 +656,7 @@ impl Correlator {
         self.join(i);
     }
 
-    fn on_reset(&mut self, agent: usize, rst: &v1::RstEvent) {
+    fn on_reset(&mut self, agent: usize, rst: v1::RstEvent) {
         let (Some(src), Some(dst)) = (pb::endpoint(rst.src.as_ref()), pb::endpoint(rst.dst.as_ref())) else {
             return;
         };
@@ -649,7 +678,7 @@ impl Correlator {
         self.rsts.push(RstObs {
             agent,
             conn: i,
-            event: rst.clone(),
+            event: rst,
             src,
             dst,
             from_orig,

@@ -401,6 +401,18 @@ fn coverage_knows_runs_and_losses() {
     assert!(cov.gap(550, 700).unwrap().contains("ends at"));
     cov.losses.push((560, 570, "drops".into()));
     assert!(cov.gap(550, 580).unwrap().contains("drops"));
+    // Whether it covers, asked without the words, agrees with the words everywhere.
+    for from in (0..700).step_by(25) {
+        for until in (from..750).step_by(25) {
+            for vouched in [None, Some(650), Some(250)] {
+                assert_eq!(
+                    cov.covers_until(from, until, vouched),
+                    cov.gap_until(from, until, vouched).is_none(),
+                    "[{from}, {until}] vouched to {vouched:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -423,10 +435,12 @@ fn compaction_forgets_old_decided_connections_and_keeps_deciding() {
     assert_eq!(l.c.records(), (4, 4));
     l.c.compact(600 * S);
     assert_eq!(l.c.records(), (2, 2), "the first connection is forgotten");
+    assert!(l.c.handed_out.is_empty(), "and the time of its report with it");
     l.covered_until(later + 10 * S);
     let r = l.c.decide();
     let r = one(&r);
     assert_eq!((r.verdict.as_str(), r.match_key.as_str()), ("end-to-end", "tuple+isn"));
+    assert_eq!(l.c.handed_out.get(&r.id), Some(&r.ts_ns));
 }
 
 #[test]
@@ -460,9 +474,11 @@ fn a_late_sighting_replaces_the_report_under_the_same_id() {
     let first = l.c.decide();
     assert_eq!(one(&first).verdict, "lost");
     l.client(&[rst(1, CLIENT, true, t + 3 * DELAY, ISN_S + 500, 61, v1::Cause::AppAbort)]);
-    let second = l.c.decide();
-    let r = one(&second);
+    let second = l.c.decide_with_previous();
+    assert_eq!(second.len(), 1, "{second:#?}");
+    let (r, previous) = &second[0];
     assert_eq!((r.verdict.as_str(), r.id.as_str()), ("end-to-end", first[0].id.as_str()));
+    assert_eq!(*previous, Some(first[0].ts_ns), "it names the time it was handed out under");
     assert!(l.c.decide().is_empty(), "nothing changed since");
 }
 

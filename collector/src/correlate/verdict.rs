@@ -55,8 +55,12 @@ struct Role {
     rst: Option<usize>,
     /// The RST's time on this agent's clock.
     local_ts: i64,
-    /// Why this agent cannot vouch for that time, if it cannot.
-    gap: Option<String>,
+    /// It can vouch for that time (captured it without loss). Why not is put in words only
+    /// where a report says it ([`Correlator::gap_of`]): most roles never need the words.
+    covered: bool,
+    /// The window it must vouch for (its clock) and the listed watermark that may extend its
+    /// coverage, as [`Coverage::gap_until`] takes them.
+    window: (i64, i64, Option<i64>),
     /// Its given addresses include the sender's or the receiver's.
     owns_end: bool,
 }
@@ -69,7 +73,7 @@ impl Role {
     /// connection or runs on the very host the packet is from or for (its addresses given, not
     /// inferred): a host whose agent captured nothing of a connection never took part in it.
     fn vouches(&self) -> bool {
-        self.rst.is_none() && (self.conn.is_some() || self.owns_end) && self.gap.is_none()
+        self.rst.is_none() && (self.conn.is_some() || self.owns_end) && self.covered
     }
 }
 
@@ -195,12 +199,18 @@ impl Correlator {
     /// Decides every RST that can be decided now and returns their reports. With `all`
     /// (offline, every input ended), nothing stays pending.
     pub fn decide(&mut self) -> Vec<v1::ResetReport> {
+        self.run(false).into_iter().map(|(report, _)| report).collect()
+    }
+
+    /// [`Correlator::decide`], each report with the time of the report this engine last handed
+    /// out under the same id (`None`: the first under that id since the engine started).
+    pub fn decide_with_previous(&mut self) -> Vec<(v1::ResetReport, Option<i64>)> {
         self.run(false)
     }
 
     /// Reports for the RSTs not decided yet, with verdict `pending`.
     pub fn pending(&mut self) -> Vec<v1::ResetReport> {
-        self.run(true)
+        self.run(true).into_iter().map(|(report, _)| report).collect()
     }
 
     /// Marks every agent's input as ended and decides everything.
@@ -208,10 +218,12 @@ impl Correlator {
         for a in &mut self.agents {
             a.finished = true;
         }
-        self.run(false)
+        self.decide()
     }
 
-    fn run(&mut self, pending_only: bool) -> Vec<v1::ResetReport> {
+    /// Pending reports (`pending_only`), or the decided ones each with the time of the report
+    /// handed out before under its id.
+    fn run(&mut self, pending_only: bool) -> Vec<(v1::ResetReport, Option<i64>)> {
         let cx = self.context();
         let mut roots: Vec<usize> = self.undecided.iter().map(|&r| self.root(self.rsts[r].conn)).collect();
         roots.sort_unstable();
@@ -281,7 +293,7 @@ impl Correlator {
                 let settled = cluster.iter().all(|&r| self.rsts[r].decided);
                 if pending_only {
                     if is_pending && !settled {
-                        out.push(report);
+                        out.push((report, None));
                     }
                     continue;
                 }
@@ -311,10 +323,11 @@ impl Correlator {
                         self.undecided.remove(&r);
                     }
                 }
-                out.push(report);
+                let previous = self.handed_out.insert(report.id.clone(), report.ts_ns);
+                out.push((report, previous));
             }
         }
-        out.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        out.sort_by(|a, b| (a.0.ts_ns, &a.0.id).cmp(&(b.0.ts_ns, &b.0.id)));
         out
     }
 
@@ -500,10 +513,11 @@ impl Correlator {
             let (offset, allowance) = self.offset(cx, a, t_ref);
             let local_ts = rst.map_or(t_ref + offset, |r| self.rsts[r].event.ts_ns);
             let info = &self.agents[a];
-            let gap = info.coverage.gap_until(local_ts - allowance, local_ts + allowance, marks[a]);
+            let window = (local_ts - allowance, local_ts + allowance, marks[a]);
+            let covered = info.coverage.covers_until(window.0, window.1, window.2);
             let given = &self.agents[a].local;
             let owns_end = given.contains(&sender_ep.ip()) || given.contains(&receiver_ep.ip());
-            roles.push(Role { agent: a, place, sender_ttl, conn, rst, local_ts, gap, owns_end });
+            roles.push(Role { agent: a, place, sender_ttl, conn, rst, local_ts, covered, window, owns_end });
         }
         // Path order from the sender: at-sender, through (higher sender TTL first), at-receiver.
         roles.sort_by(|x, y| x.place.cmp(&y.place).then(y.sender_ttl.cmp(&x.sender_ttl)).then(x.agent.cmp(&y.agent)));
@@ -586,8 +600,8 @@ impl Correlator {
                     ));
                 }
                 Some(m) if !m.saw() => {
-                    let why = if let Some(gap) = &m.gap {
-                        gap.clone()
+                    let why = if let Some(gap) = self.gap_of(m) {
+                        gap
                     } else if m.conn.is_none() {
                         "it has no record of this connection".to_string()
                     } else {
@@ -742,6 +756,15 @@ impl Correlator {
             }
         }
         Ok(())
+    }
+
+    /// Why a role's agent cannot vouch for its window, if it cannot.
+    fn gap_of(&self, role: &Role) -> Option<String> {
+        if role.covered {
+            return None;
+        }
+        let (from, until, vouched_ns) = role.window;
+        self.agents[role.agent].coverage.gap_until(from, until, vouched_ns)
     }
 
     /// Why an agent's silence counts, in words.

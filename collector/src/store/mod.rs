@@ -18,7 +18,7 @@
 //! | `agent_ids` | agent name | agent id 4 |
 //! | `agents` | agent name | JSON [`AgentRecord`] |
 //! | `meta` | `size_cap_records`, `m:` + name ([`Store::set_meta`]) | bytes |
-//! | `report_buckets`, `report_pages`, `report_ids` | see `reports.rs` | |
+//! | `report_buckets`, `report_pages` | see `reports.rs` | |
 //!
 //! The four record trees also hold reserved keys below every record key (`0x00 n`: the count,
 //! `0x00 a` agent id: that agent's [`keys::Tally`]), written in the *same* atomic batch as the

@@ -16,8 +16,23 @@
 //!
 //! A listing reads a bucket's base and runs per 10 s (360 buckets for an hour), filters the
 //! entries in memory, and then reads the pages of only the buckets that hold a match, decoding
-//! only the matches. `report_ids` (id → ts 8) finds a report's bucket when it is rewritten with
-//! another time or fetched by id. The report key (ts 8 · id) orders reports within a bucket.
+//! only the matches. The report key (ts 8 · id) orders reports within a bucket.
+//!
+//! # Why no id map
+//! A report decided again may have another time (a late sighting, a better clock estimate),
+//! and then its old key must go, or it would be listed twice. Earlier versions kept a
+//! `report_ids` tree (id → time) and looked every stored report up in it: a random-key get and
+//! insert per report, the biggest single cost of storing reports (some 16k of 88k instructions
+//! per ingested event). The correlation knows where it filed what it decides again, so
+//! [`Store::put_decided`] takes, with each report, the times earlier versions may be stored
+//! under, and looks nothing up. How the collector always knows them (`live.rs`): the engine
+//! keeps the time of the last report under each id while a RST carries the id, so as long as
+//! it can decide it again (not bounded by the listing's `MAX_KEPT`); after a restart, the
+//! replay reads the stored (id, time) of the reports it may decide again
+//! ([`Store::stored_report_times`], once); a call the store refused is retried with the next
+//! one, naming also the refused reports' own times. A store of an earlier version has its
+//! `report_ids` tree dropped on open (nothing reads it); an earlier version opening a store of
+//! this one would find no id map and could list a report decided again twice.
 //!
 //! # Why appending
 //! The correlator stores its decisions a few times a second, and the newest bucket then holds
@@ -44,14 +59,29 @@
 //! earlier version would skip runs as corrupt keys and take the first record of a key.
 //!
 //! # Crash safety
-//! `put_reports` writes, per bucket, the pages first (atomically with the report count), then
-//! the bucket's base and runs (atomically), and last the id map. A crash in between leaves
-//! page records without an entry (not listed), or entries older than their records (the new
-//! report listed under the old entry's filter values), until the same reports
-//! are put again, which the correlator does when it replays from its last durable "decided
-//! until" time. The report count may then be off by the reports of the interrupted call (it
-//! counts ids that were new to `report_ids`). Every compaction keeps only reports that have
-//! both an entry and a record, so such leftovers do not outlive the next compaction.
+//! `put_decided` writes, per bucket (ascending), the pages first (atomically with the report
+//! count), then the bucket's base and runs (atomically). A crash in between leaves page records
+//! without an entry (not listed), or entries older than their records (the new report listed
+//! under the old entry's filter values); a crash between two buckets of a moved report leaves
+//! it listed under both times. All until the same reports are put again, which the
+//! correlator does when it replays from its last durable resume point: the replay reads the
+//! stored times from the bucket entries, so a report found under two times has both removed
+//! but for its new one. Every compaction keeps only reports that have both an entry and a
+//! record, so such leftovers do not outlive the next compaction.
+//!
+//! # The report count
+//! Kept with the pages and changed by each call as the caller's times say: +1 for a report not
+//! stored under its own time, −1 for each other time it is named under. It is exact while the
+//! caller's times are (the collector's are, but for the cases below), and each bucket rewrite
+//! recounts what it rewrites. It may be off by the reports of a call a crash or a failed write
+//! interrupted (they are counted again when put again, the refused times named for a retry
+//! need not hold a report), and by a report decided again after retention removed it (by size
+//! retention can reach the minutes the correlation still decides).
+//!
+//! # Retention
+//! `Store::remove_reports_before` (called by `retention.rs`) rewrites the buckets it cuts; nothing else holds a
+//! report's key. A report removed there and decided again later is stored anew; a removal
+//! for a key retention already took changes nothing but the count (above).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -128,11 +158,12 @@ const OP_REMOVE: u8 = 1;
 pub const MAX_REPORT_ID: usize = 200;
 /// A page is closed once it holds this many bytes.
 const PAGE_BYTES: usize = 32 * 1024;
+/// The id map of earlier versions (id → time), dropped on open.
+const OLD_IDS_TREE: &[u8] = b"report_ids";
 
 /// The trees of reports.
 pub(super) struct ReportTrees {
     pub(super) pages: sled::Tree,
-    pub(super) ids: sled::Tree,
     pub(super) buckets: sled::Tree,
     count: AtomicU64,
 }
@@ -144,11 +175,16 @@ impl ReportTrees {
         let count = pages.get(TALLY_TOTAL_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
         let trees = ReportTrees {
             pages,
-            ids: tree("report_ids")?,
             buckets: tree("report_buckets")?,
             count: AtomicU64::new(count.map_or(0, u64::from_be_bytes)),
         };
         trees.migrate_one_value_per_report(db)?;
+        // Earlier versions kept `report_ids` (id → time) and looked every report up in it;
+        // nothing reads it now (the caller names a report's earlier times), so it goes.
+        if db.tree_names().iter().any(|n| n.as_ref() == OLD_IDS_TREE) {
+            db.drop_tree(OLD_IDS_TREE)?;
+            tracing::info!("Dropped the report id map of an earlier store layout (no longer used).");
+        }
         Ok(trees)
     }
 
@@ -730,26 +766,41 @@ struct BucketChange {
 }
 
 impl Store {
-    /// Stores merged reports, replacing any stored earlier under the same id (also when its
-    /// time changed). Idempotent. Not flushed: call [`Store::flush`] (or write the correlator's
+    /// Stores merged reports that are not stored yet (a fill, a test): each is counted as a
+    /// new report. Reports decided again go through [`Store::put_decided`], which names where
+    /// their earlier versions are.
+    pub fn put_reports<'a, R>(&self, reports: impl IntoIterator<Item = &'a R>) -> Result<(), StoreError>
+    where
+        R: std::borrow::Borrow<v1::ResetReport> + 'a,
+    {
+        self.put_decided(reports.into_iter().map(|r| (r.borrow(), &[][..])))
+    }
+
+    /// Stores merged reports, each with the times its earlier versions may be stored under
+    /// (empty: a new report). A time other than the report's own has that version's key
+    /// removed, so a report whose time changed is listed once, under its new time; the
+    /// report's own time means "replaces the copy there". Nothing is looked up: the caller
+    /// (the correlation, which knows what it handed out) says where a report is; a time where
+    /// nothing is stored is harmless, but a stored version whose time is not named stays
+    /// listed (see the module docs for how the collector makes sure it names them). Several
+    /// items of one id are successive versions: the last one is stored, and the first one's
+    /// times count (a later item's times name the earlier items of the call, which are never
+    /// written). Idempotent. Not flushed: call [`Store::flush`] (or write the correlator's
     /// progress with [`Store::set_meta`] afterwards; sled recovers a prefix of its log, so a
     /// durable progress mark implies durable reports before it).
     ///
     /// Refuses (nothing written) a report with an empty id, an id over 200 bytes, or a time
     /// before 1970. Observations' agents are interned like ingesting agents.
-    ///
-    /// Takes references (a slice of reports, or the reports behind the correlator's `Arc`s):
-    /// the caller need not copy them.
-    pub fn put_reports<'a, R>(&self, reports: impl IntoIterator<Item = &'a R>) -> Result<(), StoreError>
-    where
-        R: std::borrow::Borrow<v1::ResetReport> + 'a,
-    {
-        let reports: Vec<&v1::ResetReport> = reports.into_iter().map(|r| r.borrow()).collect();
+    pub fn put_decided<'a>(
+        &self,
+        reports: impl IntoIterator<Item = (&'a v1::ResetReport, &'a [i64])>,
+    ) -> Result<(), StoreError> {
+        let reports: Vec<(&v1::ResetReport, &[i64])> = reports.into_iter().collect();
         self.guarded(|| self.put_reports_unguarded(&reports))
     }
 
-    fn put_reports_unguarded(&self, reports: &[&v1::ResetReport]) -> Result<(), StoreError> {
-        for r in reports {
+    fn put_reports_unguarded(&self, reports: &[(&v1::ResetReport, &[i64])]) -> Result<(), StoreError> {
+        for (r, _) in reports {
             if r.id.is_empty() || r.id.len() > MAX_REPORT_ID {
                 return Err(StoreError::Invalid(format!(
                     "report id {:?} must have 1 to {MAX_REPORT_ID} bytes",
@@ -760,33 +811,37 @@ impl Store {
                 return Err(StoreError::Invalid(format!("report {:?}: ts_ns {} is before 1970", r.id, r.ts_ns)));
             }
         }
-        // The last of several reports with one id wins.
-        let mut latest: HashMap<&str, &v1::ResetReport> = HashMap::with_capacity(reports.len());
-        for &r in reports {
-            latest.insert(r.id.as_str(), r);
+        // The last of several reports with one id wins; the first one's times count.
+        let mut latest: HashMap<&str, (&v1::ResetReport, &[i64])> = HashMap::with_capacity(reports.len());
+        for &(r, stored_at) in reports {
+            latest.entry(r.id.as_str()).and_modify(|e| e.0 = r).or_insert((r, stored_at));
         }
         let _writer = self.writer();
-        let t = &self.inner.reports;
-        let mut id_batch = sled::Batch::default();
         let mut changes: BTreeMap<i64, BucketChange> = BTreeMap::new();
         let mut agent_ids: Vec<u32> = Vec::new();
-        for (id, r) in latest {
+        for (id, (r, stored_at)) in latest {
             let key = report_key(r.ts_ns, id);
             let start = bucket_start(r.ts_ns);
             let mut body = Vec::with_capacity(r.encoded_len());
             r.encode_raw(&mut body);
             let record_bytes = (5 + key.len() + body.len()) as u64;
-            let old_ts = t.ids.get(id.as_bytes())?.and_then(|old| <[u8; 8]>::try_from(old.as_ref()).ok());
-            match old_ts.map(ts_from_bytes) {
-                Some(old_ts) if old_ts == r.ts_ns => changes.entry(start).or_default().superseded += record_bytes,
-                Some(old_ts) => {
-                    let old = changes.entry(bucket_start(old_ts)).or_default();
-                    old.removed.push(report_key(old_ts, id));
-                    old.superseded += record_bytes;
-                    old.count_change -= 1;
-                    changes.entry(start).or_default().count_change += 1;
+            let mut replaces_own = false;
+            for (i, &old_ts) in stored_at.iter().enumerate() {
+                if old_ts < 0 || stored_at[..i].contains(&old_ts) {
+                    continue;
                 }
-                None => changes.entry(start).or_default().count_change += 1,
+                if old_ts == r.ts_ns {
+                    replaces_own = true;
+                    changes.entry(start).or_default().superseded += record_bytes;
+                    continue;
+                }
+                let old = changes.entry(bucket_start(old_ts)).or_default();
+                old.removed.push(report_key(old_ts, id));
+                old.superseded += record_bytes;
+                old.count_change -= 1;
+            }
+            if !replaces_own {
+                changes.entry(start).or_default().count_change += 1;
             }
             agent_ids.clear();
             for o in &r.observations {
@@ -795,16 +850,36 @@ impl Store {
                     agent_ids.push(id);
                 }
             }
-            id_batch.insert(id.as_bytes(), &ts_bytes(r.ts_ns)[..]);
             let entry = encode_entry(&key, r, &agent_ids);
             changes.entry(start).or_default().new.push(NewReport { key, entry, body });
         }
         for (start, change) in changes {
             self.append_to_bucket(start, change)?;
         }
-        t.ids.apply_batch(id_batch)?;
         self.inner.durability.bump();
         Ok(())
+    }
+
+    /// Every stored report (id, time) with a time at or after `since_ns` (by its bucket's
+    /// entries; an id stored under two times, after a crash in the middle of moving it, comes
+    /// twice). For the correlation after a restart: the reports it may decide again.
+    pub fn stored_report_times(&self, since_ns: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let start = ts_bytes(bucket_start(since_ns.max(0))).to_vec();
+        let mut out = Vec::new();
+        for bucket in by_bucket(self.inner.reports.buckets.range(start..), self) {
+            let (start, values) = bucket?;
+            let (live, broken) = values.live();
+            if broken {
+                self.corrupt("report_buckets", &ts_bytes(start), "malformed entry");
+            }
+            for (entry, _) in live {
+                let ts = entry.ts_ns();
+                if ts >= since_ns {
+                    out.push((String::from_utf8_lossy(&entry.key[8..]).into_owned(), ts));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Adds a call's reports to bucket `start` (the writer lock held): records at the end of
@@ -935,14 +1010,9 @@ impl Store {
     /// Rewrites bucket `start` whole (the writer lock held): drops the reports `drop` selects,
     /// adds `new` (replacing same keys), and keeps only reports that have both an entry and a
     /// page record (the newest of its key); the result is a base and pages in key order, without
-    /// runs. Pages with the count first, then the base and runs. Returns the keys of the page
-    /// records that are gone (superseded ones too), and how many reports went.
-    fn rewrite_bucket(
-        &self,
-        start: i64,
-        drop: impl Fn(&[u8]) -> bool,
-        new: Vec<NewReport>,
-    ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
+    /// runs. Pages with the count first, then the base and runs. Returns how many reports went
+    /// by `drop`.
+    fn rewrite_bucket(&self, start: i64, drop: impl Fn(&[u8]) -> bool, new: Vec<NewReport>) -> Result<u64, StoreError> {
         let t = &self.inner.reports;
         let values = t.bucket_values(start)?;
         let (live, _) = values.live();
@@ -965,8 +1035,6 @@ impl Store {
         for n in new {
             merged.insert(n.key, (n.entry, n.body));
         }
-        let dropped: Vec<Vec<u8>> =
-            bodies.keys().filter(|key| !merged.contains_key(**key)).map(|k| k.to_vec()).collect();
 
         let count = (t.count.load(Ordering::Relaxed) + merged.len() as u64).saturating_sub(live_before);
         let mut batch =
@@ -990,7 +1058,7 @@ impl Store {
             buckets.insert(&bucket_key[..], value);
         }
         t.buckets.apply_batch(buckets)?;
-        Ok((dropped, went))
+        Ok(went)
     }
 
     /// Stored reports matching `q`, oldest first (with `last`, the newest N, still oldest
@@ -1140,21 +1208,16 @@ impl Store {
         Ok(())
     }
 
-    /// The stored report with this id, if any.
-    pub fn report(&self, id: &str) -> Result<Option<v1::ResetReport>, StoreError> {
-        let t = &self.inner.reports;
-        let Some(ts) = t.ids.get(id.as_bytes())? else { return Ok(None) };
-        let Ok(ts) = <[u8; 8]>::try_from(ts.as_ref()) else { return Ok(None) };
-        let ts = ts_from_bytes(ts);
+    /// The stored report with this id and time, if any.
+    pub fn report(&self, id: &str, ts_ns: i64) -> Result<Option<v1::ResetReport>, StoreError> {
         let mut out = None;
-        self.read_reports(bucket_start(ts), &[report_key(ts, id)], |_, page, range| {
+        self.read_reports(bucket_start(ts_ns), &[report_key(ts_ns, id)], |_, page, range| {
             out = v1::ResetReport::decode(&page[range]).ok();
         })?;
         Ok(out)
     }
 
-    /// Removes reports older than `cutoff_ns` with their ids and emptied buckets; returns how
-    /// many reports.
+    /// Removes reports older than `cutoff_ns` and emptied buckets; returns how many reports.
     pub(super) fn remove_reports_before(&self, cutoff_ns: i64) -> Result<u64, StoreError> {
         let t = &self.inner.reports;
         let last = bucket_start(cutoff_ns);
@@ -1176,7 +1239,7 @@ impl Store {
         let mut removed = 0u64;
         for start in starts {
             let _writer = self.writer();
-            let (dropped, went) = self.rewrite_bucket(
+            let went = self.rewrite_bucket(
                 start,
                 |key| {
                     key.get(..8)
@@ -1185,15 +1248,6 @@ impl Store {
                 },
                 Vec::new(),
             )?;
-            let mut ids = sled::Batch::default();
-            for key in &dropped {
-                let id = &key[8.min(key.len())..];
-                // Only if the id still points here (not to a newer version elsewhere).
-                if t.ids.get(id)?.is_some_and(|ts| ts.as_ref() == &key[..8.min(key.len())]) {
-                    ids.remove(id);
-                }
-            }
-            t.ids.apply_batch(ids)?;
             removed += went;
         }
         self.inner.durability.bump();

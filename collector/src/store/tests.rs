@@ -929,7 +929,16 @@ fn report(id: &str, ms: i64, verdict: &str, cause: &str, flags: &str, seen: &[(&
 }
 
 fn report_fixture(store: &Store) {
-    let reports = [
+    store.put_reports(&fixture_reports()).expect("put");
+}
+
+/// Each report with its own time as where it is stored: a report decided again unchanged.
+fn at_own_time(reports: &[v1::ResetReport]) -> impl Iterator<Item = (&v1::ResetReport, &[i64])> {
+    reports.iter().map(|r| (r, std::slice::from_ref(&r.ts_ns)))
+}
+
+fn fixture_reports() -> Vec<v1::ResetReport> {
+    vec![
         report(
             "r1",
             10,
@@ -951,8 +960,7 @@ fn report_fixture(store: &Store) {
         // 15 s later: another bucket.
         report("r4", 15_000, "lost", "app-abort", "RA", &[("beta", "172.16.0.9:8080 > 10.0.0.3:3333")]),
         report("r5", 25_000, "end-to-end", "app-abort", "RPA", &[("alpha", "10.0.0.1:1002 > 10.0.0.2:80")]),
-    ];
-    store.put_reports(&reports).expect("put");
+    ]
 }
 
 /// Ids of the reports a query returns, in returned order.
@@ -1015,19 +1023,20 @@ fn reports_are_replaced_by_id() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir);
     report_fixture(&store);
-    report_fixture(&store);
+    store.put_decided(at_own_time(&fixture_reports())).expect("put");
     assert_eq!(store.status().expect("status").reports, 5, "putting again changes nothing");
     // A decision: r3 becomes injected; r1 moves to another time (a better clock estimate).
     let decided = report("r3", 30, "injected", "middlebox", "R", &[("gamma", "[2001:db8::2]:22 > [2001:db8::1]:5000")]);
     let moved = report("r1", 40_000, "end-to-end", "refused", "RA", &[("alpha", "10.0.0.2:80 > 10.0.0.1:1000")]);
-    store.put_reports(&[decided, moved]).expect("put");
+    store.put_decided([(&decided, &[ns(30)][..]), (&moved, &[ns(10)][..])]).expect("put");
     let q = ResetQuery::default;
     assert_eq!(report_ids(&store, &q()), ["r2", "r3", "r4", "r5", "r1"]);
     assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["injected".into()], ..q() }), ["r2", "r3"]);
     assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["pending".into()], ..q() }), Vec::<String>::new());
     assert_eq!(report_ids(&store, &ResetQuery { agents: vec!["beta".into()], ..q() }), ["r2", "r4"]);
-    assert_eq!(store.report("r1").expect("report").map(|r| r.ts_ns), Some(ns(40_000)));
-    assert_eq!(store.report("nope").expect("report"), None);
+    assert_eq!(store.report("r1", ns(40_000)).expect("report").map(|r| r.ts_ns), Some(ns(40_000)));
+    assert_eq!(store.report("r1", ns(10)).expect("report"), None, "moved away");
+    assert_eq!(store.report("nope", ns(10)).expect("report"), None);
     assert_eq!(store.status().expect("status").reports, 5);
     assert!(matches!(store.put_reports(&[report("", 1, "lost", "", "R", &[])]), Err(StoreError::Invalid(_))));
     // Reports age out like records.
@@ -1042,7 +1051,30 @@ fn reports_are_replaced_by_id() {
     let report = store.enforce_retention(ns(40_000)).expect("retention");
     assert_eq!(report.reports_removed, 3);
     assert_eq!(report_ids(&store, &q()), ["r5", "r1"]);
-    assert_eq!(store.report("r2").expect("report"), None);
+    assert_eq!(store.report("r2", ns(20)).expect("report"), None);
+}
+
+#[test]
+fn a_report_left_under_two_times_by_a_crash_is_listed_once_after_it_is_put_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let seen = [("alpha", "10.0.0.2:80 > 10.0.0.1:1000")];
+    // A move interrupted between its two buckets: the new time written, the old key not
+    // removed (as `put_decided` with no times does).
+    store.put_reports(&[report("r1", 10, "lost", "refused", "RA", &seen)]).expect("put");
+    store.put_reports(&[report("r1", 15_000, "end-to-end", "refused", "RA", &seen)]).expect("put");
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(report_ids(&store, &ResetQuery::default()), ["r1", "r1"], "the leftover of the crash");
+    // After the restart the replay reads both times and names them when it decides it again.
+    let times: Vec<i64> = store.stored_report_times(0).expect("times").into_iter().map(|(_, ts)| ts).collect();
+    assert_eq!(times, [ns(10), ns(15_000)]);
+    let again = report("r1", 30_000, "end-to-end", "refused", "RA", &seen);
+    store.put_decided([(&again, times.as_slice())]).expect("put");
+    let listed: Vec<(String, i64)> =
+        store.reports(&ResetQuery::default()).expect("reports").into_iter().map(|r| (r.id, r.ts_ns)).collect();
+    assert_eq!(listed, [("r1".to_string(), ns(30_000))]);
+    assert_eq!(store.status().expect("status").reports, 1);
 }
 
 /// `n` reports 1 ms apart from `first_ms`, ids `p00000…`, every third one injected.
@@ -1073,22 +1105,22 @@ fn a_bucket_of_many_reports_spans_pages_and_stays_exact() {
     assert_eq!(report_ids(&store, &ResetQuery { last: Some(2), ..q() }), ["p04998", "p04999"]);
     assert_eq!(report_ids(&store, &ResetQuery { last: Some(1), verdicts: vec!["injected".into()], ..q() }), ["p04998"]);
     assert_eq!(report_ids(&store, &ResetQuery { hosts: vec!["10.0.19.0/24".parse().expect("net")], ..q() }).len(), 250);
-    assert_eq!(store.report("p02500").expect("report").map(|r| r.verdict), Some("end-to-end".to_string()));
+    assert_eq!(store.report("p02500", ns(3_500)).expect("report").map(|r| r.verdict), Some("end-to-end".to_string()));
 
     // One decided again (same bucket), one moved to the next bucket: still 5,000, no duplicate.
     let mut redecided = many_reports(1_000, 5_000).swap_remove(2_500);
     redecided.verdict = "lost".into();
     let mut moved = many_reports(1_000, 5_000).swap_remove(10);
     moved.ts_ns = ns(12_000);
-    store.put_reports(&[redecided, moved]).expect("put");
+    store.put_decided([(&redecided, &[ns(3_500)][..]), (&moved, &[ns(1_010)][..])]).expect("put");
     assert_eq!(store.status().expect("status").reports, 5_000);
     let all = report_ids(&store, &q());
     assert_eq!(all.len(), 5_000);
     assert_eq!(all.last().map(String::as_str), Some("p00010"));
     assert_eq!(report_ids(&store, &ResetQuery { verdicts: vec!["lost".into()], ..q() }), ["p02500"]);
-    assert_eq!(store.report("p00010").expect("report").map(|r| r.ts_ns), Some(ns(12_000)));
+    assert_eq!(store.report("p00010", ns(12_000)).expect("report").map(|r| r.ts_ns), Some(ns(12_000)));
 
-    // Retention inside the bucket: reports before 3.5 s go, pages shrink, ids go with them.
+    // Retention inside the bucket: reports before 3.5 s go, pages shrink.
     drop(store);
     let mut config = StoreConfig::new(dir.path());
     config.retention = Duration::from_secs(10);
@@ -1100,8 +1132,7 @@ fn a_bucket_of_many_reports_spans_pages_and_stays_exact() {
     assert_eq!(removed, 2_499, "1.000 s up to 3.499 s, less p00010 which moved");
     assert_eq!(store.status().expect("status").reports, 5_000 - 2_499);
     assert_eq!(report_ids(&store, &q()).first().map(String::as_str), Some("p02500"));
-    assert_eq!(store.report("p00011").expect("report"), None);
-    assert!(store.inner.reports.ids.get("p00011").expect("get").is_none());
+    assert_eq!(store.report("p00011", ns(1_011)).expect("report"), None);
     let pages_after = store.inner.reports.pages.range(keys::FIRST_RECORD_KEY..).count();
     assert!(pages_after < pages, "{pages_after} pages of {pages}");
 }
@@ -1132,6 +1163,33 @@ fn a_store_with_one_value_per_report_is_moved_into_pages_on_open() {
     assert_eq!(store.status().expect("status").reports, 5);
     assert_eq!(report_ids(&store, &ResetQuery::default()), ["r1", "r2", "r3", "r4", "r5"]);
     assert!(!store.inner.db.tree_names().iter().any(|n| n.as_ref() == b"reports"));
+}
+
+#[test]
+fn a_store_with_the_report_id_map_of_earlier_versions_drops_it_on_open_and_lists_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    report_fixture(&store);
+    drop(store);
+    // Earlier versions kept `report_ids` (id → time); one pointing elsewhere is never read.
+    {
+        let db = open_sled(&sled_config(dir.path())).expect("sled");
+        let ids = db.open_tree("report_ids").expect("tree");
+        ids.insert("r1", &ns(10).to_be_bytes()[..]).expect("insert");
+        ids.insert("r2", &ns(99_000).to_be_bytes()[..]).expect("insert");
+        db.flush().expect("flush");
+    }
+    let store = open(&dir);
+    assert!(!store.inner.db.tree_names().iter().any(|n| n.as_ref() == b"report_ids"), "the old map is gone");
+    assert_eq!(report_ids(&store, &ResetQuery::default()), ["r1", "r2", "r3", "r4", "r5"]);
+    assert_eq!(store.status().expect("status").reports, 5);
+    let mut times = store.stored_report_times(ns(20)).expect("times");
+    times.sort();
+    let want: Vec<(String, i64)> = [("r2", 20), ("r3", 30), ("r4", 15_000), ("r5", 25_000)]
+        .iter()
+        .map(|(id, ms)| (id.to_string(), ns(*ms)))
+        .collect();
+    assert_eq!(times, want, "stored times from 20 ms on");
 }
 
 #[test]
@@ -1266,7 +1324,7 @@ fn assert_reports_are(store: &Store, model: &BTreeMap<(i64, String), v1::ResetRe
     assert_eq!(encoded.len(), model.len(), "{when}: encoded");
     assert_eq!(store.status().expect("status").reports, model.len() as u64, "{when}: count");
     for ((ts, id), report) in model.iter().step_by(37) {
-        assert_eq!(store.report(id).expect("report").as_ref(), Some(report), "{when}: {id} at {ts}");
+        assert_eq!(store.report(id, *ts).expect("report").as_ref(), Some(report), "{when}: {id} at {ts}");
     }
 }
 
@@ -1302,7 +1360,12 @@ fn reports_put_call_by_call_list_exactly_as_put() {
             let _ = id;
             put.push(again);
         }
-        store.put_reports(&put).expect("put");
+        // Where each is stored before its item: the first item of an id names the stored time,
+        // a later one the earlier item's (as the correlation hands them out).
+        let mut current = at.clone();
+        let stored_at: Vec<Vec<i64>> =
+            put.iter().map(|r| current.insert(r.id.clone(), r.ts_ns).into_iter().collect()).collect();
+        store.put_decided(put.iter().zip(&stored_at).map(|(r, at)| (r, at.as_slice()))).expect("put");
         for r in put {
             if let Some(old_ts) = at.insert(r.id.clone(), r.ts_ns) {
                 model.remove(&(old_ts, r.id.clone()));
@@ -1344,9 +1407,6 @@ fn reports_put_call_by_call_list_exactly_as_put() {
     model.retain(|(ts, _), _| *ts >= cutoff);
     assert_eq!(removed, expected_gone);
     assert_reports_are(&store, &model, "after retention");
-    for id in at.keys().filter(|id| !model.values().any(|r| &r.id == *id)).take(50) {
-        assert!(store.inner.reports.ids.get(id.as_bytes()).expect("get").is_none(), "{id} still has an id");
-    }
 }
 
 #[test]
@@ -1365,7 +1425,7 @@ fn reports_decided_again_and_again_do_not_grow_the_pages_without_bound() {
             .iter()
             .map(|r| v1::ResetReport { verdict: if call % 2 == 0 { "lost" } else { "injected" }.into(), ..r.clone() })
             .collect();
-        store.put_reports(&again).expect("put");
+        store.put_decided(at_own_time(&again)).expect("put");
     }
     assert!(page_bytes(&store) < 2 * once + 64 * 1024, "{} bytes of pages, {once} at first", page_bytes(&store));
     let q = || ResetQuery { since_ns: Some(0), ..Default::default() };
