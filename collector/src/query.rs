@@ -35,7 +35,7 @@ use tracing::debug;
 use crate::ingest::{blocking, check_agent_name, CheckError, LiveBatch};
 use crate::pb;
 use crate::service::Hub;
-use crate::store::{EncodedReport, ResetQuery, StoredReset};
+use crate::store::{EncodedReport, ReportListing, ResetQuery, StoredReset};
 
 /// Most hosts, ports, agents, ... one filter may name.
 const MAX_FILTER_ITEMS: usize = 256;
@@ -253,8 +253,8 @@ impl QueryService {
             )));
         }
         let skip = last.map_or(0, |last| total.saturating_sub(last));
-        let (tx, rx) = mpsc::channel(crate::listing::CHUNKS_AHEAD);
-        tokio::task::spawn_blocking(move || crate::listing::send(&store, &listing, pending, skip, &tx));
+        let (tx, rx) = mpsc::channel(CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || send_listing(&store, &listing, pending, skip, &tx));
         Ok(Box::pin(ReceiverStream::new(rx).flat_map(tokio_stream::iter)))
     }
 
@@ -278,8 +278,60 @@ impl QueryService {
     }
 }
 
+/// Chunks of a listing read ahead of what the client has taken.
+const CHUNKS_AHEAD: usize = 4;
+/// Reports a chunk of a listing gathers (from as many buckets as it takes) before it is sent:
+/// a hand-over per bucket costs more than it saves when buckets hold few matches.
+const CHUNK_REPORTS: usize = 256;
+
 /// A `ListReports` answer: reports, each encoded.
 pub(crate) type EncodedStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
+
+/// Reads a listing's buckets in order and sends their reports in chunks (at least
+/// [`CHUNK_REPORTS`] but the last), merged in (time, id) order with the pending ones and
+/// without the first `skip` of the merged sequence (a `last` listing), to `tx`. Stops when the receiver is gone (the client left); a store error ends
+/// the answer with that error.
+fn send_listing(
+    store: &crate::store::Store,
+    listing: &ReportListing,
+    pending: Vec<EncodedReport>,
+    mut skip: usize,
+    tx: &mpsc::Sender<Vec<Result<Bytes, Status>>>,
+) {
+    let mut pending = pending.into_iter().peekable();
+    let mut chunk = Vec::with_capacity(CHUNK_REPORTS);
+    let mut emit = |chunk: &mut Vec<Result<Bytes, Status>>, r: EncodedReport| {
+        if skip > 0 {
+            skip -= 1;
+        } else {
+            chunk.push(Ok(r.bytes));
+        }
+    };
+    for bucket in listing.buckets() {
+        let decided = match store.read_listed(bucket) {
+            Ok(decided) => decided,
+            Err(error) => {
+                let _ = tx.blocking_send(vec![Err(Status::from(error))]);
+                return;
+            }
+        };
+        for r in decided {
+            while let Some(p) = pending.next_if(|p| (p.ts_ns, &p.id) < (r.ts_ns, &r.id)) {
+                emit(&mut chunk, p);
+            }
+            emit(&mut chunk, r);
+        }
+        if chunk.len() >= CHUNK_REPORTS && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+            return;
+        }
+    }
+    for p in pending {
+        emit(&mut chunk, p);
+    }
+    if !chunk.is_empty() {
+        let _ = tx.blocking_send(chunk);
+    }
+}
 
 /// A stored (or just encoded) report, decoded.
 fn decode_report(bytes: &[u8]) -> Result<v1::ResetReport, Status> {
@@ -531,6 +583,71 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report at `ms` milliseconds past a fixed time.
+    fn report_at(id: &str, ms: i64) -> v1::ResetReport {
+        v1::ResetReport {
+            id: id.to_string(),
+            ts_ns: 1_700_000_000_000_000_000 + ms * 1_000_000,
+            verdict: "end-to-end".to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// What `send_listing` sends, as ids, chunk by chunk.
+    fn sent(store: &crate::store::Store, pending: &[v1::ResetReport], skip: usize) -> Vec<Vec<String>> {
+        let listing = store.report_listing(&ResetQuery::default()).expect("listing");
+        let pending = pending
+            .iter()
+            .map(|r| EncodedReport { ts_ns: r.ts_ns, id: r.id.clone(), bytes: Bytes::from(r.encode_to_vec()) })
+            .collect();
+        let (tx, mut rx) = mpsc::channel(1);
+        let store = store.clone();
+        let sender = std::thread::spawn(move || send_listing(&store, &listing, pending, skip, &tx));
+        let mut chunks = Vec::new();
+        while let Some(chunk) = rx.blocking_recv() {
+            chunks.push(chunk.into_iter().map(|r| decode_report(&r.expect("report")).expect("decodes").id).collect());
+        }
+        sender.join().expect("sender");
+        chunks
+    }
+
+    #[test]
+    fn a_listing_streams_decided_and_pending_reports_in_time_order_in_chunks_and_skips_the_oldest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::open(crate::store::StoreConfig::new(dir.path())).expect("store");
+        // One decided report every 100 ms for 60 s: six buckets of 10 s.
+        let decided: Vec<v1::ResetReport> = (0..600).map(|i| report_at(&format!("d{i:03}"), i * 100)).collect();
+        store.put_reports(&decided).expect("put");
+        // Pending ones before, between (one at a decided one's time, ordered by id), and after.
+        let pending = [
+            report_at("a-first", -1000),
+            report_at("c-tie", 10_000),
+            report_at("p-mid", 25_050),
+            report_at("z-last", 99_000),
+        ];
+        let mut expected: Vec<&v1::ResetReport> = decided.iter().chain(&pending).collect();
+        expected.sort_by(|a, b| (a.ts_ns, &a.id).cmp(&(b.ts_ns, &b.id)));
+        let expected: Vec<String> = expected.iter().map(|r| r.id.clone()).collect();
+        assert_eq!(&expected[..2], ["a-first", "d000"]);
+        assert_eq!(expected[101], "c-tie", "before d100, which has its time");
+        for skip in [0, 1, 300, 603, 604, 700] {
+            let chunks = sent(&store, &pending, skip);
+            let ids: Vec<String> = chunks.concat();
+            assert_eq!(ids, expected[skip.min(expected.len())..], "skip {skip}");
+            if let Some((_, full)) = chunks.split_last() {
+                assert!(
+                    full.iter().all(|c| c.len() >= CHUNK_REPORTS),
+                    "skip {skip}: chunks {:?}",
+                    chunks.iter().map(Vec::len).collect::<Vec<_>>()
+                );
+            }
+        }
+        // Nothing decided: the pending ones alone.
+        let empty_dir = tempfile::tempdir().expect("tempdir");
+        let empty = crate::store::Store::open(crate::store::StoreConfig::new(empty_dir.path())).expect("store");
+        assert_eq!(sent(&empty, &pending, 0).concat(), ["a-first", "c-tie", "p-mid", "z-last"]);
+    }
 
     fn filter() -> ResetFilter {
         ResetFilter::default()

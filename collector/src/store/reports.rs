@@ -136,8 +136,8 @@ impl ReportListing {
     }
 
     /// The buckets, oldest first, for [`Store::read_listed`].
-    pub fn buckets(&self) -> &[ListedBucket] {
-        &self.buckets
+    pub fn buckets(&self) -> impl Iterator<Item = &ListedBucket> + '_ {
+        self.buckets.iter()
     }
 }
 
