@@ -1784,7 +1784,7 @@ fn main() -> Result<()> {
             line(format!(
                 "- reports: {n_reports} merged reports (one per RST, 1-2 observations, 80% end-to-end, 2% injected) \
                  over the same span, through `Store::put_reports` in batches of {}: {:.1} s = {} reports/s; \
-                 {:.0} B/report on disk (buckets and id map included)",
+                 {:.0} B/report on disk (buckets included)",
                 args.fill_batch,
                 reports_took.as_secs_f64(),
                 fmt_rate(n_reports as f64 / reports_took.as_secs_f64()),
