@@ -655,7 +655,14 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
             publish(&hub, order, &agent, &batch.events);
             hub.inbox.push(agent, batch.events);
-            // Back-pressure: a correlation far behind holds the acknowledgement.
+            // Back-pressure: a correlation far behind holds the acknowledgement. Its ticker runs
+            // at a lower priority (see `background`) and may be storing reports or waiting for
+            // its next turn meanwhile: the engine is fed from here, at ingest's priority, as soon
+            // as the decision in progress lets go of it, rather than on the ticker's next turn.
+            if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION {
+                let feeder = hub.clone();
+                let _ = tokio::task::spawn_blocking(move || drop(feeder.correlation())).await;
+            }
             hub.inbox.room_below(MAX_QUEUED_FOR_CORRELATION).await;
             Ok(durable_seq)
         }
@@ -875,6 +882,22 @@ mod tests {
             error_of(check_hello(&bad_address)),
             "local_addresses[0] has 2 bytes; an address has 4 (IPv4) or 16 (IPv6)"
         );
+    }
+
+    /// With no ticker at all (none runs here), an acknowledgement beyond the inbox's limit
+    /// feeds the engine itself instead of waiting for a ticker to take the queue.
+    #[tokio::test]
+    async fn a_full_inbox_is_fed_from_ingest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(crate::store::StoreConfig::new(dir.path())).unwrap();
+        let hub = Hub::new(store, crate::service::Limits::default());
+        let agent: Arc<str> = Arc::from("edge-1");
+        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MAX_QUEUED_FOR_CORRELATION]);
+        let written = write_batch(&hub, batch_of(reset()), &agent, "b1").await.unwrap();
+        let acked = tokio::time::timeout(Duration::from_secs(30), acknowledge(hub.clone(), agent, written)).await;
+        assert_eq!(acked.expect("the acknowledgement waited for a ticker").unwrap(), 1);
+        // Only the engine takes the queue (and feeds what it took).
+        assert_eq!(hub.inbox.queued_events(), 0, "the engine was fed");
     }
 
     #[test]

@@ -239,10 +239,12 @@ pub async fn serve(
             _ => {}
         }
     }
-    // Decide what became decidable, a few times a second.
+    // Decide what became decidable, a few times a second: on a thread of lower CPU priority,
+    // so that in a burst acknowledgements win the CPU and decisions catch up after (see
+    // `background`). Dropping `ticker` stops it.
     let ticker = {
         let hub = hub.clone();
-        tokio::spawn(async move {
+        crate::background::spawn_lowered("rstscope-decide", crate::background::CORRELATION_NICE, async move {
             let mut every = tokio::time::interval(CORRELATE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let wake = hub.correlation().wake.clone();
@@ -329,7 +331,7 @@ pub async fn serve(
             hub.close_streams();
         })
         .await?;
-    ticker.abort();
+    drop(ticker);
     Ok(())
 }
 
