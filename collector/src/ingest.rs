@@ -655,10 +655,10 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
             publish(&hub, order, &agent, &batch.events);
             hub.inbox.push(agent, batch.events);
-            // Back-pressure: a correlation far behind holds the acknowledgement. Its ticker runs
-            // at a lower priority (see `background`) and may be storing reports or waiting for
-            // its next turn meanwhile: the engine is fed from here, at ingest's priority, as soon
-            // as the decision in progress lets go of it, rather than on the ticker's next turn.
+            // Back-pressure: a correlation far behind holds the acknowledgement. The ticker may
+            // be storing reports or sleeping until its next turn (up to a second) meanwhile: the
+            // engine is fed from here as soon as a decision in progress lets go of it, so an
+            // acknowledgement waits for the correlation's work, never for its timer.
             if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION {
                 let feeder = hub.clone();
                 let _ = tokio::task::spawn_blocking(move || drop(feeder.correlation())).await;

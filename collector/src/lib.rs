@@ -6,11 +6,9 @@
 //! `ListReports` from the stored encodings; `correlate` is the pure engine and `live` runs it
 //! on ingested events; `pb` names protobuf values in the shared vocabulary; `auth` holds the
 //! token and TLS settings shared by both services; `metrics` the Prometheus counters;
-//! `background` runs the correlation's ticker at a lower CPU priority than ingest; `service`
-//! wires them into one server.
+//! `service` wires them into one server.
 
 pub mod auth;
-pub mod background;
 pub mod correlate;
 pub mod ingest;
 pub mod live;

@@ -239,12 +239,10 @@ pub async fn serve(
             _ => {}
         }
     }
-    // Decide what became decidable, a few times a second: on a thread of lower CPU priority,
-    // so that in a burst acknowledgements win the CPU and decisions catch up after (see
-    // `background`). Dropping `ticker` stops it.
+    // Decide what became decidable, a few times a second.
     let ticker = {
         let hub = hub.clone();
-        crate::background::spawn_lowered("rstscope-decide", crate::background::CORRELATION_NICE, async move {
+        tokio::spawn(async move {
             let mut every = tokio::time::interval(CORRELATE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let wake = hub.correlation().wake.clone();
@@ -331,7 +329,7 @@ pub async fn serve(
             hub.close_streams();
         })
         .await?;
-    drop(ticker);
+    ticker.abort();
     Ok(())
 }
 
