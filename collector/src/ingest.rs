@@ -633,6 +633,11 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
 /// (about a second of ingest at full speed; some 100 MB at the most).
 const MAX_QUEUED_FOR_CORRELATION: usize = 200_000;
 
+/// Whether a feeder started by an acknowledgement is waiting for the engine (one is enough; a
+/// flag for the process rather than per collector, which only means that in a process running
+/// several collectors one of them may wait for its ticker instead).
+static FEEDER_WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
 async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
     let Written { order, mut batch, pending } = written;
@@ -656,12 +661,18 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             publish(&hub, order, &agent, &batch.events);
             hub.inbox.push(agent, batch.events);
             // Back-pressure: a correlation far behind holds the acknowledgement. The ticker may
-            // be storing reports or sleeping until its next turn (up to a second) meanwhile: the
-            // engine is fed from here as soon as a decision in progress lets go of it, so an
-            // acknowledgement waits for the correlation's work, never for its timer.
-            if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION {
+            // be storing reports or sleeping until its next turn (up to a second) meanwhile: a
+            // feeder takes the engine as soon as a decision in progress lets go of it, so an
+            // acknowledgement waits for the correlation's work, never for its timer. Not awaited:
+            // the queue is emptied when the feeder starts, and the feeding itself (a second or
+            // so for a full queue) must not hold up this stream's acknowledgements.
+            if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION && !FEEDER_WAITING.swap(true, Ordering::AcqRel) {
                 let feeder = hub.clone();
-                let _ = tokio::task::spawn_blocking(move || drop(feeder.correlation())).await;
+                tokio::task::spawn_blocking(move || {
+                    let engine = feeder.correlation();
+                    FEEDER_WAITING.store(false, Ordering::Release);
+                    drop(engine);
+                });
             }
             hub.inbox.room_below(MAX_QUEUED_FOR_CORRELATION).await;
             Ok(durable_seq)
