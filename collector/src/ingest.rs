@@ -669,9 +669,15 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION && !FEEDER_WAITING.swap(true, Ordering::AcqRel) {
                 let feeder = hub.clone();
                 tokio::task::spawn_blocking(move || {
-                    let engine = feeder.correlation();
-                    FEEDER_WAITING.store(false, Ordering::Release);
-                    drop(engine);
+                    // Cleared also if feeding panics, so that later acknowledgements start one.
+                    struct Done;
+                    impl Drop for Done {
+                        fn drop(&mut self) {
+                            FEEDER_WAITING.store(false, Ordering::Release);
+                        }
+                    }
+                    let _done = Done;
+                    drop(feeder.correlation());
                 });
             }
             hub.inbox.room_below(MAX_QUEUED_FOR_CORRELATION).await;
