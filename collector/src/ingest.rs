@@ -633,6 +633,11 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
 /// (about a second of ingest at full speed; some 100 MB at the most).
 const MAX_QUEUED_FOR_CORRELATION: usize = 200_000;
 
+/// Whether a feeder started by an acknowledgement is waiting for the engine (one is enough; a
+/// flag for the process rather than per collector, which only means that in a process running
+/// several collectors one of them may wait for its ticker instead).
+static FEEDER_WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
 async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
     let Written { order, mut batch, pending } = written;
@@ -655,7 +660,26 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
             publish(&hub, order, &agent, &batch.events);
             hub.inbox.push(agent, batch.events);
-            // Back-pressure: a correlation far behind holds the acknowledgement.
+            // Back-pressure: a correlation far behind holds the acknowledgement. The ticker may
+            // be storing reports or sleeping until its next turn (up to a second) meanwhile: a
+            // feeder takes the engine as soon as a decision in progress lets go of it, so an
+            // acknowledgement waits for the correlation's work, never for its timer. Not awaited:
+            // the queue is emptied when the feeder starts, and the feeding itself (a second or
+            // so for a full queue) must not hold up this stream's acknowledgements.
+            if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION && !FEEDER_WAITING.swap(true, Ordering::AcqRel) {
+                let feeder = hub.clone();
+                tokio::task::spawn_blocking(move || {
+                    // Cleared also if feeding panics, so that later acknowledgements start one.
+                    struct Done;
+                    impl Drop for Done {
+                        fn drop(&mut self) {
+                            FEEDER_WAITING.store(false, Ordering::Release);
+                        }
+                    }
+                    let _done = Done;
+                    drop(feeder.correlation());
+                });
+            }
             hub.inbox.room_below(MAX_QUEUED_FOR_CORRELATION).await;
             Ok(durable_seq)
         }
@@ -875,6 +899,22 @@ mod tests {
             error_of(check_hello(&bad_address)),
             "local_addresses[0] has 2 bytes; an address has 4 (IPv4) or 16 (IPv6)"
         );
+    }
+
+    /// With no ticker at all (none runs here), an acknowledgement beyond the inbox's limit
+    /// feeds the engine itself instead of waiting for a ticker to take the queue.
+    #[tokio::test]
+    async fn a_full_inbox_is_fed_from_ingest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(crate::store::StoreConfig::new(dir.path())).unwrap();
+        let hub = Hub::new(store, crate::service::Limits::default());
+        let agent: Arc<str> = Arc::from("edge-1");
+        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MAX_QUEUED_FOR_CORRELATION]);
+        let written = write_batch(&hub, batch_of(reset()), &agent, "b1").await.unwrap();
+        let acked = tokio::time::timeout(Duration::from_secs(30), acknowledge(hub.clone(), agent, written)).await;
+        assert_eq!(acked.expect("the acknowledgement waited for a ticker").unwrap(), 1);
+        // Only the engine takes the queue (and feeds what it took).
+        assert_eq!(hub.inbox.queued_events(), 0, "the engine was fed");
     }
 
     #[test]

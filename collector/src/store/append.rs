@@ -16,14 +16,15 @@
 //! one is being flushed.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rstscope_proto::{v1, FlowKey};
 
 use super::keys::{
-    self, conn_key, encode_plain, session_key, tally_key, SessionValue, StoreSeq, Tally, ValueHeader, FIRST_RECORD_KEY,
-    KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET, RECORD_KEY_LEN, TALLY_TOTAL_KEY,
+    self, conn_key, encode_plain_into, session_key, tally_key, SessionValue, StoreSeq, Tally, ValueHeader,
+    FIRST_RECORD_KEY, KIND_FLOW, KIND_LOSS, KIND_OPEN, KIND_RESET, RECORD_KEY_LEN, TALLY_TOTAL_KEY,
 };
 use super::{
     decode_record, encode_record, endpoint, AgentRecord, Appended, Store, StoreError, StoredReset, Writer, KINDS,
@@ -108,7 +109,8 @@ struct Prepared {
     id: u128,
     ts_ns: i64,
     flow_key: Option<FlowKey>,
-    value: Vec<u8>,
+    /// Where its encoded value lies in the batch's buffer of values.
+    value: Range<usize>,
     /// For losses: (capture + interface drops, events dropped).
     drops: (u64, u64),
 }
@@ -120,10 +122,28 @@ struct Mark {
     since_ns: i64,
 }
 
+/// A batch's events checked and encoded: their values lie one after the other in `values`.
+struct PreparedBatch {
+    events: Vec<Prepared>,
+    values: Vec<u8>,
+    mark: Option<Mark>,
+}
+
+/// Room for the values of one event, on average: a little more than a reset's, so that the
+/// buffer of a batch of typical events is allocated once.
+const VALUE_BYTES_GUESS: usize = 256;
+
 /// Checks and encodes a batch's events; nothing is written if any is invalid.
-fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreError> {
+fn prepare(batch: &v1::Batch) -> Result<PreparedBatch, StoreError> {
     use v1::event::Kind;
     let mut prepared = Vec::with_capacity(batch.events.len());
+    let mut values = Vec::with_capacity(batch.events.len() * VALUE_BYTES_GUESS);
+    // Appends one value to `values` and returns where it lies.
+    let mut encode = |write: &mut dyn FnMut(&mut Vec<u8>)| {
+        let start = values.len();
+        write(&mut values);
+        start..values.len()
+    };
     let mut mark: Option<Mark> = None;
     let time = |i: usize, field: &str, ts: i64| {
         if ts < 0 {
@@ -146,7 +166,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
                     id: keys::reset_id(rst),
                     ts_ns: time(i, "ts_ns", rst.ts_ns)?,
                     flow_key: Some(key),
-                    value: header.encode_with(rst),
+                    value: encode(&mut |out| header.encode_into(rst, out)),
                     drops: (0, 0),
                 });
             }
@@ -159,7 +179,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
                     id: keys::flow_id(flow),
                     ts_ns: time(i, "end_ns", flow.end_ns)?,
                     flow_key: Some(key),
-                    value: ValueHeader { key, cause: 0, flags: 0 }.encode_with(flow),
+                    value: encode(&mut |out| ValueHeader { key, cause: 0, flags: 0 }.encode_into(flow, out)),
                     drops: (0, 0),
                 });
             }
@@ -172,7 +192,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
                     id: keys::open_id(open),
                     ts_ns: time(i, "start_ns", open.start_ns)?,
                     flow_key: Some(key),
-                    value: ValueHeader { key, cause: 0, flags: 0 }.encode_with(open),
+                    value: encode(&mut |out| ValueHeader { key, cause: 0, flags: 0 }.encode_into(open, out)),
                     drops: (0, 0),
                 });
             }
@@ -183,7 +203,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
                     id: keys::loss_id(loss),
                     ts_ns: time(i, "until_ns", loss.until_ns)?,
                     flow_key: None,
-                    value: encode_plain(loss),
+                    value: encode(&mut |out| encode_plain_into(loss, out)),
                     drops: (loss.capture_dropped.saturating_add(loss.interface_dropped), loss.events_dropped),
                 });
             }
@@ -195,7 +215,7 @@ fn prepare(batch: &v1::Batch) -> Result<(Vec<Prepared>, Option<Mark>), StoreErro
             None => return Err(StoreError::Invalid(format!("event {i} of the batch is empty"))),
         }
     }
-    Ok((prepared, mark))
+    Ok(PreparedBatch { events: prepared, values, mark })
 }
 
 impl Store {
@@ -238,7 +258,7 @@ impl Store {
         batch: &v1::Batch,
         now_ns: i64,
     ) -> Result<Pending, StoreError> {
-        let (prepared, mark) = prepare(batch)?;
+        let PreparedBatch { events: prepared, values, mark } = prepare(batch)?;
         let mut writer = self.writer();
         let session = self.session(agent, boot_id)?;
         let durable_seq = session.map_or(0, |s| s.durable_seq);
@@ -290,7 +310,7 @@ impl Store {
                 already_stored.push(p.event);
                 continue;
             }
-            tree_records[k].push((record_key, p.value.as_slice()));
+            tree_records[k].push((record_key, &values[p.value.clone()]));
             if let Some(flow_key) = &p.flow_key {
                 conn_entries.push(conn_key(flow_key, p.kind, &seq));
             }

@@ -325,15 +325,14 @@ impl SessionValue {
     }
 }
 
-/// The value of a record without a flow (capture losses): version byte, then the message.
-pub(crate) fn encode_plain(message: &impl prost::Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + message.encoded_len());
+/// The value of a record without a flow (capture losses), appended to `out`: version byte,
+/// then the message (ingest encodes a batch's values into one buffer).
+pub(crate) fn encode_plain_into(message: &impl prost::Message, out: &mut Vec<u8>) {
     out.push(VALUE_VERSION);
-    message.encode_raw(&mut out);
-    out
+    message.encode_raw(out);
 }
 
-/// The message bytes of a value written by [`encode_plain`].
+/// The message bytes of a value written by [`encode_plain_into`].
 pub(crate) fn decode_plain(value: &[u8]) -> Option<&[u8]> {
     match value.split_first() {
         Some((&VALUE_VERSION, body)) => Some(body),
@@ -354,15 +353,15 @@ pub(crate) struct ValueHeader {
 }
 
 impl ValueHeader {
-    /// Header followed by the encoded message.
-    pub(crate) fn encode_with(&self, message: &impl prost::Message) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + message.encoded_len());
+    /// Header followed by the encoded message, appended to `out` (ingest encodes a batch's
+    /// values into one buffer: no allocation per event, and no pass over the message for its
+    /// length).
+    pub(crate) fn encode_into(&self, message: &impl prost::Message, out: &mut Vec<u8>) {
         out.push(VALUE_VERSION);
         out.extend_from_slice(&self.key.to_bytes());
         out.push(self.cause);
         out.extend_from_slice(&self.flags.to_be_bytes());
-        message.encode_raw(&mut out);
-        out
+        message.encode_raw(out);
     }
 
     /// The header and the message bytes after it; `None` if the value is not ours.

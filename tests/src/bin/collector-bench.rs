@@ -738,9 +738,10 @@ async fn agent(
 }
 
 /// Waits until the correlation has caught up with the ingested events: the agents ended their
-/// captures, so every RST becomes decidable, and the newest RST sent (`newest_rst_ns`, within
-/// 50 ms: its report is on the reference clock) has a decided report (at most 300 s). Returns
-/// how long after `last_ack` that was, and the collector's CPU from `cpu_before` until then.
+/// captures, so every RST becomes decidable, the newest RST sent (`newest_rst_ns`, within
+/// 50 ms: its report is on the reference clock) has a decided report, and no report is pending
+/// any more (the newest RST is not always decided last), at most 300 s. Returns how long after
+/// `last_ack` that was, and the collector's CPU from `cpu_before` until then.
 async fn catch_up(
     q: &mut QueryClient<Channel>,
     collector: &Collector,
@@ -750,13 +751,23 @@ async fn catch_up(
 ) -> Result<(Duration, Duration)> {
     let filter =
         v1::ResetFilter { verdicts: DECIDED.iter().map(|v| v.to_string()).collect(), last: 1, ..Default::default() };
+    let pending_filter = v1::ResetFilter { verdicts: vec!["pending".into()], last: 1, ..Default::default() };
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let mut listing = q.list_reports(filter.clone()).await?.into_inner();
         let newest = listing.message().await?.map_or(i64::MIN, |r| r.ts_ns);
         while listing.message().await?.is_some() {}
-        if newest >= newest_rst_ns - 50_000_000 || Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             break;
+        }
+        // Asked only once the newest is decided: listing what is pending costs the collector.
+        if newest >= newest_rst_ns - 50_000_000 {
+            let mut pending = q.list_reports(pending_filter.clone()).await?.into_inner();
+            let any = pending.message().await?.is_some();
+            while pending.message().await?.is_some() {}
+            if !any {
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -811,6 +822,16 @@ struct IngestResult {
     catch_up: (Duration, Duration),
     disk_bytes: u64,
     encoded_bytes: u64,
+    /// The 1-minute load average when the agents started and once the correlation caught up.
+    load: (String, String),
+}
+
+/// The 1-minute load average (Linux), or `?`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn ingest_run(
@@ -862,7 +883,7 @@ fn ingest_run(
     let (runs, cpu_before) = rt.block_on(async {
         go.wait().await;
         // Every agent has had its welcome: from here on both processes only ingest.
-        let cpu_before = (collector.cpu(), cpu_time("self").unwrap_or_default());
+        let cpu_before = (collector.cpu(), cpu_time("self").unwrap_or_default(), load_average());
         let mut runs = Vec::new();
         for task in tasks {
             runs.push(task.await??);
@@ -898,6 +919,7 @@ fn ingest_run(
         let s = q.status(v1::StatusRequest {}).await?.into_inner();
         anyhow::Ok((s.resets + s.flows, decided, catch_up))
     })?;
+    let load = (cpu_before.2, load_average());
     if let Some(path) = &args.dump_reports {
         let path = path.with_extension(format!("{agents}-agents"));
         dump_reports(&path, decided.clone()).with_context(|| format!("writing {}", path.display()))?;
@@ -924,6 +946,7 @@ fn ingest_run(
         catch_up,
         disk_bytes,
         encoded_bytes,
+        load,
     })
 }
 
@@ -1713,6 +1736,14 @@ fn main() -> Result<()> {
                 100.0 * r.bench_cpu.as_secs_f64() / r.wall.as_secs_f64()
             ));
         }
+        let loads: Vec<String> =
+            results.iter().map(|r| format!("{} agent(s) {} → {}", r.agents, r.load.0, r.load.1)).collect();
+        line(String::new());
+        line(format!(
+            "Load average (1 min) from the start of each run to the end of its catch-up: {} (other work \
+             on the machine takes CPU from the collector).",
+            loads.join(", ")
+        ));
     }
 
     if part("breakdown") && args.breakdown_batches > 0 {
