@@ -513,15 +513,19 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
     async move {
         let store = hub.store()?;
         let now = now_ns();
-        hub.correlation().hello(&hello);
-        let durable_seq = blocking(move || {
-            // The correlation needs the agent's addresses again after a collector restart,
-            // before the agent says hello anew.
-            store.set_meta(
-                &crate::live::local_meta_key(&hello.agent_name),
-                &crate::live::join_addresses(&hello.local_addresses),
-            )?;
-            store.hello(&hello, now)
+        let durable_seq = blocking({
+            let hub = hub.clone();
+            move || {
+                // Off the async threads: taking the correlation waits for a decision in progress.
+                hub.correlation().hello(&hello);
+                // The correlation needs the agent's addresses again after a collector restart,
+                // before the agent says hello anew.
+                store.set_meta(
+                    &crate::live::local_meta_key(&hello.agent_name),
+                    &crate::live::join_addresses(&hello.local_addresses),
+                )?;
+                store.hello(&hello, now)
+            }
         })
         .await?;
         info!(durable_seq, "Agent connected.");
