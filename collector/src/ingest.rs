@@ -637,11 +637,6 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
 /// (about a second of ingest at full speed; some 100 MB at the most).
 const MAX_QUEUED_FOR_CORRELATION: usize = 200_000;
 
-/// Whether a feeder started by an acknowledgement is waiting for the engine (one is enough; a
-/// flag for the process rather than per collector, which only means that in a process running
-/// several collectors one of them may wait for its ticker instead).
-static FEEDER_WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
 async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
     let Written { order, mut batch, pending } = written;
@@ -670,19 +665,8 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             // acknowledgement waits for the correlation's work, never for its timer. Not awaited:
             // the queue is emptied when the feeder starts, and the feeding itself (a second or
             // so for a full queue) must not hold up this stream's acknowledgements.
-            if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION && !FEEDER_WAITING.swap(true, Ordering::AcqRel) {
-                let feeder = hub.clone();
-                tokio::task::spawn_blocking(move || {
-                    // Cleared also if feeding panics, so that later acknowledgements start one.
-                    struct Done;
-                    impl Drop for Done {
-                        fn drop(&mut self) {
-                            FEEDER_WAITING.store(false, Ordering::Release);
-                        }
-                    }
-                    let _done = Done;
-                    drop(feeder.correlation());
-                });
+            if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION {
+                hub.feed_correlation_soon();
             }
             hub.inbox.room_below(MAX_QUEUED_FOR_CORRELATION).await;
             Ok(durable_seq)

@@ -85,6 +85,8 @@ pub struct Hub {
     correlation: std::sync::Mutex<LiveCorrelation>,
     /// Stored batches on their way to the correlation.
     pub inbox: Inbox,
+    /// Whether a feeder started by [`Hub::feed_correlation_soon`] waits for the engine.
+    feeder_waiting: std::sync::atomic::AtomicBool,
     /// Becomes true when the collector stops: long-lived streams end then, so that the
     /// server's graceful shutdown does not wait for agents to hang up.
     closing: watch::Sender<bool>,
@@ -108,6 +110,7 @@ impl Hub {
             limits,
             correlation: std::sync::Mutex::new(correlation),
             inbox,
+            feeder_waiting: std::sync::atomic::AtomicBool::new(false),
             closing: watch::channel(false).0,
         })
     }
@@ -176,6 +179,29 @@ impl Hub {
         let mut correlation = self.correlation.lock().unwrap_or_else(|p| p.into_inner());
         correlation.feed_from(&self.inbox);
         correlation
+    }
+
+    /// Feeds the queued batches to the engine on a blocking thread, as soon as a decision in
+    /// progress lets go of it, instead of at the ticker's next turn (which may be a second
+    /// away). Not awaited: the queue is taken when the feeder gets the engine. One feeder waits
+    /// at a time; later calls meanwhile do nothing.
+    pub fn feed_correlation_soon(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.feeder_waiting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let hub = self.clone();
+        tokio::task::spawn_blocking(move || {
+            /// Clears the flag also if feeding panics, so that later calls start a feeder.
+            struct Done(Arc<Hub>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.feeder_waiting.store(false, Ordering::Release);
+                }
+            }
+            let done = Done(hub);
+            drop(done.0.correlation());
+        });
     }
 
     /// Ends every ingest and follow stream (with `UNAVAILABLE`, so agents reconnect later).
