@@ -200,17 +200,17 @@ impl Coverage {
     /// Whether [`Coverage::gap_until`] finds no gap, without putting one in words (most
     /// callers only ask whether the agent vouches).
     pub fn covers_until(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> bool {
-        self.covering_run(from, until, vouched_ns).is_some() && self.loss_within(from, until).is_none()
+        self.run_covers(from, until, vouched_ns) && self.loss_within(from, until).is_none()
     }
 
-    /// The run (the last one extended to `vouched_ns`) that covers `[from, until]`, if any.
-    fn covering_run(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> Option<(i64, i64)> {
+    /// Whether one run (the last one extended to `vouched_ns`) covers `[from, until]`.
+    fn run_covers(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> bool {
         let last = self.runs.len().wrapping_sub(1);
         let extended = |(i, r): (usize, &(i64, i64))| match vouched_ns {
             Some(v) if i == last => (r.0, r.1.max(v)),
             _ => *r,
         };
-        self.runs.iter().enumerate().map(extended).find(|r| r.0 <= from && until <= r.1)
+        self.runs.iter().enumerate().map(extended).any(|r| r.0 <= from && until <= r.1)
     }
 
     /// The first reported loss overlapping `[from, until]`, if any.
@@ -221,15 +221,14 @@ impl Coverage {
     /// [`Coverage::gap`] with the last run reaching on to `vouched_ns` where that is later: a
     /// listed watermark that vouches for the connection in question ([`Listed`]).
     pub fn gap_until(&self, from: i64, until: i64, vouched_ns: Option<i64>) -> Option<String> {
-        let Some(run) = self.covering_run(from, until, vouched_ns) else {
+        if !self.run_covers(from, until, vouched_ns) {
             let wm = self.watermark_ns().map(|w| vouched_ns.map_or(w, |v| w.max(v)));
             return Some(match wm {
                 None => "it has sent no watermark".to_string(),
                 Some(wm) if wm < until => format!("its capture ends at {} (watermark)", pb::ts_text(wm)),
                 Some(_) => "its capture was not running then".to_string(),
             });
-        };
-        let _ = run;
+        }
         self.loss_within(from, until)
             .map(|l| format!("it reported capture loss from {} to {} ({})", pb::ts_text(l.0), pb::ts_text(l.1), l.2))
     }
