@@ -220,9 +220,9 @@ impl QueryService {
     /// The store first chooses the reports from its bucket entries alone, which is cheap, so the
     /// answer is counted (and refused when too big) before any report is read. A blocking task
     /// then reads the chosen reports one bucket (10 s of report time) after another and hands
-    /// each bucket on at once, so the client decodes the first rows while the server reads the
-    /// rest: reading and decoding overlap instead of adding up (a listing of 40k reports used to
-    /// wait for all its pages, about 100 ms, before its first row).
+    /// them on in chunks of a few hundred, so the client decodes the first rows while the
+    /// server reads the rest: reading and decoding overlap instead of adding up (a listing of
+    /// 40k reports used to wait for all its pages, about 100 ms, before its first row).
     async fn report_stream(&self, selection: &Selection) -> Result<EncodedStream, Status> {
         let max = self.hub.limits.max_list;
         let mut query = selection.query.clone();

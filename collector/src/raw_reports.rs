@@ -74,7 +74,7 @@ impl<U: prost::Message + Default + Send + 'static> Codec for EncodedCodec<U> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// `ListReports` over the encoded listing of [`QueryService::encoded_reports`].
+/// `ListReports` over the encoded listing of [`QueryService::encoded_listing`].
 struct ListReportsEncoded(QueryService);
 
 impl tonic::server::ServerStreamingService<v1::ResetFilter> for ListReportsEncoded {

@@ -107,16 +107,13 @@ pub struct EncodedReport {
     pub bytes: Bytes,
 }
 
-/// A bucket's start and the report keys chosen in it (ascending).
-type BucketKeys = (i64, Vec<Vec<u8>>);
-
-/// One bucket of a [`ReportListing`]: its start and the keys chosen in it.
+/// One bucket of a [`ReportListing`]: its start and the report keys chosen in it (ascending).
 pub type ListedBucket = (i64, Vec<Vec<u8>>);
 
 /// Reports chosen by [`Store::report_listing`], per bucket of report time, oldest first.
 #[derive(Debug, Default)]
 pub struct ReportListing {
-    buckets: Vec<BucketKeys>,
+    buckets: Vec<ListedBucket>,
 }
 
 impl ReportListing {
@@ -568,6 +565,12 @@ fn bucket_start(ts_ns: i64) -> i64 {
     ts_ns.div_euclid(BUCKET_NS).saturating_mul(BUCKET_NS)
 }
 
+/// A report key's time and id (what [`report_key`] put together).
+fn split_report_key(key: &[u8]) -> (i64, String) {
+    let (ts, id) = key.split_at(8.min(key.len()));
+    (ts_from_bytes(ts.try_into().unwrap_or_default()), String::from_utf8_lossy(id).into_owned())
+}
+
 fn report_key(ts_ns: i64, id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(8 + id.len());
     key.extend_from_slice(&ts_bytes(ts_ns));
@@ -864,22 +867,14 @@ impl Store {
     /// entries; an id stored under two times, after a crash in the middle of moving it, comes
     /// twice). For the correlation after a restart: the reports it may decide again.
     pub fn stored_report_times(&self, since_ns: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        let start = ts_bytes(bucket_start(since_ns.max(0))).to_vec();
-        let mut out = Vec::new();
-        for bucket in by_bucket(self.inner.reports.buckets.range(start..), self) {
-            let (start, values) = bucket?;
-            let (live, broken) = values.live();
-            if broken {
-                self.corrupt("report_buckets", &ts_bytes(start), "malformed entry");
-            }
-            for (entry, _) in live {
-                let ts = entry.ts_ns();
-                if ts >= since_ns {
-                    out.push((String::from_utf8_lossy(&entry.key[8..]).into_owned(), ts));
-                }
-            }
-        }
-        Ok(out)
+        let listing = self.report_listing(&ResetQuery { since_ns: Some(since_ns), ..Default::default() })?;
+        Ok(listing
+            .buckets
+            .iter()
+            .flat_map(|(_, keys)| keys)
+            .map(|key| split_report_key(key))
+            .map(|(ts, id)| (id, ts))
+            .collect())
     }
 
     /// Adds a call's reports to bucket `start` (the writer lock held): records at the end of
@@ -1070,7 +1065,7 @@ impl Store {
         let selected = self.select_reports(q)?;
         let mut out = Vec::with_capacity(selected.iter().map(|(_, keys)| keys.len()).sum());
         for (start, keys) in selected {
-            self.read_reports(start, &keys, |key, page, range| match v1::ResetReport::decode(&page[range]) {
+            self.read_reports(start, &keys, |key, body| match v1::ResetReport::decode(body) {
                 Ok(report) => out.push(report),
                 Err(_) => self.corrupt("report_pages", key, "undecodable ResetReport"),
             })?;
@@ -1078,19 +1073,9 @@ impl Store {
         Ok(out)
     }
 
-    /// The same as [`Store::reports`], each report as stored: its protobuf encoding, for a
-    /// server that passes it on without decoding and encoding it again.
-    pub fn encoded_reports(&self, q: &ResetQuery) -> Result<Vec<EncodedReport>, StoreError> {
-        let listing = self.report_listing(q)?;
-        let mut out = Vec::with_capacity(listing.len());
-        for bucket in listing.buckets() {
-            out.extend(self.read_listed(bucket)?);
-        }
-        Ok(out)
-    }
-
-    /// The reports `q` selects, chosen but not read yet: [`Store::read_listed`] reads them a
-    /// bucket at a time. Choosing costs a scan of the buckets' entries only, so a server can
+    /// The reports `q` selects (as [`Store::reports`] does), chosen but not read yet:
+    /// [`Store::read_listed`] reads them a bucket at a time, each as stored (its protobuf
+    /// encoding, for a server that passes it on without decoding and encoding it again). Choosing costs a scan of the buckets' entries only, so a server can
     /// count the answer (and refuse one too big) before reading any report, and then stream
     /// it while the client decodes the first buckets.
     pub fn report_listing(&self, q: &ResetQuery) -> Result<ReportListing, StoreError> {
@@ -1103,19 +1088,17 @@ impl Store {
     pub fn read_listed(&self, bucket: &ListedBucket) -> Result<Vec<EncodedReport>, StoreError> {
         let (start, keys) = bucket;
         let mut out = Vec::with_capacity(keys.len());
-        self.read_reports(*start, keys, |key, page, range| {
-            let (ts, id) = key.split_at(8);
-            let ts_ns = ts_from_bytes(ts.try_into().unwrap_or_default());
-            let id = String::from_utf8_lossy(id).into_owned();
+        self.read_reports(*start, keys, |key, body| {
+            let (ts_ns, id) = split_report_key(key);
             // Copied out of the page: a slice would keep the whole page (32 kB) alive while the
             // answer waits to be sent, for perhaps one small report of it.
-            out.push(EncodedReport { ts_ns, id, bytes: Bytes::copy_from_slice(&page[range]) });
+            out.push(EncodedReport { ts_ns, id, bytes: Bytes::copy_from_slice(body) });
         })?;
         Ok(out)
     }
 
     /// The keys of the reports `q` selects, per bucket (ascending), buckets ascending.
-    fn select_reports(&self, q: &ResetQuery) -> Result<Vec<BucketKeys>, StoreError> {
+    fn select_reports(&self, q: &ResetQuery) -> Result<Vec<ListedBucket>, StoreError> {
         if q.after.is_some() {
             return Err(StoreError::Invalid("`after` is a cursor of raw resets, not of reports".into()));
         }
@@ -1147,7 +1130,7 @@ impl Store {
         let backwards = q.last.is_some();
         let items: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
             if backwards { Box::new(range.rev()) } else { Box::new(range) };
-        let mut selected: Vec<BucketKeys> = Vec::new();
+        let mut selected: Vec<ListedBucket> = Vec::new();
         let mut total = 0usize;
         for bucket in by_bucket(items, self) {
             let (start, values) = bucket?;
@@ -1185,7 +1168,7 @@ impl Store {
         &self,
         start: i64,
         keys: &[Vec<u8>],
-        mut found: impl FnMut(&[u8], &sled::IVec, Range<usize>),
+        mut found: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), StoreError> {
         let mut hits: Vec<Option<(sled::IVec, Range<usize>)>> = vec![None; keys.len()];
         for item in self.inner.reports.pages.scan_prefix(ts_bytes(start)) {
@@ -1202,7 +1185,7 @@ impl Store {
         }
         for (key, hit) in keys.iter().zip(hits) {
             if let Some((page, range)) = hit {
-                found(key, &page, range);
+                found(key, &page[range]);
             }
         }
         Ok(())
@@ -1211,8 +1194,8 @@ impl Store {
     /// The stored report with this id and time, if any.
     pub fn report(&self, id: &str, ts_ns: i64) -> Result<Option<v1::ResetReport>, StoreError> {
         let mut out = None;
-        self.read_reports(bucket_start(ts_ns), &[report_key(ts_ns, id)], |_, page, range| {
-            out = v1::ResetReport::decode(&page[range]).ok();
+        self.read_reports(bucket_start(ts_ns), &[report_key(ts_ns, id)], |_, body| {
+            out = v1::ResetReport::decode(body).ok();
         })?;
         Ok(out)
     }

@@ -1320,7 +1320,9 @@ fn assert_reports_are(store: &Store, model: &BTreeMap<(i64, String), v1::ResetRe
     assert_eq!(report_ids(store, &ResetQuery { last: Some(3), ..q() }), last, "{when}: last 3");
     let first: Vec<String> = expected.iter().take(4).cloned().collect();
     assert_eq!(report_ids(store, &ResetQuery { limit: Some(4), ..q() }), first, "{when}: limit 4");
-    let encoded = store.encoded_reports(&q()).expect("encoded");
+    let listing = store.report_listing(&q()).expect("listing");
+    let encoded: Vec<EncodedReport> =
+        listing.buckets().flat_map(|bucket| store.read_listed(bucket).expect("read")).collect();
     assert_eq!(encoded.len(), model.len(), "{when}: encoded");
     assert_eq!(store.status().expect("status").reports, model.len() as u64, "{when}: count");
     for ((ts, id), report) in model.iter().step_by(37) {
