@@ -55,7 +55,7 @@ use rstscope_proto::v1::{
 };
 use rstscope_proto::{Endpoint, FlowKey};
 use rstscope_tests::gen::SplitMix64;
-use rstscope_tests::machine::{command_output, cpu_time, proc_field};
+use rstscope_tests::machine::{self, command_output, cpu_time, proc_field};
 use tokio::sync::{mpsc, Barrier};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -826,12 +826,9 @@ struct IngestResult {
     load: (String, String),
 }
 
-/// The 1-minute load average (Linux), or `?`.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
+/// The 1-minute load average (the first of [`machine::load_average`]), or `?`.
+fn load_average_1min() -> String {
+    machine::load_average().split_whitespace().next().unwrap_or("?").to_string()
 }
 
 fn ingest_run(
@@ -883,7 +880,7 @@ fn ingest_run(
     let (runs, cpu_before) = rt.block_on(async {
         go.wait().await;
         // Every agent has had its welcome: from here on both processes only ingest.
-        let cpu_before = (collector.cpu(), cpu_time("self").unwrap_or_default(), load_average());
+        let cpu_before = (collector.cpu(), cpu_time("self").unwrap_or_default(), load_average_1min());
         let mut runs = Vec::new();
         for task in tasks {
             runs.push(task.await??);
@@ -919,7 +916,7 @@ fn ingest_run(
         let s = q.status(v1::StatusRequest {}).await?.into_inner();
         anyhow::Ok((s.resets + s.flows, decided, catch_up))
     })?;
-    let load = (cpu_before.2, load_average());
+    let load = (cpu_before.2, load_average_1min());
     if let Some(path) = &args.dump_reports {
         let path = path.with_extension(format!("{agents}-agents"));
         dump_reports(&path, decided.clone()).with_context(|| format!("writing {}", path.display()))?;
