@@ -24,7 +24,7 @@ use crate::wire::{self, Segment, Skip};
 /// waits on a full channel, so every batch costs a wake-up on both sides: 1024 segments (112 KB,
 /// under 1 MB with all batches in flight) halved the system time of 256 and cut the wall time
 /// of a 10M-packet file by about a tenth; 4096 (past the L2 cache) was slower again.
-const BATCH: usize = 1024;
+pub const BATCH: usize = 1024;
 /// Batches in flight between the threads (bounds memory and lets the reader run ahead).
 const IN_FLIGHT: usize = 8;
 /// Packets between two progress reports.

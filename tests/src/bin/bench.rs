@@ -9,7 +9,7 @@
 //! that drift hits every stage alike, the median of `--runs` of: (a) a bare libpcap read loop,
 //! the floor; (b) the agent's own file reader plus `wire::parse`; (c) (b) plus the flow tracker,
 //! i.e. full tracking and RST extraction; (d) `tcpdump` with a RST filter and `argus` as external
-//! processes on the same file. Then (e) peak memory per tracked flow with 1M concurrent
+//! processes on the same file; on request (t) the tracker alone, on one thread. Then (e) peak memory per tracked flow with 1M concurrent
 //! connections (peak RSS growth, cross-checked with a counting global allocator).
 //!
 //! Every stage gets wall time (what the targets are about) and CPU time (user + system of the
@@ -116,7 +116,8 @@ struct Args {
     #[arg(long)]
     capture: Option<PathBuf>,
     /// Only these stages, comma-separated, of a (libpcap), b (parse), c (track), d (external
-    /// tools), e (memory).
+    /// tools), e (memory), and t (the tracker alone on segments parsed beforehand, not run by
+    /// default: a diagnostic for c's tracker thread).
     #[arg(long, default_value = "a,b,c,d,e")]
     only: String,
     /// Directory for the generated captures (default: a new one under the system temp dir).
@@ -224,6 +225,44 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
     }
     black_box(acc);
     Ok(c)
+}
+
+/// (t) The tracker alone, on one thread, on segments parsed beforehand (not timed): what the
+/// tracker thread of (c) costs without the reader, the hand-off and the other core.
+fn tracker_alone(path: &Path) -> Result<(Counts, Took)> {
+    let name = path.to_str().context("capture path is not UTF-8")?;
+    let mut src = FileSource::open(name)?;
+    let mut segments = Vec::new();
+    loop {
+        match src.next_packet() {
+            Ok(Poll::Packet(p)) => {
+                if let Ok(seg) = wire::parse(p.link_type, p.ts_ns, p.data) {
+                    segments.push(seg);
+                }
+            }
+            Ok(Poll::Idle) | Err(_) => {}
+            Ok(Poll::End) => break,
+        }
+    }
+    let mut c = Counts { packets: segments.len() as u64, segments: segments.len() as u64, ..Counts::default() };
+    let (_, took) = timed(|| {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let (mut resets, mut flows) = (0u64, 0u64);
+        let mut sink = |ev: Event| match ev {
+            Event::Reset(_) => resets += 1,
+            Event::Flow(_) => flows += 1,
+            Event::Open(_) => {}
+        };
+        for batch in segments.chunks(rstscope_agent::pipeline::BATCH) {
+            tracker.on_segments(batch, &mut sink);
+        }
+        tracker.finish_all(&mut sink);
+        c.records = tracker.stats().flows;
+        c.resets = resets;
+        c.flows = flows;
+        Ok(())
+    })?;
+    Ok((c, took))
 }
 
 /// CPU time (user + system) from `/proc/self/stat`: this process's (all threads) and that of
@@ -404,14 +443,15 @@ struct Scenario {
     libpcap: Stage,
     parse: Stage,
     track: Stage,
+    alone: Stage,
     tcpdump: Stage,
     argus: Stage,
 }
 
 /// Measures stages a to d on `capture`, interleaved run by run.
-fn measure(capture: &Path, runs: usize, stage: &dyn Fn(&str) -> bool) -> Result<[Stage; 5]> {
+fn measure(capture: &Path, runs: usize, stage: &dyn Fn(&str) -> bool) -> Result<[Stage; 6]> {
     let cap = capture.to_str().context("capture path is not UTF-8")?.to_string();
-    let [mut libpcap, mut parse, mut track, mut tcpdump, mut argus] = <[Stage; 5]>::default();
+    let [mut libpcap, mut parse, mut track, mut alone, mut tcpdump, mut argus] = <[Stage; 6]>::default();
     let mut tool_failed = [false; 2];
     for run in 0..runs {
         eprintln!("  run {}/{runs}", run + 1);
@@ -429,6 +469,11 @@ fn measure(capture: &Path, runs: usize, stage: &dyn Fn(&str) -> bool) -> Result<
             let (c, took) = timed(|| agent_pipeline(capture, true))?;
             track.runs.push(took);
             track.note = format!("{} RST events, {} flow summaries, {} records", c.resets, c.flows, c.records);
+        }
+        if stage("t") {
+            let (c, took) = tracker_alone(capture)?;
+            alone.runs.push(took);
+            alone.note = format!("{} RST events, {} flow summaries, {} records", c.resets, c.flows, c.records);
         }
         if stage("d") {
             let filter = "tcp[tcpflags] & tcp-rst != 0";
@@ -454,7 +499,7 @@ fn measure(capture: &Path, runs: usize, stage: &dyn Fn(&str) -> bool) -> Result<
             }
         }
     }
-    Ok([libpcap, parse, track, tcpdump, argus])
+    Ok([libpcap, parse, track, alone, tcpdump, argus])
 }
 
 fn percent(floor: Option<Duration>, d: Option<Duration>) -> String {
@@ -535,7 +580,7 @@ fn main() -> Result<()> {
     // (a)–(d), one capture at a time (the 10M full-frame file alone is several GB).
     let mut scenarios = Vec::new();
     // `--only e` measures memory alone: no throughput captures (the 10M one is several GB).
-    let throughput = ["a", "b", "c", "d"].iter().any(|s| stage(s));
+    let throughput = ["a", "b", "c", "d", "t"].iter().any(|s| stage(s));
     let plan: Vec<(u64, u32)> = match &args.capture {
         _ if !throughput => Vec::new(),
         Some(_) => vec![(0, 0)],
@@ -563,13 +608,13 @@ fn main() -> Result<()> {
             }
         };
         eprintln!("measuring {label}");
-        let [libpcap, parse, track, tcpdump, argus] = measure(&capture, runs, &stage)?;
+        let [libpcap, parse, track, alone, tcpdump, argus] = measure(&capture, runs, &stage)?;
         let n = if packets > 0 {
             packets
         } else {
             libpcap.note.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
         };
-        scenarios.push(Scenario { description, label, packets: n, libpcap, parse, track, tcpdump, argus });
+        scenarios.push(Scenario { description, label, packets: n, libpcap, parse, track, alone, tcpdump, argus });
         if !args.keep && args.capture.is_none() {
             let _ = std::fs::remove_file(&capture);
         }
@@ -661,14 +706,20 @@ fn main() -> Result<()> {
         line("| stage | wall (median) | packets/s | vs bare libpcap | CPU (median) | CPU vs libpcap | notes |".into());
         line("|---|---:|---:|---:|---:|---:|---|".into());
         let (pw, pc) = (s.libpcap.wall(), s.libpcap.cpu());
-        let rows: [(&str, &Stage); 5] = [
-            ("a. bare libpcap loop (`pcap` crate, `next_packet`)", &s.libpcap),
-            ("b. parse only (`FileSource` + `wire::parse`)", &s.parse),
-            ("c. full tracking and RST extraction (b + `flow::Tracker`, the agent's two-thread loop)", &s.track),
-            ("d. `tcpdump -r FILE -w /dev/null 'tcp[tcpflags] & tcp-rst != 0'`", &s.tcpdump),
-            ("d. `argus -r FILE -w /dev/null`", &s.argus),
+        // (t) is a diagnostic: its row only when it ran.
+        let alone = (!s.alone.runs.is_empty()).then_some((
+            "t. the tracker alone, one thread, on segments parsed beforehand (c's tracker thread)",
+            &s.alone,
+        ));
+        let rows = [
+            Some(("a. bare libpcap loop (`pcap` crate, `next_packet`)", &s.libpcap)),
+            Some(("b. parse only (`FileSource` + `wire::parse`)", &s.parse)),
+            Some(("c. full tracking and RST extraction (b + `flow::Tracker`, the agent's two-thread loop)", &s.track)),
+            alone,
+            Some(("d. `tcpdump -r FILE -w /dev/null 'tcp[tcpflags] & tcp-rst != 0'`", &s.tcpdump)),
+            Some(("d. `argus -r FILE -w /dev/null`", &s.argus)),
         ];
-        for (name, st) in rows {
+        for (name, st) in rows.into_iter().flatten() {
             let pps = st.wall().map_or("n/a".into(), |d| fmt_rate(rate(s.packets, d)));
             line(format!(
                 "| {name} | {} | {pps} | {} | {} | {} | {} |",
