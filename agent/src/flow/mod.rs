@@ -238,6 +238,35 @@ struct Lookup {
     mutations: u64,
 }
 
+/// A segment with the part of its record's look-up that needs no tracker state: its connection
+/// key and that key's index hash. [`KeyHasher::keyed`] makes it; the file pipeline does so on its
+/// reader thread, so that the tracker thread, the slower half of that pipeline, only probes its
+/// table (canonical key, compact form and hash were a tenth of the tracker thread's work).
+#[derive(Clone, Copy, Debug)]
+pub struct Keyed {
+    /// The segment.
+    pub segment: Segment,
+    key: FlowKey,
+    hash: u64,
+}
+
+/// Makes [`Keyed`] segments for one tracker: a copy of its index hasher, from
+/// [`Tracker::key_hasher`]. What it makes is only meaningful to that tracker (another one hashes
+/// differently).
+#[derive(Clone, Debug)]
+pub struct KeyHasher {
+    hasher: DefaultHashBuilder,
+}
+
+impl KeyHasher {
+    /// `segment` with its key and index hash.
+    pub fn keyed(&self, segment: Segment) -> Keyed {
+        let key = FlowKey::new(segment.src, segment.dst);
+        let hash = index_hash(&self.hasher, &SlotKey::of(&key));
+        Keyed { segment, key, hash }
+    }
+}
+
 /// The index's hash of a key, from its compact form, so that rehashing can hash a record's own
 /// fields instead of rebuilding its full key (see [`record_hash`]).
 fn index_hash(hasher: &DefaultHashBuilder, compact: &Compact) -> u64 {
@@ -538,15 +567,7 @@ impl Tracker {
         let mut chunks = segments.chunks_exact(LOOKAHEAD);
         for chunk in &mut chunks {
             let lookups: [Lookup; LOOKAHEAD] = std::array::from_fn(|i| self.look_up(&chunk[i]));
-            let mut warm = 0u32;
-            for l in &lookups {
-                if let Some(c) = l.found.and_then(|i| self.slab[i as usize].as_ref()) {
-                    // Touch each cache line the update will need; the loads of different
-                    // segments are independent, so the CPU runs them in parallel.
-                    warm ^= c.halves[0].pkts ^ c.halves[1].pkts ^ c.zeek.touch() ^ c.start_ns as u32;
-                }
-            }
-            std::hint::black_box(warm);
+            self.warm(&lookups);
             for (seg, lookup) in chunk.iter().zip(lookups.iter()) {
                 self.process(seg, Some(lookup), out);
             }
@@ -556,6 +577,40 @@ impl Tracker {
         }
     }
 
+    /// [`Tracker::on_segments`] for segments keyed beforehand by this tracker's
+    /// [`Tracker::key_hasher`] (on another thread, say): the same events, less work here.
+    pub fn on_keyed(&mut self, batch: &[Keyed], out: &mut impl FnMut(Event)) {
+        let mut chunks = batch.chunks_exact(LOOKAHEAD);
+        for chunk in &mut chunks {
+            let lookups: [Lookup; LOOKAHEAD] = std::array::from_fn(|i| self.look_up_keyed(&chunk[i]));
+            self.warm(&lookups);
+            for (keyed, lookup) in chunk.iter().zip(lookups.iter()) {
+                self.process(&keyed.segment, Some(lookup), out);
+            }
+        }
+        for keyed in chunks.remainder() {
+            let lookup = self.look_up_keyed(keyed);
+            self.process(&keyed.segment, Some(&lookup), out);
+        }
+    }
+
+    /// What [`Tracker::on_keyed`] needs to key segments: a copy of the index hasher.
+    pub fn key_hasher(&self) -> KeyHasher {
+        KeyHasher { hasher: self.hasher.clone() }
+    }
+
+    /// Touches each cache line the updates of `lookups`' records will need; the loads of
+    /// different segments are independent, so the CPU runs them in parallel.
+    fn warm(&self, lookups: &[Lookup]) {
+        let mut warm = 0u32;
+        for l in lookups {
+            if let Some(c) = l.found.and_then(|i| self.slab[i as usize].as_ref()) {
+                warm ^= c.halves[0].pkts ^ c.halves[1].pkts ^ c.zeek.touch() ^ c.start_ns as u32;
+            }
+        }
+        std::hint::black_box(warm);
+    }
+
     /// The look-up of `seg`'s record, as the index stands now.
     fn look_up(&self, seg: &Segment) -> Lookup {
         let key = FlowKey::new(seg.src, seg.dst);
@@ -563,6 +618,14 @@ impl Tracker {
         let hash = index_hash(&self.hasher, &compact);
         let found = self.find(&compact, hash);
         Lookup { key, hash, found, mutations: self.mutations }
+    }
+
+    /// [`Tracker::look_up`] of a segment keyed beforehand.
+    fn look_up_keyed(&self, keyed: &Keyed) -> Lookup {
+        let compact = SlotKey::of(&keyed.key);
+        debug_assert_eq!(keyed.hash, index_hash(&self.hasher, &compact), "keyed by another tracker's hasher");
+        let found = self.find(&compact, keyed.hash);
+        Lookup { key: keyed.key, hash: keyed.hash, found, mutations: self.mutations }
     }
 
     fn find(&self, compact: &Compact, hash: u64) -> Option<u32> {
@@ -1070,6 +1133,43 @@ mod tests {
         let (opens, flows): (Vec<&Event>, Vec<&Event>) = events.iter().partition(|e| matches!(e, Event::Open(_)));
         assert_eq!((opens.len(), flows.len()), (5000, 5000));
         assert!(flows.iter().all(|e| matches!(e, Event::Flow(f) if f.orig_dir.pkts == 1 && f.resp_dir.pkts == 1)));
+    }
+
+    /// Batches, keyed beforehand or not, give exactly the events of one segment at a time, with
+    /// records created, split, reset and ended inside one look-ahead window.
+    #[test]
+    fn batches_keyed_or_not_give_the_events_of_single_segments() {
+        let mut text = String::new();
+        for i in 0..40u32 {
+            let (port, t) = (1 + i % 7, i * 3);
+            text += &match i % 5 {
+                0 => format!("{t}ms > S cport={port}\n"),
+                1 => format!("{t}ms < SA cport={port}\n"),
+                2 => format!("{t}ms > A cport={port}\n"),
+                3 => format!("{t}ms < R cport={port}\n"),
+                _ => format!("{t}ms > FA cport={port}\n"),
+            };
+        }
+        let segs = trace::parse(&text).unwrap();
+        let single = track_all(TrackerConfig { max_flows: 4, ..TrackerConfig::default() }, &segs);
+        let batched = |keyed: bool| {
+            let mut tracker = Tracker::new(TrackerConfig { max_flows: 4, ..TrackerConfig::default() });
+            let hasher = tracker.key_hasher();
+            let mut events = Vec::new();
+            for batch in segs.chunks(LOOKAHEAD + 3) {
+                if keyed {
+                    let batch: Vec<Keyed> = batch.iter().map(|s| hasher.keyed(*s)).collect();
+                    tracker.on_keyed(&batch, &mut |e| events.push(e));
+                } else {
+                    tracker.on_segments(batch, &mut |e| events.push(e));
+                }
+            }
+            tracker.finish_all(&mut |e| events.push(e));
+            events
+        };
+        assert!(resets(&single).len() >= 4);
+        assert_eq!(batched(false), single);
+        assert_eq!(batched(true), single);
     }
 
     /// Regression (fuzzing): times at both ends of the clamp once overflowed `abs()` in the

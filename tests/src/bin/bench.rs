@@ -227,17 +227,20 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
     Ok(c)
 }
 
-/// (t) The tracker alone, on one thread, on segments parsed beforehand (not timed): what the
-/// tracker thread of (c) costs without the reader, the hand-off and the other core.
+/// (t) The tracker alone, on one thread, on segments parsed and keyed beforehand (not timed),
+/// like (c)'s reader thread does: what (c)'s tracker thread costs without the reader, the
+/// hand-off and the other core.
 fn tracker_alone(path: &Path) -> Result<(Counts, Took)> {
     let name = path.to_str().context("capture path is not UTF-8")?;
     let mut src = FileSource::open(name)?;
+    let mut tracker = Tracker::new(TrackerConfig::default());
+    let key_hasher = tracker.key_hasher();
     let mut segments = Vec::new();
     loop {
         match src.next_packet() {
             Ok(Poll::Packet(p)) => {
                 if let Ok(seg) = wire::parse(p.link_type, p.ts_ns, p.data) {
-                    segments.push(seg);
+                    segments.push(key_hasher.keyed(seg));
                 }
             }
             Ok(Poll::Idle) | Err(_) => {}
@@ -246,7 +249,6 @@ fn tracker_alone(path: &Path) -> Result<(Counts, Took)> {
     }
     let mut c = Counts { packets: segments.len() as u64, segments: segments.len() as u64, ..Counts::default() };
     let (_, took) = timed(|| {
-        let mut tracker = Tracker::new(TrackerConfig::default());
         let (mut resets, mut flows) = (0u64, 0u64);
         let mut sink = |ev: Event| match ev {
             Event::Reset(_) => resets += 1,
@@ -254,7 +256,7 @@ fn tracker_alone(path: &Path) -> Result<(Counts, Took)> {
             Event::Open(_) => {}
         };
         for batch in segments.chunks(rstscope_agent::pipeline::BATCH) {
-            tracker.on_segments(batch, &mut sink);
+            tracker.on_keyed(batch, &mut sink);
         }
         tracker.finish_all(&mut sink);
         c.records = tracker.stats().flows;
