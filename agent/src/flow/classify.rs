@@ -337,7 +337,7 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
         ip_id: seg.ip_id,
         checksum: seg.checksum,
         phase,
-        history: conn.zeek.history().to_string(),
+        history: conn.zeek.history().as_str().to_owned(),
         counts: conn.counts(),
         peer_retransmissions: u32::from(peer.rexmit_run()),
         sender_retransmissions: u32::from(sender.rexmit_run()),
@@ -488,11 +488,19 @@ pub fn finalize(event: &mut RstEvent, conn: &Conn) {
 /// RST event. The text is exactly what formatting `ns` scaled to the unit as an `f64` gives
 /// ([`fmt_ns_float`]); the one case where that differs from rounding the integer half away from
 /// zero, an exact tie, goes through the float path (as do times too large for the argument
-/// below).
+/// below). The digits are written by hand too: `format!` was still most of what remained.
 pub(crate) fn fmt_ns(ns: i64) -> String {
     let abs = ns.unsigned_abs();
+    let mut text = String::with_capacity(16);
+    if ns < 0 {
+        text.push('-');
+    }
     let (step_ns, digits, unit) = match abs {
-        0..1_000 => return format!("{ns}ns"),
+        0..1_000 => {
+            push_digits(&mut text, abs, 1);
+            text.push_str("ns");
+            return text;
+        }
         1_000..1_000_000 => (100, 1, "us"),
         1_000_000..1_000_000_000 => (100_000, 1, "ms"),
         _ => (1_000_000, 3, "s"),
@@ -504,9 +512,24 @@ pub(crate) fn fmt_ns(ns: i64) -> String {
         return fmt_ns_float(ns);
     }
     let steps = steps + u64::from(2 * rem > step_ns);
-    let scale = 10u64.pow(digits as u32);
-    let sign = if ns < 0 { "-" } else { "" };
-    format!("{sign}{}.{:0digits$}{unit}", steps / scale, steps % scale)
+    let scale = 10u64.pow(digits);
+    push_digits(&mut text, steps / scale, 1);
+    text.push('.');
+    push_digits(&mut text, steps % scale, digits);
+    text.push_str(unit);
+    text
+}
+
+/// Appends `n` in decimal, zero-padded to at least `width` digits.
+fn push_digits(text: &mut String, mut n: u64, width: u32) {
+    let mut buf = [b'0'; 20];
+    let mut start = buf.len();
+    while n > 0 || buf.len() - start < width as usize {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    text.extend(buf[start..].iter().map(|&d| char::from(d)));
 }
 
 /// [`fmt_ns`] by float formatting, the definition of its text.

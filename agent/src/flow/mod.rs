@@ -1081,7 +1081,7 @@ fn summarise(conn: &Conn, end: FlowEnd) -> FlowSummary {
         start_ns: conn.start_ns,
         end_ns: conn.last_ns,
         conn_state: conn.zeek.conn_state().as_str(),
-        history: conn.zeek.history().to_string(),
+        history: conn.zeek.history().as_str().to_owned(),
         orig_dir: conn.halves[o].summary(conn.counters(o), conn.bytes(o), conn.zeek.orig_bytes()),
         resp_dir: conn.halves[1 - o].summary(conn.counters(1 - o), conn.bytes(1 - o), conn.zeek.resp_bytes()),
         port_reuse: conn.port_reuse(),
