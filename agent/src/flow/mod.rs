@@ -657,15 +657,27 @@ impl Tracker {
 
     /// Moves time forward to `now_ns` (a packet timestamp) and expires what timed out. Live
     /// capture calls this when idle, with the last packet time plus the idle time.
+    ///
+    /// Every packet comes through here and almost always finds nothing due, so the checks are
+    /// inlined into the packet path and the work behind them is not (a call that saves and
+    /// restores the registers of the whole expiry loop cost more than the checks).
+    #[inline]
     pub fn advance(&mut self, now_ns: i64, out: &mut impl FnMut(Event)) {
         if now_ns <= self.now_ns {
             return;
         }
         self.now_ns = now_ns;
-        self.emit_settled(now_ns, out);
-        if now_ns < self.next_due_ns {
-            return;
+        if self.settle_due.peek().is_some_and(|&Reverse((due_ns, _))| now_ns > due_ns) {
+            self.emit_settled(now_ns, out);
         }
+        if now_ns >= self.next_due_ns {
+            self.expire(now_ns, out);
+        }
+    }
+
+    /// The expiry part of [`Tracker::advance`], once a queue entry can be due at `now_ns`.
+    #[inline(never)]
+    fn expire(&mut self, now_ns: i64, out: &mut impl FnMut(Event)) {
         self.next_due_ns = i64::MAX;
         self.parked = [NOT_PARKED; 3];
         let now_s = self.rel_s(now_ns);
@@ -729,6 +741,7 @@ impl Tracker {
     /// Emits the pending RSTs whose settle window the clock has passed (the packet rule of
     /// `apply`: more than the settle time after the RST), before the packet at `now_ns` is
     /// applied, so capture files and live capture emit the same events.
+    #[inline(never)]
     fn emit_settled(&mut self, now_ns: i64, out: &mut impl FnMut(Event)) {
         let settle = self.config.settle_ns.min(self.config.linger_ns);
         while let Some(&Reverse((due_ns, idx))) = self.settle_due.peek() {
@@ -838,8 +851,10 @@ impl Tracker {
     /// A SYN (without ACK) on a finished record, with a new ISN, starts a new connection.
     /// Zeek's rule for splitting a 4-tuple into a new connection record (any SYN once a side
     /// closed, or a SYN with a new ISN), so records line up with conn.log.
+    /// Only SYNs can split (`is_reuse` says no to anything else): asking first keeps the
+    /// record's Zeek state out of reach for the other packets, most of them.
     fn splits(&self, idx: u32, seg: &Segment) -> bool {
-        self.conn(idx).zeek.is_reuse(seg.flags.byte(), seg.seq)
+        seg.flags.syn() && self.conn(idx).zeek.is_reuse(seg.flags.byte(), seg.seq)
     }
 
     /// A split that is port reuse in the vocabulary's sense: a new SYN (new ISN) on a tuple whose
