@@ -260,6 +260,7 @@ pub struct KeyHasher {
 
 impl KeyHasher {
     /// `segment` with its key and index hash.
+    #[inline]
     pub fn keyed(&self, segment: Segment) -> Keyed {
         let key = FlowKey::new(segment.src, segment.dst);
         let hash = index_hash(&self.hasher, &SlotKey::of(&key));
@@ -453,7 +454,7 @@ impl Tracker {
             _ => self.find(&SlotKey::of(key), hash),
         };
         let (idx, created) = match found {
-            Some(idx) if self.splits(idx, seg) => {
+            Some(idx) if seg.flags.syn() && self.splits(idx, seg) => {
                 let port_reuse = self.is_port_reuse(idx, key, seg);
                 self.finish(idx, FlowEnd::Reused, out);
                 let idx = self.create(key, SlotKey::of(key), hash, seg, out);
@@ -851,10 +852,10 @@ impl Tracker {
     /// A SYN (without ACK) on a finished record, with a new ISN, starts a new connection.
     /// Zeek's rule for splitting a 4-tuple into a new connection record (any SYN once a side
     /// closed, or a SYN with a new ISN), so records line up with conn.log.
-    /// Only SYNs can split (`is_reuse` says no to anything else): asking first keeps the
-    /// record's Zeek state out of reach for the other packets, most of them.
+    /// Only SYNs can split (`is_reuse` says no to anything else), so the packet path asks
+    /// only for them.
     fn splits(&self, idx: u32, seg: &Segment) -> bool {
-        seg.flags.syn() && self.conn(idx).zeek.is_reuse(seg.flags.byte(), seg.seq)
+        self.conn(idx).zeek.is_reuse(seg.flags.byte(), seg.seq)
     }
 
     /// A split that is port reuse in the vocabulary's sense: a new SYN (new ISN) on a tuple whose
