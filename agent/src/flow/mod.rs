@@ -224,17 +224,15 @@ impl DueQueue {
 /// Largest timestamp magnitude the tracker works with (ns); see `Tracker::process`.
 pub const TS_LIMIT: i64 = (1 << 62) - 1;
 
-/// Segments looked up together by `on_segments`.
+/// Segments looked up together by `on_keyed`.
 const LOOKAHEAD: usize = 16;
 
-/// A record look-up (see `Tracker::on_segments`): the key, its hash, and what the index held
-/// for it when `Tracker::mutations` was `mutations`. (The compact form is recomputed in the rare
-/// cases that need it again: a smaller look-up is cheaper to move.)
+/// What a batched look-up (see `Tracker::on_keyed`) found for a key when `Tracker::mutations`
+/// was `mutations`. Only this is kept per segment: key and hash stay where the keyed segment
+/// is (copying them into an array of look-ups cost more than the look-ups).
 #[derive(Clone, Copy)]
-struct Lookup {
-    key: FlowKey,
-    hash: u64,
-    found: Option<u32>,
+struct Found {
+    idx: Option<u32>,
     mutations: u64,
 }
 
@@ -412,12 +410,14 @@ impl Tracker {
 
     /// Processes one segment; events that became final are passed to `out`.
     pub fn on_segment(&mut self, seg: &Segment, out: &mut impl FnMut(Event)) {
-        self.process(seg, None, out);
+        let key = FlowKey::new(seg.src, seg.dst);
+        let hash = index_hash(&self.hasher, &SlotKey::of(&key));
+        self.process(seg, &key, hash, None, out);
     }
 
-    /// `on_segment`, optionally with the key, hash and look-up result computed earlier (valid
-    /// while `self.mutations` has not moved since).
-    fn process(&mut self, seg: &Segment, looked_up: Option<&Lookup>, out: &mut impl FnMut(Event)) {
+    /// `on_segment` with the segment's key and index hash, and optionally what a look-up found
+    /// earlier (valid as it stands while `self.mutations` has not moved since).
+    fn process(&mut self, seg: &Segment, key: &FlowKey, hash: u64, found: Option<Found>, out: &mut impl FnMut(Event)) {
         // Times are clamped to +-2^62 ns (1824..2116) so that any difference of two fits in an
         // i64: a crafted capture can claim any timestamp, and time arithmetic must not overflow.
         // (Copying the segment only when it needs clamping keeps a 112-byte copy off every packet.)
@@ -436,21 +436,12 @@ impl Tracker {
             self.stats.bad_ip_checksum += 1;
         }
         self.advance(seg.ts_ns, out);
-        let own;
-        let looked_up = match looked_up {
-            Some(l) => l,
-            None => {
-                own = self.look_up(seg);
-                &own
-            }
-        };
-        let Lookup { ref key, hash, .. } = *looked_up;
-        let found = match looked_up.found {
-            _ if looked_up.mutations == self.mutations => looked_up.found,
+        let found = match found {
+            Some(Found { idx, mutations }) if mutations == self.mutations => idx,
             // Records never move, and a key has one live record at most: a record found before is
             // still the key's if its slot still holds that key. A key found missing may have been
             // created since.
-            Some(idx) if self.holds(idx, &SlotKey::of(key)) => Some(idx),
+            Some(Found { idx: Some(idx), .. }) if self.holds(idx, &SlotKey::of(key)) => Some(idx),
             _ => self.find(&SlotKey::of(key), hash),
         };
         let (idx, created) = match found {
@@ -565,16 +556,14 @@ impl Tracker {
     /// cache misses of the whole batch overlap instead of stalling one packet at a time; once a
     /// table outgrows the CPU cache this is most of the tracker's cost.
     pub fn on_segments(&mut self, segments: &[Segment], out: &mut impl FnMut(Event)) {
+        let hasher = self.key_hasher();
         let mut chunks = segments.chunks_exact(LOOKAHEAD);
         for chunk in &mut chunks {
-            let lookups: [Lookup; LOOKAHEAD] = std::array::from_fn(|i| self.look_up(&chunk[i]));
-            self.warm(&lookups);
-            for (seg, lookup) in chunk.iter().zip(lookups.iter()) {
-                self.process(seg, Some(lookup), out);
-            }
+            let keyed: [Keyed; LOOKAHEAD] = std::array::from_fn(|i| hasher.keyed(chunk[i]));
+            self.on_keyed(&keyed, out);
         }
         for seg in chunks.remainder() {
-            self.process(seg, None, out);
+            self.on_segment(seg, out);
         }
     }
 
@@ -583,15 +572,15 @@ impl Tracker {
     pub fn on_keyed(&mut self, batch: &[Keyed], out: &mut impl FnMut(Event)) {
         let mut chunks = batch.chunks_exact(LOOKAHEAD);
         for chunk in &mut chunks {
-            let lookups: [Lookup; LOOKAHEAD] = std::array::from_fn(|i| self.look_up_keyed(&chunk[i]));
-            self.warm(&lookups);
-            for (keyed, lookup) in chunk.iter().zip(lookups.iter()) {
-                self.process(&keyed.segment, Some(lookup), out);
+            let found: [Option<u32>; LOOKAHEAD] = std::array::from_fn(|i| self.find_keyed(&chunk[i]));
+            let mutations = self.mutations;
+            self.warm(&found);
+            for (keyed, idx) in chunk.iter().zip(found) {
+                self.process(&keyed.segment, &keyed.key, keyed.hash, Some(Found { idx, mutations }), out);
             }
         }
         for keyed in chunks.remainder() {
-            let lookup = self.look_up_keyed(keyed);
-            self.process(&keyed.segment, Some(&lookup), out);
+            self.process(&keyed.segment, &keyed.key, keyed.hash, None, out);
         }
     }
 
@@ -602,31 +591,21 @@ impl Tracker {
 
     /// Touches each cache line the updates of `lookups`' records will need; the loads of
     /// different segments are independent, so the CPU runs them in parallel.
-    fn warm(&self, lookups: &[Lookup]) {
+    fn warm(&self, found: &[Option<u32>]) {
         let mut warm = 0u32;
-        for l in lookups {
-            if let Some(c) = l.found.and_then(|i| self.slab[i as usize].as_ref()) {
+        for idx in found {
+            if let Some(c) = idx.and_then(|i| self.slab[i as usize].as_ref()) {
                 warm ^= c.halves[0].pkts ^ c.halves[1].pkts ^ c.zeek.touch() ^ c.start_ns as u32;
             }
         }
         std::hint::black_box(warm);
     }
 
-    /// The look-up of `seg`'s record, as the index stands now.
-    fn look_up(&self, seg: &Segment) -> Lookup {
-        let key = FlowKey::new(seg.src, seg.dst);
-        let compact = SlotKey::of(&key);
-        let hash = index_hash(&self.hasher, &compact);
-        let found = self.find(&compact, hash);
-        Lookup { key, hash, found, mutations: self.mutations }
-    }
-
-    /// [`Tracker::look_up`] of a segment keyed beforehand.
-    fn look_up_keyed(&self, keyed: &Keyed) -> Lookup {
+    /// The slot of `keyed`'s record, as the index stands now.
+    fn find_keyed(&self, keyed: &Keyed) -> Option<u32> {
         let compact = SlotKey::of(&keyed.key);
         debug_assert_eq!(keyed.hash, index_hash(&self.hasher, &compact), "keyed by another tracker's hasher");
-        let found = self.find(&compact, keyed.hash);
-        Lookup { key: keyed.key, hash: keyed.hash, found, mutations: self.mutations }
+        self.find(&compact, keyed.hash)
     }
 
     fn find(&self, compact: &Compact, hash: u64) -> Option<u32> {
