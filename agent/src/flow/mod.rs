@@ -589,7 +589,7 @@ impl Tracker {
         KeyHasher { hasher: self.hasher.clone() }
     }
 
-    /// Touches each cache line the updates of `lookups`' records will need; the loads of
+    /// Touches each cache line the updates of the `found` records will need; the loads of
     /// different segments are independent, so the CPU runs them in parallel.
     fn warm(&self, found: &[Option<u32>]) {
         let mut warm = 0u32;
@@ -831,6 +831,7 @@ impl Tracker {
     /// A SYN (without ACK) on a finished record, with a new ISN, starts a new connection.
     /// Zeek's rule for splitting a 4-tuple into a new connection record (any SYN once a side
     /// closed, or a SYN with a new ISN), so records line up with conn.log.
+    ///
     /// Only SYNs can split (`is_reuse` says no to anything else), so the packet path asks
     /// only for them.
     fn splits(&self, idx: u32, seg: &Segment) -> bool {
