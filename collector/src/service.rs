@@ -23,7 +23,8 @@ use tonic::Status;
 use crate::auth::TokenCheck;
 use crate::correlate::Config;
 use crate::ingest::{IngestService, LiveAgents, LiveBatch};
-use crate::live::{Inbox, LiveCorrelation};
+use crate::backlog::Inbox;
+use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreConfig, StoreError};
@@ -61,6 +62,9 @@ impl Default for Limits {
     }
 }
 
+/// The file of the correlation's backlog, in the store's directory (see `backlog.rs`).
+pub const BACKLOG_FILE: &str = "correlation-backlog";
+
 /// State shared by the ingest and query services.
 pub struct Hub {
     /// The durable store (`None` while it is reopened); see [`Hub::store`].
@@ -85,6 +89,8 @@ pub struct Hub {
     correlation: std::sync::Mutex<LiveCorrelation>,
     /// Stored batches on their way to the correlation.
     pub inbox: Inbox,
+    /// The ticker's wake-up (the engine's [`LiveCorrelation::wake`], reachable without its lock).
+    correlation_wake: Arc<tokio::sync::Notify>,
     /// Whether a feeder started by [`Hub::feed_correlation_soon`] waits for the engine.
     feeder_waiting: std::sync::atomic::AtomicBool,
     /// Becomes true when the collector stops: long-lived streams end then, so that the
@@ -97,7 +103,8 @@ impl Hub {
     pub fn new(store: Store, limits: Limits) -> Arc<Self> {
         let (live, _) = broadcast::channel(limits.live_buffer.max(1));
         let correlation = LiveCorrelation::new(Config::default());
-        let inbox = Inbox::new(correlation.wake.clone());
+        let correlation_wake = correlation.wake.clone();
+        let inbox = Inbox::new(correlation_wake.clone(), Some(store.config().dir.join(BACKLOG_FILE)));
         Arc::new(Hub {
             store_config: store.config().clone(),
             store: std::sync::RwLock::new(Some(store)),
@@ -110,6 +117,7 @@ impl Hub {
             limits,
             correlation: std::sync::Mutex::new(correlation),
             inbox,
+            correlation_wake,
             feeder_waiting: std::sync::atomic::AtomicBool::new(false),
             closing: watch::channel(false).0,
         })
@@ -179,6 +187,11 @@ impl Hub {
         let mut correlation = self.correlation.lock().unwrap_or_else(|p| p.into_inner());
         correlation.feed_from(&self.inbox);
         correlation
+    }
+
+    /// The ticker's wake-up.
+    pub fn correlation_wake(&self) -> &tokio::sync::Notify {
+        &self.correlation_wake
     }
 
     /// Feeds the queued batches to the engine on a blocking thread, as soon as a decision in
@@ -298,8 +311,16 @@ pub async fn serve(
                         let mut correlation = worker.correlation();
                         let started = Instant::now();
                         let reports = correlation.tick();
-                        (reports, correlation.resume_point(), started.elapsed())
+                        // While batches wait in the backlog's file, events older than the
+                        // resume point may not be fed yet: keep the stored one (a restart
+                        // replays more, never less).
+                        let resume = if worker.inbox.behind() { None } else { correlation.resume_point() };
+                        (reports, resume, started.elapsed())
                     };
+                    if worker.inbox.queued_events() > 0 {
+                        // A backlog is fed in steps: decide again soon rather than at the next period.
+                        worker.correlation_wake().notify_one();
+                    }
                     if !reports.is_empty() {
                         let put = worker
                             .store()
