@@ -250,8 +250,14 @@ pub struct Security {
 
 /// The server could not start or failed.
 #[derive(Debug, thiserror::Error)]
-#[error("gRPC server: {0}")]
-pub struct ServeError(#[from] tonic::transport::Error);
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The correlation's thread could not start.
+    #[error("cannot start the correlation thread: {0}")]
+    Thread(std::io::Error),
+}
 
 /// Serves both services on `listener` until `shutdown` completes, then ends the open streams
 /// and waits for them to close.
@@ -281,6 +287,7 @@ pub async fn serve(
     // Decide what became decidable, a few times a second.
     let ticker = {
         let hub = hub.clone();
+        let decider = crate::low_priority::LowPriority::start("correlation").map_err(ServeError::Thread)?;
         tokio::spawn(async move {
             let mut every = tokio::time::interval(CORRELATE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,7 +311,7 @@ pub async fn serve(
                     () = &mut closed => return,
                 }
                 let worker = hub.clone();
-                let done = tokio::task::spawn_blocking(move || {
+                let done = decider.run(move || {
                     let (reports, resume, took) = {
                         // Feeding the queued batches is ingest's work, not deciding's: only
                         // the decision counts towards the duty cycle.
@@ -340,20 +347,20 @@ pub async fn serve(
                 })
                 .await;
                 match done {
-                    Ok(Ok((n, took))) => {
+                    Some(Ok((n, took))) => {
                         last_took = took;
                         if n > 0 {
                             tracing::debug!(n, "Resets decided.");
                         }
                     }
-                    Ok(Err(error)) => {
+                    Some(Err(error)) => {
                         tracing::warn!(%error, "Cannot store decided resets; will retry.");
                         if error.needs_reopen() {
                             let hub = hub.clone();
                             let _ = tokio::task::spawn_blocking(move || hub.reopen_store_if_broken()).await;
                         }
                     }
-                    _ => {}
+                    None => tracing::error!("A correlation decision panicked; deciding again at the next tick."),
                 }
             }
         })
