@@ -158,7 +158,8 @@ fn read_record(file: &File, record: Record) -> Result<Queued, BacklogError> {
     let mut events = Vec::with_capacity(record.events as usize);
     while !body.is_empty() {
         events.push(
-            v1::Event::decode_length_delimited(&mut body).map_err(|e| BacklogError(format!("decoding an event: {e}")))?,
+            v1::Event::decode_length_delimited(&mut body)
+                .map_err(|e| BacklogError(format!("decoding an event: {e}")))?,
         );
     }
     if events.len() != record.events as usize {
@@ -217,7 +218,11 @@ impl Inbox {
             }
             let spill = state.file.as_mut().expect("opened above");
             spill.file.write_all_at(&record, spill.end)?;
-            spill.records.push_back(Record { offset: spill.end, len: record.len() as u32, events: events.len() as u32 });
+            spill.records.push_back(Record {
+                offset: spill.end,
+                len: record.len() as u32,
+                events: events.len() as u32,
+            });
             spill.end += record.len() as u64;
             spill.events += events.len();
             Ok(())

@@ -680,9 +680,9 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
             debug!(seq, durable_seq, "Batch already stored; acknowledged again.");
             Ok(durable_seq)
         }
-        Appended::Gap { durable_seq } => {
-            Err(Status::failed_precondition(format!("batch {seq} does not follow the last durable batch {durable_seq}")))
-        }
+        Appended::Gap { durable_seq } => Err(Status::failed_precondition(format!(
+            "batch {seq} does not follow the last durable batch {durable_seq}"
+        ))),
     }
 }
 

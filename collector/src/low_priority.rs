@@ -73,7 +73,10 @@ mod tests {
         let worker = LowPriority::start("test-low").unwrap();
         let worker_nice = worker.run(this_threads_priority).await.unwrap();
         // From a caller already above NICE only a privileged process may go back to NICE.
-        assert!(worker_nice == NICE || (before > NICE && worker_nice == before), "the worker's nice value: {worker_nice}");
+        assert!(
+            worker_nice == NICE || (before > NICE && worker_nice == before),
+            "the worker's nice value: {worker_nice}"
+        );
         let mut seen = Vec::new();
         for i in 0..3 {
             seen.push(worker.run(move || i * 10).await.unwrap());

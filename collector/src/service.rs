@@ -21,9 +21,9 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::Status;
 
 use crate::auth::TokenCheck;
+use crate::backlog::Inbox;
 use crate::correlate::Config;
 use crate::ingest::{IngestService, LiveAgents, LiveBatch};
-use crate::backlog::Inbox;
 use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
@@ -235,6 +235,7 @@ impl Hub {
         Gauges {
             agents_connected: self.agents.connected() as u64,
             store_bytes: self.store().and_then(|s| s.status()).map(|s| s.bytes).unwrap_or(0),
+            correlation_backlog_events: self.inbox.queued_events() as u64,
         }
     }
 }
@@ -311,41 +312,42 @@ pub async fn serve(
                     () = &mut closed => return,
                 }
                 let worker = hub.clone();
-                let done = decider.run(move || {
-                    let (reports, resume, took) = {
-                        // Feeding the queued batches is ingest's work, not deciding's: only
-                        // the decision counts towards the duty cycle.
-                        let mut correlation = worker.correlation();
-                        let started = Instant::now();
-                        let reports = correlation.tick();
-                        // While batches wait in the backlog's file, events older than the
-                        // resume point may not be fed yet: keep the stored one (a restart
-                        // replays more, never less).
-                        let resume = if worker.inbox.behind() { None } else { correlation.resume_point() };
-                        (reports, resume, started.elapsed())
-                    };
-                    if worker.inbox.queued_events() > 0 {
-                        // A backlog is fed in steps: decide again soon rather than at the next period.
-                        worker.correlation_wake().notify_one();
-                    }
-                    if !reports.is_empty() {
-                        let put = worker
-                            .store()
-                            .and_then(|s| s.put_decided(reports.iter().map(|r| (&*r.report, r.stored_at.as_slice()))));
-                        if let Err(error) = put {
-                            // Retried with the next tick (the resume point stays where it was).
-                            worker.correlation().not_stored(reports);
-                            return Err(error);
+                let done = decider
+                    .run(move || {
+                        let (reports, resume, took) = {
+                            // Feeding the queued batches is ingest's work, not deciding's: only
+                            // the decision counts towards the duty cycle.
+                            let mut correlation = worker.correlation();
+                            let started = Instant::now();
+                            let reports = correlation.tick();
+                            // While batches wait in the backlog's file, events older than the
+                            // resume point may not be fed yet: keep the stored one (a restart
+                            // replays more, never less).
+                            let resume = if worker.inbox.behind() { None } else { correlation.resume_point() };
+                            (reports, resume, started.elapsed())
+                        };
+                        if worker.inbox.queued_events() > 0 {
+                            // A backlog is fed in steps: decide again soon rather than at the next period.
+                            worker.correlation_wake().notify_one();
                         }
-                    }
-                    if let Some(resume) = resume {
-                        // Written after the reports: sled keeps a prefix of its log, so a
-                        // durable resume point implies the reports before it are durable too.
-                        worker.store()?.set_meta(RESUME_META, &resume.to_be_bytes())?;
-                    }
-                    Ok::<(usize, Duration), StoreError>((reports.len(), took))
-                })
-                .await;
+                        if !reports.is_empty() {
+                            let put = worker.store().and_then(|s| {
+                                s.put_decided(reports.iter().map(|r| (&*r.report, r.stored_at.as_slice())))
+                            });
+                            if let Err(error) = put {
+                                // Retried with the next tick (the resume point stays where it was).
+                                worker.correlation().not_stored(reports);
+                                return Err(error);
+                            }
+                        }
+                        if let Some(resume) = resume {
+                            // Written after the reports: sled keeps a prefix of its log, so a
+                            // durable resume point implies the reports before it are durable too.
+                            worker.store()?.set_meta(RESUME_META, &resume.to_be_bytes())?;
+                        }
+                        Ok::<(usize, Duration), StoreError>((reports.len(), took))
+                    })
+                    .await;
                 match done {
                     Some(Ok((n, took))) => {
                         last_took = took;
