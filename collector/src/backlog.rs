@@ -15,7 +15,7 @@
 //! [`crate::service::serve`] for why it starts early enough).
 //!
 //! Order: the queue is first-in first-out across its three parts. Batches go to memory while
-//! nothing waits in the file and memory holds fewer than [`MEMORY_EVENTS`]; then to the file
+//! nothing waits in the file and memory has room (200k events by default); then to the file
 //! until the file is drained; if the file cannot take a batch (a write error, or
 //! [`FILE_BYTES`] reached) the batch and every later one wait in memory behind the file, and
 //! acknowledgements wait for room in memory as they did before there was a file
@@ -30,17 +30,13 @@ use std::sync::Arc;
 use prost::Message;
 use rstscope_proto::v1;
 
-/// Events held in memory before batches go to the file (about a second of ingest at full
-/// speed; some 100 MB decoded).
+/// Events held in memory before batches go to the file, by default (about a second of ingest
+/// at full speed; some 100 MB decoded). See [`crate::service::Limits::correlation_memory_events`].
 pub const MEMORY_EVENTS: usize = 200_000;
 
 /// The file holds at most this many bytes (some 20M events); beyond it batches wait in memory
 /// and acknowledgements wait for room.
 pub const FILE_BYTES: u64 = 4 << 30;
-
-/// Events a taker reads from the file at once: the engine is fed in steps of about this size
-/// so that decisions (and their reports) keep coming while a long backlog drains.
-pub const FILE_TAKE_EVENTS: usize = 100_000;
 
 /// Whether an event may make something decidable: a RST, or a watermark.
 pub fn is_decisive(e: &v1::Event) -> bool {
@@ -55,6 +51,14 @@ pub struct Inbox {
     state: std::sync::Mutex<State>,
     /// Where the file goes (`None`: no file; batches beyond the memory limit wait).
     file_path: Option<PathBuf>,
+    /// Events held in memory before batches go to the file.
+    memory_events: usize,
+    /// Events a taker reads from the file at once (half of `memory_events`): the engine is fed
+    /// in steps of about this size, so decisions (and their reports) keep coming while a long
+    /// backlog drains.
+    take_events: usize,
+    /// Batches written to the file since the start.
+    filed_batches: std::sync::atomic::AtomicU64,
     /// Notified when memory was taken.
     room: tokio::sync::Notify,
     /// The ticker's wake-up ([`crate::live::LiveCorrelation::wake`]).
@@ -169,13 +173,27 @@ fn read_record(file: &File, record: Record) -> Result<Queued, BacklogError> {
 }
 
 impl Inbox {
-    /// An empty queue that wakes `wake` when a batch may make something decidable, with its
-    /// file at `file_path` (removed now if a previous run left it; `None`: no file).
-    pub fn new(wake: Arc<tokio::sync::Notify>, file_path: Option<PathBuf>) -> Self {
+    /// An empty queue that wakes `wake` when a batch may make something decidable, holds
+    /// `memory_events` in memory, and goes on in a file at `file_path` (removed now if a previous
+    /// run left it; `None`: no file).
+    pub fn new(wake: Arc<tokio::sync::Notify>, file_path: Option<PathBuf>, memory_events: usize) -> Self {
         if let Some(path) = &file_path {
             let _ = std::fs::remove_file(path);
         }
-        Inbox { state: std::sync::Mutex::default(), file_path, room: tokio::sync::Notify::new(), wake }
+        Inbox {
+            state: std::sync::Mutex::default(),
+            file_path,
+            memory_events,
+            take_events: memory_events.div_ceil(2).max(1),
+            filed_batches: Default::default(),
+            room: tokio::sync::Notify::new(),
+            wake,
+        }
+    }
+
+    /// Batches that went to the file since the start.
+    pub fn filed_batches(&self) -> u64 {
+        self.filed_batches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -190,7 +208,7 @@ impl Inbox {
         {
             let mut state = self.state();
             let behind_file = state.file.is_some() || !state.tail.is_empty();
-            if !behind_file && (state.head_events + n <= MEMORY_EVENTS || state.head.is_empty()) {
+            if !behind_file && state.head_events + n <= self.memory_events {
                 state.head_events += n;
                 state.head.push_back((agent, events));
             } else if !state.tail.is_empty() || !self.append_to_file(&mut state, &agent, &events) {
@@ -230,6 +248,7 @@ impl Inbox {
         match result {
             Ok(()) => {
                 state.file_failing = false;
+                self.filed_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 true
             }
             Err(error) => {
@@ -249,15 +268,15 @@ impl Inbox {
         state.head_events + state.tail_events + state.file.as_ref().map_or(0, |f| f.events)
     }
 
-    fn memory_events(&self) -> usize {
+    fn events_in_memory(&self) -> usize {
         let state = self.state();
         state.head_events + state.tail_events
     }
 
-    /// Whether an acknowledgement should wait for the engine: memory holds more than
-    /// [`MEMORY_EVENTS`] because the file cannot take more (or there is none).
+    /// Whether an acknowledgement should wait for the engine: memory holds more than its
+    /// limit because the file cannot take more (or there is none).
     pub fn must_wait(&self) -> bool {
-        self.memory_events() > MEMORY_EVENTS
+        self.events_in_memory() > self.memory_events
     }
 
     /// Whether batches wait in the file (the engine is behind by more than memory holds).
@@ -265,7 +284,7 @@ impl Inbox {
         self.state().file.is_some()
     }
 
-    /// Resolves once memory holds at most [`MEMORY_EVENTS`] events.
+    /// Resolves once memory holds no more than its limit.
     pub async fn room(&self) {
         loop {
             let taken = self.room.notified();
@@ -280,7 +299,7 @@ impl Inbox {
     }
 
     /// Takes the oldest queued batches: everything in memory before the file, else up to
-    /// about [`FILE_TAKE_EVENTS`] from the file, else what waited behind it. Call with the
+    /// about half the memory limit's events from the file, else what waited behind it. Call with the
     /// engine's lock held, and feed the batches (see [`Taken::into_batches`]) before letting
     /// go of it: takers must feed in the order they took.
     pub fn take(&self) -> Taken {
@@ -292,7 +311,7 @@ impl Inbox {
             let mut records = Vec::new();
             let mut events = 0usize;
             while let Some(&record) = spill.records.front() {
-                if events > 0 && events + record.events as usize > FILE_TAKE_EVENTS {
+                if events > 0 && events + record.events as usize > self.take_events {
                     break;
                 }
                 events += record.events as usize;
@@ -332,6 +351,9 @@ impl Inbox {
 mod tests {
     use super::*;
 
+    /// The memory limit of these tests' queues.
+    const LIMIT: usize = 10_000;
+
     fn reset(ts_ns: i64) -> v1::Event {
         v1::Event { kind: Some(v1::event::Kind::Reset(v1::RstEvent { ts_ns, ..Default::default() })) }
     }
@@ -369,7 +391,7 @@ mod tests {
 
     fn inbox_in(dir: &tempfile::TempDir) -> (Inbox, PathBuf) {
         let path = dir.path().join("backlog");
-        (Inbox::new(Arc::new(tokio::sync::Notify::new()), Some(path.clone())), path)
+        (Inbox::new(Arc::new(tokio::sync::Notify::new()), Some(path.clone()), LIMIT), path)
     }
 
     #[test]
@@ -378,7 +400,7 @@ mod tests {
         let (inbox, path) = inbox_in(&dir);
         let a: Arc<str> = Arc::from("edge-1");
         let b: Arc<str> = Arc::from("edge-2");
-        let big = MEMORY_EVENTS / 2;
+        let big = LIMIT / 2;
         inbox.push(a.clone(), batch(0, big));
         inbox.push(b.clone(), batch(1_000_000, big));
         assert!(!inbox.behind(), "memory holds exactly its limit");
@@ -399,7 +421,7 @@ mod tests {
         assert!(!path.exists(), "the drained file is removed");
         assert_eq!(inbox.queued_events(), 0);
         // The next burst starts a new file.
-        inbox.push(a.clone(), batch(0, MEMORY_EVENTS));
+        inbox.push(a.clone(), batch(0, LIMIT));
         inbox.push(a.clone(), batch(4_000_000, 1));
         assert!(path.exists());
         assert_eq!(drain(&inbox).len(), 2);
@@ -410,9 +432,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (inbox, _) = inbox_in(&dir);
         let a: Arc<str> = Arc::from("edge-1");
-        inbox.push(a.clone(), batch(0, MEMORY_EVENTS));
+        inbox.push(a.clone(), batch(0, LIMIT));
         let per_batch = 1000;
-        let batches = 3 * FILE_TAKE_EVENTS / per_batch;
+        let batches = 3 * (LIMIT / 2) / per_batch;
         for i in 0..batches {
             inbox.push(a.clone(), batch(1_000_000 * (i as i64 + 1), per_batch));
         }
@@ -426,7 +448,7 @@ mod tests {
             }
             let (got, error) = taken.into_batches();
             assert!(error.is_none());
-            assert!(times(&got).len() <= FILE_TAKE_EVENTS);
+            assert!(times(&got).len() <= LIMIT / 2);
             seen.extend(times(&got));
             steps += 1;
             assert!(steps <= 10);
@@ -448,7 +470,7 @@ mod tests {
     #[tokio::test]
     async fn decisive_batches_wake_the_ticker() {
         let wake = Arc::new(tokio::sync::Notify::new());
-        let inbox = Inbox::new(wake.clone(), None);
+        let inbox = Inbox::new(wake.clone(), None, LIMIT);
         // A batch of flows alone decides nothing: no wake-up.
         inbox.push("a".into(), vec![flow(), flow()]);
         let woken = tokio::time::timeout(std::time::Duration::from_millis(50), wake.notified()).await;
@@ -465,9 +487,9 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_file_acknowledgements_wait_for_room() {
-        let inbox = Arc::new(Inbox::new(Arc::new(tokio::sync::Notify::new()), None));
+        let inbox = Arc::new(Inbox::new(Arc::new(tokio::sync::Notify::new()), None, LIMIT));
         let a: Arc<str> = Arc::from("edge-1");
-        inbox.push(a.clone(), batch(0, MEMORY_EVENTS));
+        inbox.push(a.clone(), batch(0, LIMIT));
         assert!(!inbox.must_wait());
         tokio::time::timeout(std::time::Duration::from_secs(5), inbox.room()).await.expect("at the limit is room");
         inbox.push(a.clone(), batch(1_000_000, 1));
@@ -478,7 +500,7 @@ mod tests {
         });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "room() resolved over the limit");
-        assert_eq!(times(&inbox.take().into_batches().0).len(), MEMORY_EVENTS, "memory first");
+        assert_eq!(times(&inbox.take().into_batches().0).len(), LIMIT, "memory first");
         tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("room after the take").unwrap();
         assert_eq!(times(&drain(&inbox)), vec![1_000_000]);
         assert!(!inbox.must_wait());
@@ -489,10 +511,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A directory where the file should be: opening it for writing fails.
         let path = dir.path().join("backlog");
-        let inbox = Inbox::new(Arc::new(tokio::sync::Notify::new()), Some(path.clone()));
+        let inbox = Inbox::new(Arc::new(tokio::sync::Notify::new()), Some(path.clone()), LIMIT);
         std::fs::create_dir(&path).unwrap();
         let a: Arc<str> = Arc::from("edge-1");
-        inbox.push(a.clone(), batch(0, MEMORY_EVENTS));
+        inbox.push(a.clone(), batch(0, LIMIT));
         inbox.push(a.clone(), batch(1_000_000, 2));
         assert!(inbox.must_wait(), "the file failed: acknowledgements wait");
         std::fs::remove_dir(&path).unwrap();
@@ -500,8 +522,8 @@ mod tests {
         inbox.push(a.clone(), batch(2_000_000, 1));
         assert!(!path.exists());
         let all = times(&drain(&inbox));
-        assert_eq!(all.len(), MEMORY_EVENTS + 3);
-        assert_eq!(&all[MEMORY_EVENTS..], &[1_000_000, 1_000_001, 2_000_000]);
+        assert_eq!(all.len(), LIMIT + 3);
+        assert_eq!(&all[LIMIT..], &[1_000_000, 1_000_001, 2_000_000]);
     }
 
     #[test]
@@ -509,7 +531,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (inbox, path) = inbox_in(&dir);
         let a: Arc<str> = Arc::from("edge-1");
-        inbox.push(a.clone(), batch(0, MEMORY_EVENTS));
+        inbox.push(a.clone(), batch(0, LIMIT));
         inbox.push(a.clone(), batch(1_000_000, 2));
         inbox.push(a.clone(), batch(2_000_000, 2));
         inbox.take();

@@ -46,6 +46,9 @@ pub struct Limits {
     pub live_buffer: usize,
     /// Records buffered per follower.
     pub follow_buffer: usize,
+    /// Stored events queued in memory for the correlation; beyond them the queue goes on in a
+    /// file in the store's directory (see `backlog.rs`).
+    pub correlation_memory_events: usize,
 }
 
 impl Default for Limits {
@@ -58,6 +61,7 @@ impl Default for Limits {
             max_list: 1_000_000,
             live_buffer: 4096,
             follow_buffer: 256,
+            correlation_memory_events: crate::backlog::MEMORY_EVENTS,
         }
     }
 }
@@ -104,7 +108,11 @@ impl Hub {
         let (live, _) = broadcast::channel(limits.live_buffer.max(1));
         let correlation = LiveCorrelation::new(Config::default());
         let correlation_wake = correlation.wake.clone();
-        let inbox = Inbox::new(correlation_wake.clone(), Some(store.config().dir.join(BACKLOG_FILE)));
+        let inbox = Inbox::new(
+            correlation_wake.clone(),
+            Some(store.config().dir.join(BACKLOG_FILE)),
+            limits.correlation_memory_events,
+        );
         Arc::new(Hub {
             store_config: store.config().clone(),
             store: std::sync::RwLock::new(Some(store)),
