@@ -304,14 +304,21 @@ pub async fn serve(
             let closed = hub.closed();
             tokio::pin!(closed);
             // How long the last decision took: the next one waits at least a few times that,
-            // so deciding on every ingested batch never takes more than a fraction of a core.
+            // so deciding on every ingested batch never takes more than a fraction of a core;
+            // except while batches wait in the queue's file, when each decision follows a feed
+            // of many events and catching up matters more (the thread's low priority already
+            // leaves the cores to ingest first).
             let mut last_took = Duration::ZERO;
             loop {
                 tokio::select! {
                     _ = every.tick() => {}
                     () = wake.notified() => {
                         // Batches of several agents often come together: decide once for them.
-                        let gap = CORRELATE_MIN_GAP.max(last_took * CORRELATE_DUTY).min(CORRELATE_MAX_GAP);
+                        let gap = if hub.inbox.behind() {
+                            CORRELATE_MIN_GAP
+                        } else {
+                            CORRELATE_MIN_GAP.max(last_took * CORRELATE_DUTY).min(CORRELATE_MAX_GAP)
+                        };
                         tokio::select! {
                             () = tokio::time::sleep(gap) => {}
                             () = &mut closed => return,
