@@ -633,18 +633,17 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
     Ok(Written { order, batch, pending })
 }
 
-/// Events stored but not yet fed to the correlation beyond which acknowledgements wait
-/// (about a second of ingest at full speed; some 100 MB at the most).
-const MAX_QUEUED_FOR_CORRELATION: usize = 200_000;
-
-/// Waits until a written batch is durable, publishes it, and returns the number to acknowledge.
+/// Waits until a written batch is durable, publishes it, queues it for the correlation, and
+/// returns the number to acknowledge.
 async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
     let Written { order, mut batch, pending } = written;
     let already_stored = pending.already_stored().to_vec();
     let store = hub.store()?;
-    let appended = blocking(move || store.make_durable(pending)).await?;
-    match appended {
-        Appended::Stored { durable_seq } => {
+    let worker = hub.clone();
+    // On a blocking thread: the fsync, and the correlation's queue may write to its file.
+    let (appended, seq) = blocking(move || {
+        let appended = store.make_durable(pending)?;
+        if let Appended::Stored { .. } = appended {
             // Events the store already held (an agent restarted mid-file sends them again) are
             // not passed on: followers and the correlation see each event once, as stored.
             if !already_stored.is_empty() {
@@ -654,30 +653,35 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
                     already_stored.binary_search(&(position - 1)).is_err()
                 });
             }
-            Metrics::bump(&hub.metrics.batches, 1);
-            Metrics::bump(&hub.metrics.events_in, batch.events.len() as u64);
+            Metrics::bump(&worker.metrics.batches, 1);
+            Metrics::bump(&worker.metrics.events_in, batch.events.len() as u64);
             debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
-            publish(&hub, order, &agent, &batch.events);
-            hub.inbox.push(agent, batch.events);
-            // Back-pressure: a correlation far behind holds the acknowledgement. The ticker may
-            // be storing reports or sleeping until its next turn (up to a second) meanwhile: a
-            // feeder takes the engine as soon as a decision in progress lets go of it, so an
-            // acknowledgement waits for the correlation's work, never for its timer. Not awaited:
-            // the queue is emptied when the feeder starts, and the feeding itself (a second or
-            // so for a full queue) must not hold up this stream's acknowledgements.
-            if hub.inbox.queued_events() >= MAX_QUEUED_FOR_CORRELATION {
+            publish(&worker, order, &agent, &batch.events);
+            worker.inbox.push(agent, batch.events);
+        }
+        Ok((appended, batch.seq))
+    })
+    .await?;
+    match appended {
+        Appended::Stored { durable_seq } => {
+            // Back-pressure only when the correlation's queue cannot take more without waiting
+            // (its file failed; see `backlog.rs`). The ticker may be storing reports or sleeping
+            // until its next turn (up to a second) meanwhile: a feeder takes the engine as soon
+            // as a decision in progress lets go of it, so an acknowledgement waits for the
+            // correlation's work, never for its timer. Not awaited: the queue is taken when the
+            // feeder starts, and the feeding itself must not hold up this stream's acknowledgements.
+            if hub.inbox.must_wait() {
                 hub.feed_correlation_soon();
+                hub.inbox.room().await;
             }
-            hub.inbox.room_below(MAX_QUEUED_FOR_CORRELATION).await;
             Ok(durable_seq)
         }
         Appended::Duplicate { durable_seq } => {
-            debug!(seq = batch.seq, durable_seq, "Batch already stored; acknowledged again.");
+            debug!(seq, durable_seq, "Batch already stored; acknowledged again.");
             Ok(durable_seq)
         }
         Appended::Gap { durable_seq } => Err(Status::failed_precondition(format!(
-            "batch {} does not follow the last durable batch {durable_seq}",
-            batch.seq
+            "batch {seq} does not follow the last durable batch {durable_seq}"
         ))),
     }
 }
@@ -712,6 +716,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backlog::MEMORY_EVENTS;
 
     fn endpoint(ip: &[u8], port: u32) -> Option<v1::Endpoint> {
         Some(v1::Endpoint { ip: ip.to_vec(), port })
@@ -889,20 +894,50 @@ mod tests {
         );
     }
 
-    /// With no ticker at all (none runs here), an acknowledgement beyond the inbox's limit
-    /// feeds the engine itself instead of waiting for a ticker to take the queue.
-    #[tokio::test]
-    async fn a_full_inbox_is_fed_from_ingest() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store and a hub over it in a new directory.
+    fn hub_in(dir: &tempfile::TempDir) -> Arc<Hub> {
         let store = crate::store::Store::open(crate::store::StoreConfig::new(dir.path())).unwrap();
-        let hub = Hub::new(store, crate::service::Limits::default());
+        Hub::new(store, crate::service::Limits::default())
+    }
+
+    /// With no ticker at all (none runs here), an acknowledgement beyond the memory of the
+    /// correlation's queue goes to its file and comes back without anything being fed.
+    #[tokio::test]
+    async fn beyond_the_queues_memory_acknowledgements_do_not_wait_for_the_correlation() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = hub_in(&dir);
         let agent: Arc<str> = Arc::from("edge-1");
-        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MAX_QUEUED_FOR_CORRELATION]);
+        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MEMORY_EVENTS]);
+        let written = write_batch(&hub, batch_of(reset()), &agent, "b1").await.unwrap();
+        let acked = tokio::time::timeout(Duration::from_secs(30), acknowledge(hub.clone(), agent, written)).await;
+        assert_eq!(acked.expect("the acknowledgement waited").unwrap(), 1);
+        assert!(hub.inbox.behind(), "the batch went to the file");
+        assert_eq!(hub.inbox.queued_events(), MEMORY_EVENTS + 1, "nothing was fed");
+        // The engine takes memory first, then the file.
+        drop(hub.correlation());
+        assert_eq!(hub.inbox.queued_events(), 1);
+        drop(hub.correlation());
+        assert_eq!(hub.inbox.queued_events(), 0);
+        assert!(!hub.inbox.behind(), "the file was drained");
+    }
+
+    /// When the file cannot be written, an acknowledgement beyond the queue's memory feeds the
+    /// engine itself instead of waiting for a ticker to take the queue.
+    #[tokio::test]
+    async fn without_the_file_a_full_queue_is_fed_from_ingest() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file would be: it cannot be opened for writing.
+        std::fs::create_dir(dir.path().join(crate::service::BACKLOG_FILE)).unwrap();
+        let hub = hub_in(&dir);
+        let agent: Arc<str> = Arc::from("edge-1");
+        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MEMORY_EVENTS]);
         let written = write_batch(&hub, batch_of(reset()), &agent, "b1").await.unwrap();
         let acked = tokio::time::timeout(Duration::from_secs(30), acknowledge(hub.clone(), agent, written)).await;
         assert_eq!(acked.expect("the acknowledgement waited for a ticker").unwrap(), 1);
-        // Only the engine takes the queue (and feeds what it took).
-        assert_eq!(hub.inbox.queued_events(), 0, "the engine was fed");
+        assert!(!hub.inbox.behind());
+        // Only the engine takes the queue (and feeds what it took): the memory part went, the
+        // batch behind it waits for the next taker.
+        assert_eq!(hub.inbox.queued_events(), 1, "the engine was fed");
     }
 
     #[test]

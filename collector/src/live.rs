@@ -1,9 +1,9 @@
 //! Live correlation: the engine of [`crate::correlate`] fed from ingest, decided on a timer.
 //!
 //! Ingest hands every durably stored batch to the engine (after the store, so nothing is
-//! correlated that a crash could lose) through an [`Inbox`]: the batch is queued and
-//! acknowledged at once, and whoever takes the engine next feeds it the queue first, so an
-//! acknowledgement never waits for a decision in progress. A ticker calls [`LiveCorrelation::tick`]
+//! correlated that a crash could lose) through an [`Inbox`] (see `backlog.rs`): the batch is
+//! queued and acknowledged at once, and whoever takes the engine next feeds it the queue first,
+//! so an acknowledgement never waits for a decision in progress. A ticker calls [`LiveCorrelation::tick`]
 //! when a batch brought a RST or a watermark (see [`LiveCorrelation::wake`]), and at least
 //! every few hundred milliseconds: what became decidable (every relevant agent's watermark
 //! passed the RST plus the settle window) is decided once, kept, and published to followers.
@@ -31,7 +31,7 @@
 //!   tick, naming their own times as well (a failed call may have written some of them), and
 //!   the resume point is not written until they are stored.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -39,6 +39,7 @@ use ipnet::IpNet;
 use rstscope_proto::v1;
 use tokio::sync::broadcast;
 
+use crate::backlog::{is_decisive, Inbox};
 use crate::correlate::{ClockEstimate, Config, Correlator};
 use crate::pb;
 use crate::query::Selection;
@@ -93,87 +94,6 @@ struct Restored {
     newest_rst_ns: i64,
 }
 
-/// Whether an event may make something decidable: a RST, or a watermark.
-fn is_decisive(e: &v1::Event) -> bool {
-    matches!(e.kind, Some(v1::event::Kind::Reset(_)) | Some(v1::event::Kind::Watermark(_)))
-}
-
-/// Stored batches queued for the engine.
-///
-/// Why: the engine sits behind one lock, held by the ticker for a whole decision (tens of
-/// milliseconds to seconds under load). Ingest used to feed it directly before acknowledging,
-/// so every acknowledgement waited for the decision in progress, on a runtime thread. Now
-/// ingest queues the batch here and acknowledges; [`crate::service::Hub::correlation`] feeds
-/// the queue to the engine whenever the engine is taken, so every reader (the ticker, pending
-/// listings, connection views) sees every acknowledged batch as before. The queue is bounded
-/// only by waiting: an acknowledgement waits while more than a limit of events are queued
-/// ([`Inbox::room_below`]), so a correlation far behind slows ingest instead of filling memory.
-pub struct Inbox {
-    queue: std::sync::Mutex<Queued>,
-    /// Notified when the queue was taken.
-    room: tokio::sync::Notify,
-    /// The ticker's wake-up ([`LiveCorrelation::wake`]).
-    wake: Arc<tokio::sync::Notify>,
-}
-
-#[derive(Default)]
-struct Queued {
-    batches: VecDeque<(Arc<str>, Vec<v1::Event>)>,
-    events: usize,
-}
-
-impl Inbox {
-    /// An empty queue that wakes `wake` when a batch may make something decidable.
-    pub fn new(wake: Arc<tokio::sync::Notify>) -> Self {
-        Inbox { queue: std::sync::Mutex::default(), room: tokio::sync::Notify::new(), wake }
-    }
-
-    fn queue(&self) -> std::sync::MutexGuard<'_, Queued> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues a stored batch of one agent.
-    pub fn push(&self, agent: Arc<str>, events: Vec<v1::Event>) {
-        let decisive = events.iter().any(is_decisive);
-        {
-            let mut queue = self.queue();
-            queue.events += events.len();
-            queue.batches.push_back((agent, events));
-        }
-        if decisive {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Events queued now.
-    pub fn queued_events(&self) -> usize {
-        self.queue().events
-    }
-
-    /// Resolves once fewer than `limit` events are queued.
-    pub async fn room_below(&self, limit: usize) {
-        loop {
-            let taken = self.room.notified();
-            tokio::pin!(taken);
-            // Registered before the check, so a take in between is not missed.
-            taken.as_mut().enable();
-            if self.queued_events() < limit {
-                return;
-            }
-            taken.await;
-        }
-    }
-
-    /// Takes everything queued.
-    fn take(&self) -> VecDeque<(Arc<str>, Vec<v1::Event>)> {
-        let batches = std::mem::take(&mut *self.queue()).batches;
-        if !batches.is_empty() {
-            self.room.notify_waiters();
-        }
-        batches
-    }
-}
-
 /// A replay starts this long before the oldest undecided RST (connection openings before it).
 const REPLAY_CONTEXT_NS: i64 = 600_000_000_000;
 
@@ -223,11 +143,16 @@ impl LiveCorrelation {
     /// Feeds everything queued in `inbox`, in the order it was queued (the events move into
     /// the engine).
     pub fn feed_from(&mut self, inbox: &Inbox) {
-        for (agent, events) in inbox.take() {
+        let (batches, error) = inbox.take().into_batches();
+        for (agent, events) in batches {
             let a = self.engine.agent(&agent, &[]);
             for e in events {
                 self.engine.ingest_owned(a, e);
             }
+        }
+        if let Some(error) = error {
+            // The events are in the store; a restart's replay feeds them again.
+            tracing::error!(%error, "Batches queued for the correlation were lost; their resets are decided after a restart.");
         }
     }
 
@@ -454,15 +379,6 @@ pub fn report_matches(selection: &Selection, r: &v1::ResetReport) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    fn watermark(ts_ns: i64) -> v1::Event {
-        v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, ..Default::default() })) }
-    }
-
-    fn flow() -> v1::Event {
-        v1::Event { kind: Some(v1::event::Kind::Flow(v1::FlowSummary::default())) }
-    }
 
     const S: i64 = 1_000_000_000;
     const MS: i64 = 1_000_000;
@@ -579,35 +495,5 @@ mod tests {
         assert_eq!(third[0].stored_at, [second.ts_ns], "the stored time, once the first move is durable");
         put(&store, &third);
         assert_eq!(store.reports(&ResetQuery::default()).expect("reports").len(), 1);
-    }
-
-    #[tokio::test]
-    async fn the_inbox_keeps_order_wakes_the_ticker_for_decisive_batches_and_holds_acks_while_full() {
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let inbox = Arc::new(Inbox::new(wake.clone()));
-
-        // A batch of flows alone decides nothing: no wake-up.
-        inbox.push("a".into(), vec![flow(), flow()]);
-        let woken = tokio::time::timeout(Duration::from_millis(50), wake.notified()).await;
-        assert!(woken.is_err(), "flows alone woke the ticker");
-        // A watermark may: wake-up.
-        inbox.push("b".into(), vec![watermark(5)]);
-        inbox.push("a".into(), vec![watermark(7)]);
-        tokio::time::timeout(Duration::from_secs(5), wake.notified()).await.expect("a watermark wakes the ticker");
-        assert_eq!(inbox.queued_events(), 4);
-
-        // Over the limit, an acknowledgement waits until the queue is taken.
-        let waiting = tokio::spawn({
-            let inbox = inbox.clone();
-            async move { inbox.room_below(3).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "room_below resolved with 4 events queued and a limit of 3");
-        let taken: Vec<(String, usize)> = inbox.take().into_iter().map(|(a, e)| (a.to_string(), e.len())).collect();
-        assert_eq!(taken, [("a".to_string(), 2), ("b".to_string(), 1), ("a".to_string(), 1)], "queue order");
-        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("room after the take").unwrap();
-        assert_eq!(inbox.queued_events(), 0);
-        // Under the limit it does not wait at all.
-        tokio::time::timeout(Duration::from_secs(5), inbox.room_below(1)).await.expect("an empty queue has room");
     }
 }

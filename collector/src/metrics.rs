@@ -29,6 +29,8 @@ pub struct Gauges {
     pub agents_connected: u64,
     /// Bytes the store occupies on disk.
     pub store_bytes: u64,
+    /// Stored events the correlation has not taken yet (see `backlog.rs`).
+    pub correlation_backlog_events: u64,
 }
 
 impl Metrics {
@@ -39,7 +41,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of the counters and gauges.
     pub fn render(&self, gauges: Gauges) -> String {
-        let rows: [(&str, &str, &str, u64); 5] = [
+        let rows: [(&str, &str, &str, u64); 6] = [
             (
                 "rstscope_collector_events_in_total",
                 "counter",
@@ -60,6 +62,12 @@ impl Metrics {
                 gauges.agents_connected,
             ),
             ("rstscope_collector_store_bytes", "gauge", "Bytes the store occupies on disk.", gauges.store_bytes),
+            (
+                "rstscope_collector_correlation_backlog_events",
+                "gauge",
+                "Stored events queued for the correlation (verdicts lag behind ingest while it is high).",
+                gauges.correlation_backlog_events,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
@@ -97,7 +105,7 @@ mod tests {
         let metrics = Metrics::default();
         Metrics::bump(&metrics.events_in, 3);
         Metrics::bump(&metrics.batches, 1);
-        let text = metrics.render(Gauges { agents_connected: 2, store_bytes: 4096 });
+        let text = metrics.render(Gauges { agents_connected: 2, store_bytes: 4096, correlation_backlog_events: 7 });
         assert!(
             text.contains("# TYPE rstscope_collector_events_in_total counter\nrstscope_collector_events_in_total 3\n")
         );
@@ -107,5 +115,6 @@ mod tests {
             text.contains("# TYPE rstscope_collector_agents_connected gauge\nrstscope_collector_agents_connected 2\n")
         );
         assert!(text.contains("rstscope_collector_store_bytes 4096\n"));
+        assert!(text.contains("# TYPE rstscope_collector_correlation_backlog_events gauge\nrstscope_collector_correlation_backlog_events 7\n"));
     }
 }

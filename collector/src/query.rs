@@ -525,6 +525,7 @@ impl v1::query_server::Query for QueryService {
             flows: status.flows,
             store_bytes: status.bytes,
             agents: status.agents,
+            correlation_backlog_events: self.hub.inbox.queued_events() as u64,
         }))
     }
 }

@@ -21,9 +21,10 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::Status;
 
 use crate::auth::TokenCheck;
+use crate::backlog::Inbox;
 use crate::correlate::Config;
 use crate::ingest::{IngestService, LiveAgents, LiveBatch};
-use crate::live::{Inbox, LiveCorrelation};
+use crate::live::LiveCorrelation;
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreConfig, StoreError};
@@ -45,6 +46,9 @@ pub struct Limits {
     pub live_buffer: usize,
     /// Records buffered per follower.
     pub follow_buffer: usize,
+    /// Stored events queued in memory for the correlation; beyond them the queue goes on in a
+    /// file in the store's directory (see `backlog.rs`).
+    pub correlation_memory_events: usize,
 }
 
 impl Default for Limits {
@@ -57,9 +61,13 @@ impl Default for Limits {
             max_list: 1_000_000,
             live_buffer: 4096,
             follow_buffer: 256,
+            correlation_memory_events: crate::backlog::MEMORY_EVENTS,
         }
     }
 }
+
+/// The file of the correlation's backlog, in the store's directory (see `backlog.rs`).
+pub const BACKLOG_FILE: &str = "correlation-backlog";
 
 /// State shared by the ingest and query services.
 pub struct Hub {
@@ -85,6 +93,8 @@ pub struct Hub {
     correlation: std::sync::Mutex<LiveCorrelation>,
     /// Stored batches on their way to the correlation.
     pub inbox: Inbox,
+    /// The ticker's wake-up (the engine's [`LiveCorrelation::wake`], reachable without its lock).
+    correlation_wake: Arc<tokio::sync::Notify>,
     /// Whether a feeder started by [`Hub::feed_correlation_soon`] waits for the engine.
     feeder_waiting: std::sync::atomic::AtomicBool,
     /// Becomes true when the collector stops: long-lived streams end then, so that the
@@ -97,7 +107,12 @@ impl Hub {
     pub fn new(store: Store, limits: Limits) -> Arc<Self> {
         let (live, _) = broadcast::channel(limits.live_buffer.max(1));
         let correlation = LiveCorrelation::new(Config::default());
-        let inbox = Inbox::new(correlation.wake.clone());
+        let correlation_wake = correlation.wake.clone();
+        let inbox = Inbox::new(
+            correlation_wake.clone(),
+            Some(store.config().dir.join(BACKLOG_FILE)),
+            limits.correlation_memory_events,
+        );
         Arc::new(Hub {
             store_config: store.config().clone(),
             store: std::sync::RwLock::new(Some(store)),
@@ -110,6 +125,7 @@ impl Hub {
             limits,
             correlation: std::sync::Mutex::new(correlation),
             inbox,
+            correlation_wake,
             feeder_waiting: std::sync::atomic::AtomicBool::new(false),
             closing: watch::channel(false).0,
         })
@@ -181,6 +197,11 @@ impl Hub {
         correlation
     }
 
+    /// The ticker's wake-up.
+    pub fn correlation_wake(&self) -> &tokio::sync::Notify {
+        &self.correlation_wake
+    }
+
     /// Feeds the queued batches to the engine on a blocking thread, as soon as a decision in
     /// progress lets go of it, instead of at the ticker's next turn (which may be a second
     /// away). Not awaited: the queue is taken when the feeder gets the engine. One feeder waits
@@ -222,6 +243,7 @@ impl Hub {
         Gauges {
             agents_connected: self.agents.connected() as u64,
             store_bytes: self.store().and_then(|s| s.status()).map(|s| s.bytes).unwrap_or(0),
+            correlation_backlog_events: self.inbox.queued_events() as u64,
         }
     }
 }
@@ -237,8 +259,14 @@ pub struct Security {
 
 /// The server could not start or failed.
 #[derive(Debug, thiserror::Error)]
-#[error("gRPC server: {0}")]
-pub struct ServeError(#[from] tonic::transport::Error);
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The correlation's thread could not start.
+    #[error("cannot start the correlation thread: {0}")]
+    Thread(std::io::Error),
+}
 
 /// Serves both services on `listener` until `shutdown` completes, then ends the open streams
 /// and waits for them to close.
@@ -268,6 +296,7 @@ pub async fn serve(
     // Decide what became decidable, a few times a second.
     let ticker = {
         let hub = hub.clone();
+        let decider = crate::low_priority::LowPriority::start("correlation").map_err(ServeError::Thread)?;
         tokio::spawn(async move {
             let mut every = tokio::time::interval(CORRELATE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -275,14 +304,21 @@ pub async fn serve(
             let closed = hub.closed();
             tokio::pin!(closed);
             // How long the last decision took: the next one waits at least a few times that,
-            // so deciding on every ingested batch never takes more than a fraction of a core.
+            // so deciding on every ingested batch never takes more than a fraction of a core;
+            // except while batches wait in the queue's file, when each decision follows a feed
+            // of many events and catching up matters more (the thread's low priority already
+            // leaves the cores to ingest first).
             let mut last_took = Duration::ZERO;
             loop {
                 tokio::select! {
                     _ = every.tick() => {}
                     () = wake.notified() => {
                         // Batches of several agents often come together: decide once for them.
-                        let gap = CORRELATE_MIN_GAP.max(last_took * CORRELATE_DUTY).min(CORRELATE_MAX_GAP);
+                        let gap = if hub.inbox.behind() {
+                            CORRELATE_MIN_GAP
+                        } else {
+                            CORRELATE_MIN_GAP.max(last_took * CORRELATE_DUTY).min(CORRELATE_MAX_GAP)
+                        };
                         tokio::select! {
                             () = tokio::time::sleep(gap) => {}
                             () = &mut closed => return,
@@ -291,48 +327,57 @@ pub async fn serve(
                     () = &mut closed => return,
                 }
                 let worker = hub.clone();
-                let done = tokio::task::spawn_blocking(move || {
-                    let (reports, resume, took) = {
-                        // Feeding the queued batches is ingest's work, not deciding's: only
-                        // the decision counts towards the duty cycle.
-                        let mut correlation = worker.correlation();
-                        let started = Instant::now();
-                        let reports = correlation.tick();
-                        (reports, correlation.resume_point(), started.elapsed())
-                    };
-                    if !reports.is_empty() {
-                        let put = worker
-                            .store()
-                            .and_then(|s| s.put_decided(reports.iter().map(|r| (&*r.report, r.stored_at.as_slice()))));
-                        if let Err(error) = put {
-                            // Retried with the next tick (the resume point stays where it was).
-                            worker.correlation().not_stored(reports);
-                            return Err(error);
+                let done = decider
+                    .run(move || {
+                        let (reports, resume, took) = {
+                            // Feeding the queued batches is ingest's work, not deciding's: only
+                            // the decision counts towards the duty cycle.
+                            let mut correlation = worker.correlation();
+                            let started = Instant::now();
+                            let reports = correlation.tick();
+                            // While batches wait in the backlog's file, events older than the
+                            // resume point may not be fed yet: keep the stored one (a restart
+                            // replays more, never less).
+                            let resume = if worker.inbox.behind() { None } else { correlation.resume_point() };
+                            (reports, resume, started.elapsed())
+                        };
+                        if worker.inbox.queued_events() > 0 {
+                            // A backlog is fed in steps: decide again soon rather than at the next period.
+                            worker.correlation_wake().notify_one();
                         }
-                    }
-                    if let Some(resume) = resume {
-                        // Written after the reports: sled keeps a prefix of its log, so a
-                        // durable resume point implies the reports before it are durable too.
-                        worker.store()?.set_meta(RESUME_META, &resume.to_be_bytes())?;
-                    }
-                    Ok::<(usize, Duration), StoreError>((reports.len(), took))
-                })
-                .await;
+                        if !reports.is_empty() {
+                            let put = worker.store().and_then(|s| {
+                                s.put_decided(reports.iter().map(|r| (&*r.report, r.stored_at.as_slice())))
+                            });
+                            if let Err(error) = put {
+                                // Retried with the next tick (the resume point stays where it was).
+                                worker.correlation().not_stored(reports);
+                                return Err(error);
+                            }
+                        }
+                        if let Some(resume) = resume {
+                            // Written after the reports: sled keeps a prefix of its log, so a
+                            // durable resume point implies the reports before it are durable too.
+                            worker.store()?.set_meta(RESUME_META, &resume.to_be_bytes())?;
+                        }
+                        Ok::<(usize, Duration), StoreError>((reports.len(), took))
+                    })
+                    .await;
                 match done {
-                    Ok(Ok((n, took))) => {
+                    Some(Ok((n, took))) => {
                         last_took = took;
                         if n > 0 {
                             tracing::debug!(n, "Resets decided.");
                         }
                     }
-                    Ok(Err(error)) => {
+                    Some(Err(error)) => {
                         tracing::warn!(%error, "Cannot store decided resets; will retry.");
                         if error.needs_reopen() {
                             let hub = hub.clone();
                             let _ = tokio::task::spawn_blocking(move || hub.reopen_store_if_broken()).await;
                         }
                     }
-                    _ => {}
+                    None => tracing::error!("A correlation decision panicked; deciding again at the next tick."),
                 }
             }
         })

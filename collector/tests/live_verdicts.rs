@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rstscope_collector::service::{Limits, Security};
 use rstscope_proto::v1::{self, agent_message, event, AgentMessage};
 
 /// The server agent at 192.0.2.1 and the client agent at 198.51.100.7, told their addresses.
@@ -52,8 +53,20 @@ async fn reports(collector: &TestCollector) -> Vec<v1::ResetReport> {
 
 #[tokio::test]
 async fn two_agents_get_end_to_end_and_injected_verdicts() {
+    two_agents_verdicts(Limits::default(), 0).await;
+}
+
+/// The same with no room in memory for the correlation's queue: every batch goes through its
+/// file (`backlog.rs`) and the verdicts are the same.
+#[tokio::test]
+async fn verdicts_are_the_same_when_every_batch_waits_in_the_correlations_file() {
+    two_agents_verdicts(Limits { correlation_memory_events: 0, ..Limits::default() }, 2).await;
+}
+
+/// Two agents, two resets: end-to-end and injected; `filed` batches went through the file.
+async fn two_agents_verdicts(limits: Limits, filed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let collector = start(dir.path()).await;
+    let collector = start_with(dir.path(), Security::default(), limits).await;
     let (mut server, _) = AgentStream::connect_with(&collector, hello_at("server", [192, 0, 2, 1])).await;
     let (mut client, _) = AgentStream::connect_with(&collector, hello_at("client", [198, 51, 100, 7])).await;
     // Port 50001: refused, seen at both ends. Port 50002: the client got a RST the server
@@ -88,6 +101,7 @@ async fn two_agents_get_end_to_end_and_injected_verdicts() {
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.verdict, "injected");
     assert!(stream.message().await.unwrap().is_none());
+    assert_eq!(collector.hub.inbox.filed_batches(), filed, "batches that went through the file");
     collector.stop().await;
 }
 

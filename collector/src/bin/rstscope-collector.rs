@@ -81,6 +81,12 @@ struct Args {
     /// Most agents connected at once.
     #[arg(long, default_value_t = 1024, help_heading = "Limits")]
     max_agents: usize,
+
+    /// Stored events queued in memory for the correlation (about 500 bytes each). Beyond them
+    /// the queue goes on in a file in the data directory, so ingest never waits for the
+    /// correlation; verdicts come late meanwhile (`rstscope status` shows the backlog).
+    #[arg(long, default_value_t = rstscope_collector::backlog::MEMORY_EVENTS, help_heading = "Limits")]
+    correlation_memory_events: usize,
 }
 
 fn store_config(args: &Args) -> Result<StoreConfig> {
@@ -171,6 +177,7 @@ async fn main() -> Result<()> {
         max_batch_events: args.max_batch_events.max(1),
         max_message_bytes: args.max_message_mib.max(1) << 20,
         max_agents: args.max_agents.max(1),
+        correlation_memory_events: args.correlation_memory_events,
         ..Limits::default()
     };
     let data_dir = config.dir.clone();

@@ -297,6 +297,10 @@ struct Inner {
     reports: reports::ReportTrees,
     /// Serialises writers; holds the tallies.
     writer: Mutex<Writer>,
+    /// Serialises writers of the report trees (the correlation's decisions, retention), apart
+    /// from `writer`: storing a large decision (a second for 100k reports) must not hold ingest,
+    /// and so acknowledgements, back.
+    reports_writer: Mutex<()>,
     /// Record counts by kind (copies of the tallies' totals, for lock-free status).
     totals: [AtomicU64; 4],
     names: RwLock<AgentNames>,
@@ -395,6 +399,7 @@ impl Store {
                 meta,
                 reports,
                 writer: Mutex::new(Writer { next_session_id, tallies: HashMap::new() }),
+                reports_writer: Mutex::new(()),
                 totals: Default::default(),
                 names: RwLock::new(names),
                 corrupt_skipped: AtomicU64::new(0),
@@ -632,6 +637,12 @@ impl Store {
         // Every write is ordered to be consistent at any point, so a panic while holding the
         // lock leaves nothing half-done that the next writer could trip over.
         self.inner.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The report trees' writer lock (see [`Inner::reports_writer`]); never taken together
+    /// with [`Store::writer`].
+    fn reports_writer(&self) -> MutexGuard<'_, ()> {
+        self.inner.reports_writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn names(&self) -> RwLockReadGuard<'_, AgentNames> {

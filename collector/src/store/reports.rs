@@ -819,7 +819,20 @@ impl Store {
         for &(r, stored_at) in reports {
             latest.entry(r.id.as_str()).and_modify(|e| e.0 = r).or_insert((r, stored_at));
         }
-        let _writer = self.writer();
+        // Agents new to the store (rare: ingest interned every agent that sent something) are
+        // interned under the ingest writer's lock, released before the reports are written.
+        {
+            let mut writer = None;
+            for (r, _) in latest.values() {
+                for o in &r.observations {
+                    if self.names().id(&o.agent).is_none() {
+                        writer.get_or_insert_with(|| self.writer());
+                        self.intern_agent(&o.agent)?;
+                    }
+                }
+            }
+        }
+        let _reports_writer = self.reports_writer();
         let mut changes: BTreeMap<i64, BucketChange> = BTreeMap::new();
         let mut agent_ids: Vec<u32> = Vec::new();
         for (id, (r, stored_at)) in latest {
@@ -848,7 +861,10 @@ impl Store {
             }
             agent_ids.clear();
             for o in &r.observations {
-                let id = self.intern_agent(&o.agent)?;
+                let id = self
+                    .names()
+                    .id(&o.agent)
+                    .ok_or_else(|| StoreError::Corrupt(format!("agent {:?} was interned but has no id", o.agent)))?;
                 if !agent_ids.contains(&id) {
                     agent_ids.push(id);
                 }
@@ -877,7 +893,7 @@ impl Store {
             .collect())
     }
 
-    /// Adds a call's reports to bucket `start` (the writer lock held): records at the end of
+    /// Adds a call's reports to bucket `start` (the report trees' writer lock held): records at the end of
     /// its pages, entries and removals as a new run, merged with the runs before it as the
     /// module docs say. An empty bucket, one whose merge reaches the base while records are
     /// superseded, and one out of page or run numbers are rewritten whole instead.
@@ -1002,7 +1018,7 @@ impl Store {
         Ok(())
     }
 
-    /// Rewrites bucket `start` whole (the writer lock held): drops the reports `drop` selects,
+    /// Rewrites bucket `start` whole (the report trees' writer lock held): drops the reports `drop` selects,
     /// adds `new` (replacing same keys), and keeps only reports that have both an entry and a
     /// page record (the newest of its key); the result is a base and pages in key order, without
     /// runs. Pages with the count first, then the base and runs. Returns how many reports went
@@ -1221,7 +1237,7 @@ impl Store {
         starts.dedup();
         let mut removed = 0u64;
         for start in starts {
-            let _writer = self.writer();
+            let _reports_writer = self.reports_writer();
             let went = self.rewrite_bucket(
                 start,
                 |key| {

@@ -251,6 +251,7 @@ pub fn status_json(status: &v1::StatusReply) -> String {
         "flows": status.flows,
         "store_bytes": status.store_bytes,
         "agents": status.agents,
+        "correlation_backlog_events": status.correlation_backlog_events,
     })
     .to_string()
 }
@@ -258,13 +259,14 @@ pub fn status_json(status: &v1::StatusReply) -> String {
 /// The collector's status for people.
 pub fn status_text(status: &v1::StatusReply, collector: &str) -> String {
     format!(
-        "collector   {collector}\nversion     {}\nuptime      {}\nresets      {}\nflows       {}\nstore       {:.1} MiB\nagents      {}",
+        "collector   {collector}\nversion     {}\nuptime      {}\nresets      {}\nflows       {}\nstore       {:.1} MiB\nagents      {}\nbacklog     {} events not correlated yet",
         status.version,
         humantime::format_duration(Duration::from_secs(status.uptime_seconds)),
         status.resets,
         status.flows,
         status.store_bytes as f64 / f64::from(1u32 << 20),
-        status.agents
+        status.agents,
+        status.correlation_backlog_events
     )
 }
 
