@@ -547,8 +547,8 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
 /// while earlier ones wait for their flush (acknowledgements still go out in order).
 const MAX_IN_FLIGHT: usize = 8;
 
-/// What one batch ends in: the sequence number to acknowledge, or the error ending the stream.
-type Outcome = Pin<Box<dyn std::future::Future<Output = Result<u64, Status>> + Send>>;
+/// What one batch ends in: durable (to hand on and acknowledge), or the error ending the stream.
+type Outcome = Pin<Box<dyn std::future::Future<Output = Result<Durable, Status>> + Send>>;
 
 async fn serve_batches(
     hub: &Arc<Hub>,
@@ -571,7 +571,9 @@ async fn serve_batches(
         tokio::select! {
             biased;
             Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
-                let seq = outcome.inspect_err(|_| Metrics::bump(&hub.metrics.batches_rejected, 1))?;
+                // FuturesOrdered yields in the order the batches came: handed on in that order.
+                let durable = outcome.inspect_err(|_| Metrics::bump(&hub.metrics.batches_rejected, 1))?;
+                let seq = hand_on(hub, agent, durable).await?;
                 send(tx, collector_message::Kind::Ack(v1::Ack { seq })).await?;
                 session.acked(seq);
             }
@@ -596,7 +598,10 @@ async fn serve_batches(
                 let outcome = write_batch(hub, batch, agent, boot_id).await;
                 reading = outcome.is_ok();
                 in_flight.push_back(match outcome {
-                    Ok(written) => Box::pin(acknowledge(hub.clone(), agent.clone(), written)),
+                    Ok(written) => {
+                        let hub = hub.clone();
+                        Box::pin(async move { make_durable(&hub, written).await })
+                    }
                     Err(status) => Box::pin(std::future::ready(Err(status))),
                 });
             }
@@ -633,17 +638,24 @@ async fn write_batch(hub: &Arc<Hub>, batch: Batch, agent: &Arc<str>, boot_id: &s
     Ok(Written { order, batch, pending })
 }
 
-/// Waits until a written batch is durable, publishes it, queues it for the correlation, and
-/// returns the number to acknowledge.
-async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
+/// A batch made durable: the number to acknowledge and, if it stored anything new, the events
+/// to hand on (see [`hand_on`]).
+struct Durable {
+    seq_to_ack: u64,
+    stored: Option<(u64, Vec<v1::Event>)>,
+}
+
+/// Waits until a written batch is durable. Several of one stream's batches wait at once (their
+/// fsyncs are shared), and finish in any order: what they stored is handed on by [`hand_on`] in
+/// the stream's order.
+async fn make_durable(hub: &Arc<Hub>, written: Written) -> Result<Durable, Status> {
     let Written { order, mut batch, pending } = written;
     let already_stored = pending.already_stored().to_vec();
     let store = hub.store()?;
-    let worker = hub.clone();
-    // On a blocking thread: the fsync, and the correlation's queue may write to its file.
-    let (appended, seq) = blocking(move || {
-        let appended = store.make_durable(pending)?;
-        if let Appended::Stored { .. } = appended {
+    let seq = batch.seq;
+    let appended = blocking(move || store.make_durable(pending)).await?;
+    match appended {
+        Appended::Stored { durable_seq } => {
             // Events the store already held (an agent restarted mid-file sends them again) are
             // not passed on: followers and the correlation see each event once, as stored.
             if !already_stored.is_empty() {
@@ -653,37 +665,46 @@ async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result
                     already_stored.binary_search(&(position - 1)).is_err()
                 });
             }
-            Metrics::bump(&worker.metrics.batches, 1);
-            Metrics::bump(&worker.metrics.events_in, batch.events.len() as u64);
-            debug!(seq = batch.seq, events = batch.events.len(), "Batch stored.");
-            publish(&worker, order, &agent, &batch.events);
-            worker.inbox.push(agent, batch.events);
-        }
-        Ok((appended, batch.seq))
-    })
-    .await?;
-    match appended {
-        Appended::Stored { durable_seq } => {
-            // Back-pressure only when the correlation's queue cannot take more without waiting
-            // (its file failed; see `backlog.rs`). The ticker may be storing reports or sleeping
-            // until its next turn (up to a second) meanwhile: a feeder takes the engine as soon
-            // as a decision in progress lets go of it, so an acknowledgement waits for the
-            // correlation's work, never for its timer. Not awaited: the queue is taken when the
-            // feeder starts, and the feeding itself must not hold up this stream's acknowledgements.
-            if hub.inbox.must_wait() {
-                hub.feed_correlation_soon();
-                hub.inbox.room().await;
-            }
-            Ok(durable_seq)
+            Metrics::bump(&hub.metrics.batches, 1);
+            Metrics::bump(&hub.metrics.events_in, batch.events.len() as u64);
+            debug!(seq, events = batch.events.len(), "Batch stored.");
+            Ok(Durable { seq_to_ack: durable_seq, stored: Some((order, batch.events)) })
         }
         Appended::Duplicate { durable_seq } => {
             debug!(seq, durable_seq, "Batch already stored; acknowledged again.");
-            Ok(durable_seq)
+            Ok(Durable { seq_to_ack: durable_seq, stored: None })
         }
         Appended::Gap { durable_seq } => Err(Status::failed_precondition(format!(
             "batch {seq} does not follow the last durable batch {durable_seq}"
         ))),
     }
+}
+
+/// Publishes a durable batch's resets to followers and queues its events for the correlation,
+/// then returns the number to acknowledge. Called for one stream's batches in the order the
+/// agent sent them: the correlation relies on it (a watermark covers the events sent before it,
+/// so it must not reach the engine ahead of them).
+async fn hand_on(hub: &Arc<Hub>, agent: &Arc<str>, durable: Durable) -> Result<u64, Status> {
+    let Some((order, events)) = durable.stored else { return Ok(durable.seq_to_ack) };
+    let (worker, agent) = (hub.clone(), agent.clone());
+    // On a blocking thread: the correlation's queue may write to its file.
+    blocking(move || {
+        publish(&worker, order, &agent, &events);
+        worker.inbox.push(agent, events);
+        Ok(())
+    })
+    .await?;
+    // Back-pressure only when the correlation's queue cannot take more without waiting (its
+    // file failed or is full; see `backlog.rs`). The ticker may be storing reports or sleeping
+    // until its next turn (up to a second) meanwhile: a feeder takes the engine as soon as a
+    // decision in progress lets go of it, so an acknowledgement waits for the correlation's
+    // work, never for its timer. Not awaited: the queue is taken when the feeder starts, and
+    // the feeding itself must not hold up this stream's acknowledgements.
+    if hub.inbox.must_wait() {
+        hub.feed_correlation_soon();
+        hub.inbox.room().await;
+    }
+    Ok(durable.seq_to_ack)
 }
 
 fn publish(hub: &Hub, order: u64, agent: &Arc<str>, events: &[v1::Event]) {
@@ -894,6 +915,12 @@ mod tests {
         );
     }
 
+    /// What a stream does with one written batch: made durable, handed on, acknowledged.
+    async fn acknowledge(hub: Arc<Hub>, agent: Arc<str>, written: Written) -> Result<u64, Status> {
+        let durable = make_durable(&hub, written).await?;
+        hand_on(&hub, &agent, durable).await
+    }
+
     /// A store and a hub over it in a new directory.
     fn hub_in(dir: &tempfile::TempDir) -> Arc<Hub> {
         let store = crate::store::Store::open(crate::store::StoreConfig::new(dir.path())).unwrap();
@@ -926,8 +953,8 @@ mod tests {
     #[tokio::test]
     async fn without_the_file_a_full_queue_is_fed_from_ingest() {
         let dir = tempfile::tempdir().unwrap();
-        // A directory where the file would be: it cannot be opened for writing.
-        std::fs::create_dir(dir.path().join(crate::service::BACKLOG_FILE)).unwrap();
+        // A plain file where the queue's directory would be: no file can be made in it.
+        std::fs::write(dir.path().join(crate::service::BACKLOG_DIR), b"").unwrap();
         let hub = hub_in(&dir);
         let agent: Arc<str> = Arc::from("edge-1");
         hub.inbox.push(agent.clone(), vec![v1::Event::default(); MEMORY_EVENTS]);

@@ -143,7 +143,7 @@ impl LiveCorrelation {
     /// Feeds everything queued in `inbox`, in the order it was queued (the events move into
     /// the engine).
     pub fn feed_from(&mut self, inbox: &Inbox) {
-        let (batches, error) = inbox.take().into_batches();
+        let (batches, lost, error) = inbox.take().into_batches();
         for (agent, events) in batches {
             let a = self.engine.agent(&agent, &[]);
             for e in events {
@@ -151,8 +151,10 @@ impl LiveCorrelation {
             }
         }
         if let Some(error) = error {
-            // The events are in the store; a restart's replay feeds them again.
-            tracing::error!(%error, "Batches queued for the correlation were lost; their resets are decided after a restart.");
+            // The events are in the store; the resume point stays where it is from now on
+            // (see `Inbox::lost_any`), so a restart's replay feeds them.
+            inbox.lost(lost);
+            tracing::error!(%error, batches = lost, "Batches queued for the correlation could not be read back; their resets are decided after a restart.");
         }
     }
 
@@ -277,6 +279,13 @@ impl LiveCorrelation {
         Ok(n)
     }
 
+    /// [`LiveCorrelation::resume_point`], but also early enough for an event not fed yet that
+    /// the store filed at `oldest_queued` (see `Inbox::oldest_ns`).
+    pub fn resume_point_before(&mut self, oldest_queued: Option<i64>) -> Option<i64> {
+        let queued = oldest_queued.map(|t| t.saturating_sub(REPLAY_CONTEXT_NS));
+        [self.resume_point(), queued].into_iter().flatten().min()
+    }
+
     /// Where a replay after a restart must start: early enough for every undecided RST and the
     /// openings of their connections (reference clock, ns).
     pub fn resume_point(&mut self) -> Option<i64> {
@@ -379,6 +388,18 @@ pub fn report_matches(selection: &Selection, r: &v1::ResetReport) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resume_point_stays_before_what_is_still_queued() {
+        let mut live = LiveCorrelation::new(Config::default());
+        assert_eq!(live.resume_point_before(None), None, "nothing fed, nothing queued");
+        assert_eq!(live.resume_point_before(Some(5 * REPLAY_CONTEXT_NS)), Some(4 * REPLAY_CONTEXT_NS));
+        let mark = v1::Watermark { ts_ns: 10 * REPLAY_CONTEXT_NS, ..Default::default() };
+        live.ingest("a", &[v1::Event { kind: Some(v1::event::Kind::Watermark(mark)) }]);
+        assert_eq!(live.resume_point_before(None), Some(9 * REPLAY_CONTEXT_NS), "the engine's own");
+        assert_eq!(live.resume_point_before(Some(3 * REPLAY_CONTEXT_NS)), Some(2 * REPLAY_CONTEXT_NS), "the queue's");
+        assert_eq!(live.resume_point_before(Some(20 * REPLAY_CONTEXT_NS)), Some(9 * REPLAY_CONTEXT_NS));
+    }
 
     const S: i64 = 1_000_000_000;
     const MS: i64 = 1_000_000;

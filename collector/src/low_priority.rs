@@ -1,10 +1,11 @@
 //! A thread below the default scheduling priority, for work that may lag behind ingest: the
-//! live correlation's feeding and deciding.
+//! live correlation's ticks (feeding the queue to the engine, deciding, storing reports).
+//! Others who take the engine (queries, an agent's hello) feed it on their own threads.
 //!
 //! Why: on a small machine the correlation (about 20 µs of CPU per event) and ingest (about
 //! 5 µs) compete for the same cores, and only ingest holds agents back: an agent waits for its
 //! acknowledgements, while the correlation merely decides later when it lags (its queue goes
-//! to a file, see `backlog.rs`). Running the correlation at a lower priority (nice 10) lets
+//! to files, see `backlog.rs`). Running the correlation at a lower priority (nice 10) lets
 //! the scheduler give ingest the cores first during a burst; the correlation gets every cycle
 //! ingest leaves, so on an idle collector nothing changes. Verdict latency under light load
 //! is unaffected: the thread is idle most of the time and is scheduled at once when woken.
@@ -66,6 +67,7 @@ fn this_threads_priority() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[tokio::test]
     async fn jobs_run_in_order_at_a_lower_priority() {
@@ -77,11 +79,19 @@ mod tests {
             worker_nice == NICE || (before > NICE && worker_nice == before),
             "the worker's nice value: {worker_nice}"
         );
-        let mut seen = Vec::new();
-        for i in 0..3 {
-            seen.push(worker.run(move || i * 10).await.unwrap());
-        }
-        assert_eq!(seen, [0, 10, 20]);
+        // Sent together (join polls them in order); the worker runs them one at a time, in order.
+        let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let job = |i: u32| {
+            let ran = ran.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(u64::from(3 - i) * 10));
+                ran.lock().unwrap().push(i);
+                i * 10
+            }
+        };
+        let answers = tokio::join!(worker.run(job(0)), worker.run(job(1)), worker.run(job(2)));
+        assert_eq!(answers, (Some(0), Some(10), Some(20)));
+        assert_eq!(*ran.lock().unwrap(), [0, 1, 2], "the order they were sent in");
         // The caller's own priority is untouched.
         assert_eq!(this_threads_priority(), before);
     }

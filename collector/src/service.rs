@@ -66,8 +66,8 @@ impl Default for Limits {
     }
 }
 
-/// The file of the correlation's backlog, in the store's directory (see `backlog.rs`).
-pub const BACKLOG_FILE: &str = "correlation-backlog";
+/// The directory, in the store's, of the correlation's queue files (unnamed; see `backlog.rs`).
+pub const BACKLOG_DIR: &str = "correlation-backlog";
 
 /// State shared by the ingest and query services.
 pub struct Hub {
@@ -108,11 +108,11 @@ impl Hub {
         let (live, _) = broadcast::channel(limits.live_buffer.max(1));
         let correlation = LiveCorrelation::new(Config::default());
         let correlation_wake = correlation.wake.clone();
-        let inbox = Inbox::new(
-            correlation_wake.clone(),
-            Some(store.config().dir.join(BACKLOG_FILE)),
-            limits.correlation_memory_events,
-        );
+        let backlog_dir = store.config().dir.join(BACKLOG_DIR);
+        if let Err(error) = std::fs::create_dir_all(&backlog_dir) {
+            tracing::warn!(%error, dir = %backlog_dir.display(), "Cannot make the correlation queue's directory; acknowledgements will wait for the correlation when it is behind.");
+        }
+        let inbox = Inbox::new(correlation_wake.clone(), Some(backlog_dir), limits.correlation_memory_events);
         Arc::new(Hub {
             store_config: store.config().clone(),
             store: std::sync::RwLock::new(Some(store)),
@@ -300,7 +300,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut every = tokio::time::interval(CORRELATE_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let wake = hub.correlation().wake.clone();
+            let wake = hub.correlation_wake.clone();
             let closed = hub.closed();
             tokio::pin!(closed);
             // How long the last decision took: the next one waits at least a few times that,
@@ -335,10 +335,13 @@ pub async fn serve(
                             let mut correlation = worker.correlation();
                             let started = Instant::now();
                             let reports = correlation.tick();
-                            // While batches wait in the backlog's file, events older than the
-                            // resume point may not be fed yet: keep the stored one (a restart
-                            // replays more, never less).
-                            let resume = if worker.inbox.behind() { None } else { correlation.resume_point() };
+                            // Never past an event still queued (a restart replays from the store
+                            // what the queue held), nor at all once queued batches were lost.
+                            let resume = if worker.inbox.lost_any() {
+                                None
+                            } else {
+                                correlation.resume_point_before(worker.inbox.oldest_ns())
+                            };
                             (reports, resume, started.elapsed())
                         };
                         if worker.inbox.queued_events() > 0 {
@@ -423,8 +426,7 @@ const CORRELATE_MIN_GAP: Duration = Duration::from_millis(5);
 /// ...or this many times what the last decision took, whichever is longer...
 const CORRELATE_DUTY: u32 = 3;
 /// ...but never longer than this: under sustained load decisions take long, and waiting a
-/// multiple of that would let the correlation (and, through the inbox's limit, ingest) fall
-/// behind without end.
+/// multiple of that would let the correlation fall behind without end.
 const CORRELATE_MAX_GAP: Duration = Duration::from_secs(1);
 
 impl From<StoreError> for Status {

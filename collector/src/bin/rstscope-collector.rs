@@ -83,8 +83,9 @@ struct Args {
     max_agents: usize,
 
     /// Stored events queued in memory for the correlation (about 500 bytes each). Beyond them
-    /// the queue goes on in a file in the data directory, so ingest never waits for the
-    /// correlation; verdicts come late meanwhile (`rstscope status` shows the backlog).
+    /// the queue goes on in unnamed files in the data directory (up to 4 GiB), so ingest does
+    /// not wait for the correlation; verdicts come late meanwhile (`rstscope status` shows the
+    /// backlog).
     #[arg(long, default_value_t = rstscope_collector::backlog::MEMORY_EVENTS, help_heading = "Limits")]
     correlation_memory_events: usize,
 }
