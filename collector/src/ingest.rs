@@ -927,17 +927,23 @@ mod tests {
         Hub::new(store, crate::service::Limits::default())
     }
 
+    /// Fills the memory of the correlation's queue, then writes and acknowledges one batch
+    /// more (within 30 s; `None` if that took longer).
+    async fn acknowledge_one_beyond_memory(hub: &Arc<Hub>) -> Option<u64> {
+        let agent: Arc<str> = Arc::from("edge-1");
+        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MEMORY_EVENTS]);
+        let written = write_batch(hub, batch_of(reset()), &agent, "b1").await.unwrap();
+        let acked = tokio::time::timeout(Duration::from_secs(30), acknowledge(hub.clone(), agent, written)).await;
+        acked.ok().map(Result::unwrap)
+    }
+
     /// With no ticker at all (none runs here), an acknowledgement beyond the memory of the
     /// correlation's queue goes to its file and comes back without anything being fed.
     #[tokio::test]
     async fn beyond_the_queues_memory_acknowledgements_do_not_wait_for_the_correlation() {
         let dir = tempfile::tempdir().unwrap();
         let hub = hub_in(&dir);
-        let agent: Arc<str> = Arc::from("edge-1");
-        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MEMORY_EVENTS]);
-        let written = write_batch(&hub, batch_of(reset()), &agent, "b1").await.unwrap();
-        let acked = tokio::time::timeout(Duration::from_secs(30), acknowledge(hub.clone(), agent, written)).await;
-        assert_eq!(acked.expect("the acknowledgement waited").unwrap(), 1);
+        assert_eq!(acknowledge_one_beyond_memory(&hub).await.expect("the acknowledgement waited"), 1);
         assert!(hub.inbox.behind(), "the batch went to the file");
         assert_eq!(hub.inbox.queued_events(), MEMORY_EVENTS + 1, "nothing was fed");
         // The engine takes memory first, then the file.
@@ -956,11 +962,7 @@ mod tests {
         // A plain file where the queue's directory would be: no file can be made in it.
         std::fs::write(dir.path().join(crate::service::BACKLOG_DIR), b"").unwrap();
         let hub = hub_in(&dir);
-        let agent: Arc<str> = Arc::from("edge-1");
-        hub.inbox.push(agent.clone(), vec![v1::Event::default(); MEMORY_EVENTS]);
-        let written = write_batch(&hub, batch_of(reset()), &agent, "b1").await.unwrap();
-        let acked = tokio::time::timeout(Duration::from_secs(30), acknowledge(hub.clone(), agent, written)).await;
-        assert_eq!(acked.expect("the acknowledgement waited for a ticker").unwrap(), 1);
+        assert_eq!(acknowledge_one_beyond_memory(&hub).await.expect("the acknowledgement waited for a ticker"), 1);
         assert!(!hub.inbox.behind());
         // Only the engine takes the queue (and feeds what it took): the memory part went, the
         // batch behind it waits for the next taker.

@@ -140,8 +140,8 @@ impl LiveCorrelation {
         }
     }
 
-    /// Feeds everything queued in `inbox`, in the order it was queued (the events move into
-    /// the engine).
+    /// Feeds the oldest queued batches of `inbox` (all of memory, or one step of its files; see
+    /// `Inbox::take`), in the order they were queued (the events move into the engine).
     pub fn feed_from(&mut self, inbox: &Inbox) {
         let (batches, lost, error) = inbox.take().into_batches();
         for (agent, events) in batches {

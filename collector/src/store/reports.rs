@@ -819,17 +819,25 @@ impl Store {
         for &(r, stored_at) in reports {
             latest.entry(r.id.as_str()).and_modify(|e| e.0 = r).or_insert((r, stored_at));
         }
-        // Agents new to the store (rare: ingest interned every agent that sent something) are
-        // interned under the ingest writer's lock, released before the reports are written.
+        // The observations' agent ids. Agents new to the store (rare: ingest interned every agent
+        // that sent something) are interned under the ingest writer's lock, released before the
+        // reports are written.
+        let mut ids_by_agent: HashMap<&str, u32> = HashMap::new();
         {
             let mut writer = None;
-            for (r, _) in latest.values() {
-                for o in &r.observations {
-                    if self.names().id(&o.agent).is_none() {
-                        writer.get_or_insert_with(|| self.writer());
-                        self.intern_agent(&o.agent)?;
-                    }
+            for o in latest.values().flat_map(|(r, _)| &r.observations) {
+                if ids_by_agent.contains_key(o.agent.as_str()) {
+                    continue;
                 }
+                let known = self.names().id(&o.agent);
+                let id = match known {
+                    Some(id) => id,
+                    None => {
+                        writer.get_or_insert_with(|| self.writer());
+                        self.intern_agent(&o.agent)?
+                    }
+                };
+                ids_by_agent.insert(&o.agent, id);
             }
         }
         let _reports_writer = self.reports_writer();
@@ -861,10 +869,7 @@ impl Store {
             }
             agent_ids.clear();
             for o in &r.observations {
-                let id = self
-                    .names()
-                    .id(&o.agent)
-                    .ok_or_else(|| StoreError::Corrupt(format!("agent {:?} was interned but has no id", o.agent)))?;
+                let id = ids_by_agent[o.agent.as_str()];
                 if !agent_ids.contains(&id) {
                     agent_ids.push(id);
                 }
