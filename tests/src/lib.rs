@@ -8,3 +8,4 @@ pub mod frames;
 pub mod lab;
 pub mod machine;
 pub mod multigen;
+pub mod profile;

@@ -9,8 +9,13 @@
 //! that drift hits every stage alike, the median of `--runs` of: (a) a bare libpcap read loop,
 //! the floor; (b) the agent's own file reader plus `wire::parse`; (c) (b) plus the flow tracker,
 //! i.e. full tracking and RST extraction; (d) `tcpdump` with a RST filter and `argus` as external
-//! processes on the same file; on request (t) the tracker alone, on one thread. Then (e) peak memory per tracked flow with 1M concurrent
-//! connections (peak RSS growth, cross-checked with a counting global allocator).
+//! processes on the same file; (t) the tracker alone, on one thread, on packets parsed
+//! beforehand (c can be no faster than the slower of b and t). Then (e) peak memory per tracked
+//! flow with 1M concurrent connections (peak RSS growth, cross-checked with a counting global
+//! allocator). Last, on captures of up to 1M packets and when valgrind is installed, (c) runs
+//! once more under callgrind, and its instructions are summed by part of the agent
+//! (`rstscope_tests::profile`): wall time on a shared machine scatters by a third from run to
+//! run, instruction counts do not move, so the profile is what says where the time goes.
 //!
 //! Every stage gets wall time (what the targets are about) and CPU time (user + system of the
 //! process or the child): the machine may be shared, and CPU time shows what a stage costs
@@ -35,6 +40,7 @@ use rstscope_agent::flow::{Tracker, TrackerConfig};
 use rstscope_agent::wire;
 use rstscope_tests::gen::{self, GenConfig, GenStats, OpenFlowsConfig};
 use rstscope_tests::machine::{command_output, cpu_model, load_average, mem_total};
+use rstscope_tests::profile::{self, PARTS};
 
 /// Counts live and peak heap bytes.
 struct Counting;
@@ -115,11 +121,15 @@ struct Args {
     /// Benchmark this capture instead of generating them (external tools see it too).
     #[arg(long)]
     capture: Option<PathBuf>,
-    /// Only these stages, comma-separated, of a (libpcap), b (parse), c (track), d (external
-    /// tools), e (memory), and t (the tracker alone on segments parsed beforehand, not run by
-    /// default: a diagnostic for c's tracker thread).
-    #[arg(long, default_value = "a,b,c,d,e")]
+    /// Only these stages, comma-separated, of a (libpcap), b (parse), c (track), t (the tracker
+    /// alone on segments parsed beforehand: what c's tracker thread costs without the other
+    /// thread), d (external tools) and e (memory).
+    #[arg(long, default_value = "a,b,c,t,d,e")]
     only: String,
+    /// Skip the instruction profile (callgrind, when valgrind is installed) of stage c on the
+    /// captures of at most 1M packets.
+    #[arg(long)]
+    no_profile: bool,
     /// Directory for the generated captures (default: a new one under the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -168,6 +178,8 @@ struct Counts {
     resets: u64,
     flows: u64,
     records: u64,
+    /// Most connection records tracked at once.
+    peak_tracked: u64,
 }
 
 /// (b) and (c): the agent's reader and parser, and the tracker when `track` is set.
@@ -201,6 +213,7 @@ fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
         c.skipped = counters.skipped.values().sum();
         c.errors = counters.errors.len() as u64;
         c.records = tracker.stats().flows;
+        c.peak_tracked = tracker.stats().peak_active;
         c.resets = resets;
         c.flows = flows;
         return Ok(c);
@@ -260,6 +273,7 @@ fn tracker_alone(path: &Path) -> Result<(Counts, Took)> {
         }
         tracker.finish_all(&mut sink);
         c.records = tracker.stats().flows;
+        c.peak_tracked = tracker.stats().peak_active;
         c.resets = resets;
         c.flows = flows;
         Ok(())
@@ -448,6 +462,42 @@ struct Scenario {
     alone: Stage,
     tcpdump: Stage,
     argus: Stage,
+    /// Instructions of stage c by part of the agent, or why there are none.
+    profile: Option<std::result::Result<[u64; PARTS.len()], String>>,
+}
+
+/// Largest capture profiled: callgrind runs the agent about 50 times slower.
+const PROFILE_MAX_PACKETS: u64 = 1_000_000;
+
+/// (p) Stage c once under callgrind (this same binary on `capture`), summed by part of the
+/// agent. `None` when valgrind is not installed.
+fn profile_stage_c(capture: &Path, out_file: &Path) -> Result<Option<[u64; PARTS.len()]>> {
+    let exe = std::env::current_exe().context("finding this benchmark's executable")?;
+    let report = out_file.with_extension("md");
+    let result = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out_file.display()))
+        .arg(&exe)
+        .arg("--capture")
+        .arg(capture)
+        .args(["--only", "c", "--runs", "1", "--no-profile", "--out"])
+        .arg(&report)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    let out = match result {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).context("running valgrind"),
+    };
+    let _ = std::fs::remove_file(&report);
+    if !out.status.success() {
+        bail!("valgrind: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = std::fs::read_to_string(out_file).with_context(|| format!("reading {}", out_file.display()))?;
+    let parsed = profile::parse_callgrind(&text).with_context(|| format!("parsing {}", out_file.display()))?;
+    Ok(Some(profile::by_part(&parsed)))
 }
 
 /// Measures stages a to d on `capture`, interleaved run by run.
@@ -470,12 +520,18 @@ fn measure(capture: &Path, runs: usize, stage: &dyn Fn(&str) -> bool) -> Result<
         if stage("c") {
             let (c, took) = timed(|| agent_pipeline(capture, true))?;
             track.runs.push(took);
-            track.note = format!("{} RST events, {} flow summaries, {} records", c.resets, c.flows, c.records);
+            track.note = format!(
+                "{} RST events, {} flow summaries, {} records, at most {} tracked at once",
+                c.resets, c.flows, c.records, c.peak_tracked
+            );
         }
         if stage("t") {
             let (c, took) = tracker_alone(capture)?;
             alone.runs.push(took);
-            alone.note = format!("{} RST events, {} flow summaries, {} records", c.resets, c.flows, c.records);
+            alone.note = format!(
+                "{} RST events, {} flow summaries, {} records, at most {} tracked at once",
+                c.resets, c.flows, c.records, c.peak_tracked
+            );
         }
         if stage("d") {
             let filter = "tcp[tcpflags] & tcp-rst != 0";
@@ -616,7 +672,31 @@ fn main() -> Result<()> {
         } else {
             libpcap.note.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
         };
-        scenarios.push(Scenario { description, label, packets: n, libpcap, parse, track, alone, tcpdump, argus });
+        let profile = (!args.no_profile && !args.smoke && stage("c") && n > 0 && n <= PROFILE_MAX_PACKETS).then(|| {
+            eprintln!("profiling stage c on {label} under callgrind (a minute or two)");
+            let file = dir.join(format!("callgrind-{packets}-{snaplen}.out"));
+            let result = match profile_stage_c(&capture, &file) {
+                Ok(Some(parts)) => Ok(parts),
+                Ok(None) => Err("valgrind not installed (`apt-get install -y valgrind`)".to_string()),
+                Err(e) => Err(format!("failed: {e:#}")),
+            };
+            if !args.keep {
+                let _ = std::fs::remove_file(&file);
+            }
+            result
+        });
+        scenarios.push(Scenario {
+            description,
+            label,
+            packets: n,
+            libpcap,
+            parse,
+            track,
+            alone,
+            tcpdump,
+            argus,
+            profile,
+        });
         if !args.keep && args.capture.is_none() {
             let _ = std::fs::remove_file(&capture);
         }
@@ -733,6 +813,7 @@ fn main() -> Result<()> {
             ));
         }
     }
+    where_time_goes(&scenarios, &mut line);
     if let Some(m) = &memory {
         let per = |b: f64| b / m.flows.max(1) as f64;
         line(String::new());
@@ -765,4 +846,85 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_dir(&dir);
     }
     Ok(())
+}
+
+/// The "Where the time goes" section: the stages per packet, and the instruction profile.
+fn where_time_goes(scenarios: &[Scenario], line: &mut impl FnMut(String)) {
+    let measured: Vec<&Scenario> = scenarios.iter().filter(|s| s.track.wall().is_some() && s.packets > 0).collect();
+    if measured.is_empty() {
+        return;
+    }
+    let ns = |s: &Scenario, d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e9 / s.packets as f64);
+    let cell = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0} ns"));
+    line(String::new());
+    line("## Where the time goes".into());
+    line(String::new());
+    line(
+        "Wall time per packet, medians. Stage c runs b's work on one thread and t's on the other, so it \
+         can be no faster than the slower of the two; what it takes beyond that is the hand-off and \
+         the two cores slowing each other down (they share caches and memory bandwidth, and on this \
+         kind of virtual machine whatever else the host runs)."
+            .into(),
+    );
+    line(String::new());
+    line(
+        "| capture | a. libpcap loop | b. read + parse | t. tracker alone | c. both, two threads | c beyond max(b, t) | \
+         best c could do vs libpcap: a / max(b, t) |"
+            .into(),
+    );
+    line("|---|---:|---:|---:|---:|---:|---:|".into());
+    for s in &measured {
+        let (a, b, t, c) =
+            (ns(s, s.libpcap.wall()), ns(s, s.parse.wall()), ns(s, s.alone.wall()), ns(s, s.track.wall()));
+        let slower = b.zip(t).map(|(b, t)| b.max(t));
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            s.label,
+            cell(a),
+            cell(b),
+            cell(t),
+            cell(c),
+            c.zip(slower).map_or("–".into(), |(c, m)| format!("{:+.0} ns", c - m)),
+            a.zip(slower).map_or("–".into(), |(a, m)| format!("{:.0}%", 100.0 * a / m)),
+        ));
+    }
+    let profiled: Vec<&Scenario> = measured.iter().copied().filter(|s| s.profile.is_some()).collect();
+    if profiled.is_empty() {
+        return;
+    }
+    line(String::new());
+    line(
+        "Instructions per packet of stage c by part of the agent (callgrind: exact counts, unaffected \
+         by load; code inlined elsewhere counts for the file it was written in). To see them function \
+         by function: `valgrind --tool=callgrind target/release/bench --capture FILE --only c --runs 1 \
+         --no-profile`, then `callgrind_annotate --inclusive=yes callgrind.out.*`."
+            .into(),
+    );
+    line(String::new());
+    let header: Vec<String> = profiled.iter().map(|s| s.label.clone()).collect();
+    line(format!("| part | {} |", header.join(" | ")));
+    line(format!("|---|{}", "---:|".repeat(profiled.len())));
+    let per_packet = |s: &Scenario, v: u64| v as f64 / s.packets as f64;
+    for (i, part) in PARTS.iter().enumerate() {
+        let cells: Vec<String> = profiled
+            .iter()
+            .map(|s| match &s.profile {
+                Some(Ok(parts)) => {
+                    let total: u64 = parts.iter().sum();
+                    format!("{:.0} ({:.0}%)", per_packet(s, parts[i]), 100.0 * parts[i] as f64 / total.max(1) as f64)
+                }
+                _ => "–".into(),
+            })
+            .collect();
+        line(format!("| {part} | {} |", cells.join(" | ")));
+    }
+    let totals: Vec<String> = profiled
+        .iter()
+        .map(|s| match &s.profile {
+            Some(Ok(parts)) => format!("**{:.0}**", per_packet(s, parts.iter().sum())),
+            Some(Err(why)) => why.clone(),
+            None => "–".into(),
+        })
+        .collect();
+    line(format!("| all | {} |", totals.join(" | ")));
 }
