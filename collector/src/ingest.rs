@@ -516,8 +516,7 @@ async fn run_session(hub: &Arc<Hub>, mut inbound: Streaming<AgentMessage>, tx: &
         let durable_seq = blocking({
             let hub = hub.clone();
             move || {
-                // Off the async threads: taking the correlation waits for a decision in progress.
-                hub.correlation().hello(&hello);
+                hub.hello_to_correlation(&hello);
                 // The correlation needs the agent's addresses again after a collector restart,
                 // before the agent says hello anew.
                 store.set_meta(

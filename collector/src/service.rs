@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rstscope_proto::v1;
 use rstscope_proto::v1::ingest_server::IngestServer;
 use rstscope_proto::v1::query_server::QueryServer;
 use tokio::net::TcpListener;
@@ -97,6 +98,8 @@ pub struct Hub {
     correlation_wake: Arc<tokio::sync::Notify>,
     /// Whether a feeder started by [`Hub::feed_correlation_soon`] waits for the engine.
     feeder_waiting: std::sync::atomic::AtomicBool,
+    /// Agents' hellos not yet told to the engine; see [`Hub::hello_to_correlation`].
+    hellos: std::sync::Mutex<Vec<v1::AgentHello>>,
     /// Becomes true when the collector stops: long-lived streams end then, so that the
     /// server's graceful shutdown does not wait for agents to hang up.
     closing: watch::Sender<bool>,
@@ -127,6 +130,7 @@ impl Hub {
             inbox,
             correlation_wake,
             feeder_waiting: std::sync::atomic::AtomicBool::new(false),
+            hellos: std::sync::Mutex::default(),
             closing: watch::channel(false).0,
         })
     }
@@ -188,13 +192,26 @@ impl Hub {
         }
     }
 
-    /// The correlation state, fed first with every batch queued in [`Hub::inbox`] (a poisoned
-    /// lock is taken over: the engine has no invariant a panicking reader could break half-way
-    /// that matters more than serving on).
+    /// The correlation state, told first of the hellos since the last time and fed with every
+    /// batch queued in [`Hub::inbox`] (a poisoned lock is taken over: the engine has no
+    /// invariant a panicking reader could break half-way that matters more than serving on).
     pub fn correlation(&self) -> std::sync::MutexGuard<'_, LiveCorrelation> {
         let mut correlation = self.correlation.lock().unwrap_or_else(|p| p.into_inner());
+        let hellos = std::mem::take(&mut *self.hellos.lock().unwrap_or_else(|p| p.into_inner()));
+        for hello in &hellos {
+            correlation.hello(hello);
+        }
         correlation.feed_from(&self.inbox);
         correlation
+    }
+
+    /// Tells the correlation an agent's hello (its local addresses) without waiting for it: a
+    /// decision may hold the engine for seconds during a burst, at low priority, and an agent
+    /// must be welcomed meanwhile (it gives up after 10 s and reconnects). The hello is told
+    /// the next time anyone takes the engine, before any batch is fed, so it still comes
+    /// before the batches that agent sends after it.
+    pub fn hello_to_correlation(&self, hello: &v1::AgentHello) {
+        self.hellos.lock().unwrap_or_else(|p| p.into_inner()).push(hello.clone());
     }
 
     /// The ticker's wake-up.

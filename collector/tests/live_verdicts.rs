@@ -53,22 +53,52 @@ async fn reports(collector: &TestCollector) -> Vec<v1::ResetReport> {
 
 #[tokio::test]
 async fn two_agents_get_end_to_end_and_injected_verdicts() {
-    two_agents_verdicts(Limits::default(), 0).await;
+    two_agents_verdicts(Limits::default(), 0, false).await;
 }
 
 /// The same with no room in memory for the correlation's queue: every batch goes through its
 /// file (`backlog.rs`) and the verdicts are the same.
 #[tokio::test]
 async fn verdicts_are_the_same_when_every_batch_waits_in_the_correlations_file() {
-    two_agents_verdicts(Limits { correlation_memory_events: 0, ..Limits::default() }, 2).await;
+    two_agents_verdicts(Limits { correlation_memory_events: 0, ..Limits::default() }, 2, false).await;
+}
+
+/// Agents are welcomed while a decision holds the correlation (during a burst a decision runs
+/// at low priority and may hold it for seconds; an agent gives up on a welcome after 10 s). The
+/// hellos still reach the engine before the batches: the forged RST is placed between the two
+/// agents' addresses, which only their hellos told.
+#[tokio::test]
+async fn agents_are_welcomed_while_a_decision_holds_the_correlation() {
+    two_agents_verdicts(Limits::default(), 0, true).await;
 }
 
 /// Two agents, two resets: end-to-end and injected; `filed` batches went through the file.
-async fn two_agents_verdicts(limits: Limits, filed: u64) {
+/// With `hold`, a thread holds the correlation while both agents say hello.
+async fn two_agents_verdicts(limits: Limits, filed: u64, hold: bool) {
     let dir = tempfile::tempdir().unwrap();
     let collector = start_with(dir.path(), Security::default(), limits).await;
+    let (release, holder) = if hold {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held) = std::sync::mpsc::channel::<()>();
+        let hub = collector.hub.clone();
+        let holder = std::thread::spawn(move || {
+            let _engine = hub.correlation();
+            held_tx.send(()).unwrap();
+            // Bounded: a failing test must not leave the engine held for ever.
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        });
+        held.recv().unwrap();
+        (Some(release), Some(holder))
+    } else {
+        (None, None)
+    };
     let (mut server, _) = AgentStream::connect_with(&collector, hello_at("server", [192, 0, 2, 1])).await;
     let (mut client, _) = AgentStream::connect_with(&collector, hello_at("client", [198, 51, 100, 7])).await;
+    if let (Some(release), Some(holder)) = (release, holder) {
+        assert!(!holder.is_finished(), "the correlation was held until both agents were welcomed");
+        release.send(()).unwrap();
+        holder.join().unwrap();
+    }
     // Port 50001: refused, seen at both ends. Port 50002: the client got a RST the server
     // never sent, while the server's capture ran and recorded the connection.
     server.send(batch(1, vec![reset(100, 50001), flow(50001), flow(50002), covered()])).await.unwrap();
