@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rstscope_tests::lab::{self, addr, Binaries, Host, Lab, Proc};
-use rstscope_tests::machine::{cpu_time, load_average};
+use rstscope_tests::machine::{command_output, cpu_model, cpu_time, load_average, mem_total};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -403,6 +403,14 @@ fn main() -> Result<()> {
     let mut md = String::new();
     let title = if args.label.is_empty() { String::new() } else { format!(" ({})", args.label) };
     md += &format!("## End-to-end verdict latency{title}\n\n");
+    md += "Written by `tests/src/bin/latency-bench.rs`. Not part of the test suite; nothing asserts these numbers.\n\n";
+    md += &format!(
+        "- machine: {} CPUs ({}), {} RAM, Linux {}\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        mem_total(),
+        command_output("uname", &["-r"]).map_or("n/a".into(), |s| s.trim().to_string()),
+    );
     md += &format!(
         "- command: `cargo run --release -p rstscope-tests --bin latency-bench -- --resets {} --rate {} --injected-every {} --clean-rate {}`\n",
         args.resets, args.rate, args.injected_every, args.clean_rate
