@@ -230,6 +230,7 @@ fn run() -> Result<ExitCode> {
             promiscuous: args.promisc,
             buffer_size: args.buffer_mib.saturating_mul(1 << 20),
             poll_timeout_ms: i32::from(args.poll_ms.max(1)),
+            ..LiveConfig::default()
         };
         let source = LiveSource::open(&live).with_context(|| format!("opening interface {interface}"))?;
         live_source = Some(source);

@@ -76,13 +76,13 @@ impl Counters {
 }
 
 /// How long after capture the kernel may still hand over a packet: the idle clock stays this
-/// far behind the wall clock. The live source runs in immediate mode, where libpcap uses a ring
-/// of single packets (TPACKET_V2, no block timeout), so what is left is the kernel's own delay
-/// between stamping a packet and queueing it (a receive backlog under load). A packet later
-/// than this is still tracked, only behind a watermark already sent; the collector's allowance
-/// (path slack and settle margin, `collector::correlate::Config`) covers that before a silence
-/// counts. It delays every RST on a quiet link by as much, so it is kept small (was 250 ms,
-/// sized for TPACKET_V3's block timeout, which immediate mode does not use).
+/// far behind the wall clock. The live source gets packets in blocks handed over at the latest
+/// [`crate::capture::BLOCK_TIMEOUT_MS`] (10 ms) after they opened (timer ticks may add a few
+/// ms), plus the kernel's own delay between stamping a packet and queueing it (a receive
+/// backlog under load). A packet later than this is still tracked, only behind a watermark
+/// already sent; the collector's allowance (path slack and settle margin,
+/// `collector::correlate::Config`) covers that before a silence counts. It delays every RST on
+/// a quiet link by as much, so it is kept small (was 250 ms with a 200 ms block timeout).
 const IDLE_DELIVERY_MARGIN: Duration = Duration::from_millis(50);
 
 /// What [`Reader::drain`] hands on.

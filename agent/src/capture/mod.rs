@@ -11,7 +11,7 @@ mod file;
 mod live;
 
 pub use file::{FileLoss, FileSource};
-pub use live::{LiveConfig, LiveSource};
+pub use live::{LiveConfig, LiveSource, BLOCK_TIMEOUT_MS};
 
 use crate::wire::LinkType;
 

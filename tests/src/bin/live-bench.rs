@@ -814,7 +814,7 @@ fn render(
         "events written as JSON lines to a file (no collector)"
     };
     line(format!(
-        "- agent: {agent_cmd} in namespace b (default capture options unless given above: snaplen 192, 32 MiB buffer, immediate mode, filter `tcp`), a fresh process per step; {output}"
+        "- agent: {agent_cmd} in namespace b (default capture options unless given above: snaplen 192, 32 MiB buffer, kernel blocks handed over within 10 ms, filter `tcp`), a fresh process per step; {output}"
     ));
     line(format!(
         "- capture: {frames}: {} packets, {:.1} MB, {} concurrent, {} connections ({} FIN, {} client RST, {} server RST, {} refused, {} still open), {} RST packets, {} retransmissions, {:.0}% IPv6, {:.0}% VLAN",
