@@ -111,6 +111,10 @@ impl Half {
     /// Accounts one packet sent by this side, given this side's next sequence number and ISN
     /// before the packet. Returns what it adds to the side's rare counters (kept outside the half,
     /// see [`Record::count`]).
+    ///
+    /// Inlined into the tracker's packet path: as a call, saving and restoring registers for its
+    /// many stores was a sixth of its instructions.
+    #[inline(always)]
     pub(crate) fn on_send(&mut self, seg: &Segment, next_seq: SeqNumber, isn: Option<u32>) -> Counted {
         let first = !self.has(seen::ANY);
         let seq = SeqNumber(seg.seq);

@@ -240,12 +240,58 @@ struct Found {
 /// key and that key's index hash. [`KeyHasher::keyed`] makes it; the file pipeline does so on its
 /// reader thread, so that the tracker thread, the slower half of that pipeline, only probes its
 /// table (canonical key, compact form and hash were a tenth of the tracker thread's work).
+///
+/// It crosses cores once per packet, so it carries the key in its compact form (12 bytes, plus
+/// the segment's direction) rather than the 36-byte [`FlowKey`], which the tracker rebuilds from
+/// the segment on the rare paths that need it (RSTs, a connection's first packets): 136 bytes
+/// instead of 160, and no compact form to derive again on the tracker thread.
 #[derive(Clone, Copy, Debug)]
 pub struct Keyed {
     /// The segment.
     pub segment: Segment,
-    key: FlowKey,
+    key: PacketKey,
+}
+
+/// What the tracker's look-up of a segment's record needs, made without tracker state.
+#[derive(Clone, Copy, Debug)]
+struct PacketKey {
+    /// [`index_hash`] of the key.
     hash: u64,
+    /// The compact key of an IPv4 connection; meaningless when `v6`.
+    slot: SlotKey,
+    /// Not IPv4: the compact form holds the addresses and is built from the segment when needed
+    /// (see [`PacketKey::compact`]).
+    v6: bool,
+    /// Wire direction of the segment ([`Record::dir_of`]): 0 when its sender is the key's `lo`.
+    dir: u8,
+}
+
+impl PacketKey {
+    #[inline]
+    fn of(hasher: &DefaultHashBuilder, seg: &Segment) -> Self {
+        let key = FlowKey::new(seg.src, seg.dst);
+        let compact = SlotKey::of(&key);
+        let hash = index_hash(hasher, &compact);
+        let dir = Record::dir_of(&key, seg) as u8;
+        match compact {
+            Ok(slot) => PacketKey { hash, slot, v6: false, dir },
+            Err(_) => PacketKey { hash, slot: SlotKey::v6([0; 2], 0), v6: true, dir },
+        }
+    }
+
+    /// The key as look-ups compare it; `seg` is the segment it was made from.
+    #[inline]
+    fn compact(&self, seg: &Segment) -> Compact {
+        if self.v6 {
+            SlotKey::of(&FlowKey::new(seg.src, seg.dst))
+        } else {
+            Ok(self.slot)
+        }
+    }
+
+    fn dir(&self) -> usize {
+        usize::from(self.dir)
+    }
 }
 
 /// Makes [`Keyed`] segments for one tracker: a copy of its index hasher, from
@@ -260,9 +306,8 @@ impl KeyHasher {
     /// `segment` with its key and index hash.
     #[inline]
     pub fn keyed(&self, segment: Segment) -> Keyed {
-        let key = FlowKey::new(segment.src, segment.dst);
-        let hash = index_hash(&self.hasher, &SlotKey::of(&key));
-        Keyed { segment, key, hash }
+        let key = PacketKey::of(&self.hasher, &segment);
+        Keyed { segment, key }
     }
 }
 
@@ -410,14 +455,13 @@ impl Tracker {
 
     /// Processes one segment; events that became final are passed to `out`.
     pub fn on_segment(&mut self, seg: &Segment, out: &mut impl FnMut(Event)) {
-        let key = FlowKey::new(seg.src, seg.dst);
-        let hash = index_hash(&self.hasher, &SlotKey::of(&key));
-        self.process(seg, &key, hash, None, out);
+        let key = PacketKey::of(&self.hasher, seg);
+        self.process(seg, &key, None, out);
     }
 
-    /// `on_segment` with the segment's key and index hash, and optionally what a look-up found
-    /// earlier (valid as it stands while `self.mutations` has not moved since).
-    fn process(&mut self, seg: &Segment, key: &FlowKey, hash: u64, found: Option<Found>, out: &mut impl FnMut(Event)) {
+    /// `on_segment` with the segment's key, and optionally what a look-up found earlier (valid as
+    /// it stands while `self.mutations` has not moved since).
+    fn process(&mut self, seg: &Segment, key: &PacketKey, found: Option<Found>, out: &mut impl FnMut(Event)) {
         // Times are clamped to +-2^62 ns (1824..2116) so that any difference of two fits in an
         // i64: a crafted capture can claim any timestamp, and time arithmetic must not overflow.
         // (Copying the segment only when it needs clamping keeps a 112-byte copy off every packet.)
@@ -441,14 +485,14 @@ impl Tracker {
             // Records never move, and a key has one live record at most: a record found before is
             // still the key's if its slot still holds that key. A key found missing may have been
             // created since.
-            Some(Found { idx: Some(idx), .. }) if self.holds(idx, &SlotKey::of(key)) => Some(idx),
-            _ => self.find(&SlotKey::of(key), hash),
+            Some(Found { idx: Some(idx), .. }) if self.holds_key(idx, key, seg) => Some(idx),
+            _ => self.find_key(key, seg),
         };
         let (idx, created) = match found {
             Some(idx) if seg.flags.syn() && self.splits(idx, seg) => {
-                let port_reuse = self.is_port_reuse(idx, key, seg);
+                let port_reuse = self.is_port_reuse(idx, key.dir(), seg);
                 self.finish(idx, FlowEnd::Reused, out);
-                let idx = self.create(key, SlotKey::of(key), hash, seg, out);
+                let idx = self.create(key, seg, out);
                 if port_reuse {
                     self.stats.port_reuse += 1;
                     self.conn_mut(idx).set_flag(conn_flags::PORT_REUSE, true);
@@ -456,18 +500,19 @@ impl Tracker {
                 (idx, true)
             }
             Some(idx) => (idx, false),
-            None => (self.create(key, SlotKey::of(key), hash, seg, out), true),
+            None => (self.create(key, seg, out), true),
         };
-        self.apply(idx, key, seg, out);
+        self.apply(idx, key.dir(), seg, out);
         if !self.conn(idx).has_flag(conn_flags::OPEN_SETTLED) {
-            self.note_open(idx, key, seg, created, out);
+            self.note_open(idx, seg, created, out);
         }
     }
 
     /// The connection-identity part of a packet, for records whose Open is not settled: a new
     /// record's SYN is remembered, the responder's SYN-ACK emits the Open, a RST instead of it
     /// means there never will be one; a record that started otherwise emits it at once.
-    fn note_open(&mut self, idx: u32, key: &FlowKey, seg: &Segment, created: bool, out: &mut impl FnMut(Event)) {
+    fn note_open(&mut self, idx: u32, seg: &Segment, created: bool, out: &mut impl FnMut(Event)) {
+        let key = &FlowKey::new(seg.src, seg.dst);
         let conn = Conn::new(*key, self.conn(idx));
         let dir = Record::dir_of(key, seg);
         let syn_only = seg.flags.syn() && !seg.flags.ack() && !seg.flags.rst();
@@ -576,11 +621,11 @@ impl Tracker {
             let mutations = self.mutations;
             self.warm(&found);
             for (keyed, idx) in chunk.iter().zip(found) {
-                self.process(&keyed.segment, &keyed.key, keyed.hash, Some(Found { idx, mutations }), out);
+                self.process(&keyed.segment, &keyed.key, Some(Found { idx, mutations }), out);
             }
         }
         for keyed in chunks.remainder() {
-            self.process(&keyed.segment, &keyed.key, keyed.hash, None, out);
+            self.process(&keyed.segment, &keyed.key, None, out);
         }
     }
 
@@ -603,9 +648,32 @@ impl Tracker {
 
     /// The slot of `keyed`'s record, as the index stands now.
     fn find_keyed(&self, keyed: &Keyed) -> Option<u32> {
-        let compact = SlotKey::of(&keyed.key);
-        debug_assert_eq!(keyed.hash, index_hash(&self.hasher, &compact), "keyed by another tracker's hasher");
-        self.find(&compact, keyed.hash)
+        debug_assert_eq!(
+            keyed.key.hash,
+            index_hash(&self.hasher, &keyed.key.compact(&keyed.segment)),
+            "keyed by another tracker's hasher"
+        );
+        self.find_key(&keyed.key, &keyed.segment)
+    }
+
+    /// [`Tracker::find`] for the key of `seg`. IPv4 keys, nearly all, compare their compact form
+    /// directly: going through [`Compact`] (an enum the size of two IPv6 addresses) cost a quarter
+    /// of the look-up's instructions.
+    #[inline]
+    fn find_key(&self, key: &PacketKey, seg: &Segment) -> Option<u32> {
+        if key.v6 {
+            return self.find(&key.compact(seg), key.hash);
+        }
+        let (slab, slot) = (&self.slab, key.slot);
+        self.table.find(key.hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == slot)).copied()
+    }
+
+    /// [`Tracker::holds`] for the key of `seg`.
+    fn holds_key(&self, idx: u32, key: &PacketKey, seg: &Segment) -> bool {
+        if key.v6 {
+            return self.holds(idx, &key.compact(seg));
+        }
+        matches!(self.slab.get(idx as usize), Some(Some(c)) if c.key == key.slot)
     }
 
     fn find(&self, compact: &Compact, hash: u64) -> Option<u32> {
@@ -840,23 +908,17 @@ impl Tracker {
 
     /// A split that is port reuse in the vocabulary's sense: a new SYN (new ISN) on a tuple whose
     /// previous connection had closed or been reset, rather than a retry of the same attempt.
-    fn is_port_reuse(&self, idx: u32, key: &FlowKey, seg: &Segment) -> bool {
+    fn is_port_reuse(&self, idx: u32, dir: usize, seg: &Segment) -> bool {
         if !seg.flags.syn() || seg.flags.ack() || seg.flags.rst() {
             return false;
         }
         let conn = self.conn(idx);
         let closed = (0..2).any(|d| conn.counters(d).rsts > 0 || conn.halves[d].has(seen::FIN));
-        closed && conn.side(Record::dir_of(key, seg)).isn != Some(seg.seq)
+        closed && conn.side(dir).isn != Some(seg.seq)
     }
 
-    fn create(
-        &mut self,
-        key: &FlowKey,
-        compact: Compact,
-        hash: u64,
-        seg: &Segment,
-        out: &mut impl FnMut(Event),
-    ) -> u32 {
+    fn create(&mut self, key: &PacketKey, seg: &Segment, out: &mut impl FnMut(Event)) -> u32 {
+        let (compact, hash) = (key.compact(seg), key.hash);
         if self.stats.active as usize >= self.config.max_flows.max(1) {
             if let Some(victim) = self.eviction_victim() {
                 self.stats.evicted += 1;
@@ -864,7 +926,7 @@ impl Tracker {
             }
         }
         let (zeek, sender_is_orig) = ZeekConn::start(seg.flags.byte(), seg.src.port(), seg.dst.port());
-        let sender_is_lo = key.is_lo_to_hi(&seg.src);
+        let sender_is_lo = key.dir == 0;
         let slot_key = match compact {
             Ok(k) => k,
             Err((ports, addrs)) => match self.v6_free.pop() {
@@ -899,21 +961,23 @@ impl Tracker {
         idx
     }
 
-    fn apply(&mut self, idx: u32, key: &FlowKey, seg: &Segment, out: &mut impl FnMut(Event)) {
+    /// Applies `seg`, sent in wire direction `dir`, to record `idx`.
+    fn apply(&mut self, idx: u32, dir: usize, seg: &Segment, out: &mut impl FnMut(Event)) {
         self.touched(idx);
         let settle = self.config.settle_ns.min(self.config.linger_ns);
         let ignore_checksums = self.config.ignore_checksums;
-        let ctx = if seg.flags.rst() { self.context(idx, key, seg) } else { classify::Context::default() };
+        // The full key, for the views of RSTs only (rebuilt from the segment, see `Keyed`).
+        let key = || FlowKey::new(seg.src, seg.dst);
+        let ctx = if seg.flags.rst() { self.context(idx, &key(), seg) } else { classify::Context::default() };
         if seg.flags.syn() {
             self.note_syn(idx, seg);
         }
         let conn = self.slab[idx as usize].as_mut().expect("live record");
-        let dir = Record::dir_of(key, seg);
 
-        let mut event = seg.flags.rst().then(|| classify::build(&Conn::new(*key, conn), dir, seg, &ctx));
+        let mut event = seg.flags.rst().then(|| classify::build(&Conn::new(key(), conn), dir, seg, &ctx));
         // Later packets add evidence to RSTs still settling; settled ones are emitted.
         if conn.has_flag(conn_flags::PENDING) {
-            let view = Conn::new(*key, conn);
+            let view = Conn::new(key(), conn);
             let pending = self.pending.get_mut(&idx).expect("flagged records have pending events");
             classify::observe_after(pending, event.as_mut(), &view, dir, seg);
             self.stats.resets += release_settled(pending, &view, seg.ts_ns, settle, out);
@@ -1382,6 +1446,14 @@ mod record_size {
         assert_eq!(std::mem::size_of::<super::Record>(), 168);
         assert_eq!(std::mem::size_of::<super::zeek::Rare>(), 44);
         assert_eq!(std::mem::size_of::<Option<super::Record>>(), std::mem::size_of::<super::Record>());
+    }
+
+    /// A keyed segment crosses from the reader thread to the tracker once per packet (see
+    /// `Keyed`): the segment and 24 bytes of key, not a second copy of the addresses.
+    #[test]
+    fn keyed_segment_stays_small() {
+        assert_eq!(std::mem::size_of::<crate::wire::Segment>(), 112);
+        assert_eq!(std::mem::size_of::<super::Keyed>(), 136);
     }
 }
 

@@ -497,9 +497,15 @@ impl ZeekConn {
             self.update_ack_seq(p, seg.ack);
             r
         };
-        self.update_last_seq(e, seg.seq.wrapping_add(len), false, false, false, len);
+        // update_last_seq without SYN, FIN or RST, from an endpoint that is not reset.
+        let last_seq = seg.seq.wrapping_add(len);
+        if seq_delta(last_seq, self.last[e]) > 0 {
+            self.update_last(e, last_seq);
+        } else if len > 0 {
+            self.scaled(e, Scaled::Rxmit);
+        }
         // ack_received; its end-of-input check finds neither FIN nor a closed or reset state.
-        self.trim_to_ack(p, rel_ack);
+        self.trim_established(p, rel_ack);
         if len > 0 && !seq_underflow && payload_captured {
             self.data_sent(e, rel_seq, len);
         }
@@ -1344,6 +1350,34 @@ impl ZeekConn {
         }
     }
 
+    /// [`ZeekConn::trim_to_ack`] for an endpoint `x` that sent no FIN, both endpoints established
+    /// (so a gap is clean): the fast path's share of it, without the checks that cannot apply.
+    #[inline]
+    fn trim_established(&mut self, x: usize, rel_ack: u64) {
+        debug_assert!(self.ep_flags[x] & EP_FIN == 0 && self.is_clean(x) && self.is_clean(x ^ 1));
+        let seq = rel_ack as u32;
+        if seq_delta(seq, self.reassem[x]) > 0 && !(seq <= 2 && self.flags & F_PARTIAL != 0) {
+            self.gap_to(x, seq, true);
+        }
+    }
+
+    /// The gap part of [`ZeekConn::trim_to_ack`]: data up to `seq` was never delivered.
+    fn gap_to(&mut self, x: usize, seq: u32, clean: bool) {
+        if clean {
+            self.scaled(x, Scaled::Gap);
+        }
+        let mut upto = seq;
+        if self.ep_flags[x] & EP_HOLE != 0 {
+            // The data seen above the hole is delivered after the gap.
+            let top = self.last_rel(x);
+            if seq_delta(top, upto) > 0 {
+                upto = top;
+            }
+            self.ep_flags[x] &= !EP_HOLE;
+        }
+        self.reassem[x] = upto;
+    }
+
     /// TCP_Reassembler::AckReceived -> TrimToSeq -> Undelivered -> Gap, on the single-hole model. `x` is the
     /// endpoint whose data is being acknowledged.
     fn ack_received(&mut self, x: usize, rel_ack: u64) {
@@ -1367,19 +1401,7 @@ impl ZeekConn {
             } else {
                 // Only established or cleanly closing connections get G/g; elsewhere gaps are often bogus.
                 let clean = self.is_clean(x) && self.is_clean(x ^ 1);
-                if clean {
-                    self.scaled(x, Scaled::Gap);
-                }
-                let mut upto = seq;
-                if self.ep_flags[x] & EP_HOLE != 0 {
-                    // The data seen above the hole is delivered after the gap.
-                    let top = self.last_rel(x);
-                    if seq_delta(top, upto) > 0 {
-                        upto = top;
-                    }
-                    self.ep_flags[x] &= !EP_HOLE;
-                }
-                self.reassem[x] = upto;
+                self.gap_to(x, seq, clean);
             }
         }
     }
