@@ -77,9 +77,10 @@ impl Counters {
 }
 
 /// How long after capture the kernel may still hand over a packet: the idle clock stays this
-/// far behind the wall clock. The live source gets packets in blocks handed over at the latest
-/// [`crate::capture::BLOCK_TIMEOUT_MS`] (10 ms) after they opened (timer ticks may add a few
-/// ms), plus the kernel's own delay between stamping a packet and queueing it (a receive
+/// far behind the wall clock. The live source gets packets in blocks the kernel retires on a
+/// timer ticking every [`crate::capture::BLOCK_TIMEOUT_MS`] (10 ms, rounded up to jiffies); a
+/// block is retired at the first tick after a whole period, so up to about twice that (some
+/// 20-24 ms) after it opened, plus the kernel's own delay between stamping a packet and queueing it (a receive
 /// backlog under load). A packet later than this is still tracked, only behind a watermark
 /// already sent; the collector's allowance (path slack and settle margin,
 /// `collector::correlate::Config`) covers that before a silence counts. It delays every RST on

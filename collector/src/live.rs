@@ -141,9 +141,16 @@ impl LiveCorrelation {
     }
 
     /// Feeds the oldest queued batches of `inbox` (all of memory, or one step of its files; see
-    /// `Inbox::take`), in the order they were queued (the events move into the engine).
-    pub fn feed_from(&mut self, inbox: &Inbox) {
-        let (batches, lost, error) = inbox.take().into_batches();
+    /// `Inbox::take`), in the order they were queued (the events move into the engine), after
+    /// the agents' `hellos` queued meanwhile. The batches are taken first and the hellos after:
+    /// an agent is welcomed, and can send, only once its hello is queued, so every batch taken
+    /// has its agent's hello among those told by then.
+    pub fn feed_from(&mut self, inbox: &Inbox, hellos: impl FnOnce() -> Vec<v1::AgentHello>) {
+        let taken = inbox.take();
+        for hello in hellos() {
+            self.hello(&hello);
+        }
+        let (batches, lost, error) = taken.into_batches();
         for (agent, events) in batches {
             let a = self.engine.agent(&agent, &[]);
             for e in events {

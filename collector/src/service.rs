@@ -197,11 +197,8 @@ impl Hub {
     /// invariant a panicking reader could break half-way that matters more than serving on).
     pub fn correlation(&self) -> std::sync::MutexGuard<'_, LiveCorrelation> {
         let mut correlation = self.correlation.lock().unwrap_or_else(|p| p.into_inner());
-        let hellos = std::mem::take(&mut *self.hellos.lock().unwrap_or_else(|p| p.into_inner()));
-        for hello in &hellos {
-            correlation.hello(hello);
-        }
-        correlation.feed_from(&self.inbox);
+        correlation
+            .feed_from(&self.inbox, || std::mem::take(&mut *self.hellos.lock().unwrap_or_else(|p| p.into_inner())));
         correlation
     }
 

@@ -1,7 +1,8 @@
 //! Live capture through libpcap.
 //!
 //! The kernel hands captured packets over in blocks (TPACKET_V3): the agent wakes once per
-//! block, filled or [`LiveConfig::block_timeout_ms`] old, instead of once per packet as in
+//! block, filled or retired by the kernel's timer (every [`LiveConfig::block_timeout_ms`]; a
+//! block waits up to about two periods), instead of once per packet as in
 //! libpcap's immediate mode (TPACKET_V2). Per packet, a wake-up (poll, context switches) costs
 //! more than parsing and tracking it: in immediate mode the agent took 2.0 µs of CPU per packet
 //! at 200k packets/s and 6.2 µs at 50k/s (`live-bench`), against 0.6 µs for the same packets
@@ -28,8 +29,8 @@ pub struct LiveConfig {
     pub buffer_size: i32,
     /// How long one poll may wait for a packet, in milliseconds.
     pub poll_timeout_ms: i32,
-    /// Longest a captured packet may wait in a kernel block before the block is handed over,
-    /// in milliseconds (TPACKET_V3's block timeout).
+    /// TPACKET_V3's block timeout in milliseconds: the period of the kernel's timer that hands
+    /// over a block not yet full (a packet may wait up to about two periods).
     pub block_timeout_ms: i32,
 }
 
@@ -96,9 +97,9 @@ impl LiveSource {
         self.link_type
     }
 
-    /// A handle another thread can use to make a blocked `next_packet` return [`Poll::End`]
-    /// (libpcap's `pcap_breakloop`): libpcap on Linux may block until a packet arrives, so a
-    /// stop flag alone is not enough.
+    /// A handle another thread can use to make `next_packet` return [`Poll::End`] (libpcap's
+    /// `pcap_breakloop`): the next read after it ends the capture, at the latest one poll
+    /// timeout later (reads are non-blocking; the wait is our own poll).
     pub fn stopper(&mut self) -> pcap::BreakLoop {
         self.capture.breakloop_handle()
     }

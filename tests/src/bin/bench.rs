@@ -860,9 +860,9 @@ fn where_time_goes(scenarios: &[Scenario], line: &mut impl FnMut(String)) {
     line("## Where the time goes".into());
     line(String::new());
     line(
-        "Wall time per packet, medians. Stage c runs b's work on one thread and t's on the other, so it \
-         can be no faster than the slower of the two; what it takes beyond that is the hand-off and \
-         the two cores slowing each other down (they share caches and memory bandwidth, and on this \
+        "Wall time per packet, medians. Stage c runs b's work on one thread (plus keying each packet, \
+         which t gets done beforehand) and t's on the other, so it can be no faster than the slower \
+         of the two; what it takes beyond that is keying, the hand-off and the two cores slowing each other down (they share caches and memory bandwidth, and on this \
          kind of virtual machine whatever else the host runs)."
             .into(),
     );
