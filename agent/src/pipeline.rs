@@ -80,8 +80,8 @@ impl Counters {
 /// far behind the wall clock. The live source gets packets in blocks the kernel retires on a
 /// timer ticking every [`crate::capture::BLOCK_TIMEOUT_MS`] (10 ms, rounded up to jiffies); a
 /// block is retired at the first tick after a whole period, so up to about twice that (some
-/// 20-24 ms) after it opened, plus the kernel's own delay between stamping a packet and queueing it (a receive
-/// backlog under load). A packet later than this is still tracked, only behind a watermark
+/// 20-24 ms) after it opened, plus the kernel's own delay between stamping a packet and
+/// queueing it (a receive backlog under load). A packet later than this is still tracked, only behind a watermark
 /// already sent; the collector's allowance (path slack and settle margin,
 /// `collector::correlate::Config`) covers that before a silence counts. It delays every RST on
 /// a quiet link by as much, so it is kept small (was 250 ms with a 200 ms block timeout).

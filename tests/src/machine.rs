@@ -3,7 +3,8 @@
 //! of `bench`, `collector-bench`, `live-bench` and `latency-bench` say the same thing the same
 //! way.
 
-use std::process::Command;
+use std::io::Read;
+use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -50,4 +51,33 @@ pub fn cpu_time(pid: &str) -> Option<Duration> {
     let hz = *CLOCK_TICKS
         .get_or_init(|| command_output("getconf", &["CLK_TCK"]).and_then(|s| s.parse().ok()).unwrap_or(100));
     Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Waits at most `timeout` for `child`, reading its piped stdout and stderr meanwhile (so a
+/// chatty child never blocks on a full pipe); `None` when it overstayed, after killing it.
+/// Streams not piped come back empty.
+pub fn wait_bounded(mut child: Child, timeout: Duration) -> Option<Output> {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    Some(Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() })
 }

@@ -6,7 +6,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use rstscope_tests::machine::wait_bounded;
 
 /// The number in `text` right before `what` (as in "137000 RST packets").
 fn count_before(text: &str, what: &str) -> Option<u64> {
@@ -18,7 +20,7 @@ fn count_before(text: &str, what: &str) -> Option<u64> {
 fn agent_bench_smoke_run_writes_every_section() {
     let dir = std::env::temp_dir().join(format!("rstscope-bench-smoke-{}", std::process::id()));
     let report_path: PathBuf = dir.join("report.md");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bench"))
+    let child = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(["--smoke", "--no-profile", "--dir"])
         .arg(dir.join("captures"))
         .arg("--out")
@@ -27,22 +29,11 @@ fn agent_bench_smoke_run_writes_every_section() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting bench");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for bench") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = std::fs::remove_dir_all(&dir);
-            panic!("bench --smoke did not finish within 600 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let stderr = child.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    let finished = wait_bounded(child, Duration::from_secs(600));
     let report = std::fs::read_to_string(&report_path);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(status.success(), "bench --smoke failed ({status}):\n{stderr}");
+    let out = finished.expect("bench --smoke did not finish within 600 s");
+    assert!(out.status.success(), "bench --smoke failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     let report = report.expect("bench --smoke wrote no report");
 
     for section in ["## Machine and command", "## Targets", "## Throughput", "## Where the time goes", "## Memory"] {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rstscope_tests::corpus::Agent;
 use rstscope_tests::frames::write_pcap;
+use rstscope_tests::machine::wait_bounded;
 use serde_json::Value;
 
 /// Binaries of the workspace, next to the agent's. The collector's are built (or found up to
@@ -92,16 +93,8 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_with_timeout(mut child: Child, secs: u64) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while child.try_wait().expect("poll child").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not finish within {secs} s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("child output")
+fn wait_with_timeout(child: Child, secs: u64) -> Output {
+    wait_bounded(child, Duration::from_secs(secs)).unwrap_or_else(|| panic!("process did not finish within {secs} s"))
 }
 
 fn agent_send(capture: &Path, url: &str, name: &str, state: &Path) -> Output {

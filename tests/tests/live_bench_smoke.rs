@@ -9,7 +9,9 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use rstscope_tests::machine::wait_bounded;
 
 fn shout(text: &str) {
     let mut err = std::io::stderr().lock();
@@ -35,34 +37,17 @@ fn live_bench_smoke_reads_every_replayed_packet() {
         shout(&format!("SKIPPED live-bench smoke (tests/tests/live_bench_smoke.rs): {why}"));
         return;
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_live-bench"))
+    let child = Command::new(env!("CARGO_BIN_EXE_live-bench"))
         .arg("--smoke")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start live-bench");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
     // Bounded: building the agent (if stale) plus a few seconds of replay.
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for live-bench") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("live-bench --smoke did not finish within 900 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let report = reader.join().expect("stdout reader");
+    let out = wait_bounded(child, Duration::from_secs(900)).expect("live-bench --smoke did not finish within 900 s");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
     shout(&report);
-    assert!(status.success(), "live-bench --smoke failed: {status}");
+    assert!(out.status.success(), "live-bench --smoke failed: {}", out.status);
     assert!(
         report.contains("**No loss at any rate tried"),
         "the agent missed packets or libpcap dropped some in a replay that fits its ring:\n{report}"

@@ -2,8 +2,8 @@
 //!
 //! The kernel hands captured packets over in blocks (TPACKET_V3): the agent wakes once per
 //! block, filled or retired by the kernel's timer (every [`LiveConfig::block_timeout_ms`]; a
-//! block waits up to about two periods), instead of once per packet as in
-//! libpcap's immediate mode (TPACKET_V2). Per packet, a wake-up (poll, context switches) costs
+//! block waits up to about two periods), instead of once per packet as in libpcap's immediate
+//! mode (TPACKET_V2). Per packet, a wake-up (poll, context switches) costs
 //! more than parsing and tracking it: in immediate mode the agent took 2.0 µs of CPU per packet
 //! at 200k packets/s and 6.2 µs at 50k/s (`live-bench`), against 0.6 µs for the same packets
 //! read from a file; with blocks, 1.0 and 1.1 µs, and no loss up to tcpreplay's top speed

@@ -664,8 +664,20 @@ impl Tracker {
         if key.v6 {
             return self.find(&key.compact(seg), key.hash);
         }
-        let (slab, slot) = (&self.slab, key.slot);
-        self.table.find(key.hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == slot)).copied()
+        self.find_v4(key.slot, key.hash)
+    }
+
+    /// [`Tracker::find`] for an IPv4 key.
+    #[inline]
+    fn find_v4(&self, slot: SlotKey, hash: u64) -> Option<u32> {
+        let slab = &self.slab;
+        self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == slot)).copied()
+    }
+
+    /// [`Tracker::holds`] for an IPv4 key.
+    #[inline]
+    fn holds_v4(&self, idx: u32, slot: SlotKey) -> bool {
+        matches!(self.slab.get(idx as usize), Some(Some(c)) if c.key == slot)
     }
 
     /// [`Tracker::holds`] for the key of `seg`.
@@ -673,34 +685,32 @@ impl Tracker {
         if key.v6 {
             return self.holds(idx, &key.compact(seg));
         }
-        matches!(self.slab.get(idx as usize), Some(Some(c)) if c.key == key.slot)
+        self.holds_v4(idx, key.slot)
     }
 
     fn find(&self, compact: &Compact, hash: u64) -> Option<u32> {
-        let slab = &self.slab;
+        let (slab, v6) = (&self.slab, &self.v6_addrs);
         match compact {
-            Ok(k) => self.table.find(hash, |&i| slab[i as usize].as_ref().is_some_and(|c| c.key == *k)),
-            Err((ports, addrs)) => {
-                let v6 = &self.v6_addrs;
-                self.table.find(hash, |&i| {
+            Ok(k) => self.find_v4(*k, hash),
+            Err((ports, addrs)) => self
+                .table
+                .find(hash, |&i| {
                     slab[i as usize].as_ref().is_some_and(|c| {
                         c.key.ports() == *ports && c.key.v6_slot().is_some_and(|s| v6[s as usize] == *addrs)
                     })
                 })
-            }
+                .copied(),
         }
-        .copied()
     }
 
     /// Slab slot `idx` holds a live record with key `compact`.
     fn holds(&self, idx: u32, compact: &Compact) -> bool {
+        let (ports, addrs) = match compact {
+            Ok(k) => return self.holds_v4(idx, *k),
+            Err(v6) => v6,
+        };
         let Some(Some(c)) = self.slab.get(idx as usize) else { return false };
-        match compact {
-            Ok(k) => c.key == *k,
-            Err((ports, addrs)) => {
-                c.key.ports() == *ports && c.key.v6_slot().is_some_and(|s| self.v6_addrs[s as usize] == *addrs)
-            }
-        }
+        c.key.ports() == *ports && c.key.v6_slot().is_some_and(|s| self.v6_addrs[s as usize] == *addrs)
     }
 
     /// Moves time forward to `now_ns` (a packet timestamp) and expires what timed out. Live

@@ -182,6 +182,16 @@ struct Counts {
     peak_tracked: u64,
 }
 
+impl Counts {
+    /// The notes of the stages that track (c and t).
+    fn tracked_note(&self) -> String {
+        format!(
+            "{} RST events, {} flow summaries, {} records, at most {} tracked at once",
+            self.resets, self.flows, self.records, self.peak_tracked
+        )
+    }
+}
+
 /// (b) and (c): the agent's reader and parser, and the tracker when `track` is set.
 fn agent_pipeline(path: &Path, track: bool) -> Result<Counts> {
     let name = path.to_str().context("capture path is not UTF-8")?;
@@ -520,18 +530,12 @@ fn measure(capture: &Path, runs: usize, stage: &dyn Fn(&str) -> bool) -> Result<
         if stage("c") {
             let (c, took) = timed(|| agent_pipeline(capture, true))?;
             track.runs.push(took);
-            track.note = format!(
-                "{} RST events, {} flow summaries, {} records, at most {} tracked at once",
-                c.resets, c.flows, c.records, c.peak_tracked
-            );
+            track.note = c.tracked_note();
         }
         if stage("t") {
             let (c, took) = tracker_alone(capture)?;
             alone.runs.push(took);
-            alone.note = format!(
-                "{} RST events, {} flow summaries, {} records, at most {} tracked at once",
-                c.resets, c.flows, c.records, c.peak_tracked
-            );
+            alone.note = c.tracked_note();
         }
         if stage("d") {
             let filter = "tcp[tcpflags] & tcp-rst != 0";
@@ -860,10 +864,11 @@ fn where_time_goes(scenarios: &[Scenario], line: &mut impl FnMut(String)) {
     line("## Where the time goes".into());
     line(String::new());
     line(
-        "Wall time per packet, medians. Stage c runs b's work on one thread (plus keying each packet, \
-         which t gets done beforehand) and t's on the other, so it can be no faster than the slower \
-         of the two; what it takes beyond that is keying, the hand-off and the two cores slowing each other down (they share caches and memory bandwidth, and on this \
-         kind of virtual machine whatever else the host runs)."
+        "Wall time per packet, medians. Stage c runs b's work on one thread (plus keying each \
+         packet, which t gets done beforehand) and t's on the other, so it can be no faster than \
+         the slower of the two; what it takes beyond that is keying, the hand-off and the two cores \
+         slowing each other down (they share caches and memory bandwidth, and on this kind of \
+         virtual machine whatever else the host runs)."
             .into(),
     );
     line(String::new());
