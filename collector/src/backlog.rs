@@ -40,9 +40,19 @@ use rstscope_proto::v1;
 /// at full speed; some 100 MB decoded). See [`crate::service::Limits::correlation_memory_events`].
 pub const MEMORY_EVENTS: usize = 200_000;
 
-/// The files hold at most this many queued bytes (some 20M events); beyond it batches wait in
-/// memory and acknowledgements wait for room.
+/// The files hold at most this many queued bytes (some 20M events), and at most a quarter of
+/// the store's size limit ([`file_bytes_for_store`]); beyond it batches wait in memory and
+/// acknowledgements wait for room.
 pub const FILE_BYTES: u64 = 4 << 30;
+
+/// The files' cap for a store limited to `store_max_bytes` (`--max-store-gib`): a quarter of
+/// it, at most [`FILE_BYTES`]. The queue lives beside the store only while the correlation is
+/// behind, but it is on the same disk, and a limit the user set for the data directory must
+/// not be overrun by 4 GiB of queue: a small store gets a short queue, and acknowledgements wait
+/// for the correlation sooner.
+pub fn file_bytes_for_store(store_max_bytes: u64) -> u64 {
+    (store_max_bytes / 4).clamp(1, FILE_BYTES)
+}
 
 /// Size of one file segment.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -232,6 +242,17 @@ impl Inbox {
         }
     }
 
+    /// This queue with its files capped at `file_bytes` queued bytes instead of [`FILE_BYTES`].
+    pub fn with_file_bytes(mut self, file_bytes: u64) -> Self {
+        self.file_bytes = file_bytes;
+        self
+    }
+
+    /// The most bytes the files hold queued.
+    pub fn file_bytes(&self) -> u64 {
+        self.file_bytes
+    }
+
     /// Batches that went to the files since the start.
     pub fn filed_batches(&self) -> u64 {
         self.filed_batches.load(Ordering::Relaxed)
@@ -281,7 +302,7 @@ impl Inbox {
         let record = encode_record(agent, events);
         let len = record.len() as u64;
         let result = (|| {
-            if state.file.as_ref().is_some_and(|f| f.bytes + len > self.file_bytes) {
+            if state.file.as_ref().map_or(0, |f| f.bytes) + len > self.file_bytes {
                 return Err(std::io::Error::other(format!("the files hold their cap of {} bytes", self.file_bytes)));
             }
             let new_segment = |dir: &PathBuf| tempfile::tempfile_in(dir).map(Arc::new);
@@ -564,6 +585,13 @@ mod tests {
         assert_eq!(inbox.oldest_ns(), None);
         inbox.push(a.clone(), batch(7_000, 1));
         assert_eq!(inbox.oldest_ns(), Some(7_000), "in memory");
+    }
+
+    #[test]
+    fn the_files_get_a_quarter_of_the_store_limit_up_to_their_own_cap() {
+        assert_eq!(file_bytes_for_store(1 << 30), 256 << 20);
+        assert_eq!(file_bytes_for_store(20 << 30), FILE_BYTES, "the default 20 GiB store");
+        assert_eq!(file_bytes_for_store(3), 1, "never zero");
     }
 
     #[test]

@@ -968,6 +968,20 @@ mod tests {
         assert_eq!(hub.inbox.queued_events(), 1, "the engine was fed");
     }
 
+    /// The queue's files count against the data directory's limit: past a quarter of
+    /// `--max-store-gib` a batch beyond the queue's memory does not go to the files, and the
+    /// acknowledgement feeds the engine itself, as when no file can be written.
+    #[tokio::test]
+    async fn a_small_store_limit_caps_the_queues_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::store::StoreConfig { max_bytes: 40, ..crate::store::StoreConfig::new(dir.path()) };
+        let hub = Hub::new(crate::store::Store::open(config).unwrap(), crate::service::Limits::default());
+        assert_eq!(hub.inbox.file_bytes(), 10, "less than any batch");
+        assert_eq!(acknowledge_one_beyond_memory(&hub).await.expect("the acknowledgement waited for a ticker"), 1);
+        assert!(!hub.inbox.behind(), "nothing went to the files");
+        assert_eq!(hub.inbox.queued_events(), 1, "the engine was fed");
+    }
+
     #[test]
     fn one_stream_per_agent_name() {
         let agents = Arc::new(LiveAgents::default());

@@ -115,7 +115,8 @@ impl Hub {
         if let Err(error) = std::fs::create_dir_all(&backlog_dir) {
             tracing::warn!(%error, dir = %backlog_dir.display(), "Cannot make the correlation queue's directory; acknowledgements will wait for the correlation when it is behind.");
         }
-        let inbox = Inbox::new(correlation_wake.clone(), Some(backlog_dir), limits.correlation_memory_events);
+        let inbox = Inbox::new(correlation_wake.clone(), Some(backlog_dir), limits.correlation_memory_events)
+            .with_file_bytes(crate::backlog::file_bytes_for_store(store.config().max_bytes));
         Arc::new(Hub {
             store_config: store.config().clone(),
             store: std::sync::RwLock::new(Some(store)),
