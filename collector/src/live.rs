@@ -26,7 +26,10 @@
 //!   the stored times of the reports it may decide again, once (see there for the window),
 //!   and each is used by the first decision of its id; they are dropped once every replayed
 //!   RST was decided (ingest feeds the engine no event the store already held, so only
-//!   replayed sightings can name an id stored before the restart).
+//!   replayed sightings can name an id stored before the restart). Their ids are told to the
+//!   engine too ([`Correlator::remember_stored_ids`]): a report keeps the id of the cluster it
+//!   was first decided from when late sightings join it, so the replay, which brings every
+//!   sighting at once, would otherwise give it the id of another one.
 //! - a call the store refused (a full disk, say): its reports go out again with the next
 //!   tick, naming their own times as well (a failed call may have written some of them), and
 //!   the resume point is not written until they are stored.
@@ -191,6 +194,7 @@ impl LiveCorrelation {
             && self.engine.oldest_undecided_ns().is_none_or(|t| t > self.restored.newest_rst_ns)
         {
             self.restored = Restored::default();
+            self.engine.forget_stored_ids();
         }
         while self.decided.len() > MAX_KEPT {
             if let Some(((_, id), _)) = self.decided.pop_first() {
@@ -269,6 +273,7 @@ impl LiveCorrelation {
             n += 1;
         }
         if !times.is_empty() {
+            self.engine.remember_stored_ids(times.keys().map(String::as_str));
             for (id, ts) in std::mem::take(&mut self.restored.times) {
                 times.entry(id).or_default().extend(ts);
             }
@@ -523,5 +528,47 @@ mod tests {
         assert_eq!(third[0].stored_at, [second.ts_ns], "the stored time, once the first move is durable");
         put(&store, &third);
         assert_eq!(store.reports(&ResetQuery::default()).expect("reports").len(), 1);
+    }
+
+    /// A report first decided from one agent's sighting keeps its id when another agent's
+    /// sighting of the same RST arrives late (an agent back from an outage), and keeps it after a
+    /// restart too, although the replay brings both sightings at once and the id of a report
+    /// decided from both would name the other agent's: it is listed once.
+    #[test]
+    fn a_report_that_gained_a_late_sighting_keeps_its_id_after_a_restart() {
+        use crate::store::{ResetQuery, Store, StoreConfig};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = T0 + 1_200 * S;
+        let client = vec![open(1, 0), server_rst(1, t + 15 * MS, 61), mark_since(T0 - S, t + 300 * S)];
+        let server = vec![open(7, SKEW), server_rst(7, t + SKEW, 64), mark_since(T0 - S + SKEW, t + 300 * S + SKEW)];
+        let (first, resume) = {
+            let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+            let mut live = LiveCorrelation::new(Config::default());
+            let mut reports = Vec::new();
+            // The server's agent alone first: its sighting is decided without the client's.
+            for (agent, events) in [("server", &server), ("client", &client)] {
+                store
+                    .append_batch(agent, "boot", &v1::Batch { seq: 1, events: events.clone(), spooled_seq: 0 }, 0)
+                    .expect("append");
+                live.ingest(agent, events);
+                let decided = live.tick();
+                assert_eq!(decided.len(), 1, "decided, then decided again with the late sighting");
+                put(&store, &decided);
+                reports.push(decided[0].report.clone());
+            }
+            assert_eq!(reports[0].id, reports[1].id, "the late sighting keeps the id");
+            assert_eq!(store.reports(&ResetQuery::default()).expect("reports").len(), 1);
+            (reports[1].clone(), live.resume_point().expect("a resume point"))
+        };
+
+        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let mut live = LiveCorrelation::new(Config::default());
+        live.replay(&store, resume).expect("replay");
+        let again = live.tick();
+        assert_eq!(again.len(), 1, "decided again");
+        assert_eq!(again[0].report.id, first.id, "the id it was stored under");
+        put(&store, &again);
+        let listed = store.reports(&ResetQuery::default()).expect("reports");
+        assert_eq!(listed.len(), 1, "listed once: {:?}", listed.iter().map(|r| (&r.id, r.ts_ns)).collect::<Vec<_>>());
     }
 }

@@ -348,6 +348,9 @@ pub struct Correlator {
     /// RST carries the id (compaction prunes it with the RSTs), so as long as the id can be
     /// decided again.
     handed_out: HashMap<String, i64>,
+    /// Ids of reports the store held before a restart that this engine may decide again
+    /// ([`Correlator::remember_stored_ids`]).
+    stored_ids: std::collections::HashSet<String>,
 }
 
 /// Initial TTLs and hop limits of common stacks: a packet with one of these has not been
@@ -360,6 +363,19 @@ impl Correlator {
     /// An empty engine.
     pub fn new(cfg: Config) -> Self {
         Correlator { cfg, ..Default::default() }
+    }
+
+    /// Ids of reports stored before a restart, which the replay may decide again: a cluster
+    /// decided now that has a sighting with one of these ids keeps it, rather than the id of
+    /// its first sighting by agent name (see `report_id`), so the store replaces the report
+    /// instead of listing it twice. Ids are added to those remembered already.
+    pub fn remember_stored_ids<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+        self.stored_ids.extend(ids.into_iter().map(str::to_string));
+    }
+
+    /// Forgets the ids of [`Correlator::remember_stored_ids`] (every replayed RST is decided).
+    pub fn forget_stored_ids(&mut self) {
+        self.stored_ids = Default::default();
     }
 
     /// The engine's settings.

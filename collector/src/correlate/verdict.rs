@@ -267,6 +267,8 @@ impl Correlator {
                 let (mut report, is_pending) = self.report(&cx, root, &members, &cluster, laggard, &marks);
                 if let Some(id) = cluster.iter().find_map(|&r| self.rsts[r].report_id.clone()) {
                     report.id = id;
+                } else if let Some(id) = self.stored_id(&cluster) {
+                    report.id = id;
                 }
                 all.push((cluster, report, is_pending));
             }
@@ -797,6 +799,24 @@ impl Correlator {
     fn report_id(&self, cluster: &[usize]) -> String {
         let r =
             cluster.iter().copied().min_by_key(|&r| (&self.agents[self.rsts[r].agent].name, r)).unwrap_or(cluster[0]);
+        self.sighting_id(r)
+    }
+
+    /// The id a report stored before a restart gave this cluster, if any: the id of one of its
+    /// sightings among [`Correlator::remember_stored_ids`]. A report keeps the id of the
+    /// cluster it was first decided from, and late sightings join it, so after a restart, which
+    /// replays them all at once, the first sighting by agent name may not be the one its id names.
+    fn stored_id(&self, cluster: &[usize]) -> Option<String> {
+        if self.stored_ids.is_empty() {
+            return None;
+        }
+        let mut ids: Vec<String> = cluster.iter().map(|&r| self.sighting_id(r)).collect();
+        ids.sort_unstable();
+        ids.into_iter().find(|id| self.stored_ids.contains(id))
+    }
+
+    /// The id of a report decided from sighting `r` first (see [`Correlator::report_id`]).
+    fn sighting_id(&self, r: usize) -> String {
         let o = &self.rsts[r];
         let e = &o.event;
         let mut h = Fnv::default();
