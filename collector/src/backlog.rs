@@ -68,7 +68,7 @@ pub fn is_decisive(e: &v1::Event) -> bool {
 /// The time the store files an event under, which a replay from the store starts at (reset
 /// `ts_ns`, flow `end_ns`, opening `start_ns`, loss `until_ns`; see `Store::events_since`).
 /// Watermarks are not replayed as events.
-fn filed_at(e: &v1::Event) -> Option<i64> {
+pub(crate) fn filed_at(e: &v1::Event) -> Option<i64> {
     use v1::event::Kind;
     match e.kind.as_ref()? {
         Kind::Reset(r) => Some(r.ts_ns),

@@ -68,6 +68,8 @@ pub struct LiveCorrelation {
     decided: BTreeMap<(i64, String), Arc<v1::ResetReport>>,
     /// The time each decided report is filed under, by id.
     decided_at: std::collections::HashMap<String, i64>,
+    /// The newest filing time (`backlog::filed_at`, agent clock) of any event fed.
+    newest_fed_ns: Option<i64>,
     /// Newly decided reports, for followers.
     pub published: broadcast::Sender<Arc<v1::ResetReport>>,
     /// Records held beyond which the engine forgets old decided connections.
@@ -113,6 +115,7 @@ impl LiveCorrelation {
             engine: Correlator::new(cfg),
             decided: BTreeMap::new(),
             decided_at: Default::default(),
+            newest_fed_ns: None,
             published,
             compact_at: COMPACT_AT,
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -137,6 +140,7 @@ impl LiveCorrelation {
 
     /// Feeds a stored batch of one agent (the ticker was woken when it was queued).
     fn feed(&mut self, agent: &str, events: &[v1::Event]) {
+        self.note_fed(events);
         let a = self.engine.agent(agent, &[]);
         for e in events {
             self.engine.ingest(a, e);
@@ -155,6 +159,7 @@ impl LiveCorrelation {
         }
         let (batches, lost, error) = taken.into_batches();
         for (agent, events) in batches {
+            self.note_fed(&events);
             let a = self.engine.agent(&agent, &[]);
             for e in events {
                 self.engine.ingest_owned(a, e);
@@ -299,12 +304,23 @@ impl LiveCorrelation {
     }
 
     /// Where a replay after a restart must start: early enough for every undecided RST and the
-    /// openings of their connections (reference clock, ns).
+    /// openings of their connections (reference clock, ns). With every RST fed so far decided,
+    /// early enough for the events still to come: the newest watermark, or without one (agents
+    /// reading files send theirs at the end) the newest event fed, less the context margin.
+    /// (Without that, a collector killed while all it had been fed was decided had no resume
+    /// point, and the resets stored but not fed yet were never decided after the restart.)
     pub fn resume_point(&mut self) -> Option<i64> {
         // Agent clocks, not corrected: the context margin is far wider than any skew.
         let oldest_pending = self.engine.oldest_undecided_ns();
         let newest = self.engine.newest_watermark();
-        oldest_pending.or(newest).map(|t| t.saturating_sub(REPLAY_CONTEXT_NS))
+        oldest_pending.or(newest).or(self.newest_fed_ns).map(|t| t.saturating_sub(REPLAY_CONTEXT_NS))
+    }
+
+    /// Remembers the newest filing time of `events`, which are being fed.
+    fn note_fed(&mut self, events: &[v1::Event]) {
+        if let Some(newest) = events.iter().filter_map(crate::backlog::filed_at).max() {
+            self.newest_fed_ns = Some(self.newest_fed_ns.map_or(newest, |t| t.max(newest)));
+        }
     }
 
     /// One connection by id (record label or tuple): its label, each agent's tuple, its
@@ -570,5 +586,42 @@ mod tests {
         put(&store, &again);
         let listed = store.reports(&ResetQuery::default()).expect("reports");
         assert_eq!(listed.len(), 1, "listed once: {:?}", listed.iter().map(|r| (&r.id, r.ts_ns)).collect::<Vec<_>>());
+    }
+
+    /// An agent reading a file sends its watermark only at the end. A collector that decided
+    /// all it had been fed of such an agent still has a resume point, and after a crash the
+    /// replay from it decides a RST that was stored but not fed yet.
+    #[test]
+    fn a_crash_after_everything_fed_was_decided_loses_no_stored_reset() {
+        use crate::store::{ResetQuery, Store, StoreConfig};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = T0 + 60 * S;
+        let fed = vec![open(1, 0), server_rst(1, t, 61)];
+        let not_fed = vec![open(2, 0), server_rst(2, t + 5 * S, 61)];
+        let resume = {
+            let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+            let mut live = LiveCorrelation::new(Config::default());
+            store
+                .append_batch("client", "boot", &v1::Batch { seq: 1, events: fed.clone(), spooled_seq: 0 }, 0)
+                .expect("append");
+            live.ingest("client", &fed);
+            let decided = live.tick();
+            assert_eq!(decided.len(), 1, "decided without a watermark");
+            put(&store, &decided);
+            assert_eq!(live.engine.oldest_undecided_ns(), None, "nothing left undecided");
+            let resume = live.resume_point().expect("a resume point all the same");
+            // Stored (and acknowledged), then the collector dies before feeding it.
+            store
+                .append_batch("client", "boot", &v1::Batch { seq: 2, events: not_fed.clone(), spooled_seq: 0 }, 0)
+                .expect("append");
+            resume
+        };
+        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let mut live = LiveCorrelation::new(Config::default());
+        live.replay(&store, resume).expect("replay");
+        put(&store, &live.tick());
+        let listed = store.reports(&ResetQuery::default()).expect("reports");
+        let times: Vec<i64> = listed.iter().map(|r| r.ts_ns).collect();
+        assert_eq!(times, [t, t + 5 * S], "both resets listed once");
     }
 }
