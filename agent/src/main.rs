@@ -508,9 +508,12 @@ fn finish_export(
 }
 
 /// A capture file as an interface in the hello: its name and the link type of its first packet
-/// (0 when it cannot be told, e.g. for stdin, which cannot be read twice).
+/// (0 when it cannot be told). Only regular files are looked into: stdin, a named pipe or a
+/// process substitution (`-r <(ssh host tcpdump -w -)`) cannot be read twice, and peeking
+/// would eat the start of the stream.
 fn file_interface(path: &str) -> rstscope_proto::v1::Interface {
-    let link_type = if path == "-" {
+    let regular_file = path != "-" && std::fs::metadata(path).is_ok_and(|m| m.is_file());
+    let link_type = if !regular_file {
         0
     } else {
         FileSource::open(path)

@@ -213,3 +213,40 @@ fn an_absurd_pcapng_time_offset_does_not_crash_the_agent() {
     let lines = lines(&out);
     assert_eq!(of_type(&lines, "reset").len(), 1);
 }
+
+/// A named pipe (or `-r <(ssh host tcpdump -w -)`) is read once, from its start, also when the
+/// agent sends to a collector: the hello's look at the first packet only opens regular files.
+/// (No collector listens here; the run still reads everything, spools it and says so.)
+#[test]
+fn a_named_pipe_is_read_whole_with_a_collector() {
+    let scratch = Scratch::new("fifo");
+    let pcap = scratch.ladder_pcap("ladder.pcap");
+    let fifo = scratch.path("capture.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    {
+        let (pcap, fifo) = (pcap.clone(), fifo.clone());
+        // Opening a pipe for writing blocks until the agent opens it for reading; the thread
+        // is not joined, so a test that fails cannot hang on it.
+        std::thread::spawn(move || {
+            let bytes = std::fs::read(&pcap).expect("read pcap");
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo).and_then(|mut f| f.write_all(&bytes));
+        });
+    }
+    let child = Command::new(agent().exe)
+        .arg("--read")
+        .arg(&fifo)
+        .args(["--collector", "http://127.0.0.1:1", "--name", "fifo-test", "--ack-timeout", "1", "-o", "json"])
+        .arg("--state-dir")
+        .arg(scratch.path("state"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run agent");
+    // A peek at the pipe used to eat its start; the agent then waited for a writer for ever.
+    let out = rstscope_tests::machine::wait_bounded(child, std::time::Duration::from_secs(60))
+        .expect("the agent read the pipe and ended within 60 s");
+    assert!(!stderr(&out).contains("not a pcap"), "{}", stderr(&out));
+    let lines = lines(&out);
+    assert_eq!(of_type(&lines, "reset").len(), 2, "{}", stderr(&out));
+}
