@@ -178,6 +178,8 @@ fn run() -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .with_writer(io::stderr)
+        // Colour codes only for a person at a terminal, not in a file or the journal.
+        .with_ansi(io::stderr().is_terminal())
         .init();
     if args.read.is_empty() && args.interface.is_none() {
         bail!("nothing to read: give --read FILE or --interface IF (see --help)");

@@ -382,6 +382,27 @@ fn analyze_gives_every_rst_its_expected_verdict() {
     assert!(problems.is_empty(), "{} disagreements with the scenario table:\n{}", problems.len(), problems.join("\n"));
 }
 
+/// A named capture that cannot be read fails the analysis with its name, rather than turning
+/// every RST it should have seen into `unverified`.
+#[test]
+fn analyze_refuses_when_a_named_capture_cannot_be_read() {
+    let Some(cli) = rstscope_cli() else {
+        return;
+    };
+    let tmp = TempDir::new("analyze-missing");
+    let s = &scenarios()[0];
+    let files = s.write(&tmp.0).unwrap();
+    let good = format!("{}={}", files[0].0, files[0].1.display());
+    let out = Command::new(&cli)
+        .args(["analyze", &good, "typo=/nonexistent/rstscope/server.pcap"])
+        .output()
+        .expect("run rstscope");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
+    assert!(stderr.contains("cannot read the capture of typo"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no one-sided analysis printed: {}", String::from_utf8_lossy(&out.stdout));
+}
+
 /// Distinct (orig, resp) endpoint pairs among the agent's flow records of `capture`.
 fn agent_tuples(agent: &Agent, capture: &Path) -> BTreeSet<(String, String)> {
     let run = agent.run(capture, false);

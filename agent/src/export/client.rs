@@ -100,13 +100,18 @@ enum SessionError {
     Spool(#[from] SpoolError),
 }
 
-/// An error and its sources on one line: transport errors say little at the top level.
+/// An error and its sources on one line: transport errors say little at the top level. A
+/// source whose text the line already holds (some errors print their source themselves) is
+/// not repeated.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
         source = e.source();
     }
     text
@@ -263,5 +268,25 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("tcp connect error: {0}")]
+    struct Says(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Terse(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        assert_eq!(chain(&Terse(refused())), "transport error: Connection refused");
+        assert_eq!(chain(&Says(refused())), "tcp connect error: Connection refused");
     }
 }

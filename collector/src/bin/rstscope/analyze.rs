@@ -164,6 +164,7 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
     let mut engine = Correlator::new(cfg);
     let mut vantages: Vec<Vantage> = Vec::new();
     let mut any_read = false;
+    let mut unreadable: Vec<String> = Vec::new();
     for (name, file) in &pairs {
         let mine: Vec<IpAddr> = locals.iter().filter(|(n, _)| n == name).map(|(_, ip)| *ip).collect();
         let agent = engine.agent(name, &mine);
@@ -185,6 +186,7 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
             }
             Err(e) => {
                 eprintln!("rstscope: {name}: {e}");
+                unreadable.push(name.clone());
                 vantages.push(Vantage { name: name.clone(), file: file.clone(), packets: 0, errors: vec![e] });
             }
         }
@@ -192,6 +194,14 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
     }
     if !any_read {
         return Err(Failure::Refused("no capture could be read".to_string()));
+    }
+    // A vantage point named but not read would turn the comparison into a one-sided analysis
+    // (every RST it should have seen `unverified`) without a word: a typo must not look like that.
+    if !unreadable.is_empty() {
+        return Err(Failure::Refused(format!(
+            "cannot read the capture of {}; leave it out to analyze without it",
+            unreadable.join(", ")
+        )));
     }
     let reports = engine.finish();
     if let Some(id) = &args.connection {
