@@ -381,6 +381,9 @@ fn exit_code(counters: &Counters, unacked: u64) -> ExitCode {
 }
 
 fn start_exporter(args: &Args, url: &str, live: Option<&LiveSource>) -> Result<Exporter> {
+    if let Some(problem) = rstscope_proto::collector_url_problem(url) {
+        bail!("--collector {problem}");
+    }
     let Some(name) = &args.name else {
         bail!("--collector needs --name NAME (this agent's unique name)");
     };

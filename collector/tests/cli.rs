@@ -120,4 +120,10 @@ async fn errors_say_what_to_do() {
     let message = stderr(&unreachable);
     assert!(message.contains(&format!("cannot reach the collector at {url}")), "{message}");
     assert!(message.contains("is rstscope-collector running? (--collector / RSTSCOPE_COLLECTOR)"), "{message}");
+
+    // An address without a scheme is a usage error, not an unreachable collector.
+    let bare = url.trim_start_matches("http://").to_string();
+    let mistyped = rstscope(args(&["--collector", &bare, "status"])).await;
+    assert_eq!(mistyped.status.code(), Some(2), "{}", stderr(&mistyped));
+    assert!(stderr(&mistyped).contains(&format!("e.g. http://{bare}")), "{}", stderr(&mistyped));
 }

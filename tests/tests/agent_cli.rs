@@ -250,3 +250,25 @@ fn a_named_pipe_is_read_whole_with_a_collector() {
     let lines = lines(&out);
     assert_eq!(of_type(&lines, "reset").len(), 2, "{}", stderr(&out));
 }
+
+/// A collector address without a scheme is refused at once (exit 2), not retried as an outage
+/// until the acknowledgement timeout.
+#[test]
+fn a_collector_address_without_a_scheme_is_a_usage_error() {
+    let scratch = Scratch::new("bare-url");
+    let pcap = scratch.ladder_pcap("ladder.pcap");
+    let child = Command::new(agent().exe)
+        .arg("--read")
+        .arg(&pcap)
+        .args(["--collector", "127.0.0.1:1", "--name", "bare", "--ack-timeout", "300"])
+        .arg("--state-dir")
+        .arg(scratch.path("state"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run agent");
+    let out = rstscope_tests::machine::wait_bounded(child, std::time::Duration::from_secs(60))
+        .expect("refused at once, not retried for 300 s");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("e.g. http://127.0.0.1:1"), "{}", stderr(&out));
+}

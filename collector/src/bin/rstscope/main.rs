@@ -162,6 +162,10 @@ impl Failure {
             Code::Unavailable => Failure::Unreachable(format!(
                 "cannot reach the collector at {collector}: {message}; is rstscope-collector running? (--collector / RSTSCOPE_COLLECTOR)"
             )),
+            // A stream (`--follow`) cut by a collector that went away comes back as an h2 error.
+            Code::Unknown if message.contains("h2 protocol error") || message.contains("connection") => {
+                Failure::Unreachable(format!("lost the connection to the collector at {collector}: {message}"))
+            }
             Code::InvalidArgument => Failure::Usage(message.to_string()),
             Code::NotFound => Failure::Refused(message.to_string()),
             code => Failure::Refused(format!("the collector answered {code:?}: {message}")),
@@ -191,6 +195,9 @@ fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, Failure> {
 
 async fn connect(args: &ConnectArgs) -> Result<Client, Failure> {
     let url = &args.collector;
+    if let Some(problem) = rstscope_proto::collector_url_problem(url) {
+        return Err(Failure::Usage(format!("--collector {problem}")));
+    }
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| Failure::Usage(format!("--collector {url:?} is not a URL like http://HOST:PORT: {e}")))?
         .connect_timeout(Duration::from_secs(5))
