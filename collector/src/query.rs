@@ -446,6 +446,14 @@ impl v1::query_server::Query for QueryService {
         let store = self.hub.store()?;
         let Some(view) = view else {
             // Not (or no longer) in the correlation's memory: what the store has for the tuple.
+            if looks_like_record_label(&text) {
+                return Err(Status::not_found(format!(
+                    "no connection {} in the correlation's memory (it forgets connections some time after \
+                     they end); the store can still show it by its tuple, e.g. rstscope connection \
+                     198.51.100.2:40000-203.0.113.10:80, as a reset's src and dst give it",
+                    text.trim()
+                )));
+            }
             let key = text.trim().parse::<FlowKey>().map_err(|e| {
                 Status::invalid_argument(format!("{e}; or give an id as printed in a reset's connection field"))
             })?;
@@ -582,6 +590,13 @@ async fn follow(
             }
         }
     }
+}
+
+/// A connection record label as resets print it: `AGENT/` and 16 hex digits.
+fn looks_like_record_label(text: &str) -> bool {
+    text.trim()
+        .rsplit_once('/')
+        .is_some_and(|(agent, hex)| !agent.is_empty() && hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

@@ -112,6 +112,12 @@ async fn errors_say_what_to_do() {
 
     let admitted = rstscope(args(&["--collector", &url, "--token", "s3cret", "status"])).await;
     assert!(admitted.status.success(), "{}", stderr(&admitted));
+
+    // A well-formed record label the correlation does not hold: not found (1), not a usage error.
+    let unknown =
+        rstscope(args(&["--collector", &url, "--token", "s3cret", "connection", "client/0123456789abcdef"])).await;
+    assert_eq!(unknown.status.code(), Some(1), "{}", stderr(&unknown));
+    assert!(stderr(&unknown).contains("no connection client/0123456789abcdef"), "{}", stderr(&unknown));
     collector.stop().await;
 
     // Nothing listens on the stopped collector's port any more.
