@@ -629,7 +629,85 @@ fn nflog_payload(frame: &[u8]) -> Result<LinkPayload<'_>, Skip> {
     Err(Skip::Malformed)
 }
 
+/// The TCP segment in IP packet `data`, through any tunnels (see [`decapsulate`]); `depth`
+/// counts the tunnels entered so far.
 fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip> {
+    parse_ip_at(data, ts_ns, vlan, 0)
+}
+
+/// Tunnels a mirrored or overlay network wraps TCP in, decoded so that its connections are
+/// tracked like any others (as Zeek and Wireshark do): IP in IP (4, 41), GRE (47) carrying IP,
+/// Ethernet (transparent bridging) or ERSPAN types I-III, and VXLAN (UDP 4789) and Geneve (UDP
+/// 6081). The inner packet is the connection's: its addresses, TTL and IP ID. The capture's own
+/// VLAN tag is kept when it has one, else the inner frame's.
+fn decapsulate(
+    ip_number: IpNumber,
+    payload: &[u8],
+    ts_ns: i64,
+    vlan: Option<u16>,
+    depth: usize,
+) -> Result<Segment, Skip> {
+    if depth >= MAX_LAYERS {
+        return Err(Skip::Malformed);
+    }
+    let depth = depth + 1;
+    let ethernet = |frame: &[u8]| {
+        let ethertype = be16(frame, 12).ok_or(Skip::Truncated)?;
+        let link = by_ethertype(ethertype, &frame[14..], None)?;
+        parse_ip_at(link.ip, ts_ns, vlan.or(link.vlan), depth)
+    };
+    match ip_number {
+        IpNumber::IPV4 | IpNumber::IPV6 => parse_ip_at(payload, ts_ns, vlan, depth),
+        IpNumber::GRE => {
+            let flags = be16(payload, 0).ok_or(Skip::Truncated)?;
+            if flags & 0x0007 != 0 {
+                // Version 1 is PPTP's enhanced GRE (PPP inside): not decoded.
+                return Err(Skip::NotTcp);
+            }
+            let protocol = be16(payload, 2).ok_or(Skip::Truncated)?;
+            // Checksum (+ reserved), key and sequence number, each 4 bytes when flagged.
+            let optional = [0x8000u16, 0x2000, 0x1000].iter().filter(|&&bit| flags & bit != 0).count() * 4;
+            let inner = payload.get(4 + optional..).ok_or(Skip::Truncated)?;
+            match protocol {
+                0x6558 => ethernet(inner),
+                // ERSPAN type II (8-byte header; type I, without the sequence bit, has none) and
+                // type III (12 bytes, plus an 8-byte platform subheader with the O bit).
+                0x88be if flags & 0x1000 == 0 => ethernet(inner),
+                0x88be => ethernet(inner.get(8..).ok_or(Skip::Truncated)?),
+                0x22eb => {
+                    let o_bit = inner.get(11).ok_or(Skip::Truncated)? & 0x01 != 0;
+                    ethernet(inner.get(if o_bit { 20 } else { 12 }..).ok_or(Skip::Truncated)?)
+                }
+                other => {
+                    let link = by_ethertype(other, inner, vlan)?;
+                    parse_ip_at(link.ip, ts_ns, link.vlan, depth)
+                }
+            }
+        }
+        IpNumber::UDP => {
+            let dst_port = be16(payload, 2).ok_or(Skip::NotTcp)?;
+            let udp_payload = payload.get(8..).ok_or(Skip::Truncated)?;
+            match dst_port {
+                4789 => ethernet(udp_payload.get(8..).ok_or(Skip::Truncated)?),
+                6081 => {
+                    let options = usize::from(udp_payload.first().ok_or(Skip::Truncated)? & 0x3f) * 4;
+                    let protocol = be16(udp_payload, 2).ok_or(Skip::Truncated)?;
+                    let inner = udp_payload.get(8 + options..).ok_or(Skip::Truncated)?;
+                    if protocol == 0x6558 {
+                        ethernet(inner)
+                    } else {
+                        let link = by_ethertype(protocol, inner, vlan)?;
+                        parse_ip_at(link.ip, ts_ns, link.vlan, depth)
+                    }
+                }
+                _ => Err(Skip::NotTcp),
+            }
+        }
+        _ => Err(Skip::NotTcp),
+    }
+}
+
+fn parse_ip_at(data: &[u8], ts_ns: i64, vlan: Option<u16>, depth: usize) -> Result<Segment, Skip> {
     let (ip, ext_error) = LaxIpSlice::from_slice(data).map_err(|e| match e {
         etherparse::err::ip::LaxHeaderSliceError::Len(_) => Skip::Truncated,
         etherparse::err::ip::LaxHeaderSliceError::Content(_) => Skip::Malformed,
@@ -643,7 +721,7 @@ fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip>
         return Err(Skip::Fragment);
     }
     if payload.ip_number != IpNumber::TCP {
-        return Err(Skip::NotTcp);
+        return decapsulate(payload.ip_number, payload.payload, ts_ns, vlan, depth);
     }
     let mut ip_header_ok = true;
     let (src_ip, dst_ip, ttl, ip_id, ip_payload_len) = match &ip {
@@ -807,6 +885,74 @@ mod tests {
         let mut out = Vec::new();
         b.write(&mut out, payload).unwrap();
         out
+    }
+
+    /// An outer Ethernet + IPv4 packet (192.0.2.1 -> 192.0.2.2) carrying `payload` as `protocol`.
+    fn outer_ip(protocol: IpNumber, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([9; 6], [8; 6])
+            .ipv4([192, 0, 2, 1], [192, 0, 2, 2], 64)
+            .write(&mut out, protocol, payload)
+            .unwrap();
+        out
+    }
+
+    /// An outer Ethernet + IPv4 + UDP packet to `port` carrying `payload`.
+    fn outer_udp(port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([9; 6], [8; 6])
+            .ipv4([192, 0, 2, 1], [192, 0, 2, 2], 64)
+            .udp(50000, port)
+            .write(&mut out, payload)
+            .unwrap();
+        out
+    }
+
+    /// TCP inside the tunnels mirrored and overlay networks use is the connection's own segment:
+    /// inner addresses and TTL, the outer ones forgotten.
+    #[test]
+    fn tunnelled_tcp_is_the_inner_segment() {
+        let frame = tcp_v4_frame("RA", b"");
+        let ip = &frame[14..];
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("IPv4 in IPv4", outer_ip(IpNumber::IPV4, ip)),
+            ("GRE, IPv4", outer_ip(IpNumber::GRE, &cat(&[&[0, 0, 0x08, 0x00], ip]))),
+            ("GRE with checksum and key", outer_ip(IpNumber::GRE, &cat(&[&[0xa0, 0, 0x08, 0x00], &[0; 8], ip]))),
+            ("GRE, transparent Ethernet", outer_ip(IpNumber::GRE, &cat(&[&[0, 0, 0x65, 0x58], &frame]))),
+            ("ERSPAN type I", outer_ip(IpNumber::GRE, &cat(&[&[0, 0, 0x88, 0xbe], &frame]))),
+            ("ERSPAN type II", outer_ip(IpNumber::GRE, &cat(&[&[0x10, 0, 0x88, 0xbe], &[0; 4], &[0; 8], &frame]))),
+            ("ERSPAN type III", outer_ip(IpNumber::GRE, &cat(&[&[0x10, 0, 0x22, 0xeb], &[0; 4], &[0; 12], &frame]))),
+            (
+                "ERSPAN type III with platform subheader",
+                outer_ip(IpNumber::GRE, &cat(&[&[0x10, 0, 0x22, 0xeb], &[0; 4], &[0; 11], &[1], &[0; 8], &frame])),
+            ),
+            ("VXLAN", outer_udp(4789, &cat(&[&[0x08, 0, 0, 0, 0, 0, 1, 0], &frame]))),
+            ("Geneve, Ethernet", outer_udp(6081, &cat(&[&[0, 0, 0x65, 0x58, 0, 0, 1, 0], &frame]))),
+            ("Geneve with options, IPv4", outer_udp(6081, &cat(&[&[1, 0, 0x08, 0x00, 0, 0, 1, 0], &[0; 4], ip]))),
+        ];
+        let plain = parse(LinkType::ETHERNET, 0, &frame).unwrap();
+        for (name, tunnelled) in cases {
+            let seg = parse(LinkType::ETHERNET, 0, &tunnelled).unwrap_or_else(|skip| panic!("{name}: {skip:?}"));
+            assert_eq!(seg, plain, "{name}");
+        }
+    }
+
+    /// What is not decoded is counted, and a tunnel of tunnels cannot recurse without bound.
+    #[test]
+    fn tunnels_not_decoded_are_skipped_and_nesting_is_bounded() {
+        let frame = tcp_v4_frame("RA", b"");
+        let pptp = outer_ip(IpNumber::GRE, &[&[0x30, 0x01, 0x88, 0x0b][..], &[0; 8], &frame[14..]].concat());
+        assert_eq!(parse(LinkType::ETHERNET, 0, &pptp), Err(Skip::NotTcp), "PPTP's enhanced GRE");
+        assert_eq!(parse(LinkType::ETHERNET, 0, &outer_udp(53, &frame)), Err(Skip::NotTcp), "plain UDP");
+        let truncated = outer_ip(IpNumber::GRE, &[0, 0]);
+        assert_eq!(parse(LinkType::ETHERNET, 0, &truncated), Err(Skip::Truncated));
+        let mut nested = frame[14..].to_vec();
+        for _ in 0..40 {
+            nested = outer_ip(IpNumber::IPV4, &nested)[14..].to_vec();
+        }
+        let deep = outer_ip(IpNumber::IPV4, &nested);
+        assert_eq!(parse(LinkType::ETHERNET, 0, &deep), Err(Skip::Malformed));
     }
 
     /// Option layouts of real stacks' SYNs (bytes as sent), malformed and padded lists.
