@@ -134,6 +134,22 @@ pub fn is_tunnel_stack(stack: &str) -> bool {
     ip_layers > 1 || layers.iter().any(|l| TUNNELS.contains(l))
 }
 
+/// Whether a tshark protocol stack carries TCP inside a tunnel the agent does not decode. It
+/// decodes IP in IP, GRE carrying IP or Ethernet, ERSPAN, VXLAN and Geneve (`wire::decapsulate`);
+/// Teredo, AYIYA, GTP, L2TP and PPTP's PPP stay skipped.
+pub fn is_undecoded_tunnel_stack(stack: &str) -> bool {
+    if !is_tunnel_stack(stack) {
+        return false;
+    }
+    let layers: Vec<&str> = stack.split(':').collect();
+    layers.iter().enumerate().any(|(i, layer)| match *layer {
+        // UDP only as the carrier of VXLAN or Geneve.
+        "udp" => !matches!(layers.get(i + 1), Some(&"vxlan") | Some(&"geneve")),
+        "teredo" | "ayiya" | "gtp" | "l2tp" | "ppp" => true,
+        _ => false,
+    })
+}
+
 /// Decides whether the Zeek run that produced a baseline used `-C` (ignore checksums), or
 /// `ignore_checksums_nets` (the same for the nets it names).
 ///
@@ -854,6 +870,17 @@ mod tests {
         assert_eq!(zeek_cut_columns(&e).unwrap(), ["id.orig_h", "id.orig_p", "proto"]);
         let e = vec!["btest-diff-cut -m uid history conn.log".to_string()];
         assert_eq!(zeek_cut_columns(&e).unwrap(), ["uid", "history"]);
+    }
+
+    #[test]
+    fn decoded_tunnel_stacks() {
+        assert!(!is_undecoded_tunnel_stack("eth:ethertype:ip:tcp"));
+        assert!(!is_undecoded_tunnel_stack("eth:ethertype:ip:gre:erspan:eth:ethertype:ip:tcp"));
+        assert!(!is_undecoded_tunnel_stack("eth:ethertype:ip:udp:vxlan:eth:ethertype:ip:tcp"));
+        assert!(!is_undecoded_tunnel_stack("eth:ethertype:ipv6:ip:tcp"));
+        assert!(is_undecoded_tunnel_stack("eth:ethertype:ip:udp:teredo:ipv6:tcp"));
+        assert!(is_undecoded_tunnel_stack("eth:ethertype:ip:udp:gtp:ip:tcp"));
+        assert!(is_undecoded_tunnel_stack("eth:ethertype:ip:gre:ppp:ip:tcp"));
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use rstscope_tests::corpus::{
-    capture_of_truth_name, is_tunnel_stack, parallel_map, zeek_cut_columns, zeek_ignored_checksums, Agent, AgentFlow,
-    AgentRun, Capture, Corpus, Nanos, TsharkRst, ZeekLog, ZeekRow,
+    capture_of_truth_name, is_undecoded_tunnel_stack, parallel_map, zeek_cut_columns, zeek_ignored_checksums, Agent,
+    AgentFlow, AgentRun, Capture, Corpus, Nanos, TsharkRst, ZeekLog, ZeekRow,
 };
 
 /// Minimum share of comparable Zeek TCP connections whose conn_state the agent reproduces.
@@ -484,7 +484,7 @@ fn check_rst_truth(corpus: &Corpus, tsv_name: &str, agent: &Agent) -> RstFileRes
     let mut all_tshark: HashMap<RstKey, usize> = HashMap::new();
     for row in &rows {
         *all_tshark.entry((row.ts, row.src, row.dst, row.seq, row.ack)).or_default() += 1;
-        if row.in_icmp_error || is_tunnel_stack(&row.encap) {
+        if row.in_icmp_error || is_undecoded_tunnel_stack(&row.encap) {
             res.not_expected += 1;
             continue;
         }
