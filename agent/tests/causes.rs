@@ -454,3 +454,24 @@ fn answers_segment_names_why() {
         ]
     "#]].assert_debug_eq(&details);
 }
+
+#[test]
+fn a_bare_reset_answering_the_fin_is_not_an_ip_id_zero_sign() {
+    // The server's view of the router-forged reset above: the router dropped the request, so
+    // the server saw only the handshake; it closes 1.5 s later and the client's stack, whose
+    // socket the forged RST killed (unseen here), answers the FIN statelessly: bare R, seq =
+    // the FIN's ack, IP ID 0. Genuine, so no injection sign, though the client's IDs were not 0.
+    check(
+        "
+        0ms      > S
+        1ms      < SA
+        2ms      > A
+        1502ms   < FA
+        1503ms   > R   seq=1001 id=0
+        ",
+        expect![[r#"
+            RST  1503.000ms orig R   cause=app-abort phase=half-closed rel=exact [in-sequence]
+            FLOW 198.51.100.7:40000 > 203.0.113.9:80 RSTO ShAfR
+        "#]],
+    );
+}

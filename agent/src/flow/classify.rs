@@ -16,6 +16,9 @@
 //! IP ID 0 (its per-namespace control socket has no ID counter for the peer). There a 0 is what
 //! the genuine RST looks like, so the sign is not raised; the raw `ip_id_delta` is still
 //! reported. Other stacks number such replies like any packet, so nothing is lost for them.
+//! The same holds for a bare RST (no ACK) taking the ack of the peer's FIN as its seq, whatever
+//! the local cause: RFC 793's stateless answer, from a stack whose socket went away for a reason
+//! this vantage may not see (a RST forged towards the other end, a crash).
 //! (DF would not tell the two apart: nftables' `reject with tcp reset` also sends DF and ID 0.)
 
 use super::conn::{seen, Conn, SeqNumber, Side};
@@ -258,8 +261,14 @@ pub fn build(conn: &Conn, dir: usize, seg: &Segment, ctx: &Context) -> RstEvent 
             ));
         }
     }
-    // Stateless answers carry IP ID 0 on Linux (module docs): no `ip-id-zero` for them.
-    let stateless_answer = matches!(cause, Cause::Refused | Cause::NoConnection | Cause::PortReuse | Cause::AfterClose);
+    // Stateless answers carry IP ID 0 on Linux (module docs): no `ip-id-zero` for them. That
+    // includes a bare RST (no ACK) taking the ack of the peer's FIN as its seq: the answer of
+    // a stack whose socket is gone for a reason this vantage may not have seen (a RST forged
+    // towards the other end, a crash); a live socket closing on the peer's FIN sends RST+ACK.
+    let answers_fin_statelessly =
+        !seg.flags.ack() && answers.is_some_and(|a| a.flags.fin() && a.flags.ack() && seg.seq == a.ack);
+    let stateless_answer = answers_fin_statelessly
+        || matches!(cause, Cause::Refused | Cause::NoConnection | Cause::PortReuse | Cause::AfterClose);
     if let (Some(id), true) = (seg.ip_id, sender.has(seen::IP_ID)) {
         if id == 0 && stateless_answer {
             // Not a sign: see the module docs.
