@@ -502,8 +502,9 @@ fn finish_export(
         );
     }
     if report.unacked_batches > 0 {
+        let why = report.last_error.as_deref().map(|e| format!(" (last attempt: {e})")).unwrap_or_default();
         eprintln!(
-            "rstscope-agent: {} batches not acknowledged by the collector within {:.0} s; they are safe in the spool and the next run with the same --name/--state-dir sends them",
+            "rstscope-agent: {} batches not acknowledged by the collector within {:.0} s{why}; they are safe in the spool and the next run with the same --name/--state-dir sends them",
             report.unacked_batches,
             ack_timeout.as_secs_f64()
         );

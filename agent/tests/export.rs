@@ -409,6 +409,22 @@ fn token_is_sent_as_bearer_authorization() {
     assert_eq!(store.lock().unwrap().resets(), vec![1]);
 }
 
+/// A wrong token leaves the batches in the spool, and the report says why, naming the setting.
+#[test]
+fn a_refused_token_is_named_when_batches_stay_unacknowledged() {
+    let store = Arc::new(Mutex::new(Store { required_token: Some("s3cret".into()), ..Store::default() }));
+    let server = Server::start(&store, any_port());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(server.addr, dir.path());
+    config.token = Some("wrong".into());
+    let exporter = Exporter::start(config).unwrap();
+    exporter.push(&reset(1, "S"));
+    let report = exporter.finish(Duration::from_secs(3));
+    assert_eq!(report.unacked_batches, 1);
+    let why = report.last_error.unwrap_or_default();
+    assert!(why.contains("the collector refused the token (--token / RSTSCOPE_TOKEN)"), "{why}");
+}
+
 /// A pcap (LINKTYPE_RAW) of a refused connection: SYN, then RST+ACK 1 ms later.
 fn refused_pcap(path: &Path, t0_s: u32) {
     fn checksum(data: &[u8]) -> u16 {

@@ -90,7 +90,7 @@ impl Connection {
 enum SessionError {
     #[error("cannot connect: {}", chain(.0))]
     Connect(#[source] tonic::transport::Error),
-    #[error("the collector said {}: {}", .0.code(), .0.message())]
+    #[error("{}", status_text(.0))]
     Status(#[source] tonic::Status),
     #[error("{0}")]
     Protocol(&'static str),
@@ -98,6 +98,19 @@ enum SessionError {
     Timeout,
     #[error(transparent)]
     Spool(#[from] SpoolError),
+}
+
+/// What the collector's refusal means for the user, naming the setting to check.
+fn status_text(status: &tonic::Status) -> String {
+    match status.code() {
+        tonic::Code::Unauthenticated => {
+            format!("the collector refused the token (--token / RSTSCOPE_TOKEN): {}", status.message())
+        }
+        tonic::Code::PermissionDenied => {
+            format!("the collector refused access (TLS client certificate?): {}", status.message())
+        }
+        code => format!("the collector said {code}: {}", status.message()),
+    }
 }
 
 /// An error and its sources on one line: transport errors say little at the top level. A
@@ -139,6 +152,7 @@ pub(super) async fn run(shared: Arc<Shared>, connection: Connection, mut mode: w
             Err(error) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, delay_ms = delay.as_millis() as u64, "Push failed; retrying.");
+                *lock(&shared.last_error) = Some(error.to_string());
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = wait_for(&mut mode, Mode::Abort) => return,
@@ -188,6 +202,7 @@ async fn session(
         None => return Err(SessionError::Protocol("the collector closed the stream before its welcome")),
     };
     backoff.reset();
+    *lock(&shared.last_error) = None;
     tracing::info!(durable_seq = welcome.durable_seq, %boot_id, "Connected to the collector.");
     {
         let mut writer = lock(&shared.writer);

@@ -171,13 +171,16 @@ pub struct ExportStats {
 }
 
 /// How [`Exporter::finish`] ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FinishReport {
     /// Batches written and not acknowledged when the wait ended; they stay in the spool and are
     /// sent by the next run with the same state directory.
     pub unacked_batches: u64,
     /// Final counters.
     pub stats: ExportStats,
+    /// Why the last attempt to reach the collector failed, if the last attempt failed (a
+    /// refused token, say): what a run that ends with batches unacknowledged tells the user.
+    pub last_error: Option<String>,
 }
 
 /// What the network side should do.
@@ -368,6 +371,8 @@ struct Shared {
     /// Wakes the sender: a batch was spooled.
     spooled: Notify,
     counters: Counters,
+    /// The last session's error, cleared when a session is welcomed.
+    last_error: Mutex<Option<String>>,
     queue_batches: usize,
     max_batch_events: usize,
     urgent_resets: bool,
@@ -519,6 +524,7 @@ impl Exporter {
             queued: Notify::new(),
             spooled: Notify::new(),
             counters: Counters::default(),
+            last_error: Mutex::new(None),
             queue_batches: config.queue_batches.max(1),
             max_batch_events: config.max_batch_events.max(1),
             urgent_resets: config.urgent_resets,
@@ -640,7 +646,8 @@ impl Exporter {
         }
         self.stop();
         let stats = self.shared.stats();
-        FinishReport { unacked_batches: stats.last_seq - stats.acked, stats }
+        let last_error = lock(&self.shared.last_error).clone();
+        FinishReport { unacked_batches: stats.last_seq - stats.acked, stats, last_error }
     }
 
     fn stop(&mut self) {
