@@ -68,8 +68,10 @@ async fn resets_and_status_print_what_was_ingested() {
     assert!(filtered.status.success(), "{}", stderr(&filtered));
     assert_eq!(
         stdout(&filtered),
-        "1700000000.001000000 edge-1 192.0.2.1:443 > 198.51.100.7:50001: RA seq 1001 ack 2000 ttl 64 refused pending\n"
+        "1700000000.001000000 edge-1 192.0.2.1:443 > 198.51.100.7:50001: RA seq 1001 ack 2000 ttl 64 refused\n"
     );
+    let raw_verdict = rstscope(args(&["resets", "--raw", "--collector", url, "--verdict", "injected"])).await;
+    assert_eq!(raw_verdict.status.code(), Some(2), "a raw record has no verdict to select by");
 
     let table = rstscope(args(&["--collector", url, "resets", "--raw", "--since", "2023-11-14T00:00:00Z"])).await;
     assert!(table.status.success(), "{}", stderr(&table));

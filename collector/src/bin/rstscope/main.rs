@@ -294,6 +294,11 @@ async fn resets(client: &mut Client, args: &ResetsArgs, collector: &str) -> Resu
     if !args.raw {
         return reports(client, args, collector).await;
     }
+    if !args.verdict.is_empty() {
+        return Err(Failure::Usage(
+            "--verdict selects merged reports; --raw lists each agent's own records, which have none".to_string(),
+        ));
+    }
     let filter = reset_filter(args)?;
     let status = |s| Failure::from_status(s, collector);
     let mut stream = if args.follow {

@@ -102,33 +102,33 @@ pub fn reset_json(record: &v1::ResetRecord) -> String {
 /// The column header of [`reset_row`].
 pub fn reset_header() -> String {
     format!(
-        "{:<24} {:<16} {:<47} {:<5} {:<22} {}",
-        "TIME", "AGENT", "SOURCE -> DESTINATION", "FLAGS", "CAUSE", "VERDICT"
+        "{:<24} {:<16} {:<47} {:<5} {}",
+        "TIME", "AGENT", "SOURCE -> DESTINATION", "FLAGS", "CAUSE (THIS AGENT'S VIEW)"
     )
 }
 
-/// One reset as a table row.
+/// One agent's record as a table row. No verdict column: a verdict belongs to the merged report
+/// of a RST (`resets` without `--raw`), not to one agent's record of it.
 pub fn reset_row(record: &v1::ResetRecord) -> String {
     let default = v1::RstEvent::default();
     let e = record.event.as_ref().unwrap_or(&default);
     let path = format!("{} -> {}", endpoint_text(e.src.as_ref()), endpoint_text(e.dst.as_ref()));
     format!(
-        "{:<24} {:<16} {:<47} {:<5} {:<22} {}",
+        "{:<24} {:<16} {:<47} {:<5} {}",
         ts_human(e.ts_ns),
         record.agent,
         path,
         pb::flags_text(e.flags),
-        pb::cause_name(e.cause),
-        record.verdict
+        pb::cause_name(e.cause)
     )
 }
 
-/// One reset as a compact line: `ts agent src > dst: flags seq ack ttl cause verdict`.
+/// One agent's record as a compact line: `ts agent src > dst: flags seq ack ttl cause`.
 pub fn reset_compact(record: &v1::ResetRecord) -> String {
     let default = v1::RstEvent::default();
     let e = record.event.as_ref().unwrap_or(&default);
     format!(
-        "{} {} {} > {}: {} seq {} ack {} ttl {} {} {}",
+        "{} {} {} > {}: {} seq {} ack {} ttl {} {}",
         pb::ts_text(e.ts_ns),
         record.agent,
         endpoint_text(e.src.as_ref()),
@@ -137,8 +137,7 @@ pub fn reset_compact(record: &v1::ResetRecord) -> String {
         e.seq,
         e.ack,
         e.ttl,
-        pb::cause_name(e.cause),
-        record.verdict
+        pb::cause_name(e.cause)
     )
 }
 
@@ -332,11 +331,11 @@ mod tests {
     fn table_and_compact_lines() {
         assert_eq!(
             reset_row(&record()),
-            "2024-05-01T12:00:00.123Z edge-1           192.0.2.1:443 -> 198.51.100.7:50000             RA    refused                pending"
+            "2024-05-01T12:00:00.123Z edge-1           192.0.2.1:443 -> 198.51.100.7:50000             RA    refused"
         );
         assert_eq!(
             reset_compact(&record()),
-            "1714564800.123456789 edge-1 192.0.2.1:443 > 198.51.100.7:50000: RA seq 1000 ack 2000 ttl 64 refused pending"
+            "1714564800.123456789 edge-1 192.0.2.1:443 > 198.51.100.7:50000: RA seq 1000 ack 2000 ttl 64 refused"
         );
     }
 
