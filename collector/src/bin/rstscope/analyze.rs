@@ -28,7 +28,7 @@ pub struct AnalyzeArgs {
     pub captures: Vec<String>,
 
     /// An address of the host a capture was taken on: NAME=ADDR (repeatable). Without it the
-    /// addresses are inferred from which ones send with an unrouted TTL (64, 128, 255).
+    /// addresses are inferred from which ones send with an unrouted TTL (32, 64, 128, 255).
     #[arg(long = "local", value_name = "NAME=ADDR")]
     pub local: Vec<String>,
 
@@ -79,7 +79,10 @@ struct Vantage {
 fn split_pair<'a>(flag: &str, text: &'a str) -> Result<(&'a str, &'a str), Failure> {
     match text.split_once('=') {
         Some((name, value)) if !name.is_empty() && !value.is_empty() => Ok((name, value)),
-        _ => Err(Failure::Usage(format!("{flag} {text:?}: expected NAME=VALUE, e.g. client=client.pcap"))),
+        _ => {
+            let example = if flag == "--local" { "client=198.51.100.2" } else { "client=client.pcap" };
+            Err(Failure::Usage(format!("{flag} {text:?}: expected NAME=VALUE, e.g. {example}")))
+        }
     }
 }
 
@@ -293,7 +296,8 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
         }
         _ => {
             let parts: Vec<String> = verdicts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-            w(out, &format!("\n{} connection(s), {} reset(s): {}", connections, reports.len(), parts.join(", ")))?;
+            let verdicts = if parts.is_empty() { String::new() } else { format!(": {}", parts.join(", ")) };
+            w(out, &format!("\n{} connection(s), {} reset(s){verdicts}", connections, reports.len()))?;
         }
     }
     Ok(())

@@ -23,7 +23,12 @@ use tonic::{Code, Status};
 
 /// Shows TCP resets seen by rstscope agents, as stored by rstscope-collector.
 #[derive(Parser, Debug)]
-#[command(name = "rstscope", version, about, max_term_width = 100)]
+#[command(
+    name = "rstscope",
+    version,
+    about = "Which TCP resets were genuine, forged on the path, or lost: asks an rstscope-collector, or analyzes captures from several hosts offline.",
+    max_term_width = 100
+)]
 struct Cli {
     #[command(flatten)]
     connection: ConnectArgs,
