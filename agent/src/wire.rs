@@ -660,8 +660,9 @@ fn decapsulate(
         IpNumber::IPV4 | IpNumber::IPV6 => parse_ip_at(payload, ts_ns, vlan, depth),
         IpNumber::GRE => {
             let flags = be16(payload, 0).ok_or(Skip::Truncated)?;
-            if flags & 0x0007 != 0 {
-                // Version 1 is PPTP's enhanced GRE (PPP inside): not decoded.
+            if flags & 0x0007 != 0 || flags & 0x4000 != 0 {
+                // Version 1 is PPTP's enhanced GRE (PPP inside); the routing bit of RFC 1701
+                // adds fields RFC 2784 dropped (its packets are to be discarded): not decoded.
                 return Err(Skip::NotTcp);
             }
             let protocol = be16(payload, 2).ok_or(Skip::Truncated)?;
@@ -676,7 +677,13 @@ fn decapsulate(
                 0x88be => ethernet(inner.get(8..).ok_or(Skip::Truncated)?),
                 0x22eb => {
                     let o_bit = inner.get(11).ok_or(Skip::Truncated)? & 0x01 != 0;
-                    ethernet(inner.get(if o_bit { 20 } else { 12 }..).ok_or(Skip::Truncated)?)
+                    let frame = inner.get(if o_bit { 20 } else { 12 }..).ok_or(Skip::Truncated)?;
+                    // Frame type: 0 Ethernet, 2 IP without a link header.
+                    match (inner[10] >> 2) & 0x1f {
+                        0 => ethernet(frame),
+                        2 => parse_ip_at(frame, ts_ns, vlan, depth),
+                        _ => Err(Skip::NotTcp),
+                    }
                 }
                 other => {
                     let link = by_ethertype(other, inner, vlan)?;
@@ -685,7 +692,7 @@ fn decapsulate(
             }
         }
         IpNumber::UDP => {
-            let dst_port = be16(payload, 2).ok_or(Skip::NotTcp)?;
+            let dst_port = be16(payload, 2).ok_or(Skip::Truncated)?;
             let udp_payload = payload.get(8..).ok_or(Skip::Truncated)?;
             match dst_port {
                 4789 => ethernet(udp_payload.get(8..).ok_or(Skip::Truncated)?),
@@ -924,6 +931,10 @@ mod tests {
             ("ERSPAN type II", outer_ip(IpNumber::GRE, &cat(&[&[0x10, 0, 0x88, 0xbe], &[0; 4], &[0; 8], &frame]))),
             ("ERSPAN type III", outer_ip(IpNumber::GRE, &cat(&[&[0x10, 0, 0x22, 0xeb], &[0; 4], &[0; 12], &frame]))),
             (
+                "ERSPAN type III, IP frame",
+                outer_ip(IpNumber::GRE, &cat(&[&[0x10, 0, 0x22, 0xeb], &[0; 4], &[0; 10], &[0x08, 0], ip])),
+            ),
+            (
                 "ERSPAN type III with platform subheader",
                 outer_ip(IpNumber::GRE, &cat(&[&[0x10, 0, 0x22, 0xeb], &[0; 4], &[0; 11], &[1], &[0; 8], &frame])),
             ),
@@ -945,6 +956,8 @@ mod tests {
         let pptp = outer_ip(IpNumber::GRE, &[&[0x30, 0x01, 0x88, 0x0b][..], &[0; 8], &frame[14..]].concat());
         assert_eq!(parse(LinkType::ETHERNET, 0, &pptp), Err(Skip::NotTcp), "PPTP's enhanced GRE");
         assert_eq!(parse(LinkType::ETHERNET, 0, &outer_udp(53, &frame)), Err(Skip::NotTcp), "plain UDP");
+        let routed = outer_ip(IpNumber::GRE, &[&[0x40, 0, 0x08, 0x00][..], &[0; 4], &frame[14..]].concat());
+        assert_eq!(parse(LinkType::ETHERNET, 0, &routed), Err(Skip::NotTcp), "RFC 1701 routing");
         let truncated = outer_ip(IpNumber::GRE, &[0, 0]);
         assert_eq!(parse(LinkType::ETHERNET, 0, &truncated), Err(Skip::Truncated));
         let mut nested = frame[14..].to_vec();

@@ -21,8 +21,8 @@
 //!
 //! Order: the queue is first-in first-out across its three parts. Batches go to memory while
 //! nothing waits in the files and memory has room (200k events by default); then to the files
-//! until they are drained; if the files cannot take a batch (a write error, or [`FILE_BYTES`]
-//! queued) the batch and every later one wait in memory behind them, and acknowledgements wait
+//! until they are drained; if the files cannot take a batch (a write error, or their cap
+//! queued: a quarter of `--max-store-gib`, at most [`FILE_BYTES`]) the batch and every later one wait in memory behind them, and acknowledgements wait
 //! for room in memory as they did before there were files ([`Inbox::must_wait`],
 //! [`Inbox::room`]): memory stays bounded in every case.
 
@@ -242,9 +242,12 @@ impl Inbox {
         }
     }
 
-    /// This queue with its files capped at `file_bytes` queued bytes instead of [`FILE_BYTES`].
+    /// This queue with its files capped at `file_bytes` queued bytes instead of [`FILE_BYTES`],
+    /// in segments of at most a quarter of that (a segment is freed only once read to its end,
+    /// so the disk holds up to a segment beyond what is queued).
     pub fn with_file_bytes(mut self, file_bytes: u64) -> Self {
         self.file_bytes = file_bytes;
+        self.segment_bytes = SEGMENT_BYTES.min(file_bytes.div_ceil(4).max(1));
         self
     }
 

@@ -68,8 +68,8 @@ pub struct LiveCorrelation {
     decided: BTreeMap<(i64, String), Arc<v1::ResetReport>>,
     /// The time each decided report is filed under, by id.
     decided_at: std::collections::HashMap<String, i64>,
-    /// The newest filing time (`backlog::filed_at`, agent clock) of any event fed.
-    newest_fed_ns: Option<i64>,
+    /// Per agent, the newest filing time (`backlog::filed_at`, its clock) of the events fed.
+    newest_fed_ns: std::collections::HashMap<String, i64>,
     /// Newly decided reports, for followers.
     pub published: broadcast::Sender<Arc<v1::ResetReport>>,
     /// Records held beyond which the engine forgets old decided connections.
@@ -115,7 +115,7 @@ impl LiveCorrelation {
             engine: Correlator::new(cfg),
             decided: BTreeMap::new(),
             decided_at: Default::default(),
-            newest_fed_ns: None,
+            newest_fed_ns: Default::default(),
             published,
             compact_at: COMPACT_AT,
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -140,7 +140,7 @@ impl LiveCorrelation {
 
     /// Feeds a stored batch of one agent (the ticker was woken when it was queued).
     fn feed(&mut self, agent: &str, events: &[v1::Event]) {
-        self.note_fed(events);
+        self.note_fed(agent, events);
         let a = self.engine.agent(agent, &[]);
         for e in events {
             self.engine.ingest(a, e);
@@ -159,7 +159,7 @@ impl LiveCorrelation {
         }
         let (batches, lost, error) = taken.into_batches();
         for (agent, events) in batches {
-            self.note_fed(&events);
+            self.note_fed(&agent, &events);
             let a = self.engine.agent(&agent, &[]);
             for e in events {
                 self.engine.ingest_owned(a, e);
@@ -195,8 +195,9 @@ impl LiveCorrelation {
             let _ = self.published.send(r.clone());
             out.push(ToStore { report: r, stored_at });
         }
-        if !self.restored.times.is_empty()
-            && self.engine.oldest_undecided_ns().is_none_or(|t| t > self.restored.newest_rst_ns)
+        // Every stored id decided again, or every replayed RST decided: nothing left to match.
+        if self.restored.times.is_empty()
+            || self.engine.oldest_undecided_ns().is_none_or(|t| t > self.restored.newest_rst_ns)
         {
             self.restored = Restored::default();
             self.engine.forget_stored_ids();
@@ -313,13 +314,21 @@ impl LiveCorrelation {
         // Agent clocks, not corrected: the context margin is far wider than any skew.
         let oldest_pending = self.engine.oldest_undecided_ns();
         let newest = self.engine.newest_watermark();
-        oldest_pending.or(newest).or(self.newest_fed_ns).map(|t| t.saturating_sub(REPLAY_CONTEXT_NS))
+        // The oldest of the agents' newest: a batch of one agent stored but not queued yet is
+        // newer than what was fed of that agent, whatever the other agents' clocks say.
+        let newest_fed = self.newest_fed_ns.values().min().copied();
+        oldest_pending.or(newest).or(newest_fed).map(|t| t.saturating_sub(REPLAY_CONTEXT_NS))
     }
 
-    /// Remembers the newest filing time of `events`, which are being fed.
-    fn note_fed(&mut self, events: &[v1::Event]) {
+    /// Remembers the newest filing time of `events`, which `agent`'s batch feeds.
+    fn note_fed(&mut self, agent: &str, events: &[v1::Event]) {
         if let Some(newest) = events.iter().filter_map(crate::backlog::filed_at).max() {
-            self.newest_fed_ns = Some(self.newest_fed_ns.map_or(newest, |t| t.max(newest)));
+            match self.newest_fed_ns.get_mut(agent) {
+                Some(t) => *t = (*t).max(newest),
+                None => {
+                    self.newest_fed_ns.insert(agent.to_string(), newest);
+                }
+            }
         }
     }
 
@@ -583,6 +592,7 @@ mod tests {
         let again = live.tick();
         assert_eq!(again.len(), 1, "decided again");
         assert_eq!(again[0].report.id, first.id, "the id it was stored under");
+        assert_eq!(live.engine.stored_ids_remembered(), 0, "forgotten once every stored id was decided again");
         put(&store, &again);
         let listed = store.reports(&ResetQuery::default()).expect("reports");
         assert_eq!(listed.len(), 1, "listed once: {:?}", listed.iter().map(|r| (&r.id, r.ts_ns)).collect::<Vec<_>>());

@@ -17,7 +17,9 @@ pub const MAX_SETTLING_LISTED: usize = 64;
 /// cannot. Agents and the CLI check before connecting: a mistyped address is a usage error to
 /// report at once, not an outage to retry until a timeout.
 pub fn collector_url_problem(url: &str) -> Option<String> {
-    match url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) {
+    let lower = url.to_ascii_lowercase();
+    let rest = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://"));
+    match rest {
         None if url.contains("://") => Some(format!("{url:?}: the scheme must be http:// or https://")),
         None => Some(format!("{url:?} needs http:// or https:// in front, e.g. http://{url}")),
         Some(rest) if rest.is_empty() || rest.starts_with(['/', ':']) => Some(format!("{url:?} names no host")),
@@ -40,6 +42,7 @@ mod tests {
     fn collector_addresses_need_a_scheme_and_a_host() {
         assert_eq!(collector_url_problem("http://127.0.0.1:50051"), None);
         assert_eq!(collector_url_problem("https://collector.example:443"), None);
+        assert_eq!(collector_url_problem("HTTP://127.0.0.1:50051"), None, "schemes are case-insensitive");
         let problem = |url| collector_url_problem(url).unwrap_or_default();
         assert!(problem("127.0.0.1:50051").contains("e.g. http://127.0.0.1:50051"));
         assert!(problem("grpc://host:1").contains("http:// or https://"));

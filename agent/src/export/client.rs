@@ -46,7 +46,7 @@ impl Connection {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         let tls = &config.tls;
-        if url.starts_with("https://") {
+        if url.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")) {
             let Some(ca_path) = &tls.ca_cert else {
                 return Err(ExportError::Config(format!("--collector {url}: https needs --ca-cert")));
             };
@@ -121,7 +121,7 @@ fn chain(error: &dyn std::error::Error) -> String {
     let mut source = error.source();
     while let Some(e) = source {
         let next = e.to_string();
-        if !text.contains(&next) {
+        if !text.ends_with(&next) {
             text.push_str(": ");
             text.push_str(&next);
         }

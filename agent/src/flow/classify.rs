@@ -18,7 +18,9 @@
 //! reported. Other stacks number such replies like any packet, so nothing is lost for them.
 //! The same holds for a bare RST (no ACK) taking the ack of the peer's FIN as its seq, whatever
 //! the local cause: RFC 793's stateless answer, from a stack whose socket went away for a reason
-//! this vantage may not see (a RST forged towards the other end, a crash).
+//! this vantage may not see (a RST forged towards the other end, a crash). The price: an on-path
+//! forger answering a FIN in that shape loses this one sign (house rule: a missed injection
+//! before a false accusation); the other signs and the other vantage points still count.
 //! (DF would not tell the two apart: nftables' `reject with tcp reset` also sends DF and ID 0.)
 
 use super::conn::{seen, Conn, SeqNumber, Side};

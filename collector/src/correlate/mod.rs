@@ -373,6 +373,11 @@ impl Correlator {
         self.stored_ids.extend(ids.into_iter().map(str::to_string));
     }
 
+    /// How many ids of [`Correlator::remember_stored_ids`] are remembered.
+    pub fn stored_ids_remembered(&self) -> usize {
+        self.stored_ids.len()
+    }
+
     /// Forgets the ids of [`Correlator::remember_stored_ids`] (every replayed RST is decided).
     pub fn forget_stored_ids(&mut self) {
         self.stored_ids = Default::default();

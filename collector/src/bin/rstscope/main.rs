@@ -207,7 +207,7 @@ async fn connect(args: &ConnectArgs) -> Result<Client, Failure> {
         .map_err(|e| Failure::Usage(format!("--collector {url:?} is not a URL like http://HOST:PORT: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
-    let https = url.starts_with("https://");
+    let https = url.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://"));
     if !https && (args.ca_cert.is_some() || args.client_cert.is_some()) {
         return Err(Failure::Usage(format!("--ca-cert and --client-cert need an https:// --collector, not {url}")));
     }
