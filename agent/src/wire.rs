@@ -629,8 +629,7 @@ fn nflog_payload(frame: &[u8]) -> Result<LinkPayload<'_>, Skip> {
     Err(Skip::Malformed)
 }
 
-/// The TCP segment in IP packet `data`, through any tunnels (see [`decapsulate`]); `depth`
-/// counts the tunnels entered so far.
+/// The TCP segment in IP packet `data`, through any tunnels (see [`decapsulate`]).
 fn parse_ip(data: &[u8], ts_ns: i64, vlan: Option<u16>) -> Result<Segment, Skip> {
     parse_ip_at(data, ts_ns, vlan, 0)
 }
@@ -651,11 +650,12 @@ fn decapsulate(
         return Err(Skip::Malformed);
     }
     let depth = depth + 1;
-    let ethernet = |frame: &[u8]| {
-        let ethertype = be16(frame, 12).ok_or(Skip::Truncated)?;
-        let link = by_ethertype(ethertype, &frame[14..], None)?;
-        parse_ip_at(link.ip, ts_ns, vlan.or(link.vlan), depth)
+    // The IP packet behind `ethertype` (and any tags), keeping the capture's own VLAN tag first.
+    let ip_behind = |ethertype: u16, rest: &[u8]| {
+        let link = by_ethertype(ethertype, rest, vlan)?;
+        parse_ip_at(link.ip, ts_ns, link.vlan, depth)
     };
+    let ethernet = |frame: &[u8]| ip_behind(be16(frame, 12).ok_or(Skip::Truncated)?, &frame[14..]);
     match ip_number {
         IpNumber::IPV4 | IpNumber::IPV6 => parse_ip_at(payload, ts_ns, vlan, depth),
         IpNumber::GRE => {
@@ -685,10 +685,7 @@ fn decapsulate(
                         _ => Err(Skip::NotTcp),
                     }
                 }
-                other => {
-                    let link = by_ethertype(other, inner, vlan)?;
-                    parse_ip_at(link.ip, ts_ns, link.vlan, depth)
-                }
+                other => ip_behind(other, inner),
             }
         }
         IpNumber::UDP => {
@@ -703,8 +700,7 @@ fn decapsulate(
                     if protocol == 0x6558 {
                         ethernet(inner)
                     } else {
-                        let link = by_ethertype(protocol, inner, vlan)?;
-                        parse_ip_at(link.ip, ts_ns, link.vlan, depth)
+                        ip_behind(protocol, inner)
                     }
                 }
                 _ => Err(Skip::NotTcp),
@@ -714,6 +710,7 @@ fn decapsulate(
     }
 }
 
+/// [`parse_ip`] inside `depth` tunnels.
 fn parse_ip_at(data: &[u8], ts_ns: i64, vlan: Option<u16>, depth: usize) -> Result<Segment, Skip> {
     let (ip, ext_error) = LaxIpSlice::from_slice(data).map_err(|e| match e {
         etherparse::err::ip::LaxHeaderSliceError::Len(_) => Skip::Truncated,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rstscope_agent::event::{Cause, ConnId, Counts, Event, Phase, Role, RstEvent, SeqRelation};
-use rstscope_agent::export::{ExportConfig, Exporter, SPOOL_FULL};
+use rstscope_agent::export::{ExportConfig, Exporter, FinishReport, SPOOL_FULL};
 use rstscope_agent::flow::{ListedWatermark, SettlingRst};
 use rstscope_agent::wire::{Checksum, TcpFlags};
 use rstscope_proto::v1::{self, ingest_server::IngestServer};
@@ -395,16 +395,22 @@ fn spool_full_drops_are_counted_and_reported_as_capture_loss() {
     drop(server);
 }
 
-#[test]
-fn token_is_sent_as_bearer_authorization() {
+/// One reset sent with `token` to a collector that requires `s3cret`, waiting up to `wait` for
+/// its acknowledgement: how the export ended, and what the collector stored.
+fn send_with_token(token: &str, wait: Duration) -> (FinishReport, Arc<Mutex<Store>>) {
     let store = Arc::new(Mutex::new(Store { required_token: Some("s3cret".into()), ..Store::default() }));
     let server = Server::start(&store, any_port());
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(server.addr, dir.path());
-    config.token = Some("s3cret".into());
+    config.token = Some(token.into());
     let exporter = Exporter::start(config).unwrap();
     exporter.push(&reset(1, "S"));
-    let report = exporter.finish(Duration::from_secs(20));
+    (exporter.finish(wait), store)
+}
+
+#[test]
+fn token_is_sent_as_bearer_authorization() {
+    let (report, store) = send_with_token("s3cret", Duration::from_secs(20));
     assert_eq!(report.unacked_batches, 0);
     assert_eq!(store.lock().unwrap().resets(), vec![1]);
 }
@@ -412,14 +418,7 @@ fn token_is_sent_as_bearer_authorization() {
 /// A wrong token leaves the batches in the spool, and the report says why, naming the setting.
 #[test]
 fn a_refused_token_is_named_when_batches_stay_unacknowledged() {
-    let store = Arc::new(Mutex::new(Store { required_token: Some("s3cret".into()), ..Store::default() }));
-    let server = Server::start(&store, any_port());
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config(server.addr, dir.path());
-    config.token = Some("wrong".into());
-    let exporter = Exporter::start(config).unwrap();
-    exporter.push(&reset(1, "S"));
-    let report = exporter.finish(Duration::from_secs(3));
+    let (report, _) = send_with_token("wrong", Duration::from_secs(3));
     assert_eq!(report.unacked_batches, 1);
     let why = report.last_error.unwrap_or_default();
     assert!(why.contains("the collector refused the token (--token / RSTSCOPE_TOKEN)"), "{why}");

@@ -496,6 +496,22 @@ mod tests {
         v1::Event { kind: Some(v1::event::Kind::Watermark(v1::Watermark { ts_ns, since_ns, ..Default::default() })) }
     }
 
+    /// The server's abort 20 minutes into a connection both agents saw open, at `t`, as the
+    /// (client, server) agents saw it; with the handshake, the server's clock is known (4.2 s
+    /// behind).
+    fn abort_seen_by_both(t: i64) -> (Vec<v1::Event>, Vec<v1::Event>) {
+        let client = vec![open(1, 0), server_rst(1, t + 15 * MS, 61), mark_since(T0 - S, t + 300 * S)];
+        let server = vec![open(7, SKEW), server_rst(7, t + SKEW, 64), mark_since(T0 - S + SKEW, t + 300 * S + SKEW)];
+        (client, server)
+    }
+
+    /// Stores `events` as `agent`'s batch `seq`, as ingest does before the engine is fed.
+    fn store_batch(store: &crate::store::Store, agent: &str, seq: u64, events: &[v1::Event]) {
+        store
+            .append_batch(agent, "boot", &v1::Batch { seq, events: events.to_vec(), spooled_seq: 0 }, 0)
+            .expect("append");
+    }
+
     fn put(store: &crate::store::Store, decided: &[ToStore]) {
         store.put_decided(decided.iter().map(|d| (&*d.report, d.stored_at.as_slice()))).expect("put");
     }
@@ -504,18 +520,13 @@ mod tests {
     fn a_report_decided_again_at_another_time_after_a_restart_is_listed_once() {
         use crate::store::{ResetQuery, Store, StoreConfig};
         let dir = tempfile::tempdir().expect("tempdir");
-        // 20 minutes into a connection both agents saw open, the server aborts it; both see
-        // the RST. With the handshake, the server's clock is known (4.2 s behind).
         let t = T0 + 1_200 * S;
-        let client = vec![open(1, 0), server_rst(1, t + 15 * MS, 61), mark_since(T0 - S, t + 300 * S)];
-        let server = vec![open(7, SKEW), server_rst(7, t + SKEW, 64), mark_since(T0 - S + SKEW, t + 300 * S + SKEW)];
+        let (client, server) = abort_seen_by_both(t);
         let (first, resume) = {
             let store = Store::open(StoreConfig::new(dir.path())).expect("open");
             let mut live = LiveCorrelation::new(Config::default());
             for (agent, events) in [("client", &client), ("server", &server)] {
-                store
-                    .append_batch(agent, "boot", &v1::Batch { seq: 1, events: events.clone(), spooled_seq: 0 }, 0)
-                    .expect("append");
+                store_batch(&store, agent, 1, events);
                 live.ingest(agent, events);
             }
             let decided = live.tick();
@@ -564,17 +575,14 @@ mod tests {
         use crate::store::{ResetQuery, Store, StoreConfig};
         let dir = tempfile::tempdir().expect("tempdir");
         let t = T0 + 1_200 * S;
-        let client = vec![open(1, 0), server_rst(1, t + 15 * MS, 61), mark_since(T0 - S, t + 300 * S)];
-        let server = vec![open(7, SKEW), server_rst(7, t + SKEW, 64), mark_since(T0 - S + SKEW, t + 300 * S + SKEW)];
+        let (client, server) = abort_seen_by_both(t);
         let (first, resume) = {
             let store = Store::open(StoreConfig::new(dir.path())).expect("open");
             let mut live = LiveCorrelation::new(Config::default());
             let mut reports = Vec::new();
             // The server's agent alone first: its sighting is decided without the client's.
             for (agent, events) in [("server", &server), ("client", &client)] {
-                store
-                    .append_batch(agent, "boot", &v1::Batch { seq: 1, events: events.clone(), spooled_seq: 0 }, 0)
-                    .expect("append");
+                store_batch(&store, agent, 1, events);
                 live.ingest(agent, events);
                 let decided = live.tick();
                 assert_eq!(decided.len(), 1, "decided, then decided again with the late sighting");
@@ -611,9 +619,7 @@ mod tests {
         let resume = {
             let store = Store::open(StoreConfig::new(dir.path())).expect("open");
             let mut live = LiveCorrelation::new(Config::default());
-            store
-                .append_batch("client", "boot", &v1::Batch { seq: 1, events: fed.clone(), spooled_seq: 0 }, 0)
-                .expect("append");
+            store_batch(&store, "client", 1, &fed);
             live.ingest("client", &fed);
             let decided = live.tick();
             assert_eq!(decided.len(), 1, "decided without a watermark");
@@ -621,9 +627,7 @@ mod tests {
             assert_eq!(live.engine.oldest_undecided_ns(), None, "nothing left undecided");
             let resume = live.resume_point().expect("a resume point all the same");
             // Stored (and acknowledged), then the collector dies before feeding it.
-            store
-                .append_batch("client", "boot", &v1::Batch { seq: 2, events: not_fed.clone(), spooled_seq: 0 }, 0)
-                .expect("append");
+            store_batch(&store, "client", 2, &not_fed);
             resume
         };
         let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");

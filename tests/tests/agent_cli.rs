@@ -214,6 +214,23 @@ fn an_absurd_pcapng_time_offset_does_not_crash_the_agent() {
     assert_eq!(of_type(&lines, "reset").len(), 1);
 }
 
+/// Runs the agent on `capture` as agent `test` with its state in `scratch` and `args` (a
+/// collector among them); `None` if it did not end within 60 s (it is killed then).
+fn send(scratch: &Scratch, capture: &Path, args: &[&str]) -> Option<Output> {
+    let child = Command::new(agent().exe)
+        .arg("--read")
+        .arg(capture)
+        .args(["--name", "test"])
+        .args(args)
+        .arg("--state-dir")
+        .arg(scratch.path("state"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run agent");
+    rstscope_tests::machine::wait_bounded(child, std::time::Duration::from_secs(60))
+}
+
 /// A named pipe (or `-r <(ssh host tcpdump -w -)`) is read once, from its start, also when the
 /// agent sends to a collector: the hello's look at the first packet only opens regular files.
 /// (No collector listens here; the run still reads everything, spools it and says so.)
@@ -233,18 +250,8 @@ fn a_named_pipe_is_read_whole_with_a_collector() {
             let _ = std::fs::OpenOptions::new().write(true).open(&fifo).and_then(|mut f| f.write_all(&bytes));
         });
     }
-    let child = Command::new(agent().exe)
-        .arg("--read")
-        .arg(&fifo)
-        .args(["--collector", "http://127.0.0.1:1", "--name", "fifo-test", "--ack-timeout", "1", "-o", "json"])
-        .arg("--state-dir")
-        .arg(scratch.path("state"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run agent");
     // A peek at the pipe used to eat its start; the agent then waited for a writer for ever.
-    let out = rstscope_tests::machine::wait_bounded(child, std::time::Duration::from_secs(60))
+    let out = send(&scratch, &fifo, &["--collector", "http://127.0.0.1:1", "--ack-timeout", "1", "-o", "json"])
         .expect("the agent read the pipe and ended within 60 s");
     assert!(!stderr(&out).contains("not a pcap"), "{}", stderr(&out));
     let lines = lines(&out);
@@ -257,17 +264,7 @@ fn a_named_pipe_is_read_whole_with_a_collector() {
 fn a_collector_address_without_a_scheme_is_a_usage_error() {
     let scratch = Scratch::new("bare-url");
     let pcap = scratch.ladder_pcap("ladder.pcap");
-    let child = Command::new(agent().exe)
-        .arg("--read")
-        .arg(&pcap)
-        .args(["--collector", "127.0.0.1:1", "--name", "bare", "--ack-timeout", "300"])
-        .arg("--state-dir")
-        .arg(scratch.path("state"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run agent");
-    let out = rstscope_tests::machine::wait_bounded(child, std::time::Duration::from_secs(60))
+    let out = send(&scratch, &pcap, &["--collector", "127.0.0.1:1", "--ack-timeout", "300"])
         .expect("refused at once, not retried for 300 s");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("e.g. http://127.0.0.1:1"), "{}", stderr(&out));

@@ -190,7 +190,6 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
             Err(e) => {
                 eprintln!("rstscope: {name}: {e}");
                 unreadable.push(name.clone());
-                vantages.push(Vantage { name: name.clone(), file: file.clone(), packets: 0, errors: vec![e] });
             }
         }
         engine.finish_agent(agent);
