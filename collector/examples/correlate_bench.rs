@@ -151,7 +151,8 @@ fn main() {
     println!("| connections (2 agents each) | {n} |");
     println!("| RST sightings | {resets} |");
     println!("| distinct RSTs decided | {} |", decided.len());
-    println!("| verdicts | {verdicts:?} |");
+    let verdicts: Vec<String> = verdicts.iter().map(|(verdict, count)| format!("{count} {verdict}")).collect();
+    println!("| verdicts | {} |", verdicts.join(", "));
     println!("| engine time | {took:.3} s |");
     println!("| connections/s | {:.0} |", n as f64 / took);
     println!("| RST sightings/s | {:.0} |", resets as f64 / took);
@@ -160,6 +161,15 @@ fn main() {
         (rss_after.saturating_sub(rss_before)) as f64 / 1024.0,
         (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64
     );
-    let clock = engine.clock_estimates()[s];
-    println!("| server clock estimate | {clock:?} |");
+    let set = format!("server clock estimate (set to {:+.3} s)", SKEW as f64 / 1e9);
+    match engine.clock_estimates()[s] {
+        Some(clock) => println!(
+            "| {set} | {:+.3} s ± {:.1} ms, drift {:.1} ppm, {} samples |",
+            clock.offset_ns as f64 / 1e9,
+            clock.uncertainty_ns as f64 / 1e6,
+            clock.drift_ppm,
+            clock.samples
+        ),
+        None => println!("| {set} | none |"),
+    }
 }
