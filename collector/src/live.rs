@@ -102,6 +102,11 @@ struct Restored {
 /// A replay starts this long before the oldest undecided RST (connection openings before it).
 const REPLAY_CONTEXT_NS: i64 = 600_000_000_000;
 
+/// The store's meta key for where a correlation replay starts after a restart (reference
+/// clock, ns, 8 bytes big-endian): written by the decision ticker after the reports it stored,
+/// read by [`LiveCorrelation::replay_start`].
+pub const RESUME_META: &str = "correlation.resume_ns";
+
 /// The engine is compacted once it holds this many records...
 const COMPACT_AT: usize = 200_000;
 /// ...keeping connections active within this long of the newest watermark.
@@ -295,6 +300,29 @@ impl LiveCorrelation {
             self.ingest(&agent.name, &[v1::Event { kind: Some(v1::event::Kind::Watermark(mark)) }]);
         }
         Ok(n)
+    }
+
+    /// After a restart: where the replay of what the store kept starts (see
+    /// [`LiveCorrelation::replay`]), from the resume point the last run wrote under
+    /// [`RESUME_META`]; `None` when there is nothing to replay. Without a resume point (the last
+    /// run died before its first decision was stored, or never had an event it could vouch
+    /// for), or with one that cannot be read, every stored event is replayed: each was
+    /// acknowledged, and one never fed would otherwise never be decided. Reads only the store,
+    /// so a fresh collector never waits for the engine.
+    pub fn replay_start(store: &crate::store::Store) -> Result<Option<i64>, crate::store::StoreError> {
+        match store.meta(RESUME_META)? {
+            Some(bytes) => match <[u8; 8]>::try_from(bytes.as_slice()) {
+                Ok(raw) => Ok(Some(i64::from_be_bytes(raw))),
+                Err(_) => {
+                    tracing::warn!(
+                        bytes = bytes.len(),
+                        "The stored correlation resume point is not 8 bytes; replaying every stored event."
+                    );
+                    Ok(Some(i64::MIN))
+                }
+            },
+            None => Ok(store.events_since(i64::MIN).next().is_some().then_some(i64::MIN)),
+        }
     }
 
     /// [`LiveCorrelation::resume_point`], but also early enough for an event not fed yet that
@@ -637,5 +665,39 @@ mod tests {
         let listed = store.reports(&ResetQuery::default()).expect("reports");
         let times: Vec<i64> = listed.iter().map(|r| r.ts_ns).collect();
         assert_eq!(times, [t, t + 5 * S], "both resets listed once");
+    }
+
+    /// A collector killed before it stored its first decision has written no resume point;
+    /// the next run replays every stored event, so the resets acknowledged before the crash
+    /// are decided all the same (a resume point that cannot be read means the same).
+    #[test]
+    fn a_crash_before_the_first_decision_replays_everything_stored() {
+        use crate::store::{ResetQuery, Store, StoreConfig};
+        let t = T0 + 20 * 60 * S;
+        let empty = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreConfig::new(empty.path())).expect("open");
+        assert_eq!(LiveCorrelation::replay_start(&store).expect("meta"), None, "a new store has nothing to replay");
+        for resume_meta in [None, Some(&b"garbage"[..])] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            {
+                let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+                let (client, server) = abort_seen_by_both(t);
+                store_batch(&store, "client", 1, &client);
+                store_batch(&store, "server", 1, &server);
+                if let Some(bytes) = resume_meta {
+                    store.set_meta(RESUME_META, bytes).expect("meta");
+                }
+                // Killed here: acknowledged, never fed, nothing decided.
+            }
+            let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+            let since = LiveCorrelation::replay_start(&store).expect("meta").expect("a replay");
+            let mut live = LiveCorrelation::new(Config::default());
+            let replayed = live.replay(&store, since).expect("replay");
+            assert_eq!(replayed, 4, "every stored event but the watermarks ({resume_meta:?})");
+            put(&store, &live.tick());
+            let listed = store.reports(&ResetQuery::default()).expect("reports");
+            let verdicts: Vec<&str> = listed.iter().map(|r| r.verdict.as_str()).collect();
+            assert_eq!(verdicts, ["end-to-end"], "the abort decided once ({resume_meta:?})");
+        }
     }
 }

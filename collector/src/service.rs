@@ -25,7 +25,7 @@ use crate::auth::TokenCheck;
 use crate::backlog::Inbox;
 use crate::correlate::Config;
 use crate::ingest::{IngestService, LiveAgents, LiveBatch};
-use crate::live::LiveCorrelation;
+use crate::live::{LiveCorrelation, RESUME_META};
 use crate::metrics::{Gauges, Metrics};
 use crate::query::QueryService;
 use crate::store::{Store, StoreConfig, StoreError};
@@ -297,9 +297,8 @@ pub async fn serve(
         let hub = hub.clone();
         let replayed = tokio::task::spawn_blocking(move || {
             let store = hub.store()?;
-            let Some(bytes) = store.meta(RESUME_META)? else { return Ok(0) };
-            let Ok(raw) = <[u8; 8]>::try_from(bytes.as_slice()) else { return Ok(0) };
-            hub.correlation().replay(&store, i64::from_be_bytes(raw))
+            let Some(since) = LiveCorrelation::replay_start(&store)? else { return Ok(0) };
+            hub.correlation().replay(&store, since)
         })
         .await;
         match replayed {
@@ -428,9 +427,6 @@ pub async fn serve(
     ticker.abort();
     Ok(())
 }
-
-/// The store's meta key for where a correlation replay starts after a restart.
-const RESUME_META: &str = "correlation.resume_ns";
 
 /// How often the live correlation decides when no ingested batch wakes it.
 const CORRELATE_EVERY: Duration = Duration::from_millis(250);
