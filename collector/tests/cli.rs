@@ -135,3 +135,37 @@ async fn errors_say_what_to_do() {
     assert_eq!(mistyped.status.code(), Some(2), "{}", stderr(&mistyped));
     assert!(stderr(&mistyped).contains(&format!("e.g. http://{bare}")), "{}", stderr(&mistyped));
 }
+
+/// Two resets of one agent, stored in a collector of its own.
+async fn collector_with_two_resets(dir: &std::path::Path) -> TestCollector {
+    let collector = start(dir).await;
+    let (mut agent, _) = AgentStream::connect(&collector, "edge-1", "b").await;
+    assert_eq!(agent.send(batch(1, vec![reset(0, 50_000), reset(1, 50_001)])).await.unwrap(), 1);
+    collector
+}
+
+/// `--last 0` is a usage error (exit 2), like any flag value that cannot mean what it says:
+/// the collector reads `last: 0` as "no limit", so it used to list everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_zero_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = collector_with_two_resets(dir.path()).await;
+    let url = collector.url.as_str();
+    let newest = rstscope(args(&["--collector", url, "resets", "--raw", "--last", "1", "-o", "compact"])).await;
+    assert!(newest.status.success(), "{}", stderr(&newest));
+    assert_eq!(stdout(&newest).lines().count(), 1, "{}", stdout(&newest));
+    for raw in [&["--raw"][..], &[]] {
+        let zero = rstscope(
+            [&["--collector", url, "resets", "--last", "0"][..], raw].concat().iter().map(|s| s.to_string()).collect(),
+        )
+        .await;
+        assert_eq!(zero.status.code(), Some(2), "{}", stdout(&zero));
+        assert!(stdout(&zero).is_empty(), "{}", stdout(&zero));
+        assert!(
+            stderr(&zero).contains("--last 0: expected how many of the newest resets to list, at least 1"),
+            "{}",
+            stderr(&zero)
+        );
+    }
+    collector.stop().await;
+}
