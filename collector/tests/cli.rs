@@ -169,3 +169,21 @@ async fn last_zero_is_a_usage_error() {
     }
     collector.stop().await;
 }
+
+/// `--until` before `--since` is a usage error that gives both times as the tables print them,
+/// not in nanoseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_range_ending_before_it_starts_names_both_times_readably() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = collector_with_two_resets(dir.path()).await;
+    let url = collector.url.as_str();
+    let backwards =
+        rstscope(args(&["--collector", url, "resets", "--since", "2023-11-15T00:00:00Z", "--until", "1699920000"]))
+            .await;
+    assert_eq!(backwards.status.code(), Some(2), "{}", stderr(&backwards));
+    assert_eq!(
+        stderr(&backwards),
+        "rstscope: --until (2023-11-14T00:00:00.000Z) is before --since (2023-11-15T00:00:00.000Z)\n"
+    );
+    collector.stop().await;
+}

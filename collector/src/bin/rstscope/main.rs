@@ -245,14 +245,24 @@ fn reset_filter(args: &ResetsArgs) -> Result<v1::ResetFilter, Failure> {
             .map(|t| output::parse_time(t, now).map_err(|e| Failure::Usage(format!("{flag}: {e}"))))
             .transpose()
     };
+    let (since_ns, until_ns) = (time("--since", &args.since)?, time("--until", &args.until)?);
+    if let (Some(since), Some(until)) = (since_ns, until_ns) {
+        if until < since {
+            return Err(Failure::Usage(format!(
+                "--until ({}) is before --since ({})",
+                output::ts_human(until),
+                output::ts_human(since)
+            )));
+        }
+    }
     // The protocol reads `last: 0` as "no limit": asked for on the command line, it would list
     // everything.
     if args.last == Some(0) {
         return Err(Failure::Usage("--last 0: expected how many of the newest resets to list, at least 1".to_string()));
     }
     Ok(v1::ResetFilter {
-        since_ns: time("--since", &args.since)?,
-        until_ns: time("--until", &args.until)?,
+        since_ns,
+        until_ns,
         hosts: args.host.clone(),
         ports: args.port.iter().map(|&p| u32::from(p)).collect(),
         agents: args.agent.clone(),
