@@ -184,10 +184,13 @@ fn run() -> Result<ExitCode> {
     if args.read.is_empty() && args.interface.is_none() {
         bail!("nothing to read: give --read FILE or --interface IF (see --help)");
     }
+    if args.max_flows == 0 {
+        bail!("--max-flows must be at least 1");
+    }
     let config = TrackerConfig {
         inactivity_timeout_ns: secs_to_ns(args.inactivity_timeout, "inactivity-timeout")?,
         linger_ns: secs_to_ns(args.linger, "linger")?,
-        max_flows: args.max_flows.max(1),
+        max_flows: args.max_flows,
         // Live, the host's own outgoing packets are captured before the NIC fills in their
         // checksums (offload), so they would all look bad: behave like Zeek's -C there.
         ignore_checksums: args.ignore_checksums || args.interface.is_some(),

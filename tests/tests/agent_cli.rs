@@ -269,3 +269,19 @@ fn a_collector_address_without_a_scheme_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("e.g. http://127.0.0.1:1"), "{}", stderr(&out));
 }
+
+/// `--max-flows 0` (no connection could be tracked) used to run silently as 1: it is refused
+/// at once (exit 2), before anything is read.
+#[test]
+fn max_flows_zero_is_a_usage_error() {
+    let scratch = Scratch::new("max-flows");
+    let pcap = scratch.ladder_pcap("ladder.pcap");
+    let out =
+        Command::new(agent().exe).arg("--read").arg(&pcap).args(["--max-flows", "0", "-o", "json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "rstscope-agent: --max-flows must be at least 1\n");
+    assert!(out.stdout.is_empty(), "nothing was read: {}", String::from_utf8_lossy(&out.stdout));
+    let one =
+        Command::new(agent().exe).arg("--read").arg(&pcap).args(["--max-flows", "1", "-o", "json"]).output().unwrap();
+    assert!(one.status.success(), "{}", stderr(&one));
+}
