@@ -446,7 +446,9 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         let message = error.to_string();
         match error {
-            StoreError::Sled(_) | StoreError::Io(_) | StoreError::Reopening => Status::unavailable(message),
+            StoreError::Sled(_) | StoreError::Io(_) | StoreError::Locked(_) | StoreError::Reopening => {
+                Status::unavailable(message)
+            }
             StoreError::DiskFull(_) => Status::resource_exhausted(message),
             StoreError::Corrupt(_) => Status::data_loss(message),
             StoreError::Invalid(_) => Status::invalid_argument(message),

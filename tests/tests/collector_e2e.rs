@@ -501,3 +501,30 @@ fn a_live_agent_sends_watermarks_and_resets_while_it_runs() {
     assert!(m["rstscope_agent_events_total"] >= 2.0, "{m:?}");
     assert_eq!(m["rstscope_agent_capture_drops_total"], 0.0, "{m:?}");
 }
+
+/// A second collector started on the data directory another one holds names the directory and
+/// says what holds it (not sled's lock error), exits with a failure, and leaves the first alone.
+#[test]
+fn a_second_collector_on_a_data_directory_in_use_says_so() {
+    let scratch = Scratch::new("locked");
+    let data = scratch.path("data");
+    let first = Collector::start(&data, free_port());
+    let second = Command::new(bin("rstscope-collector"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start collector");
+    let out = wait_with_timeout(second, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is in use by another rstscope-collector (or another process)", data.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("could not acquire lock"), "{stderr}");
+    let status = Command::new(bin("rstscope")).args(["--collector", &first.url, "status"]).output().unwrap();
+    assert!(status.status.success(), "the first collector still answers: {}", String::from_utf8_lossy(&status.stderr));
+}

@@ -16,7 +16,7 @@ use clap::Parser;
 use rstscope_collector::auth::{self, TlsFiles};
 use rstscope_collector::ingest::now_ns;
 use rstscope_collector::service::{self, Hub, Limits, Security};
-use rstscope_collector::store::{Store, StoreConfig};
+use rstscope_collector::store::{Store, StoreConfig, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -182,9 +182,12 @@ async fn main() -> Result<()> {
         ..Limits::default()
     };
     let data_dir = config.dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(config))
-        .await?
-        .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+    let store = match tokio::task::spawn_blocking(move || Store::open(config)).await? {
+        Ok(store) => store,
+        // The message names the directory and what holds it.
+        Err(error @ StoreError::Locked(_)) => bail!("{error}; stop it or give another --data-dir"),
+        Err(error) => return Err(error).with_context(|| format!("cannot open the store in {}", data_dir.display())),
+    };
     let hub = Hub::new(store, limits);
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
 

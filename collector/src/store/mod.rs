@@ -137,6 +137,13 @@ pub enum StoreError {
     /// The caller passed something the store refuses to keep (a bad endpoint, an unknown cause).
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// Another process holds the database's lock: most likely another collector on the same
+    /// directory.
+    #[error(
+        "{} is in use by another rstscope-collector (or another process); a data directory serves one collector at a time",
+        .0.display()
+    )]
+    Locked(std::path::PathBuf),
     /// The store is closed for reopening after a storage failure; retry shortly.
     #[error("the store is being reopened after a storage failure; retry shortly")]
     Reopening,
@@ -349,7 +356,10 @@ impl Store {
     /// Opens (or creates) the database in `config.dir`.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(&config.dir)?;
-        let db = open_sled(&sled_config(&config.dir).cache_capacity(config.cache_bytes))?;
+        let db = open_sled(&sled_config(&config.dir).cache_capacity(config.cache_bytes)).map_err(|e| match e {
+            StoreError::Sled(sled::Error::Io(io)) if is_lock_taken(&io) => StoreError::Locked(config.dir.clone()),
+            other => other,
+        })?;
         let tree = |name: &str| db.open_tree(name).map_err(StoreError::from_sled);
         let record_tree = |name: &str| -> Result<records::RecordTree, StoreError> {
             let tree = records::RecordTree::new(tree(name)?);
@@ -757,15 +767,21 @@ pub(super) fn open_sled(config: &sled::Config) -> Result<sled::Db, StoreError> {
     let mut attempts = 0;
     loop {
         match config.open() {
-            Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::Other
-                    && e.to_string().contains("could not acquire lock")
-                    && attempts < 100 =>
-            {
+            Err(sled::Error::Io(e)) if is_lock_taken(&e) && attempts < 100 => {
                 attempts += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             result => return result.map_err(StoreError::from_sled),
         }
     }
+}
+
+/// Whether opening failed because another process holds the database's lock. sled 0.34 reports
+/// it as an `Other` I/O error whose text carries flock's own error (`WouldBlock`); the kind is
+/// checked too, for a sled that passes that error on as it is.
+fn is_lock_taken(error: &std::io::Error) -> bool {
+    let text = error.to_string();
+    error.kind() == std::io::ErrorKind::WouldBlock
+        || text.contains("could not acquire lock")
+        || (error.kind() == std::io::ErrorKind::Other && text.contains("WouldBlock"))
 }
