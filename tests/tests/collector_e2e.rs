@@ -528,3 +528,27 @@ fn a_second_collector_on_a_data_directory_in_use_says_so() {
     let status = Command::new(bin("rstscope")).args(["--collector", &first.url, "status"]).output().unwrap();
     assert!(status.status.success(), "the first collector still answers: {}", String::from_utf8_lossy(&status.stderr));
 }
+
+/// Every named capture is opened before any is analysed: a missing one named last fails the
+/// run (exit 1, naming it) without the others being read first.
+#[test]
+fn analyze_checks_every_capture_before_reading_any() {
+    let scratch = Scratch::new("analyze-missing");
+    let cut = scratch.path("cut.pcap");
+    write_pcap(&cut, &rstscope_agent::trace::parse(&ladder(3, 9)).unwrap()).unwrap();
+    let bytes = std::fs::read(&cut).unwrap();
+    // Reading it, not opening it, meets the cut: a message says so when it is read.
+    std::fs::write(&cut, &bytes[..bytes.len() - 20]).unwrap();
+    let out = Command::new(bin("rstscope"))
+        .arg("analyze")
+        .arg(format!("client={}", cut.display()))
+        .arg(format!("server={}", scratch.path("missing.pcap").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rstscope: server: ") && stderr.contains("missing.pcap"), "{stderr}");
+    assert!(stderr.contains("cannot read the capture of server; leave it out"), "{stderr}");
+    assert!(!stderr.contains("truncated at byte"), "the client capture was read: {stderr}");
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -86,9 +86,8 @@ fn split_pair<'a>(flag: &str, text: &'a str) -> Result<(&'a str, &'a str), Failu
     }
 }
 
-/// Reads one capture through the agent's tracker into wire events.
-fn read_capture(path: &str) -> Result<(Vec<v1::Event>, Counters), String> {
-    let mut source = FileSource::open(path).map_err(|e| e.to_string())?;
+/// Reads one opened capture through the agent's tracker into wire events.
+fn read_capture(mut source: FileSource) -> (Vec<v1::Event>, Counters) {
     let mut tracker = Tracker::new(TrackerConfig::default());
     let mut counters = Counters::default();
     let stop = AtomicBool::new(false);
@@ -137,7 +136,7 @@ fn read_capture(path: &str) -> Result<(Vec<v1::Event>, Counters), String> {
             })),
         });
     }
-    Ok((events, counters))
+    (events, counters)
 }
 
 /// Runs the analysis and prints it.
@@ -164,37 +163,20 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
         return Err(Failure::Usage(format!("--max-skew {}: expected seconds, like 10", args.max_skew)));
     }
     let cfg = Config { max_skew_ns: (args.max_skew * 1e9) as i64, ..Config::default() };
-    let mut engine = Correlator::new(cfg);
-    let mut vantages: Vec<Vantage> = Vec::new();
-    let mut any_read = false;
+    // Every capture is opened (its header read) before any is analysed, so a typo in the last
+    // name fails at once rather than after reading all the others.
+    let mut sources: Vec<FileSource> = Vec::new();
     let mut unreadable: Vec<String> = Vec::new();
     for (name, file) in &pairs {
-        let mine: Vec<IpAddr> = locals.iter().filter(|(n, _)| n == name).map(|(_, ip)| *ip).collect();
-        let agent = engine.agent(name, &mine);
-        match read_capture(file) {
-            Ok((events, counters)) => {
-                any_read = true;
-                for e in &events {
-                    engine.ingest(agent, e);
-                }
-                for e in &counters.errors {
-                    eprintln!("rstscope: {name}: {e}");
-                }
-                vantages.push(Vantage {
-                    name: name.clone(),
-                    file: file.clone(),
-                    packets: counters.packets,
-                    errors: counters.errors,
-                });
-            }
+        match FileSource::open(file) {
+            Ok(source) => sources.push(source),
             Err(e) => {
                 eprintln!("rstscope: {name}: {e}");
                 unreadable.push(name.clone());
             }
         }
-        engine.finish_agent(agent);
     }
-    if !any_read {
+    if sources.is_empty() {
         return Err(Failure::Refused("no capture could be read".to_string()));
     }
     // A vantage point named but not read would turn the comparison into a one-sided analysis
@@ -204,6 +186,26 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
             "cannot read the capture of {}; leave it out to analyze without it",
             unreadable.join(", ")
         )));
+    }
+    let mut engine = Correlator::new(cfg);
+    let mut vantages: Vec<Vantage> = Vec::new();
+    for ((name, file), source) in pairs.iter().zip(sources) {
+        let mine: Vec<IpAddr> = locals.iter().filter(|(n, _)| n == name).map(|(_, ip)| *ip).collect();
+        let agent = engine.agent(name, &mine);
+        let (events, counters) = read_capture(source);
+        for e in &events {
+            engine.ingest(agent, e);
+        }
+        for e in &counters.errors {
+            eprintln!("rstscope: {name}: {e}");
+        }
+        vantages.push(Vantage {
+            name: name.clone(),
+            file: file.clone(),
+            packets: counters.packets,
+            errors: counters.errors,
+        });
+        engine.finish_agent(agent);
     }
     let reports = engine.finish();
     if let Some(id) = &args.connection {
