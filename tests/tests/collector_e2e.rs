@@ -529,6 +529,42 @@ fn a_second_collector_on_a_data_directory_in_use_says_so() {
     assert!(status.status.success(), "the first collector still answers: {}", String::from_utf8_lossy(&status.stderr));
 }
 
+/// `analyze -o compact` prints one line per reset, like `resets -o compact`: no vantage table,
+/// no summary.
+#[test]
+fn analyze_compact_prints_only_the_reset_lines() {
+    let scratch = Scratch::new("analyze-compact");
+    let capture = scratch.path("both.pcap");
+    write_pcap(&capture, &rstscope_agent::trace::parse(&ladder(3, 8)).unwrap()).unwrap();
+    let run = |format: &str| {
+        let out = Command::new(bin("rstscope"))
+            .arg("analyze")
+            .arg(format!("client={}", capture.display()))
+            .arg(format!("server={}", capture.display()))
+            .args(["-o", format])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json = run("json");
+    let verdicts: Vec<String> = json
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "reset")
+        .map(|v| v["verdict"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(verdicts.len(), 3, "{json}");
+    let compact = run("compact");
+    let lines: Vec<&str> = compact.lines().collect();
+    assert_eq!(lines.len(), 3, "{compact}");
+    for (line, verdict) in lines.iter().zip(&verdicts) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert!(fields[0].parse::<f64>().is_ok() && fields[1] == verdict, "{line}");
+        assert!(line.ends_with("[client,server]") || line.ends_with("[server,client]"), "{line}");
+    }
+}
+
 /// Every named capture is opened before any is analysed: a missing one named last fails the
 /// run (exit 1, naming it) without the others being read first.
 #[test]

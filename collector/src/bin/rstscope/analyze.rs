@@ -260,7 +260,14 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
                 w(out, &report::report_json(r))?;
             }
         }
-        Format::Table | Format::Compact => {
+        // Like `resets -o compact`: one line per reset and nothing else, for pipes.
+        Format::Compact => {
+            for r in &reports {
+                w(out, &report::report_compact(r))?;
+            }
+            return Ok(());
+        }
+        Format::Table => {
             w(out, &format!("{:<12} {:<10} {:<24} {}", "VANTAGE", "PACKETS", "CLOCK", "ADDRESSES"))?;
             for (i, v) in vantages.iter().enumerate() {
                 let (addrs, how) = engine.local_addresses(i);
@@ -275,13 +282,11 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut impl Write) -> Result<(), Failure> 
             w(out, "")?;
             if reports.is_empty() {
                 w(out, "No resets.")?;
-            } else if args.output == Format::Table {
+            } else {
                 w(out, &report::report_header())?;
             }
             for r in &reports {
-                let line =
-                    if args.output == Format::Table { report::report_row(r, true) } else { report::report_compact(r) };
-                w(out, &line)?;
+                w(out, &report::report_row(r, true))?;
             }
         }
     }
