@@ -187,3 +187,29 @@ async fn a_time_range_ending_before_it_starts_names_both_times_readably() {
     );
     collector.stop().await;
 }
+
+/// `analyze` reads capture files and no collector: its help lists none of the collector's flags,
+/// which every other command still takes, before or after the command's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analyze_help_lists_only_what_analyze_uses() {
+    let analyze = rstscope(args(&["analyze", "--help"])).await;
+    assert!(analyze.status.success(), "{}", stderr(&analyze));
+    let help = stdout(&analyze);
+    assert!(help.contains("--max-skew"), "{help}");
+    for flag in ["--collector", "--token", "--ca-cert", "--client-cert", "--client-key", "--tls-name"] {
+        assert!(!help.contains(flag), "analyze --help lists {flag}:\n{help}");
+    }
+    let resets = rstscope(args(&["resets", "--help"])).await;
+    for flag in ["--collector", "--token", "--ca-cert", "--client-cert", "--client-key", "--tls-name"] {
+        assert!(stdout(&resets).contains(flag), "resets --help lacks {flag}:\n{}", stdout(&resets));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path()).await;
+    let url = collector.url.as_str();
+    for order in [["--collector", url, "status"], ["status", "--collector", url]] {
+        let status = rstscope(args(&order)).await;
+        assert!(status.status.success(), "{order:?}: {}", stderr(&status));
+    }
+    collector.stop().await;
+}

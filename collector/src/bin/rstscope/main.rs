@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use output::Format;
 use rstscope_collector::auth;
 use rstscope_proto::v1::{self, query_client::QueryClient};
@@ -446,8 +446,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// The command line. The collector's flags are global, so they go before or after any command;
+/// `analyze` reads no collector, so it gets hidden copies of them: a subcommand that has an
+/// argument of a global's name does not receive the global, and its help does not list it,
+/// while scripts that pass them to every command keep working.
+fn parse() -> Cli {
+    let command = Cli::command();
+    let hidden: Vec<clap::Arg> =
+        command.get_arguments().filter(|a| a.is_global_set()).map(|a| a.clone().global(false).hide(true)).collect();
+    let matches = command.mut_subcommand("analyze", |analyze| analyze.args(hidden)).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
