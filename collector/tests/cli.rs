@@ -84,8 +84,10 @@ async fn resets_and_status_print_what_was_ingested() {
     assert_eq!((status["type"].as_str(), status["resets"].as_u64()), (Some("status"), Some(2)));
     assert_eq!((status["flows"].as_u64(), status["agents"].as_u64()), (Some(1), Some(1)));
 
+    // One agent's records of RSTs, not distinct RSTs: the figure says so.
+    assert_eq!(status["reset_sightings"].as_u64(), Some(2));
     let human = rstscope(args(&["--collector", url, "status"])).await;
-    assert!(stdout(&human).contains("resets      2"), "{}", stdout(&human));
+    assert!(stdout(&human).contains("resets      2 sightings (one per agent that saw a RST;"), "{}", stdout(&human));
 
     let agents = rstscope(args(&["--collector", url, "agents", "-o", "json"])).await;
     assert!(stdout(&agents).contains(r#""name":"edge-1""#), "{}", stdout(&agents));

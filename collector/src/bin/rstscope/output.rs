@@ -246,7 +246,9 @@ pub fn status_json(status: &v1::StatusReply) -> String {
         "type": "status",
         "version": status.version,
         "uptime_seconds": status.uptime_seconds,
+        // `resets` counts the same as `reset_sightings`; kept for scripts that read it.
         "resets": status.resets,
+        "reset_sightings": status.resets,
         "flows": status.flows,
         "store_bytes": status.store_bytes,
         "agents": status.agents,
@@ -255,10 +257,11 @@ pub fn status_json(status: &v1::StatusReply) -> String {
     .to_string()
 }
 
-/// The collector's status for people.
+/// The collector's status for people. The collector counts stored records: a RST seen by three
+/// agents is three sightings, and one line of `rstscope resets`.
 pub fn status_text(status: &v1::StatusReply, collector: &str) -> String {
     format!(
-        "collector   {collector}\nversion     {}\nuptime      {}\nresets      {}\nflows       {}\nstore       {:.1} MiB\nagents      {}\nbacklog     {} events not correlated yet",
+        "collector   {collector}\nversion     {}\nuptime      {}\nresets      {} sightings (one per agent that saw a RST; `rstscope resets` merges them)\nflows       {}\nstore       {:.1} MiB\nagents      {}\nbacklog     {} events not correlated yet",
         status.version,
         humantime::format_duration(Duration::from_secs(status.uptime_seconds)),
         status.resets,
