@@ -529,6 +529,45 @@ fn a_second_collector_on_a_data_directory_in_use_says_so() {
     assert!(status.status.success(), "the first collector still answers: {}", String::from_utf8_lossy(&status.stderr));
 }
 
+/// `rstscope resets --follow` exits 3 (collector unreachable) when the collector it follows is
+/// killed: the stream is known to be open once the stored reset came through it.
+#[test]
+fn following_a_collector_that_is_killed_exits_3() {
+    let scratch = Scratch::new("follow-kill");
+    let capture = scratch.path("one.pcap");
+    write_pcap(&capture, &rstscope_agent::trace::parse(&ladder(1, 6)).unwrap()).unwrap();
+    let collector = Collector::start(&scratch.path("data"), free_port());
+    let sent = agent_send(&capture, &collector.url, "edge", &scratch.path("state"));
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let mut follow = Command::new(bin("rstscope"))
+        .args(["--collector", &collector.url, "resets", "--raw", "--follow", "-o", "compact"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rstscope");
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(30));
+    assert!(
+        matches!(first, Ok(Ok(ref line)) if line.contains(" edge ")),
+        "the stored reset was not followed: {first:?}"
+    );
+    collector.kill9();
+    let out =
+        wait_bounded(follow, Duration::from_secs(30)).expect("rstscope ended within 30 s of the collector's death");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("lost the connection to the collector at http://127.0.0.1:"), "{stderr}");
+}
+
 /// `analyze -o compact` prints one line per reset, like `resets -o compact`: no vantage table,
 /// no summary.
 #[test]
