@@ -534,6 +534,7 @@ impl v1::query_server::Query for QueryService {
             store_bytes: status.bytes,
             agents: status.agents,
             correlation_backlog_events: self.hub.inbox.queued_events() as u64,
+            decided_resets: status.reports,
         }))
     }
 }

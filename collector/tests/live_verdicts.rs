@@ -131,6 +131,9 @@ async fn two_agents_verdicts(limits: Limits, filed: u64, hold: bool) {
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.verdict, "injected");
     assert!(stream.message().await.unwrap().is_none());
+    // Status counts the two resets decided, and the three agent records they came from.
+    let status = q.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.decided_resets, status.resets), (2, 3), "{status:?}");
     assert_eq!(collector.hub.inbox.filed_batches(), filed, "batches that went through the file");
     collector.stop().await;
 }

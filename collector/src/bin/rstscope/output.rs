@@ -249,6 +249,7 @@ pub fn status_json(status: &v1::StatusReply) -> String {
         // `resets` counts the same as `reset_sightings`; kept for scripts that read it.
         "resets": status.resets,
         "reset_sightings": status.resets,
+        "decided_resets": status.decided_resets,
         "flows": status.flows,
         "store_bytes": status.store_bytes,
         "agents": status.agents,
@@ -257,13 +258,15 @@ pub fn status_json(status: &v1::StatusReply) -> String {
     .to_string()
 }
 
-/// The collector's status for people. The collector counts stored records: a RST seen by three
-/// agents is three sightings, and one line of `rstscope resets`.
+/// The collector's status for people. Resets are counted twice over: the distinct RSTs decided
+/// (one line each in `rstscope resets`), and the agents' stored records of RSTs (a RST seen by
+/// three agents is three sightings).
 pub fn status_text(status: &v1::StatusReply, collector: &str) -> String {
     format!(
-        "collector   {collector}\nversion     {}\nuptime      {}\nresets      {} sightings (one per agent that saw a RST; `rstscope resets` merges them)\nflows       {}\nstore       {:.1} MiB\nagents      {}\nbacklog     {} events not correlated yet",
+        "collector   {collector}\nversion     {}\nuptime      {}\nresets      {} decided, from {} sightings (one per agent that saw a RST)\nflows       {}\nstore       {:.1} MiB\nagents      {}\nbacklog     {} events not correlated yet",
         status.version,
         humantime::format_duration(Duration::from_secs(status.uptime_seconds)),
+        status.decided_resets,
         status.resets,
         status.flows,
         status.store_bytes as f64 / f64::from(1u32 << 20),
