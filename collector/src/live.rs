@@ -107,6 +107,12 @@ const REPLAY_CONTEXT_NS: i64 = 600_000_000_000;
 /// read by [`LiveCorrelation::replay_start`].
 pub const RESUME_META: &str = "correlation.resume_ns";
 
+/// Stored events a restart without a resume point replays at most, newest first (see
+/// [`LiveCorrelation::replay_start`]): what a collector killed before its first decision can
+/// have acknowledged (about four seconds of full-speed ingest), and about a gigabyte of engine
+/// memory.
+pub const REPLAY_WITHOUT_RESUME_POINT: usize = 1_000_000;
+
 /// The engine is compacted once it holds this many records...
 const COMPACT_AT: usize = 200_000;
 /// ...keeping connections active within this long of the newest watermark.
@@ -306,23 +312,28 @@ impl LiveCorrelation {
     /// [`LiveCorrelation::replay`]), from the resume point the last run wrote under
     /// [`RESUME_META`]; `None` when there is nothing to replay. Without a resume point (the last
     /// run died before its first decision was stored, or never had an event it could vouch
-    /// for), or with one that cannot be read, every stored event is replayed: each was
-    /// acknowledged, and one never fed would otherwise never be decided. Reads only the store,
-    /// so a fresh collector never waits for the engine.
+    /// for), or with one that cannot be read, the newest [`REPLAY_WITHOUT_RESUME_POINT`] stored
+    /// events are replayed: each was acknowledged, and one never fed would otherwise never be
+    /// decided; the bound keeps a store filled otherwise (or by a run whose resume point never
+    /// held) from taking the engine's memory and the start-up's time. Reads only the store, so
+    /// a fresh collector never waits for the engine.
     pub fn replay_start(store: &crate::store::Store) -> Result<Option<i64>, crate::store::StoreError> {
         match store.meta(RESUME_META)? {
             Some(bytes) => match <[u8; 8]>::try_from(bytes.as_slice()) {
-                Ok(raw) => Ok(Some(i64::from_be_bytes(raw))),
-                Err(_) => {
-                    tracing::warn!(
-                        bytes = bytes.len(),
-                        "The stored correlation resume point is not 8 bytes; replaying every stored event."
-                    );
-                    Ok(Some(i64::MIN))
-                }
+                Ok(raw) => return Ok(Some(i64::from_be_bytes(raw))),
+                Err(_) => tracing::warn!(bytes = bytes.len(), "The stored correlation resume point is not 8 bytes."),
             },
-            None => Ok(store.events_since(i64::MIN).next().is_some().then_some(i64::MIN)),
+            None => {}
         }
+        let Some((since_ns, older)) = store.newest_events_from(REPLAY_WITHOUT_RESUME_POINT)? else { return Ok(None) };
+        if older {
+            tracing::warn!(
+                events = REPLAY_WITHOUT_RESUME_POINT,
+                from = %pb::ts_text(since_ns),
+                "No correlation resume point in the store: replaying the newest events only; resets stored before them are listed as they were (or not at all if never decided)."
+            );
+        }
+        Ok(Some(since_ns))
     }
 
     /// [`LiveCorrelation::resume_point`], but also early enough for an event not fed yet that

@@ -336,7 +336,7 @@ impl RecordTree {
 
 /// Event time of a record key (or of any key starting with 8 time bytes; shorter keys are
 /// padded with zeros).
-fn ts_of(key: &[u8]) -> i64 {
+pub(super) fn ts_of(key: &[u8]) -> i64 {
     let mut head = [0u8; 8];
     let n = key.len().min(8);
     head[..n].copy_from_slice(&key[..n]);

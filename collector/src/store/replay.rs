@@ -71,6 +71,38 @@ impl Store {
         EventsSince { store: self.clone(), iters }
     }
 
+    /// The key time (as [`Store::events_since`] reads it) of the `n`th newest stored event,
+    /// resets, flows, openings and losses together, and whether older ones are stored too; the
+    /// oldest's time when fewer are stored; `None` when none is. Reads `n` keys at most.
+    pub fn newest_events_from(&self, n: usize) -> Result<Option<(i64, bool)>, StoreError> {
+        let mut iters: Vec<_> = KINDS.iter().map(|&kind| self.tree(kind).range_rev(..).peekable()).collect();
+        let mut oldest_taken = None;
+        for _ in 0..n {
+            let mut newest: Option<(usize, i64)> = None;
+            for (i, it) in iters.iter_mut().enumerate() {
+                match it.peek() {
+                    Some(Ok((key, _))) => {
+                        let ts = super::records::ts_of(key);
+                        if newest.is_none_or(|(_, t)| ts > t) {
+                            newest = Some((i, ts));
+                        }
+                    }
+                    Some(Err(_)) => {
+                        if let Some(Err(error)) = it.next() {
+                            return Err(StoreError::from_sled(error));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            let Some((i, ts)) = newest else { return Ok(oldest_taken.map(|ts| (ts, false))) };
+            iters[i].next();
+            oldest_taken = Some(ts);
+        }
+        let older = iters.iter_mut().any(|it| it.peek().is_some());
+        Ok(oldest_taken.map(|ts| (ts, older)))
+    }
+
     /// Stored connection openings with `since_ns <= start_ns < until_ns`, in time order.
     pub fn opens(&self, since_ns: i64, until_ns: i64) -> Result<Vec<(String, v1::ConnectionOpen)>, StoreError> {
         self.between(KIND_OPEN, since_ns, until_ns, |event| match event.kind {

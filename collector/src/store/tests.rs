@@ -770,6 +770,13 @@ fn opens_losses_and_watermarks_are_stored_and_replayed_in_time_order() {
     let expected = [("a", 'O', 5), ("b", 'O', 6), ("a", 'R', 10), ("b", 'R', 11), ("a", 'L', 12), ("a", 'F', 20)];
     let expected: Vec<(String, char, i64)> = expected.iter().map(|(a, k, t)| (a.to_string(), *k, *t)).collect();
     assert_eq!(replayed, expected);
+    // Events in time order: O5 O6 R10 R11 L12 F20 (watermarks are not events).
+    assert_eq!(open(&tempfile::tempdir().expect("tempdir")).newest_events_from(3).expect("empty"), None);
+    for (n, from_ms, older) in [(1, 20, true), (3, 11, true), (5, 6, true), (6, 5, false), (100, 5, false)] {
+        let found = store.newest_events_from(n).expect("newest");
+        assert_eq!(found, Some((ns(from_ms), older)), "the newest {n}");
+        assert_eq!(store.events_since(ns(from_ms)).count(), n.min(6), "events_since reads them back");
+    }
     let later: Vec<char> = store
         .events_since(ns(11))
         .map(|item| item.map(|(agent, event)| describe(&agent, &event).1).expect("item"))

@@ -47,6 +47,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use prost::Message;
 use rstscope_collector::ingest::check_batch;
+use rstscope_collector::live::RESUME_META;
 use rstscope_collector::query::check_filter;
 use rstscope_collector::store::{ResetQuery, Store, StoreConfig};
 use rstscope_proto::v1::{
@@ -1112,6 +1113,10 @@ fn fill(store: &Store, args: &Args) -> Result<Fill> {
             next_report += 1_000_000;
         }
     }
+    // The resume point a collector that decided all of it would have left (the newest event
+    // less its 10-minute context), so the collector started on this store replays what such a
+    // collector would, not the newest million events of a store without one.
+    store.set_meta(RESUME_META, &(end_ns - 600_000_000_000).to_be_bytes())?;
     store.flush()?;
     let took = start.elapsed();
     let (resets, flows) = generator.join().map_err(|_| anyhow::anyhow!("the generator panicked"))?;
@@ -1482,7 +1487,8 @@ fn query_part(rt: &tokio::runtime::Runtime, exe: &Path, cli: &Path, dir: &Path, 
             anyhow::Ok(())
         })?;
         ensure!(rows == store_rows, "{}: gRPC returned {rows} rows, the store {store_rows}", spec.label);
-        let cli_time = if cli.is_file() {
+        // `resets --raw` takes no --verdict (a raw record has none; the reports run times it).
+        let cli_time = if cli.is_file() && !spec.cli.iter().any(|a| a == "--verdict") {
             let t = Instant::now();
             let out = Command::new(cli)
                 .args(["--collector", &collector.url])
