@@ -318,12 +318,11 @@ impl LiveCorrelation {
     /// held) from taking the engine's memory and the start-up's time. Reads only the store, so
     /// a fresh collector never waits for the engine.
     pub fn replay_start(store: &crate::store::Store) -> Result<Option<i64>, crate::store::StoreError> {
-        match store.meta(RESUME_META)? {
-            Some(bytes) => match <[u8; 8]>::try_from(bytes.as_slice()) {
+        if let Some(bytes) = store.meta(RESUME_META)? {
+            match <[u8; 8]>::try_from(bytes.as_slice()) {
                 Ok(raw) => return Ok(Some(i64::from_be_bytes(raw))),
                 Err(_) => tracing::warn!(bytes = bytes.len(), "The stored correlation resume point is not 8 bytes."),
-            },
-            None => {}
+            }
         }
         let Some((since_ns, older)) = store.newest_events_from(REPLAY_WITHOUT_RESUME_POINT)? else { return Ok(None) };
         if older {
