@@ -31,22 +31,7 @@ impl Iterator for EventsSince {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let mut best: Option<(usize, sled::IVec)> = None;
-            for (i, (_, it)) in self.iters.iter_mut().enumerate() {
-                match it.peek() {
-                    Some(Ok((k, _))) if best.as_ref().is_none_or(|(_, b)| k < b) => {
-                        best = Some((i, k.clone()));
-                    }
-                    Some(Ok(_)) => {}
-                    // Report errors at once.
-                    Some(Err(_)) => {
-                        best = Some((i, sled::IVec::default()));
-                        break;
-                    }
-                    None => {}
-                }
-            }
-            let (i, _) = best?;
+            let i = next_in_merge(&mut self.iters, false)?;
             let kind = self.iters[i].0;
             let (key, value) = match self.iters[i].1.next()? {
                 Ok(kv) => kv,
@@ -57,6 +42,23 @@ impl Iterator for EventsSince {
             }
         }
     }
+}
+
+/// Which of the record trees' iterators (of one direction) holds the next record of their
+/// merge: the smallest next key, or the largest when `newest_first`; one whose next item is an
+/// error at once, so errors are reported without delay. `None` when every one is done.
+fn next_in_merge(iters: &mut [(u8, Peekable<super::records::RecordIter>)], newest_first: bool) -> Option<usize> {
+    let mut best: Option<(usize, sled::IVec)> = None;
+    for (i, (_, it)) in iters.iter_mut().enumerate() {
+        match it.peek() {
+            Some(Ok((k, _))) if best.as_ref().is_none_or(|(_, b)| if newest_first { k > b } else { k < b }) => {
+                best = Some((i, k.clone()));
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(_)) => return Some(i),
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 impl Store {
@@ -75,31 +77,16 @@ impl Store {
     /// resets, flows, openings and losses together, and whether older ones are stored too; the
     /// oldest's time when fewer are stored; `None` when none is. Reads `n` keys at most.
     pub fn newest_events_from(&self, n: usize) -> Result<Option<(i64, bool)>, StoreError> {
-        let mut iters: Vec<_> = KINDS.iter().map(|&kind| self.tree(kind).range_rev(..).peekable()).collect();
+        let mut iters: Vec<_> = KINDS.iter().map(|&kind| (kind, self.tree(kind).range_rev(..).peekable())).collect();
         let mut oldest_taken = None;
         for _ in 0..n {
-            let mut newest: Option<(usize, i64)> = None;
-            for (i, it) in iters.iter_mut().enumerate() {
-                match it.peek() {
-                    Some(Ok((key, _))) => {
-                        let ts = super::records::ts_of(key);
-                        if newest.is_none_or(|(_, t)| ts > t) {
-                            newest = Some((i, ts));
-                        }
-                    }
-                    Some(Err(_)) => {
-                        if let Some(Err(error)) = it.next() {
-                            return Err(StoreError::from_sled(error));
-                        }
-                    }
-                    None => {}
-                }
+            let Some(i) = next_in_merge(&mut iters, true) else { return Ok(oldest_taken.map(|ts| (ts, false))) };
+            if let Some(item) = iters[i].1.next() {
+                let (key, _) = item.map_err(StoreError::from_sled)?;
+                oldest_taken = Some(super::records::ts_of(&key));
             }
-            let Some((i, ts)) = newest else { return Ok(oldest_taken.map(|ts| (ts, false))) };
-            iters[i].next();
-            oldest_taken = Some(ts);
         }
-        let older = iters.iter_mut().any(|it| it.peek().is_some());
+        let older = next_in_merge(&mut iters, true).is_some();
         Ok(oldest_taken.map(|ts| (ts, older)))
     }
 
