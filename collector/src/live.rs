@@ -543,6 +543,11 @@ mod tests {
         (client, server)
     }
 
+    /// Opens (or reopens, after a simulated restart) the store in `dir`.
+    fn open_store(dir: &tempfile::TempDir) -> crate::store::Store {
+        crate::store::Store::open(crate::store::StoreConfig::new(dir.path())).expect("open the store")
+    }
+
     /// Stores `events` as `agent`'s batch `seq`, as ingest does before the engine is fed.
     fn store_batch(store: &crate::store::Store, agent: &str, seq: u64, events: &[v1::Event]) {
         store
@@ -556,12 +561,12 @@ mod tests {
 
     #[test]
     fn a_report_decided_again_at_another_time_after_a_restart_is_listed_once() {
-        use crate::store::{ResetQuery, Store, StoreConfig};
+        use crate::store::ResetQuery;
         let dir = tempfile::tempdir().expect("tempdir");
         let t = T0 + 1_200 * S;
         let (client, server) = abort_seen_by_both(t);
         let (first, resume) = {
-            let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+            let store = open_store(&dir);
             let mut live = LiveCorrelation::new(Config::default());
             for (agent, events) in [("client", &client), ("server", &server)] {
                 store_batch(&store, agent, 1, events);
@@ -577,7 +582,7 @@ mod tests {
 
         // Restarted: the replay brings the RSTs back but not the handshake, so the server's
         // clock is unknown and the same RST is decided again at another time.
-        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let store = open_store(&dir);
         let mut live = LiveCorrelation::new(Config::default());
         live.replay(&store, resume).expect("replay");
         let again = live.tick();
@@ -594,7 +599,7 @@ mod tests {
 
         // Restarted once more: the store now names the new time.
         drop(store);
-        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let store = open_store(&dir);
         let mut live = LiveCorrelation::new(Config::default());
         live.replay(&store, resume).expect("replay");
         let third = live.tick();
@@ -610,12 +615,12 @@ mod tests {
     /// decided from both would name the other agent's: it is listed once.
     #[test]
     fn a_report_that_gained_a_late_sighting_keeps_its_id_after_a_restart() {
-        use crate::store::{ResetQuery, Store, StoreConfig};
+        use crate::store::ResetQuery;
         let dir = tempfile::tempdir().expect("tempdir");
         let t = T0 + 1_200 * S;
         let (client, server) = abort_seen_by_both(t);
         let (first, resume) = {
-            let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+            let store = open_store(&dir);
             let mut live = LiveCorrelation::new(Config::default());
             let mut reports = Vec::new();
             // The server's agent alone first: its sighting is decided without the client's.
@@ -632,7 +637,7 @@ mod tests {
             (reports[1].clone(), live.resume_point().expect("a resume point"))
         };
 
-        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let store = open_store(&dir);
         let mut live = LiveCorrelation::new(Config::default());
         live.replay(&store, resume).expect("replay");
         let again = live.tick();
@@ -649,13 +654,13 @@ mod tests {
     /// replay from it decides a RST that was stored but not fed yet.
     #[test]
     fn a_crash_after_everything_fed_was_decided_loses_no_stored_reset() {
-        use crate::store::{ResetQuery, Store, StoreConfig};
+        use crate::store::ResetQuery;
         let dir = tempfile::tempdir().expect("tempdir");
         let t = T0 + 60 * S;
         let fed = vec![open(1, 0), server_rst(1, t, 61)];
         let not_fed = vec![open(2, 0), server_rst(2, t + 5 * S, 61)];
         let resume = {
-            let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+            let store = open_store(&dir);
             let mut live = LiveCorrelation::new(Config::default());
             store_batch(&store, "client", 1, &fed);
             live.ingest("client", &fed);
@@ -668,7 +673,7 @@ mod tests {
             store_batch(&store, "client", 2, &not_fed);
             resume
         };
-        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+        let store = open_store(&dir);
         let mut live = LiveCorrelation::new(Config::default());
         live.replay(&store, resume).expect("replay");
         put(&store, &live.tick());
@@ -678,19 +683,20 @@ mod tests {
     }
 
     /// A collector killed before it stored its first decision has written no resume point;
-    /// the next run replays every stored event, so the resets acknowledged before the crash
-    /// are decided all the same (a resume point that cannot be read means the same).
+    /// the next run replays every stored event (fewer than [`REPLAY_WITHOUT_RESUME_POINT`]), so
+    /// the resets acknowledged before the crash are decided all the same (a resume point that
+    /// cannot be read means the same).
     #[test]
     fn a_crash_before_the_first_decision_replays_everything_stored() {
-        use crate::store::{ResetQuery, Store, StoreConfig};
+        use crate::store::ResetQuery;
         let t = T0 + 20 * 60 * S;
         let empty = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(StoreConfig::new(empty.path())).expect("open");
+        let store = open_store(&empty);
         assert_eq!(LiveCorrelation::replay_start(&store).expect("meta"), None, "a new store has nothing to replay");
         for resume_meta in [None, Some(&b"garbage"[..])] {
             let dir = tempfile::tempdir().expect("tempdir");
             {
-                let store = Store::open(StoreConfig::new(dir.path())).expect("open");
+                let store = open_store(&dir);
                 let (client, server) = abort_seen_by_both(t);
                 store_batch(&store, "client", 1, &client);
                 store_batch(&store, "server", 1, &server);
@@ -699,7 +705,7 @@ mod tests {
                 }
                 // Killed here: acknowledged, never fed, nothing decided.
             }
-            let store = Store::open(StoreConfig::new(dir.path())).expect("reopen");
+            let store = open_store(&dir);
             let since = LiveCorrelation::replay_start(&store).expect("meta").expect("a replay");
             let mut live = LiveCorrelation::new(Config::default());
             let replayed = live.replay(&store, since).expect("replay");
